@@ -1,0 +1,42 @@
+"""Loading CAN databases (DBC, KCD, ARXML, SYM) with cantools, with one-line errors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import cantools
+
+from ..errors import DbcError
+
+_LINE = re.compile(r"line (\d+), column (\d+)")
+
+
+def load_database(path: str | Path) -> cantools.database.can.Database:
+    """Parse one CAN database file. Raises DbcError naming the file and, where known, the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DbcError(f"{path}: no such CAN database file")
+    try:
+        # strict=False: real-world DBCs often have overlapping signals that cantools' strict
+        # mode rejects though every decoder in the field accepts them.
+        db = cantools.database.load_file(str(path), strict=False)
+    except Exception as e:  # cantools raises many types (its own, textparser, lxml, ValueError)
+        raise DbcError(f"{path}: {_describe(e)}") from e
+    if not isinstance(db, cantools.database.can.Database):
+        raise DbcError(f"{path}: not a CAN database (cantools read it as {type(db).__name__})")
+    return db
+
+
+def load_databases(paths) -> list[cantools.database.can.Database]:
+    return [load_database(p) for p in paths]
+
+
+def _describe(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    m = _LINE.search(text)
+    if m:
+        near = text.split(">>!<<", 1)[1].strip(" \"'") if ">>!<<" in text else ""
+        near = f" near {near[:40]!r}" if near else ""
+        return f"line {m.group(1)}, column {m.group(2)}: invalid syntax{near}"
+    return text or type(e).__name__

@@ -1,0 +1,449 @@
+"""Durable, bounded store-and-forward queue between signing and MQTT publishing.
+
+Signed payloads go into ``outbox.db`` (SQLite, WAL, ``synchronous=FULL`` because the car loses
+power) and stay there until the broker acknowledged them. Delivery order is insertion order.
+
+Decisions worth knowing:
+
+* Threads: ONE connection (``check_same_thread=False``) guarded by ONE lock. The main thread
+  appends, the MQTT thread peeks and acks; every call is short, so a second connection would buy
+  nothing and would make the in-memory counters (bytes, meta mirror) harder to keep exact.
+* Telemetry ``seq``: assigned inside the insert transaction, so a crash before commit consumes no
+  seq. To survive losing the database, a high-water mark is kept in ``seq.reserve`` beside it
+  (JSON, written atomically, one block of ``reserve_block`` seqs ahead, before the commit that
+  needs it). A fresh or recovered database continues at the high-water mark: the gap is truthful.
+  The file also counts corruption recoveries, because that count must outlive the database.
+* ``state`` / ``status`` rows (retained topics, only the newest matters) REPLACE any unsent row of
+  the same kind and topic; the new row goes to the back of the queue. Replaced rows are not
+  counted as dropped.
+* Budget: ``max_bytes`` counts payload bytes. Only telemetry is evicted (oldest first, the new
+  row included); response, state and status rows are kept even over budget, with one warning per
+  over-budget episode. Evicted samples become the ``drop`` of the next telemetry batch. A row
+  already published but not yet acked may be evicted: drop is then over-reported, never under.
+* Corruption (``SQLITE_CORRUPT``, ``SQLITE_NOTADB`` or a failed ``PRAGMA quick_check`` on open)
+  moves the files aside to ``outbox.db.corrupt-<ms>`` and starts a fresh database, on open and
+  during use. Other SQLite errors (disk full, permissions) raise StorageError: moving a healthy
+  database aside would not fix them. Row ids of a database recovered during use continue above
+  the old ones, so an uplink holding ``after_id`` does not skip new rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.errors import StorageError
+
+log = logging.getLogger("agent.outbox")
+
+DB_NAME = "outbox.db"
+RESERVE_NAME = "seq.reserve"
+KINDS = ("telemetry", "state", "status", "response")
+_REPLACEABLE = ("state", "status")
+_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+_META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused
+        kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
+        seq INTEGER, samples INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL, size INTEGER NOT NULL)""",
+    # (kind, rowid): oldest telemetry for eviction, rows of one kind for replacement.
+    "CREATE INDEX IF NOT EXISTS messages_kind ON messages(kind)",
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One queued message, as returned by :meth:`Outbox.peek`."""
+
+    id: int
+    kind: str
+    topic: str
+    payload: bytes
+    seq: int | None
+    created_ms: int
+
+
+class _CorruptDatabase(Exception):
+    """quick_check reported damage."""
+
+
+def _is_corrupt(exc: BaseException) -> bool:
+    if isinstance(exc, _CorruptDatabase):
+        return True
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (isinstance(exc, sqlite3.DatabaseError) and code is not None
+            and (code & 0xFF) in _CORRUPT_CODES)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    """The durable outbox in ``directory``; see the module docstring for the design."""
+
+    def __init__(self, directory: str | os.PathLike, max_bytes: int = 64 * 1024 * 1024,
+                 *, reserve_block: int = 1000):
+        """Open (or create) ``directory/outbox.db``; a corrupt database is moved aside.
+
+        Raises StorageError when the directory or database cannot be used at all.
+        """
+        if max_bytes <= 0 or reserve_block <= 0:
+            raise ValueError("max_bytes and reserve_block must be positive")
+        self._dir = Path(directory)
+        self._db_path = self._dir / DB_NAME
+        self._reserve_path = self._dir / RESERVE_NAME
+        self._max_bytes = max_bytes
+        self._block = reserve_block
+        self._lock = threading.RLock()
+        self._conn: sqlite3.Connection | None = None
+        self._meta: dict[str, int] = {}  # mirror of the meta table; equal to it under the lock
+        self._bytes = 0
+        self._max_id = 0
+        self._over_budget = False
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"outbox directory {self._dir} cannot be created: {e}") from e
+        self._seq_high, self._recovered = self._read_reserve()
+        with self._lock:
+            try:
+                self._connect({})
+            except (sqlite3.DatabaseError, _CorruptDatabase) as e:
+                if not _is_corrupt(e):
+                    raise self._storage_error(e) from e
+                self._recover(e)
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def append_telemetry(self, build: Callable[[int, int], bytes], samples: int, now_ms: int,
+                         topic: str) -> int:
+        """Queue one telemetry batch and return its seq.
+
+        ``build(seq, drop)`` returns the signed payload; it runs inside the insert transaction
+        (it may run twice if the database is recovered from corruption meanwhile). If it raises,
+        nothing is stored and no seq is consumed. Raises StorageError.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            raise ValueError(f"samples must be a non-negative int, not {samples!r}")
+
+        def op() -> int:
+            with self._txn():
+                # The lock makes the mirror equal to the committed meta rows.
+                seq, drop = self._meta["next_seq"], self._meta["pending_drop"]
+                payload = bytes(build(seq, drop))
+                if seq >= self._seq_high:  # reserve before the commit that uses the seq
+                    self._write_reserve(seq + self._block, self._recovered)
+                meta = {"next_seq": seq + 1, "pending_drop": 0}
+                row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms)
+                total = self._evict(self._bytes + len(payload), meta)
+                self._put_meta(meta)
+            self._committed(row_id, total, meta)
+            return seq
+
+        return self._guarded(op)
+
+    def append(self, kind: str, topic: str, payload: bytes, now_ms: int) -> int:
+        """Queue a state, status or response payload and return its row id.
+
+        A state/status row replaces any unsent row of the same kind and topic. Response rows
+        are never evicted. Raises ValueError for an unknown kind, StorageError.
+        """
+        if kind not in KINDS or kind == "telemetry":
+            raise ValueError(f"outbox kind must be one of state, status, response, not {kind!r}")
+        payload = bytes(payload)
+
+        def op() -> int:
+            meta: dict[str, int] = {}
+            with self._txn():
+                total = self._bytes
+                if kind in _REPLACEABLE:
+                    for (size,) in self._conn.execute(
+                            "DELETE FROM messages WHERE kind = ? AND topic = ? RETURNING size",
+                            (kind, topic)).fetchall():
+                        total -= size
+                row_id = self._insert(kind, topic, payload, None, 0, now_ms)
+                total = self._evict(total + len(payload), meta)
+                self._put_meta(meta)
+            self._committed(row_id, total, meta)
+            return row_id
+
+        return self._guarded(op)
+
+    def peek(self, limit: int, after_id: int | None = None) -> list[Row]:
+        """Return up to ``limit`` queued rows with id > ``after_id``, oldest first."""
+        def op() -> list[Row]:
+            cur = self._conn.execute(
+                "SELECT id, kind, topic, payload, seq, created_ms FROM messages"
+                " WHERE id > ? ORDER BY id LIMIT ?", (after_id or 0, limit))
+            rows = [Row(*r) for r in cur.fetchall()]
+            if rows:
+                self._max_id = max(self._max_id, rows[-1].id)
+            return rows
+
+        return self._guarded(op)
+
+    def ack(self, row_id: int) -> bool:
+        """Delete a row the broker acknowledged; False if it was already gone."""
+        return self.ack_many([row_id]) == 1
+
+    def ack_many(self, row_ids: Iterable[int]) -> int:
+        """Delete many acknowledged rows in one transaction; return how many existed.
+
+        Unknown ids (already acked, replaced or evicted) are ignored. Raises StorageError.
+        """
+        ids = list(row_ids)
+
+        def op() -> int:
+            deleted = freed = 0
+            meta: dict[str, int] = {}
+            with self._txn():
+                last = self._meta["last_acked_seq"]
+                for row_id in ids:
+                    # fetchall: a RETURNING statement left unfinished would block COMMIT.
+                    for seq, size in self._conn.execute(
+                            "DELETE FROM messages WHERE id = ? RETURNING seq, size",
+                            (row_id,)).fetchall():
+                        deleted += 1
+                        freed += size
+                        if seq is not None and seq > last:
+                            last = meta["last_acked_seq"] = seq
+                self._put_meta(meta)
+            self._committed(None, self._bytes - freed, meta)
+            return deleted
+
+        return self._guarded(op) if ids else 0
+
+    def stats(self) -> dict:
+        """Counts for status display: messages, bytes, oldest_ms, by_kind, seq and drop counters."""
+        def op() -> dict:
+            by_kind = dict.fromkeys(KINDS, 0)
+            messages = size = 0
+            oldest = None
+            for kind, count, total, first in self._conn.execute(
+                    "SELECT kind, COUNT(*), SUM(size), MIN(created_ms)"
+                    " FROM messages GROUP BY kind"):
+                by_kind[kind] = count
+                messages += count
+                size += total
+                oldest = first if oldest is None else min(oldest, first)
+            return {"messages": messages, "bytes": size, "max_bytes": self._max_bytes,
+                    "oldest_ms": oldest, "by_kind": by_kind,
+                    "next_seq": self._meta["next_seq"],
+                    "last_acked_seq": self._meta["last_acked_seq"],
+                    "pending_drop": self._meta["pending_drop"],
+                    "evicted_batches": self._meta["evicted_batches"],
+                    "dropped_samples": self._meta["dropped_samples"],
+                    "recovered_corruptions": self._recovered}
+
+        return self._guarded(op)
+
+    def close(self) -> None:
+        """Close the database (idempotent)."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- transactions and bookkeeping -------------------------------------------------------
+
+    @contextmanager
+    def _txn(self):
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the transaction may already be gone; the original error matters
+            raise
+
+    def _insert(self, kind, topic, payload, seq, samples, now_ms) -> int:
+        cur = self._conn.execute(
+            "INSERT INTO messages (kind, topic, payload, seq, samples, created_ms, size)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (kind, topic, payload, seq, samples, now_ms, len(payload)))
+        return cur.lastrowid
+
+    def _evict(self, total: int, meta: dict[str, int]) -> int:
+        """Delete oldest telemetry until within budget; record the loss in ``meta``."""
+        batches = samples = 0
+        while total > self._max_bytes:
+            oldest = self._conn.execute(
+                "SELECT id, size, samples FROM messages WHERE kind = 'telemetry'"
+                " ORDER BY id LIMIT 64"
+            ).fetchall()
+            if not oldest:
+                break  # only rows we must never drop are left: stay over budget
+            for row_id, size, count in oldest:
+                if total <= self._max_bytes:
+                    break
+                self._conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                total -= size
+                batches += 1
+                samples += count
+        if batches:
+            meta["pending_drop"] = meta.get("pending_drop", self._meta["pending_drop"]) + samples
+            meta["evicted_batches"] = self._meta["evicted_batches"] + batches
+            meta["dropped_samples"] = self._meta["dropped_samples"] + samples
+        return total
+
+    def _put_meta(self, meta: dict[str, int]) -> None:
+        if meta:
+            self._conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
+                                   [(v, k) for k, v in meta.items()])
+
+    def _committed(self, row_id: int | None, total: int, meta: dict[str, int]) -> None:
+        """Apply a committed transaction to the in-memory mirror."""
+        self._meta.update(meta)
+        self._bytes = total
+        if row_id is not None:
+            self._max_id = max(self._max_id, row_id)
+        if total > self._max_bytes and not self._over_budget:
+            log.warning("outbox %s holds %d bytes, over its budget of %d, and only rows that are "
+                        "never evicted (responses, state, status) are left", self._db_path, total,
+                        self._max_bytes)
+        self._over_budget = total > self._max_bytes
+
+    def _guarded(self, op):
+        """Run ``op`` under the lock; recover from corruption once and retry on the fresh db."""
+        with self._lock:
+            if self._conn is None:
+                raise StorageError(f"outbox {self._db_path} is closed")
+            try:
+                return op()
+            except sqlite3.DatabaseError as e:
+                if not _is_corrupt(e):
+                    raise self._storage_error(e) from e
+                self._recover(e)
+            try:
+                return op()
+            except sqlite3.Error as e:
+                raise self._storage_error(e) from e
+
+    def _storage_error(self, e: BaseException) -> StorageError:
+        return StorageError(f"outbox {self._db_path} failed: {e}; check free space and permissions "
+                            f"of {self._dir}")
+
+    # ---- opening, recovery, reserve file ----------------------------------------------------
+
+    def _connect(self, carry: dict[str, int]) -> None:
+        existed = self._db_path.exists() and self._db_path.stat().st_size > 0
+        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
+                               timeout=10.0)
+        try:
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StorageError(f"outbox {self._db_path}: WAL mode is unavailable on this "
+                                   "filesystem; put the outbox on a local disk")
+            conn.execute("PRAGMA synchronous=FULL")
+            if existed:
+                check = conn.execute("PRAGMA quick_check(1)").fetchone()
+                if check is None or check[0] != "ok":
+                    raise _CorruptDatabase(f"quick_check: {check[0] if check else 'no result'}")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps
+            # the values of an existing one).
+            defaults = {k: carry.get(k, 0) for k in _META_KEYS}
+            defaults["next_seq"] = max(self._seq_high, defaults["next_seq"], 1)
+            conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                             defaults.items())
+            if self._max_id:  # recovered during use: keep ids above those the uplink has seen
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', ?"
+                             " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence"
+                             " WHERE name = 'messages')", (self._max_id,))
+            conn.execute("COMMIT")
+            self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+            self._bytes = conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+            last_id = conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+            self._max_id = max(self._max_id, last_id[0] if last_id else 0)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _recover(self, cause: BaseException) -> None:
+        """Move the corrupt database aside and open a fresh one; StorageError if impossible."""
+        carry = dict(self._meta)  # counters known in memory outlive the corrupt file
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except sqlite3.Error:
+                pass
+            self._conn = None
+        stamp = time.time_ns() // 1_000_000
+        while (self._dir / f"{DB_NAME}.corrupt-{stamp}").exists():
+            stamp += 1
+        aside = self._dir / f"{DB_NAME}.corrupt-{stamp}"
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                src = self._dir / (DB_NAME + suffix)
+                if src.exists():
+                    os.replace(src, Path(str(aside) + suffix))
+            _fsync_dir(self._dir)
+            self._recovered += 1
+            self._write_reserve(self._seq_high, self._recovered)
+        except OSError as e:
+            raise StorageError(f"outbox {self._db_path} is corrupt ({cause}) and could not be "
+                               f"moved aside: {e}") from e
+        log.error("outbox database %s is corrupt (%s); moved it to %s and started a fresh one; its "
+                  "unsent messages are lost, telemetry seq continues at %d", self._db_path,
+                  " ".join(str(cause).split()),  # quick_check output spans lines: keep one
+                  aside, max(self._seq_high, carry.get("next_seq", 0), 1))
+        try:
+            self._connect(carry)
+        except (sqlite3.Error, _CorruptDatabase) as e:
+            raise StorageError(
+                f"outbox {self._db_path}: a fresh database cannot be created: {e}") from e
+
+    def _read_reserve(self) -> tuple[int, int]:
+        try:
+            data = json.loads(self._reserve_path.read_text())
+            return int(data["seq_high"]), int(data.get("recovered_corruptions", 0))
+        except FileNotFoundError:
+            return 0, 0
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            # Not fatal while the database is intact: it holds next_seq itself.
+            log.error("seq reserve %s is unreadable (%s); telemetry seq continues from the "
+                      "database", self._reserve_path, e)
+            return 0, 0
+
+    def _write_reserve(self, seq_high: int, recovered: int) -> None:
+        """Atomically persist the high-water mark: temp file, fsync, rename, fsync directory."""
+        tmp = self._reserve_path.with_name(RESERVE_NAME + ".tmp")
+        try:
+            with open(tmp, "w") as f:
+                json.dump({"seq_high": seq_high, "recovered_corruptions": recovered}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._reserve_path)
+            _fsync_dir(self._dir)
+        except OSError as e:
+            raise StorageError(f"seq reserve {self._reserve_path} cannot be written: {e}") from e
+        self._seq_high = seq_high

@@ -1,0 +1,63 @@
+"""`tcu-agent` command line: one module per command, each with add_parser() and run(args)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from importlib import import_module
+
+from .. import __version__
+from ..errors import AgentError
+
+COMMANDS = ["run", "replay", "monitor", "dbc"]  # module names under agent.cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tcu-agent",
+        description="Telematics agent: reads CAN, sends signed telemetry, runs verified commands.")
+    parser.add_argument("--version", action="version", version=f"tcu-agent {__version__}")
+    _common(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMANDS:
+        module = import_module(f"agent.cli.{name.replace('-', '_')}")
+        module.add_parser(sub, _common)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    # Accepted before or after the command name; SUPPRESS keeps the subcommand from
+    # overwriting a value given before it.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks and debug logging")
+    parser.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["debug", "info", "warning", "error"],
+                        help="logging level on stderr (default: info)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    level = "debug" if debug else getattr(args, "log_level", "info")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except AgentError as e:
+        if debug:
+            raise
+        print(f"tcu-agent: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            raise
+        print(f"tcu-agent: internal error: {type(e).__name__}: {e} (run with --debug for the "
+              "traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,293 @@
+"""Configuration: one TOML file, validated into frozen dataclasses before anything starts.
+
+The schema is the dataclasses below: every field's type hint is checked, unknown keys are
+errors, relative paths are resolved against the config file's directory. A later section
+(mqtt, signing, commands, ...) slots in as one more dataclass field on `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class VehicleConfig:
+    vin: str
+    topic_prefix: str = ""  # empty: "vehicles/{vin}"
+
+    def validate(self, where: str) -> None:
+        if not self.vin or len(self.vin) > 64 or not self.vin.isprintable() or "/" in self.vin:
+            raise ConfigError(f"{where}.vin: must be 1-64 printable characters without '/'")
+
+    @property
+    def prefix(self) -> str:
+        return self.topic_prefix or f"vehicles/{self.vin}"
+
+
+@dataclass(frozen=True)
+class BusConfig:
+    name: str
+    interface: str
+    channel: str
+    dbc: tuple[Path, ...]
+    bitrate: int | None = None
+    fd: bool = False
+    filters: bool = True  # kernel/hardware receive filters from the selected messages
+    options: Mapping[str, Any] = field(default_factory=dict)  # extra python-can kwargs
+
+    def validate(self, where: str) -> None:
+        if not self.dbc:
+            raise ConfigError(f"{where}.dbc: needs at least one CAN database file")
+        for i, path in enumerate(self.dbc):
+            if not path.is_file():
+                raise ConfigError(f"{where}.dbc.{i}: no such file: {path}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-signal sampling policy. Defaults suit most telemetry."""
+
+    deadband: float = 0.0  # absolute; a number must move more than this to be sent
+    min_interval_ms: int = 0  # throttle: at most one sample per interval (latest wins)
+    heartbeat_s: float = 60.0  # re-send the last value this often even if unchanged; 0 = off
+    timeout_ms: int | str = AUTO  # null after this silence; auto = 5 x DBC cycle time (>= 500 ms)
+
+    def validate(self, where: str) -> None:
+        if self.deadband < 0 or self.min_interval_ms < 0 or self.heartbeat_s < 0:
+            raise ConfigError(f"{where}: deadband, min_interval_ms and heartbeat_s must be >= 0")
+        if isinstance(self.timeout_ms, str) and self.timeout_ms != AUTO:
+            raise ConfigError(f"{where}.timeout_ms: must be a number of ms, 0 (off) or \"auto\"")
+        if isinstance(self.timeout_ms, int) and self.timeout_ms < 0:
+            raise ConfigError(f"{where}.timeout_ms: must be >= 0")
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    select: str  # "Message.Signal", or a signal name that is unique across the bus's DBCs
+    name: str = ""  # output name (e.g. a VSS path); default "Message.Signal"
+    bus: str = ""  # restrict to one bus; default: the first bus whose DBC has it
+    scale: float = 1.0  # output = value * scale + offset (numbers only)
+    offset: float = 0.0
+    map: Mapping[str, Any] = field(default_factory=dict)  # value -> output value
+    state: bool = False  # part of the last-known-state record
+    deadband: float | None = None
+    min_interval_ms: int | None = None
+    heartbeat_s: float | None = None
+    timeout_ms: int | str | None = None
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    # All signals of these messages: names or ids, "*" for all, "bus:Message" to pick the bus.
+    messages: tuple[str, ...] = ()
+    signal: tuple[SignalConfig, ...] = ()
+    defaults: SamplingConfig = SamplingConfig()
+    max_batch_age_ms: int = 1000
+    max_batch_bytes: int = 65536
+
+    def validate(self, where: str) -> None:
+        if self.max_batch_age_ms <= 0:
+            raise ConfigError(f"{where}.max_batch_age_ms: must be > 0")
+        if not 256 <= self.max_batch_bytes <= 200_000:
+            raise ConfigError(f"{where}.max_batch_bytes: must be 256..200000 (protocol limit 256 KiB)")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    dir: Path
+    max_bytes: int = 64 * 1024 * 1024
+
+    def validate(self, where: str) -> None:
+        if self.max_bytes < 64 * 1024:
+            raise ConfigError(f"{where}.max_bytes: must be at least 65536")
+
+
+@dataclass(frozen=True)
+class Config:
+    vehicle: VehicleConfig
+    bus: tuple[BusConfig, ...]
+    storage: StorageConfig
+    telemetry: TelemetryConfig = TelemetryConfig()
+    path: Path | None = None  # the file it came from (not a TOML key)
+
+    def validate(self, where: str) -> None:
+        if not self.bus:
+            raise ConfigError("bus: at least one [[bus]] entry is required")
+        names = [b.name for b in self.bus]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
+
+    def bus_named(self, name: str) -> BusConfig:
+        for b in self.bus:
+            if b.name == name:
+                return b
+        raise ConfigError(f"no bus named {name!r} (buses: {', '.join(b.name for b in self.bus)})")
+
+
+# -- loading ----------------------------------------------------------------------------
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config file. Raises ConfigError with a one-line message."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return config_from_dict(raw, base=path.parent, source=path, overrides=overrides)
+
+
+def config_from_dict(raw: dict, base: Path, source: Path | None = None,
+                     overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validate an already-parsed TOML document (tests and the demo build configs in code)."""
+    label = str(source) if source else "config"
+    for item in overrides:
+        apply_override(raw, item)
+    try:
+        cfg = _build(Config, raw, "", base)
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+    return dataclasses.replace(cfg, path=source)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Apply one `KEY=VALUE` override (dotted key, TOML-typed value) to a parsed document.
+
+    Array-of-tables entries are addressed by index or by their `name` (bus.0 / bus.powertrain).
+    A value that is not valid TOML is taken as a plain string.
+    """
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        where = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            idx = _list_index(node, part, where, item)
+            if last:
+                node[idx] = value
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"--set {item!r}: {where} is not a table")
+
+
+def _list_index(node: list, part: str, where: str, item: str) -> int:
+    if part.isdigit():
+        idx = int(part)
+        if idx < len(node):
+            return idx
+        raise ConfigError(f"--set {item!r}: {where}: no entry {idx} (there are {len(node)})")
+    for idx, entry in enumerate(node):
+        if isinstance(entry, dict) and entry.get("name") == part:
+            return idx
+    raise ConfigError(f"--set {item!r}: {where}: no entry named {part!r}")
+
+
+def _build(cls: type, data: Any, where: str, base: Path) -> Any:
+    """Build dataclass `cls` from a TOML table, checking keys and types."""
+    label = where or "(top level)"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a table, got {_tname(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "path"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{_join(where, unknown[0])}: unknown key (known: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing required key")
+            continue
+        kwargs[name] = _convert(hints[name], data[name], key, base)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(label)
+    return obj
+
+
+def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key, base)
+            except ConfigError as e:
+                errors.append(e)
+        wanted = " or ".join(_hname(a) for a in args if a is not type(None))
+        raise ConfigError(f"{key}: expected {wanted}, got {_tname(value)}")
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected an array, got {_tname(value)}")
+        return tuple(_convert(args[0], v, f"{key}.{i}", base) for i, v in enumerate(value))
+    if hint is Mapping[str, Any] or origin in (Mapping, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table, got {_tname(value)}")
+        return types.MappingProxyType(dict(value))
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key, base)
+    if hint is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a path string, got {_tname(value)}")
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else (base / p)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_tname(value)}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_tname(value)}")
+        return value
+    if hint in (str, bool):
+        if type(value) is not hint:
+            raise ConfigError(f"{key}: expected {_hname(hint)}, got {_tname(value)}")
+        return value
+    raise ConfigError(f"{key}: unsupported schema type {hint!r}")  # a bug in the schema
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _tname(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _hname(hint: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", Path: "a path"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))

@@ -1,0 +1,111 @@
+"""Telemetry batches (PROTOCOL.md §3): samples grouped per signal with a shared time base."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cbor2
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """A closed batch. `sig` maps output name -> [[dt_ms, value], ...] in time order."""
+
+    t0: int  # UTC ms of the first sample
+    t_end: int  # UTC ms of the last sample
+    sig: dict
+    samples: int
+
+    def payload(self, vin: str, seq: int, drop: int = 0) -> dict:
+        """The protocol payload for this batch. `drop` = samples lost since the previous one."""
+        body = {"v": 1, "vin": vin, "seq": seq, "t0": self.t0, "sig": self.sig}
+        if drop:
+            body["drop"] = drop
+        return body
+
+
+def encode_payload(payload: dict) -> bytes:
+    """Deterministic CBOR (canonical: sorted keys, shortest float that keeps the value)."""
+    return cbor2.dumps(payload, canonical=True)
+
+
+class Column:
+    """The samples of one output name in the open batch (SignalState extends it)."""
+
+    __slots__ = ("out", "buf")
+
+    def __init__(self, out: str):
+        self.out = out
+        self.buf: list = []  # (t_ms, value) of the open batch
+
+
+class BatchBuilder:
+    """Accumulates samples in columns; closes a batch by age or estimated size.
+
+    The hot path in TelemetryCore inlines add(); keep the two in step.
+    """
+
+    __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "n", "budget", "closed")
+
+    def __init__(self, max_age_ms: int = 1000, max_bytes: int = 65536):
+        self.max_age_ms = max_age_ms
+        self.max_bytes = max_bytes
+        self.closed: list[Batch] = []
+        self.touched: list[Column] = []  # columns with samples in the open batch
+        self.t0 = -1  # time of the first sample of the open batch
+        self.n = 0
+        self.budget = max_bytes - 64  # estimated bytes left before the batch must close
+
+    @property
+    def open_samples(self) -> int:
+        return self.n
+
+    @property
+    def deadline_ms(self) -> int | None:
+        """When the open batch must close by age, or None when nothing is open."""
+        return None if self.t0 < 0 else self.t0 + self.max_age_ms
+
+    def add(self, col: Column, t_ms: int, value) -> None:
+        buf = col.buf
+        if not buf:
+            self.touched.append(col)
+            self.budget -= len(col.out) + 4
+            if self.t0 < 0:
+                self.t0 = t_ms
+        buf.append((t_ms, value))
+        self.n += 1
+        # Worst-case CBOR size of a sample: array(1) + dt(<=5) + value(<=9, or the string).
+        self.budget -= 15 if type(value) is not str else 15 + len(value)
+        if self.budget <= 0:
+            self.close()
+
+    def close(self) -> Batch | None:
+        """Close the open batch (if any) and append it to `closed`."""
+        if not self.n:
+            return None
+        t0 = min(col.buf[0][0] for col in self.touched)
+        t_end = t0
+        sig = {}
+        for col in self.touched:
+            rows = []
+            last = t0
+            for t, v in col.buf:
+                if t < last:
+                    t = last  # clocks of two buses may disagree; keep each signal in time order
+                rows.append([t - t0, v])
+                last = t
+            sig[col.out] = rows
+            col.buf = []
+            if last > t_end:
+                t_end = last
+        batch = Batch(t0, t_end, sig, self.n)
+        self.closed.append(batch)
+        self.touched = []
+        self.t0 = -1
+        self.n = 0
+        self.budget = self.max_bytes - 64
+        return batch
+
+    def take(self) -> list[Batch]:
+        out, self.closed = self.closed, []
+        return out

@@ -1,0 +1,321 @@
+"""The telemetry core: frames in, samples and batches out. Sans-I/O.
+
+Frames carry their own timestamps (float seconds, UTC); the core never reads a clock.
+A live bus, a log replay, the tests and the benchmarks all drive this same object:
+
+    core = TelemetryCore(plans, max_batch_age_ms=1000)
+    core.feed(bus_index, t, can_id, data)   # per frame
+    core.tick(t)                            # periodically, for heartbeats/timeouts/age
+    for batch in core.take_batches(): ...
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from cantools.database.namedsignalvalue import NamedSignalValue
+
+from .batch import Batch, BatchBuilder, Column
+from .fastdecode import compile_message
+from .selection import BusPlan, SignalSpec
+
+MISSING = object()
+TICK_S = 0.1  # how often frame time drives tick() during replay (heartbeats, timeouts, age)
+
+
+def _map_key(v) -> str:
+    """TOML table keys are strings: 3 and 3.0 both map through "3"."""
+    if type(v) is str:
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+class SignalState(Column):
+    """One selected signal: its policy (copied flat for speed) and what was seen and sent."""
+
+    __slots__ = ("spec", "sig", "scale", "offset", "map", "deadband", "min_interval",
+                 "heartbeat", "timeout", "state", "shaped", "raw", "value", "seen_ms", "sent", "sent_ms",
+                 "pending", "msg")
+
+    def __init__(self, spec: SignalSpec):
+        super().__init__(spec.out)
+        self.spec = spec
+        self.sig = spec.signal
+        self.scale = spec.scale if (spec.scale != 1.0 or spec.offset != 0.0) else None
+        self.offset = spec.offset
+        self.map = spec.map
+        self.deadband = spec.deadband
+        self.min_interval = spec.min_interval_ms
+        self.heartbeat = spec.heartbeat_ms
+        self.timeout = spec.timeout_ms
+        self.state = spec.state
+        self.shaped = bool(self.map is not None or self.scale is not None or self.deadband
+                           or self.min_interval or self.state)
+        self.raw: Any = MISSING  # last decoded value (before mapping); MISSING after a timeout
+        self.value: Any = None  # last output value
+        self.seen_ms = -1  # multiplexed signals only: when last present (else msg.seen)
+        self.msg: MessageState | None = None
+        self.sent: Any = MISSING
+        self.sent_ms = -1
+        self.pending: Any = MISSING  # throttled value waiting for its interval
+
+
+class MessageState:
+    __slots__ = ("message", "decode", "fast", "prev", "length", "signals", "seen", "last",
+                 "timeout", "mux", "present")
+
+    def __init__(self, message, signals: list[SignalState]):
+        self.message = message
+        self.decode = message.decode
+        self.fast = compile_message(message, [s.sig for s in signals])
+        self.prev = None  # the last frame as a little-endian int, for the fast path
+        self.length = message.length
+        self.signals = signals
+        self.seen = -1.0  # float seconds of the last frame, changed or not
+        self.last = None  # bytes of the last frame
+        self.timeout = min((s.timeout for s in signals if s.timeout), default=0)
+        self.mux = any(s.spec.multiplexed for s in signals)
+        self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
+        for s in signals:
+            s.msg = self
+
+
+class BusCounters:
+    """Per-bus frame counters; `entries` maps can_key -> MessageState (None: not selected)."""
+
+    __slots__ = ("name", "entries", "decoded", "unchanged", "unselected", "unknown_ids",
+                 "decode_errors", "bad_length", "unknown_id_set")
+    FIELDS = ("frames", "decoded", "unchanged", "unselected", "unknown_ids", "decode_errors",
+              "bad_length")
+
+    def __init__(self, name: str, entries: dict):
+        self.name = name
+        self.entries = entries
+        self.decoded = self.unchanged = self.unselected = 0
+        self.unknown_ids = self.decode_errors = self.bad_length = 0
+        self.unknown_id_set: set[int] = set()
+
+    @property
+    def frames(self) -> int:
+        # Every frame lands in exactly one of these; derived to keep the hot path short.
+        return (self.decoded + self.unchanged + self.unselected + self.unknown_ids
+                + self.decode_errors)
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.FIELDS}
+
+
+class TelemetryCore:
+    """Decode -> sample -> batch for any number of buses."""
+
+    def __init__(self, plans: Sequence[BusPlan], max_batch_age_ms: int = 1000,
+                 max_batch_bytes: int = 65536):
+        self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
+        self.counters: list[BusCounters] = []
+        self.samples = 0
+        self.state_changed = False  # set when a signal marked `state` changes; caller resets
+        self.signals: list[SignalState] = []
+        for plan in plans:
+            entries: dict[int, MessageState | None] = {key: None for key in plan.messages}
+            for key, mp in plan.selected.items():
+                states = [SignalState(s) for s in mp.signals]
+                self.signals.extend(states)
+                entries[key] = MessageState(mp.message, states)
+            self.counters.append(BusCounters(plan.name, entries))
+        self._timed = [m for c in self.counters for m in c.entries.values()
+                       if m is not None and m.timeout]
+        self._heartbeats = [s for s in self.signals if s.heartbeat]
+        self._throttled: list[SignalState] = []
+        self._next_tick = -1.0
+        self._next_heartbeat_ms = 0
+
+    # -- per frame (hot path) -------------------------------------------------------------
+
+    def feed(self, bus: int, t: float, can_id: int, data: bytes) -> None:
+        """Take one frame received on bus index `bus` at time `t` (UTC seconds)."""
+        if t >= self._next_tick:
+            self.tick(t)
+        c = self.counters[bus]
+        entry = c.entries.get(can_id, MISSING)
+        if entry is None:
+            c.unselected += 1
+            return
+        if entry is MISSING:
+            c.unknown_ids += 1
+            if len(c.unknown_id_set) < 1024:
+                c.unknown_id_set.add(can_id)
+            return
+        entry.seen = t
+        size = len(data)
+        if size != entry.length:
+            c.bad_length += 1
+        if data == entry.last:
+            c.unchanged += 1
+            return
+        entry.last = data
+        fast = entry.fast
+        if fast is not None and size == entry.length:
+            full = entry.prev is None  # else only signals whose bits changed come back
+            entry.prev, changed = fast(data, entry.prev)
+            c.decoded += 1
+            if changed:
+                self._update(entry.signals, changed, int(t * 1000), full)
+            return
+        entry.prev = None  # the fast path resynchronises on the next frame of normal length
+        try:
+            values = entry.decode(data, True, True, False, True)
+        except Exception:  # cantools raises several types on bad frames; never fatal
+            c.decode_errors += 1
+            return
+        c.decoded += 1
+        t_ms = int(t * 1000)
+        changed = []
+        for i, s in enumerate(entry.signals):
+            v = values.get(s.sig, MISSING)
+            if v is not MISSING:
+                changed.append((i, v))
+                s.seen_ms = t_ms
+        if entry.mux:
+            entry.present = set(values)
+        self._update(entry.signals, changed, t_ms, True)
+
+    def _update(self, signals: list[SignalState], changed, t_ms: int, full: bool) -> None:
+        """Sample new values: changed = [(index into signals, decoded value), ...]."""
+        for i, v in changed:
+            s = signals[i]
+            if full and v == s.raw and type(v) is type(s.raw):
+                continue
+            s.raw = v
+            if type(v) is NamedSignalValue:
+                v = v.name
+            if s.shaped:
+                v = self._shape(s, t_ms, v)
+                if v is MISSING:
+                    continue
+            else:
+                s.value = v
+            # _emit() and BatchBuilder.add(), inlined: this is the per-sample hot path.
+            s.sent = v
+            s.sent_ms = t_ms
+            s.pending = MISSING
+            self.samples += 1
+            b = self.batches
+            buf = s.buf
+            if not buf:
+                b.touched.append(s)
+                b.budget -= len(s.out) + 4
+                if b.t0 < 0:
+                    b.t0 = t_ms
+            buf.append((t_ms, v))
+            b.n += 1
+            b.budget -= 15 if type(v) is not str else 15 + len(v)
+            if b.budget <= 0:
+                b.close()
+
+    def _shape(self, s: SignalState, t_ms: int, v):
+        """Mapping, scaling, deadband and throttle; MISSING when the sample is held back."""
+        if s.map is not None:
+            out = s.map.get(_map_key(v), MISSING)
+            if out is MISSING and type(s.raw) is NamedSignalValue:
+                out = s.map.get(_map_key(s.raw.value), MISSING)  # the raw number behind a name
+            v = v if out is MISSING else out
+        elif s.scale is not None and type(v) is not str:
+            v = v * s.scale + s.offset
+        s.value = v
+        if s.state:
+            self.state_changed = True
+        last = s.sent
+        if s.deadband and last is not MISSING and last is not None and type(v) is not str \
+                and type(last) is not str and abs(v - last) <= s.deadband:
+            return MISSING
+        if s.min_interval and s.sent_ms >= 0 and t_ms - s.sent_ms < s.min_interval:
+            if s.pending is MISSING:
+                self._throttled.append(s)
+            s.pending = v
+            return MISSING
+        return v
+
+    def _emit(self, s: SignalState, t_ms: int, v) -> None:
+        s.sent = v
+        s.sent_ms = t_ms
+        s.pending = MISSING
+        self.samples += 1
+        self.batches.add(s, t_ms, v)
+
+    # -- time-driven work -----------------------------------------------------------------
+
+    def tick(self, t: float) -> None:
+        """Advance time to `t` (UTC seconds): throttled values, timeouts, heartbeats, batch age."""
+        self._next_tick = t + TICK_S
+        now = int(t * 1000)
+        if self._throttled:
+            keep = []
+            for s in self._throttled:
+                if s.pending is MISSING:
+                    continue
+                if now - s.sent_ms >= s.min_interval:
+                    self._emit(s, max(now, s.sent_ms + s.min_interval), s.pending)
+                else:
+                    keep.append(s)
+            self._throttled = keep
+        for entry in self._timed:
+            if entry.mux or (entry.seen >= 0 and now - int(entry.seen * 1000) > entry.timeout):
+                self._expire(entry, now)
+        if now >= self._next_heartbeat_ms:
+            self._next_heartbeat_ms = now + 1000
+            for s in self._heartbeats:
+                if s.sent is not MISSING and s.pending is MISSING and now - s.sent_ms >= s.heartbeat:
+                    self._emit(s, now, s.value)
+        deadline = self.batches.deadline_ms
+        if deadline is not None and now >= deadline:
+            self.batches.close()
+
+    def _expire(self, entry: MessageState, now: int) -> None:
+        seen_msg = int(entry.seen * 1000)
+        for s in entry.signals:
+            if not s.timeout or s.raw is MISSING:
+                continue
+            seen = seen_msg if (not entry.mux or s.sig in entry.present) else s.seen_ms
+            if now - seen > s.timeout:
+                # Forget the frame so that the next one is decoded in full and re-sent.
+                entry.last = entry.prev = None
+                s.raw = MISSING
+                s.value = None
+                if s.state:
+                    self.state_changed = True
+                if s.sent is not None:
+                    self._emit(s, now, None)
+
+    def flush(self) -> None:
+        """Close the open batch now (shutdown, end of a replay)."""
+        for s in self._throttled:
+            if s.pending is not MISSING:
+                self._emit(s, s.sent_ms + s.min_interval, s.pending)
+        self._throttled = []
+        self.batches.close()
+
+    def take_batches(self) -> list[Batch]:
+        return self.batches.take()
+
+    # -- views ----------------------------------------------------------------------------
+
+    def snapshot(self, state_only: bool = False) -> dict[str, list]:
+        """Last-known values: output name -> [t_ms last observed, value] (PROTOCOL.md §4)."""
+        return {s.out: [self.observed_ms(s), s.value] for s in self.signals
+                if s.msg.seen >= 0 and (s.state or not state_only)}
+
+    @staticmethod
+    def observed_ms(s: SignalState) -> int:
+        """When signal `s` was last observed (its frame arrived), in UTC ms; -1 if never."""
+        m = s.msg
+        if m.mux and s.sig not in m.present:
+            return s.seen_ms
+        return int(m.seen * 1000) if m.seen >= 0 else -1
+
+    def value_of(self, out_name: str):
+        for s in self.signals:
+            if s.out == out_name:
+                return s.value
+        raise KeyError(out_name)

@@ -1,0 +1,147 @@
+"""The runtime: wires the bus adapters to the telemetry core and owns the threads.
+
+Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; one core
+thread feeds them to the sans-I/O core, ticks it with the wall clock and hands closed
+batches to the batch sink. The core is only ever touched by the core thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from typing import Callable
+
+from .adapters.canbus import BusReader, check_interface, receive_filters
+from .assemble import bus_plans, telemetry_core
+from .config import Config
+from .core.batch import Batch
+
+log = logging.getLogger("agent.runtime")
+
+TICK_S = 0.1
+DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
+
+
+class Agent:
+    """The agent process: buses + core (+ uplink, commands ... as later parts attach)."""
+
+    def __init__(self, config: Config, publish: bool = True,
+                 on_batch: Callable[[Batch], None] | None = None):
+        self.config = config
+        self.publish = publish
+        for i, bus in enumerate(config.bus):
+            check_interface(bus, f"bus.{i}")
+        self.plans = bus_plans(config)
+        self.core = telemetry_core(self.plans, config.telemetry)
+        self.on_batch = on_batch or self._log_batch
+        self._frames: queue.SimpleQueue = queue.SimpleQueue()
+        self.readers = [
+            BusReader(i, bus, self._frames.put,
+                      receive_filters(plan.selected) if bus.filters else None)
+            for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
+        ]
+        self.batches_closed = 0
+        self.started_at = 0.0
+        self._stop = threading.Event()
+        self._core_thread: threading.Thread | None = None
+        self._rates: dict[int, tuple[float, int, float]] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        for r in self.readers:
+            r.start()
+        self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
+        self._core_thread.start()
+
+    def stop(self) -> None:
+        """Stop reading, feed what was read, close the open batch."""
+        for r in self.readers:
+            r.stop()
+        self._stop.set()
+        if self._core_thread:
+            self._core_thread.join(5)
+        self._drain()
+        self.core.flush()
+        self._deliver()
+
+    def run_forever(self) -> int:
+        """Run until SIGTERM or SIGINT; exit status 0 on a clean stop."""
+        stop = threading.Event()
+
+        def handler(signum, _frame):
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+        self.start()
+        log.info("running: vin %s, %d bus(es), %d signals selected", self.config.vehicle.vin,
+                 len(self.readers), len(self.core.signals))
+        while not stop.wait(1.0):
+            pass
+        self.stop()
+        log.info("stopped: %d batches, %d samples", self.batches_closed, self.core.samples)
+        return 0
+
+    # -- the core thread ------------------------------------------------------------------
+
+    def _core_loop(self) -> None:
+        next_tick = 0.0
+        while not self._stop.is_set():
+            try:
+                item = self._frames.get(timeout=TICK_S)
+            except queue.Empty:
+                item = None
+            if item is not None:
+                self.core.feed(*item)
+                self._drain()
+            now = time.time()
+            if now >= next_tick:
+                self.core.tick(now)
+                next_tick = now + TICK_S
+            if self.core.batches.closed:
+                self._deliver()
+
+    def _drain(self) -> None:
+        feed = self.core.feed
+        get = self._frames.get_nowait
+        for _ in range(DRAIN_MAX):
+            try:
+                feed(*get())
+            except queue.Empty:
+                return
+
+    def _deliver(self) -> None:
+        for batch in self.core.take_batches():
+            self.batches_closed += 1
+            try:
+                self.on_batch(batch)
+            except Exception:  # a sink bug must not stop ingest
+                log.exception("batch sink failed")
+
+    @staticmethod
+    def _log_batch(batch: Batch) -> None:
+        log.debug("batch t0=%d: %d samples of %d signals", batch.t0, batch.samples, len(batch.sig))
+
+    # -- views (any thread) ---------------------------------------------------------------
+
+    def bus_status(self) -> list[dict]:
+        out = []
+        now = time.monotonic()
+        for r, c in zip(self.readers, self.core.counters):
+            frames = c.frames
+            t_prev, f_prev, rate = self._rates.get(r.index, (now, frames, 0.0))
+            if now - t_prev >= 0.5:
+                rate = (frames - f_prev) / (now - t_prev)
+                t_prev, f_prev = now, frames
+            self._rates[r.index] = (t_prev, f_prev, rate)
+            out.append({"name": c.name, **r.status(), **c.as_dict(), "fps": rate})
+        return out
+
+    def snapshot(self) -> dict:
+        return self.core.snapshot()

@@ -1,0 +1,166 @@
+"""Configuration: every way a config can be wrong gives one line naming file, key and problem."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from agent.assemble import bus_plans
+from agent.config import apply_override, load_config
+from agent.errors import ConfigError, DbcError
+
+GOOD = """
+[vehicle]
+vin = "VIN0001"
+
+[[bus]]
+name = "powertrain"
+interface = "virtual"
+channel = "pt"
+dbc = ["{dbc}"]
+bitrate = 500000
+
+[[bus]]
+name = "body"
+interface = "virtual"
+channel = "body"
+dbc = ["{dbc}"]
+options = {{ receive_own_messages = true }}
+
+[storage]
+dir = "state"
+
+[telemetry]
+messages = ["VCU_Drive"]
+
+[[telemetry.signal]]
+select = "BMS_Status.SOC"
+name = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
+state = true
+"""
+
+
+def write(tmp_path: Path, text: str, dbc: Path) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(text.format(dbc=dbc))
+    return path
+
+
+def test_good_config_loads_into_frozen_objects(tmp_path, test_dbc):
+    cfg = load_config(write(tmp_path, GOOD, test_dbc))
+    assert cfg.vehicle.vin == "VIN0001" and cfg.vehicle.prefix == "vehicles/VIN0001"
+    assert [b.name for b in cfg.bus] == ["powertrain", "body"]
+    assert cfg.bus[0].bitrate == 500000 and cfg.bus[1].bitrate is None
+    assert cfg.bus[1].options["receive_own_messages"] is True
+    assert cfg.storage.dir == tmp_path / "state"  # relative to the config file
+    assert cfg.telemetry.max_batch_age_ms == 1000
+    with pytest.raises(AttributeError):
+        cfg.vehicle.vin = "other"  # frozen
+    plans = bus_plans(cfg)
+    assert {s.out for mp in plans[0].selected.values() for s in mp.signals} >= {
+        "VCU_Drive.Speed", "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace('bitrate = 500000', 'bitrate = "fast"'),
+     "bus.0.bitrate: expected an integer, got a string"),
+    (lambda t: t.replace('vin = "VIN0001"', 'vin = "VIN0001"\ncolour = "red"'),
+     "vehicle.colour: unknown key"),
+    (lambda t: t.replace('[storage]\ndir = "state"', '[storage]'),
+     "storage.dir: missing required key"),
+    (lambda t: t.replace('messages = ["VCU_Drive"]', 'messages = "VCU_Drive"'),
+     "telemetry.messages: expected an array"),
+    (lambda t: t.replace('vin = "VIN0001"', 'vin = ""'), "vehicle.vin: must be"),
+    (lambda t: t.replace('name = "body"', 'name = "powertrain"'), "duplicate bus name"),
+    (lambda t: t.replace('{dbc}"]\nbitrate', 'missing.dbc"]\nbitrate'),
+     "bus.0.dbc.0: no such file"),
+])
+def test_invalid_configs(tmp_path, test_dbc, edit, message):
+    path = write(tmp_path, edit(GOOD), test_dbc)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    text = str(e.value)
+    assert message in text and str(path) in text and "\n" not in text
+
+
+def test_selection_errors_name_the_key(tmp_path, test_dbc):
+    bad = GOOD.replace('select = "BMS_Status.SOC"', 'select = "BMS_Status.NoSuch"')
+    with pytest.raises(ConfigError, match=r"agent.toml: telemetry.signal.0.select: no signal"):
+        bus_plans(load_config(write(tmp_path, bad, test_dbc)))
+    bad = GOOD.replace('messages = ["VCU_Drive"]', 'messages = ["Nope"]')
+    with pytest.raises(ConfigError, match=r"telemetry.messages.0: no message 'Nope'"):
+        bus_plans(load_config(write(tmp_path, bad, test_dbc)))
+
+
+def test_ambiguous_and_duplicate_names(tmp_path, test_dbc):
+    cfg = load_config(write(tmp_path, GOOD, test_dbc),
+                      ["telemetry.messages=['*', 'body:VCU_Drive']"])
+    with pytest.raises(ConfigError, match="used twice"):  # the same names from two buses
+        bus_plans(cfg)
+    cfg = load_config(write(tmp_path, GOOD, test_dbc), ["telemetry.messages=['body:*']"])
+    plans = bus_plans(cfg)
+    assert len(plans[1].selected) == 5 and len(plans[0].selected) == 1  # SOC stays on bus 0
+    with pytest.raises(ConfigError, match="bus.1.dbc: needs at least one"):
+        load_config(write(tmp_path, GOOD, test_dbc), ["bus.body.dbc=[]"])
+    dbc2 = tmp_path / "dup.dbc"
+    dbc2.write_text(test_dbc.read_text().replace("BO_ 512 VCU_Drive", "BO_ 513 VCU_Other")
+                    .replace("VAL_ 512", "VAL_ 513"))
+    two = GOOD.replace('dbc = ["{dbc}"]\nbitrate', 'dbc = ["{dbc}", "%s"]\nbitrate' % dbc2)
+    two = two.replace('select = "BMS_Status.SOC"', 'select = "Speed"')
+    two = two.replace('messages = ["VCU_Drive"]', 'messages = []')
+    with pytest.raises(ConfigError, match="ambiguous"):
+        bus_plans(load_config(write(tmp_path, two, test_dbc)))
+
+
+def test_broken_dbc_reports_line(tmp_path, test_dbc):
+    broken = tmp_path / "broken.dbc"
+    broken.write_text(test_dbc.read_text().replace(' SG_ Ready : 19|1@1+', ' SG_ Ready 19|1@1+'))
+    with pytest.raises(DbcError, match=r"broken.dbc: line \d+, column \d+: invalid syntax"):
+        bus_plans(load_config(write(tmp_path, GOOD, broken)))
+
+
+def test_overrides(tmp_path, test_dbc):
+    path = write(tmp_path, GOOD, test_dbc)
+    cfg = load_config(path, ["bus.0.channel=vcan1", "bus.body.bitrate=250000",
+                             "vehicle.vin=OTHER", "telemetry.max_batch_age_ms=250",
+                             "telemetry.defaults.deadband=0.5", "bus.0.fd=true"])
+    assert cfg.bus[0].channel == "vcan1" and cfg.bus[0].fd is True
+    assert cfg.bus[1].bitrate == 250000
+    assert cfg.vehicle.vin == "OTHER"  # not valid TOML: taken as a string
+    assert cfg.telemetry.max_batch_age_ms == 250
+    assert cfg.telemetry.defaults.deadband == 0.5
+    with pytest.raises(ConfigError, match="no entry named 'chassis'"):
+        load_config(path, ["bus.chassis.channel=x"])
+    with pytest.raises(ConfigError, match="no entry 5"):
+        load_config(path, ["bus.5.channel=x"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["bus.0.channel"])
+    with pytest.raises(ConfigError, match="bus.0.bitrate: expected an integer"):
+        load_config(path, ["bus.0.bitrate='x'"])
+    with pytest.raises(ConfigError, match="vehicle.nope: unknown key"):
+        load_config(path, ["vehicle.nope=1"])
+    raw = {"a": [{"name": "x", "v": 1}]}
+    apply_override(raw, "a.x.v=[1, 2]")
+    assert raw["a"][0]["v"] == [1, 2]
+
+
+def test_missing_and_unreadable_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vehicle\nvin = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+    unreadable = tmp_path / "secret.toml"
+    unreadable.write_text("")
+    unreadable.chmod(0)
+    if stat.S_IMODE(unreadable.stat().st_mode) == 0 and not _is_root():
+        with pytest.raises(ConfigError, match="cannot read"):
+            load_config(unreadable)
+
+
+def _is_root() -> bool:
+    import os
+    return os.geteuid() == 0

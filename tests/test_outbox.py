@@ -1,0 +1,384 @@
+"""Tests of the SQLite outbox against real database files (no mocks)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.adapters.outbox import Outbox, Row
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPIC = "vehicles/VIN1/telemetry"
+
+
+class Builder:
+    """A build(seq, drop) callback that records its calls and makes a payload of a given size."""
+
+    def __init__(self, size: int = 32):
+        self.size = size
+        self.calls: list[tuple[int, int]] = []
+
+    def __call__(self, seq: int, drop: int) -> bytes:
+        self.calls.append((seq, drop))
+        head = b"seq=%d drop=%d;" % (seq, drop)
+        return head + b"." * max(0, self.size - len(head))
+
+
+def seqs(ob: Outbox) -> list[int]:
+    return [r.seq for r in ob.peek(1_000_000) if r.kind == "telemetry"]
+
+
+def test_files_and_pragmas(tmp_path):
+    ob = Outbox(tmp_path / "new" / "dir")
+    ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    # synchronous is per connection, so it can only be read through the outbox's own one.
+    assert ob._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    ob.close()
+    assert (tmp_path / "new" / "dir" / "outbox.db").is_file()
+    with sqlite3.connect(tmp_path / "new" / "dir" / "outbox.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_delivery_order_is_insertion_order(tmp_path):
+    with Outbox(tmp_path) as ob:
+        ob.append("response", "r", b"r1", 5)
+        ob.append_telemetry(Builder(), 1, 1, TOPIC)
+        ob.append("state", "s", b"s1", 3)
+        ob.append("status", "st", b"on", 4)
+        ob.append_telemetry(Builder(), 1, 2, TOPIC)
+        ob.append("response", "r", b"r2", 1)
+        rows = ob.peek(100)
+        assert [r.kind for r in rows] == ["response", "telemetry", "state", "status", "telemetry",
+                                          "response"]
+        assert [r.created_ms for r in rows] == [5, 1, 3, 4, 2, 1]
+        assert [r.seq for r in rows] == [None, 1, None, None, 2, None]
+        assert rows[0] == Row(rows[0].id, "response", "r", b"r1", None, 5)
+        # Paging with limit and after_id walks the same order.
+        first, second = ob.peek(4), ob.peek(4, after_id=ob.peek(4)[-1].id)
+        assert first + second == rows
+        assert ob.peek(10, after_id=rows[-1].id) == []
+        with pytest.raises(ValueError):
+            ob.append("telemetry", TOPIC, b"x", 0)  # telemetry needs a seq: append_telemetry
+
+
+def test_seq_has_no_gaps_across_close_and_reopen(tmp_path):
+    build = Builder()
+    for session in range(4):
+        with Outbox(tmp_path, reserve_block=3) as ob:  # small block: reserve rewritten often
+            for _ in range(5):
+                ob.append_telemetry(build, 1, 0, TOPIC)
+    with Outbox(tmp_path, reserve_block=3) as ob:
+        assert seqs(ob) == list(range(1, 21))
+        assert ob.stats()["next_seq"] == 21
+        assert [r.payload for r in ob.peek(2)] == [b"seq=1 drop=0;" + b"." * 19,
+                                                   b"seq=2 drop=0;" + b"." * 19]
+    assert [s for s, _ in build.calls] == list(range(1, 21))
+
+
+def test_failed_build_consumes_no_seq(tmp_path):
+    with Outbox(tmp_path) as ob:
+        ob.append_telemetry(Builder(), 1, 0, TOPIC)
+
+        def broken(seq, drop):
+            raise RuntimeError("signing key unavailable")
+
+        with pytest.raises(RuntimeError):
+            ob.append_telemetry(broken, 1, 0, TOPIC)
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 2
+        assert seqs(ob) == [1, 2]
+
+
+CHILD = r"""
+import sys
+from agent.adapters.outbox import Outbox
+ob = Outbox(sys.argv[1], max_bytes=1 << 30, reserve_block=7)
+n = 0
+while True:
+    seq = ob.append_telemetry(lambda s, d: b"batch %d;" % s + bytes(700), 1, n, "v/V/telemetry")
+    sys.stdout.write(f"{seq}\n")
+    sys.stdout.flush()
+    n += 1
+"""
+
+
+def test_kill_9_loses_no_committed_seq_and_reuses_none(tmp_path):
+    printed_before: list[int] = []
+    stored_before = 0
+    for round_no in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        printed: list[int] = []
+        try:
+            while len(printed) < 150 + 41 * round_no:  # kill at a different point each round
+                line = proc.stdout.readline()
+                assert line, f"child died: {proc.stderr.read().decode()}"
+                printed.append(int(line))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+        tail = proc.stdout.read()  # lines written before the kill are still in the pipe
+        printed += [int(x) for x in tail.split(b"\n")[:-1]]  # complete lines only
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+
+        with Outbox(tmp_path, max_bytes=1 << 30, reserve_block=7) as ob:
+            stored = seqs(ob)
+            # Nothing was lost, so the store is exactly 1..N: no gap, no duplicate.
+            assert stored == list(range(1, len(stored) + 1))
+            assert set(printed_before + printed) <= set(stored)
+            assert ob.stats()["next_seq"] == stored[-1] + 1 > max(printed)
+        # Each child continued right after the last seq committed before it (printed or not).
+        assert printed[0] == stored_before + 1
+        assert not set(printed) & set(printed_before)
+        printed_before += printed
+        stored_before = stored[-1]
+
+
+def test_lost_database_continues_above_reserve(tmp_path):
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(25):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        # Reserved blocks were [1,11), [11,21), [21,31): the fresh db starts above all of them.
+        assert ob.stats()["next_seq"] == 31
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 31
+
+
+def test_reserve_is_written_once_per_block(tmp_path):
+    reserve = tmp_path / "seq.reserve"
+    writes, last_inode = 0, None
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(25):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+            inode = reserve.stat().st_ino  # each atomic write replaces the inode
+            writes += inode != last_inode
+            last_inode = inode
+    assert writes == 3  # seqs 1, 11 and 21 each reserved a block
+
+
+def test_eviction_drops_oldest_telemetry_and_reports_drop(tmp_path, caplog):
+    build = Builder(size=300)
+    with Outbox(tmp_path, max_bytes=1000) as ob:
+        for samples in (10, 11, 12):
+            ob.append_telemetry(build, samples, 0, TOPIC)
+        assert seqs(ob) == [1, 2, 3]  # 900 bytes: within budget
+        ob.append_telemetry(build, 13, 0, TOPIC)  # 1200 bytes: seq 1 (10 samples) goes
+        assert seqs(ob) == [2, 3, 4]
+        ob.append_telemetry(build, 14, 0, TOPIC)  # seq 2 (11 samples) goes
+        assert build.calls == [(1, 0), (2, 0), (3, 0), (4, 0), (5, 10)]
+        ob.append_telemetry(build, 15, 0, TOPIC)  # seq 3 (12 samples) goes
+        assert build.calls[-1] == (6, 11)
+        assert seqs(ob) == [4, 5, 6]
+        s = ob.stats()
+        assert (s["evicted_batches"], s["dropped_samples"], s["pending_drop"]) == (3, 33, 12)
+        assert s["bytes"] == 900
+
+        # Responses are never evicted: telemetry makes room, then the outbox stays over budget.
+        with caplog.at_level(logging.WARNING, logger="agent.outbox"):
+            for i in range(4):
+                ob.append("response", "r", bytes([i]) * 400, 0)
+        assert [r.kind for r in ob.peek(100)] == ["response"] * 4
+        assert [r.payload[0] for r in ob.peek(100)] == [0, 1, 2, 3]
+        s = ob.stats()
+        assert s["bytes"] == 1600 > s["max_bytes"]
+        assert (s["evicted_batches"], s["dropped_samples"]) == (6, 33 + 13 + 14 + 15)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "over its budget" in warnings[0].getMessage()
+
+        # The next batch reports everything evicted since the last batch that was stored.
+        ob.append_telemetry(build, 16, 0, TOPIC)
+        assert build.calls[-1] == (7, 12 + 13 + 14 + 15)
+    with Outbox(tmp_path, max_bytes=1000) as ob:  # counters are durable
+        s = ob.stats()
+        assert (s["evicted_batches"], s["dropped_samples"], s["pending_drop"]) == (7, 91, 16)
+        assert [r.kind for r in ob.peek(100)] == ["response"] * 4
+
+
+def test_state_and_status_replace_unsent_rows_of_same_topic(tmp_path):
+    with Outbox(tmp_path) as ob:
+        ob.append("state", "v/A/state", b"old", 1)
+        ob.append("status", "v/A/status", b"online", 2)
+        ob.append("state", "v/B/state", b"other", 3)
+        ob.append("response", "v/A/responses", b"r", 4)
+        ob.append("response", "v/A/responses", b"r", 5)  # responses are never merged
+        ob.append("state", "v/A/state", b"new", 6)
+        rows = ob.peek(10)
+        assert [(r.kind, r.payload) for r in rows] == [
+            ("status", b"online"), ("state", b"other"), ("response", b"r"), ("response", b"r"),
+            ("state", b"new")]
+        assert ob.stats()["bytes"] == 6 + 5 + 1 + 1 + 3
+        assert ob.ack(rows[0].id) is True
+
+
+def test_ack_deletes_and_tracks_last_acked_seq(tmp_path):
+    with Outbox(tmp_path) as ob:
+        for _ in range(5):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+        ob.append("response", "r", b"x", 0)
+        rows = ob.peek(10)
+        assert ob.ack(rows[1].id) is True
+        assert ob.ack(rows[1].id) is False  # already gone
+        assert ob.stats()["last_acked_seq"] == 2
+        assert ob.ack_many([rows[3].id, rows[0].id, 99999]) == 2  # out of order: keep the max
+        assert ob.stats()["last_acked_seq"] == 4
+        assert ob.ack(rows[5].id) is True  # a response has no seq
+        assert [r.id for r in ob.peek(10)] == [rows[2].id, rows[4].id]
+    with Outbox(tmp_path) as ob:
+        s = ob.stats()
+        assert (s["last_acked_seq"], s["messages"], s["bytes"]) == (4, 2, 64)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "broken_pages", "index_page"])
+def test_corrupt_database_is_moved_aside_and_replaced(tmp_path, caplog, damage):
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(5):
+            ob.append_telemetry(Builder(size=2000), 1, 0, TOPIC)
+    db = tmp_path / "outbox.db"
+    if damage == "garbage":
+        db.write_bytes(b"this is not an sqlite database\n" * 300)
+    elif damage == "broken_pages":  # valid header, every b-tree page destroyed
+        data = db.read_bytes()
+        db.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))
+    else:  # only the index is damaged: reading the table never notices, quick_check does
+        conn = sqlite3.connect(db)
+        root = conn.execute("SELECT rootpage FROM sqlite_master"
+                            " WHERE type = 'index' AND tbl_name = 'messages'").fetchone()[0]
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        conn.close()
+        data = bytearray(db.read_bytes())
+        data[(root - 1) * page:root * page] = b"\xff" * page
+        db.write_bytes(bytes(data))
+    damaged = db.read_bytes()
+
+    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+        ob = Outbox(tmp_path, reserve_block=10)
+    aside = list(tmp_path.glob("outbox.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+    errors = [r for r in caplog.records if r.name == "agent.outbox" and r.levelno == logging.ERROR]
+    assert len(errors) == 1 and str(aside[0]) in errors[0].getMessage()
+
+    s = ob.stats()
+    assert (s["messages"], s["recovered_corruptions"]) == (0, 1)
+    seq = ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    assert seq > 5 and seq == 11  # the reserve's high-water mark
+    assert [r.seq for r in ob.peek(10)] == [11]
+    ob.close()
+    with Outbox(tmp_path) as ob:  # the fresh database is a healthy one: no second recovery
+        assert seqs(ob) == [11]
+        assert ob.stats()["recovered_corruptions"] == 1
+    assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
+
+
+def test_corruption_during_use_recovers(tmp_path, caplog):
+    with Outbox(tmp_path) as ob:  # ~6 MB: more than SQLite's default 2 MB page cache
+        for _ in range(3000):
+            ob.append_telemetry(Builder(size=2000), 1, 0, TOPIC)
+    ob = Outbox(tmp_path)
+    assert ob.stats()["messages"] == 3000
+    last_id = ob.peek(1, after_id=2999)[0].id
+    db = tmp_path / "outbox.db"
+    data = db.read_bytes()
+    db.write_bytes(data[:4096] + b"\xff" * (len(data) - 4096))  # damaged under a live connection
+
+    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+        rows = ob.peek(10)  # reads pages no longer cached: SQLite reports corruption
+    assert rows == []
+    assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
+    assert any("corrupt" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 3001
+    new = ob.peek(10)
+    assert new[0].id > last_id  # an uplink paging with after_id does not skip the new row
+    assert ob.stats()["recovered_corruptions"] == 1
+    ob.close()
+
+
+def test_stats_values(tmp_path):
+    with Outbox(tmp_path, max_bytes=5000) as ob:
+        s = ob.stats()
+        assert s == {"messages": 0, "bytes": 0, "max_bytes": 5000, "oldest_ms": None,
+                     "by_kind": {"telemetry": 0, "state": 0, "status": 0, "response": 0},
+                     "next_seq": 1, "last_acked_seq": 0, "pending_drop": 0, "evicted_batches": 0,
+                     "dropped_samples": 0, "recovered_corruptions": 0}
+        ob.append_telemetry(Builder(size=100), 7, 2_000, TOPIC)
+        ob.append_telemetry(Builder(size=150), 7, 3_000, TOPIC)
+        ob.append("state", "s", b"s" * 10, 1_500)
+        ob.append("status", "st", b"t" * 20, 4_000)
+        ob.append("response", "r", b"r" * 30, 5_000)
+        ob.ack(ob.peek(1)[0].id)
+        s = ob.stats()
+        assert s["messages"] == 4 and s["bytes"] == 150 + 10 + 20 + 30
+        assert s["oldest_ms"] == 1_500
+        assert s["by_kind"] == {"telemetry": 1, "state": 1, "status": 1, "response": 1}
+        assert (s["next_seq"], s["last_acked_seq"]) == (3, 1)
+
+
+def test_backlog_drains_in_order_with_batched_acks(tmp_path):
+    payload = os.urandom(3000)
+    with Outbox(tmp_path) as ob:
+        for i in range(3600):  # one hour of 1 Hz batches, 1-3 KB each
+            ob.append_telemetry(lambda s, d, n=1000 + (i * 37) % 2000: payload[:n], 50, i, TOPIC)
+        drained, after, started = [], None, time.perf_counter()
+        while rows := ob.peek(200, after):
+            drained += [r.seq for r in rows]
+            after = rows[-1].id
+            assert ob.ack_many([r.id for r in rows]) == len(rows)
+        rate = len(drained) / (time.perf_counter() - started)
+        print(f"drained {len(drained)} rows at {rate:.0f} msgs/s")  # a figure, not an assertion
+        assert drained == list(range(1, 3601))
+        s = ob.stats()
+        assert (s["messages"], s["bytes"], s["last_acked_seq"]) == (0, 0, 3600)
+
+
+def test_concurrent_appends_and_drain_from_two_threads(tmp_path):
+    ob = Outbox(tmp_path)
+    total, done, received, failures = 1500, threading.Event(), [], []
+
+    def producer():
+        try:
+            for i in range(total):
+                if i % 10 == 0:
+                    ob.append_telemetry(lambda s, d, i=i: b"%d" % i, 1, i, TOPIC)
+                else:
+                    ob.append("response", "r", b"%d" % i, i)
+        except Exception as e:  # surfaced by the assertion below
+            failures.append(e)
+        finally:
+            done.set()
+
+    def consumer():
+        after = None
+        try:
+            while True:
+                rows = ob.peek(50, after)
+                if not rows:
+                    if done.is_set() and not ob.peek(1, after):
+                        return
+                    time.sleep(0.0005)
+                    continue
+                received.extend(rows)
+                after = rows[-1].id
+                ob.ack_many([r.id for r in rows])
+        except Exception as e:
+            failures.append(e)
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not failures
+    assert [int(r.payload) for r in received] == list(range(total))
+    assert [r.seq for r in received if r.kind == "telemetry"] == list(range(1, total // 10 + 1))
+    assert ob.stats()["messages"] == 0
+    ob.close()
