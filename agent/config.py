@@ -113,11 +113,64 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    ca: Path | None = None  # CA bundle that signed the broker's certificate; enables TLS
+    cert: Path | None = None  # client certificate (mutual TLS)
+    key: Path | None = None  # its private key
+
+    def validate(self, where: str) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(f"{where}: cert and key go together (mutual TLS)")
+        if self.cert is not None and self.ca is None:
+            raise ConfigError(f"{where}.ca: needed with a client certificate")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{where}.{name}: no such file: {path}")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883  # 8883 with TLS in production
+    client_id: str = ""  # default "tcu-{vin}"
+    username: str = ""
+    password_file: Path | None = None  # first line is the password; keep it 0600
+    keepalive: int = 30  # s
+    protocol: str = "auto"  # "5", "3.1.1", or auto: 5, falling back to 3.1.1 if refused
+    reconnect_min_s: float = 0.5  # first retry delay; doubles (with jitter) up to the cap
+    reconnect_max_s: float = 60.0
+    max_inflight: int = 32  # QoS 1 messages published but not yet acknowledged
+    tls: TlsConfig = TlsConfig()
+
+    def validate(self, where: str) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"{where}.port: must be 1..65535")
+        if self.protocol not in ("auto", "5", "3.1.1"):
+            raise ConfigError(f"{where}.protocol: must be \"auto\", \"5\" or \"3.1.1\"")
+        if not 5 <= self.keepalive <= 3600:
+            raise ConfigError(f"{where}.keepalive: must be 5..3600 s")
+        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
+            raise ConfigError(f"{where}: need 0 < reconnect_min_s <= reconnect_max_s")
+        if not 1 <= self.max_inflight <= 65535:
+            raise ConfigError(f"{where}.max_inflight: must be 1..65535")
+        if self.password_file is not None and not self.password_file.is_file():
+            raise ConfigError(f"{where}.password_file: no such file: {self.password_file}")
+
+
+@dataclass(frozen=True)
+class SigningConfig:
+    key_file: Path  # Ed25519 private key, PKCS#8 PEM, mode 0600 (tcu-agent keys generate)
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
     storage: StorageConfig
     telemetry: TelemetryConfig = TelemetryConfig()
+    mqtt: MqttConfig | None = None  # absent: no uplink (replay, monitor, bench)
+    signing: SigningConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:

@@ -39,7 +39,7 @@ class Agent:
         self.on_batch = on_batch or self._log_batch
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
         self.readers = [
-            BusReader(i, bus, self._frames.put,
+            BusReader(i, bus, self._enqueue,
                       receive_filters(plan.selected) if bus.filters else None)
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
@@ -48,6 +48,9 @@ class Agent:
         self._stop = threading.Event()
         self._core_thread: threading.Thread | None = None
         self._rates: dict[int, tuple[float, int, float]] = {}
+
+    def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
+        self._frames.put((bus, t, can_id, data))
 
     # -- lifecycle ------------------------------------------------------------------------
 

@@ -1,0 +1,180 @@
+"""The agent on live buses: python-can's virtual interface in-process, slcan over a pty."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+
+import can
+import pytest
+
+from agent.adapters.canbus import receive_filters
+from agent.cli.main import main as cli_main
+from agent.config import config_from_dict
+from agent.runtime import Agent
+
+
+def config(test_dbc, tmp_path, **bus):
+    raw = {
+        "vehicle": {"vin": "VIN0001"},
+        "storage": {"dir": str(tmp_path / "state")},
+        "bus": [{"name": "pt", "interface": "virtual", "channel": f"t-{uuid.uuid4().hex}",
+                 "dbc": [str(test_dbc)], **bus}],
+        "telemetry": {"messages": ["VCU_Drive", "BMS_Status"], "max_batch_age_ms": 200},
+    }
+    return config_from_dict(raw, base=tmp_path)
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def test_agent_decodes_live_frames_into_batches(test_dbc, tmp_path):
+    cfg = config(test_dbc, tmp_path)
+    batches = []
+    agent = Agent(cfg, on_batch=batches.append)
+    import cantools
+    db = cantools.database.load_file(str(test_dbc))
+    drive = db.get_message_by_name("VCU_Drive")
+    agent.start()
+    try:
+        assert agent.readers[0].wait_open(2)
+        with can.Bus(interface="virtual", channel=cfg.bus[0].channel) as feeder:
+            for speed in (10.0, 20.0, 30.0):
+                feeder.send(can.Message(arbitration_id=drive.frame_id,
+                                        data=drive.encode({"Speed": speed, "Gear": 3, "Ready": 1}),
+                                        is_extended_id=False))
+                time.sleep(0.02)
+            feeder.send(can.Message(arbitration_id=0x7FF, data=b"\x01", is_extended_id=False))
+            assert wait_until(lambda: any("VCU_Drive.Speed" in b.sig and
+                                          b.sig["VCU_Drive.Speed"][-1][1] == 30.0 for b in batches))
+    finally:
+        agent.stop()
+    speeds = [v for b in batches for _, v in b.sig.get("VCU_Drive.Speed", [])]
+    assert speeds == [10.0, 20.0, 30.0]
+    assert any(b.sig.get("VCU_Drive.Gear") == [[0, "D"]] or
+               any(v == "D" for _, v in b.sig.get("VCU_Drive.Gear", [])) for b in batches)
+    t0 = batches[0].t0
+    assert abs(t0 / 1000 - time.time()) < 60  # UTC ms
+    status = agent.bus_status()[0]
+    assert status["frames"] == 3  # the kernel-style filter kept 0x7FF out (software on virtual)
+    assert status["unknown_ids"] == 0
+
+
+def test_receive_filters_from_selection():
+    filters = receive_filters([0x100, 0x200, 0x100 | 0x80000000])
+    assert {"can_id": 0x100, "can_mask": 0x7FF, "extended": False} in filters
+    assert {"can_id": 0x100, "can_mask": 0x1FFFFFFF, "extended": True} in filters
+    assert receive_filters(range(600)) is None  # more than SocketCAN takes: receive all
+
+
+def test_without_filters_unknown_ids_are_counted(test_dbc, tmp_path):
+    cfg = config(test_dbc, tmp_path, filters=False)
+    agent = Agent(cfg)
+    agent.start()
+    try:
+        assert agent.readers[0].wait_open(2)
+        with can.Bus(interface="virtual", channel=cfg.bus[0].channel) as feeder:
+            feeder.send(can.Message(arbitration_id=0x7FF, data=b"\x01", is_extended_id=False))
+            assert wait_until(lambda: agent.bus_status()[0]["unknown_ids"] == 1)
+    finally:
+        agent.stop()
+
+
+def test_cli_run_end_to_end_on_virtual_bus(test_dbc, tmp_path, caplog):
+    """`tcu-agent run` in this process, fed by another bus object, stopped by SIGTERM."""
+    cfg_path = tmp_path / "agent.toml"
+    channel = f"run-{uuid.uuid4().hex}"
+    cfg_path.write_text(f'''
+[vehicle]
+vin = "VIN0001"
+[storage]
+dir = "state"
+[[bus]]
+name = "pt"
+interface = "virtual"
+channel = "{channel}"
+dbc = ["{test_dbc}"]
+[telemetry]
+messages = ["*"]
+max_batch_age_ms = 100
+''')
+    import cantools
+    db = cantools.database.load_file(str(test_dbc))
+    bms = db.get_message_by_name("BMS_Status")
+
+    def feed_then_stop():
+        time.sleep(0.5)
+        with can.Bus(interface="virtual", channel=channel) as feeder:
+            for i in range(20):
+                feeder.send(can.Message(arbitration_id=0x100, is_extended_id=False,
+                                        data=bms.encode({"SOC": 50 + i, "PackVoltage": 400,
+                                                         "PackCurrent": 0, "Counter": i % 16,
+                                                         "Temp": 20})))
+                time.sleep(0.01)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=feed_then_stop, daemon=True).start()
+    with caplog.at_level(logging.INFO, logger="agent.runtime"):
+        status = cli_main(["run", "-c", str(cfg_path)])
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert status == 0
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped")]
+    assert stopped, caplog.text
+    batches, samples = (int(x) for x in stopped[0].split()[1:5:2])
+    assert batches >= 1 and samples >= 20 * 2  # SOC and Counter change in every frame
+
+
+def test_vanished_serial_adapter_is_reopened(test_dbc, tmp_path):
+    """slcan on a pseudo-terminal: the adapter disappears and comes back; the agent recovers."""
+    link = tmp_path / "ttyCAN0"
+
+    def plug():
+        master, slave = os.openpty()
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.ttyname(slave))
+        return master, slave
+
+    master, slave = plug()
+    cfg = config(test_dbc, tmp_path)
+    raw_bus = {"name": "pt", "interface": "slcan", "channel": str(link), "dbc": [str(test_dbc)],
+               "options": {"sleep_after_open": 0}}
+    cfg = config_from_dict({"vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path)},
+                            "bus": [raw_bus], "telemetry": {"messages": ["*"]}}, base=tmp_path)
+    agent = Agent(cfg)
+    agent.readers[0].backoff_s = 0.05
+    agent.start()
+    try:
+        assert agent.readers[0].wait_open(5)
+        os.write(master, b"t1008" + b"E803000000000000" + b"\r")
+        assert wait_until(lambda: agent.bus_status()[0]["decoded"] == 1)
+        os.close(master)  # unplugged: reads fail, the path is gone
+        os.close(slave)
+        link.unlink()
+        assert wait_until(lambda: agent.bus_status()[0]["bus_errors"] >= 2)
+        assert agent.bus_status()[0]["state"] == "down"
+        master, slave = plug()  # plugged back in (a new tty, as after USB re-enumeration)
+        assert wait_until(lambda: agent.bus_status()[0]["state"] == "open")
+        os.write(master, b"t1008" + b"D007000000000000" + b"\r")
+        assert wait_until(lambda: agent.bus_status()[0]["decoded"] == 2)
+        assert agent.bus_status()[0]["reopens"] == 1
+        assert agent.snapshot()["BMS_Status.SOC"][1] == pytest.approx(20.0)
+    finally:
+        agent.stop()
+        for fd in (master, slave):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
