@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 from .adapters.canbus import BusReader, check_interface, receive_filters
+from .adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
 from .config import Config
 from .core.batch import Batch
@@ -23,6 +24,8 @@ log = logging.getLogger("agent.runtime")
 
 TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
+STATUS_EVERY_S = 1.0
+STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 
 
 class Agent:
@@ -36,7 +39,13 @@ class Agent:
             check_interface(bus, f"bus.{i}")
         self.plans = bus_plans(config)
         self.core = telemetry_core(self.plans, config.telemetry)
-        self.on_batch = on_batch or self._log_batch
+        self.publisher = None
+        if publish and config.mqtt is not None:
+            from .publisher import Publisher  # paho and SQLite only where they are used
+
+            self.publisher = Publisher(config)
+        self.on_batch = on_batch or (self.publisher.batch if self.publisher else self._log_batch)
+        self._state_only = any(s.state for s in self.core.signals)
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
         self.readers = [
             BusReader(i, bus, self._enqueue,
@@ -56,6 +65,8 @@ class Agent:
 
     def start(self) -> None:
         self.started_at = time.time()
+        if self.publisher:
+            self.publisher.start()
         for r in self.readers:
             r.start()
         self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
@@ -71,6 +82,12 @@ class Agent:
         self._drain()
         self.core.flush()
         self._deliver()
+        if self.publisher:
+            left = self.publisher.stop(STOP_DRAIN_S)
+            if left:
+                log.info("%d message(s) left in the outbox for the next start", left)
+        if self.publish:
+            self._write_status(running=False)
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT; exit status 0 on a clean stop."""
@@ -94,7 +111,7 @@ class Agent:
     # -- the core thread ------------------------------------------------------------------
 
     def _core_loop(self) -> None:
-        next_tick = 0.0
+        next_tick = next_status = 0.0
         while not self._stop.is_set():
             try:
                 item = self._frames.get(timeout=TICK_S)
@@ -107,8 +124,34 @@ class Agent:
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
+                if self.publisher:
+                    self._publish_records(int(now * 1000))
             if self.core.batches.closed:
                 self._deliver()
+            if self.publish and now >= next_status:
+                next_status = now + STATUS_EVERY_S
+                self._write_status(running=True)
+
+    def _publish_records(self, now_ms: int) -> None:
+        pub = self.publisher
+        if pub.take_connected():
+            pub.online()
+            pub.state(self.state_values(), now_ms)
+        if self.core.state_changed:
+            self.core.state_changed = False
+            pub.state_limit.want()
+        if pub.state_limit.due(now_ms):
+            pub.state(self.state_values(), now_ms)
+
+    def state_values(self) -> dict:
+        """The §4 values: the signals marked `state`, or every signal if none is marked."""
+        return self.core.snapshot(state_only=self._state_only)
+
+    def _write_status(self, running: bool) -> None:
+        try:
+            write_status(self.config.storage.dir, self.status(running))
+        except OSError as e:
+            log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
         feed = self.core.feed
@@ -148,3 +191,11 @@ class Agent:
 
     def snapshot(self) -> dict:
         return self.core.snapshot()
+
+    def status(self, running: bool = True) -> dict:
+        out = {"vin": self.config.vehicle.vin, "running": running,
+               "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
+               "batches": self.batches_closed, "samples": self.core.samples}
+        if self.publisher:
+            out.update(self.publisher.status())
+        return out

@@ -31,6 +31,8 @@ def add_parser(sub, common) -> None:
                    help="UTC ms for the first frame when the log's clock is relative "
                         "(default: now); logs with UTC timestamps keep them")
     p.add_argument("--out", help="write the encoded batches here (a CBOR sequence, RFC 8742)")
+    p.add_argument("--key", help="sign each batch with this vehicle key (COSE_Sign1, as the "
+                                 "agent sends them; check with `tcu-agent verify`)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     common(p)
     p.set_defaults(func=run)
@@ -52,6 +54,11 @@ def run(args) -> int:
         vin = args.vin or "REPLAY"
         channels = {}
     core = telemetry_core(plans, telemetry)
+    encode = encode_payload
+    if args.key:
+        from ..adapters.keys import load_private_key
+        from ..core.cose import Signer
+        encode = Signer(load_private_key(args.key)).sign
     out = open(args.out, "wb") if args.out else None
     seq = 0
     nbytes = 0
@@ -65,9 +72,9 @@ def run(args) -> int:
                     (args.start_ms / 1000 if args.start_ms is not None else time.time()) - t)
             feed(channels.get(channel, 0), t + offset, can_id, data)
             if core.batches.closed:
-                seq, nbytes = _write(core, vin, seq, nbytes, out)
+                seq, nbytes = _write(core, vin, seq, nbytes, out, encode)
         core.flush()
-        seq, nbytes = _write(core, vin, seq, nbytes, out)
+        seq, nbytes = _write(core, vin, seq, nbytes, out, encode)
     finally:
         if out:
             out.close()
@@ -89,14 +96,14 @@ def run(args) -> int:
               f"unselected {totals['unselected']}, unknown ids {totals['unknown_ids']}, "
               f"decode errors {totals['decode_errors']}, length mismatches {totals['bad_length']}")
         print(f"  {core.samples} samples of {len(core.signals)} signals in {seq} batches, "
-              f"{nbytes:,} bytes CBOR" + (f" -> {args.out}" if args.out else ""))
+              f"{nbytes:,} bytes " + ("signed COSE" if args.key else "CBOR") + (f" -> {args.out}" if args.out else ""))
     return 0
 
 
-def _write(core, vin, seq, nbytes, out):
+def _write(core, vin, seq, nbytes, out, encode):
     for batch in core.take_batches():
         seq += 1
-        blob = encode_payload(batch.payload(vin, seq))
+        blob = encode(batch.payload(vin, seq))
         nbytes += len(blob)
         if out:
             out.write(blob)

@@ -1,0 +1,104 @@
+"""Signed records into the outbox, and the uplink that drains it (PROTOCOL.md §1-5).
+
+Everything the vehicle sends is signed and committed to the outbox before the uplink may
+publish it; the uplink deletes a row only on the broker's PUBACK. Called from the runtime's
+core thread, except `on_connected`, which only raises a flag for that thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .adapters.keys import load_private_key
+from .adapters.mqtt import Uplink
+from .adapters.outbox import Outbox
+from .config import Config
+from .core.batch import Batch
+from .core.cose import Signer
+from .core.records import RateLimit, Topics, state_payload, status_payload
+from .errors import ConfigError
+
+log = logging.getLogger("agent.publisher")
+
+STATE_MIN_INTERVAL_MS = 1000  # state records on change: at most one a second
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Publisher:
+    def __init__(self, config: Config, outbox: Outbox | None = None):
+        if config.mqtt is None:
+            raise ConfigError("an [mqtt] section is needed to publish")
+        if config.signing is None:
+            raise ConfigError("signing.key_file: missing required key (every message is signed; "
+                              "create a key with `tcu-agent keys generate --dir DIR`)")
+        self.vin = config.vehicle.vin
+        self.topics = Topics(config.vehicle.prefix)
+        self.signer = Signer(load_private_key(config.signing.key_file))
+        self.outbox = outbox or Outbox(config.storage.dir, config.storage.max_bytes)
+        client_id = config.mqtt.client_id or f"tcu-{self.vin}"
+        self.uplink = Uplink(config.mqtt, self.outbox, client_id, will=self._will,
+                             on_connected=self._connected)
+        self.state_limit = RateLimit(STATE_MIN_INTERVAL_MS)
+        self._just_connected = threading.Event()
+
+    def start(self) -> None:
+        self.uplink.start()
+
+    def stop(self, drain_timeout_s: float = 3.0) -> int:
+        """Queue the offline record, publish what can be acknowledged in time, disconnect.
+        Returns the number of messages left in the outbox for the next start."""
+        self._append("status", self.topics.status, status_payload(self.vin, now_ms(), False))
+        left = self.uplink.stop(drain_timeout_s)
+        self.outbox.close()
+        return left
+
+    # -- records --------------------------------------------------------------------------
+
+    def batch(self, batch: Batch) -> int:
+        """Sign and queue a telemetry batch; returns its seq."""
+        def build(seq: int, drop: int) -> bytes:
+            return self.signer.sign(batch.payload(self.vin, seq, drop))
+
+        seq = self.outbox.append_telemetry(build, batch.samples, now_ms(), self.topics.telemetry)
+        self.uplink.wake()
+        return seq
+
+    def state(self, values: dict, t_ms: int | None = None) -> dict:
+        """Sign and queue a state record (§4); returns its payload."""
+        payload = state_payload(self.vin, t_ms if t_ms is not None else now_ms(), values)
+        self._append("state", self.topics.state, payload)
+        return payload
+
+    def response(self, payload: dict) -> None:
+        self._append("response", self.topics.responses, payload)
+
+    def _append(self, kind: str, topic: str, payload: dict) -> None:
+        self.outbox.append(kind, topic, self.signer.sign(payload), now_ms())
+        self.uplink.wake()
+
+    # -- connection events ----------------------------------------------------------------
+
+    def _will(self) -> tuple[str, bytes]:
+        # Built and signed at each connect (§5): its `t` says when the vehicle went online.
+        return self.topics.status, self.signer.sign(status_payload(self.vin, now_ms(), False))
+
+    def _connected(self) -> None:
+        self._just_connected.set()  # the core thread publishes online + state (it owns the core)
+
+    def take_connected(self) -> bool:
+        if self._just_connected.is_set():
+            self._just_connected.clear()
+            return True
+        return False
+
+    def online(self) -> None:
+        self._append("status", self.topics.status, status_payload(self.vin, now_ms(), True))
+
+    def status(self) -> dict:
+        return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
+                "kid": self.signer.kid.hex()}
