@@ -7,7 +7,6 @@ accessible by group or others. Public keys are SubjectPublicKeyInfo PEM.
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from agent.adapters.atomic import atomic_write
 from agent.core.cose import kid_of
 from agent.errors import SigningError
 
@@ -124,34 +124,8 @@ def generate_keypair(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     try:
-        _write_atomic(private_path, private_pem, 0o600)
-        _write_atomic(public_path, public_pem, 0o644)
-        _fsync_dir(directory)
+        atomic_write(private_path, private_pem, 0o600)
+        atomic_write(public_path, public_pem, 0o644)
     except OSError as exc:
         raise SigningError(f"cannot write key files in {directory}: {exc.strerror or exc}") from None
     return private_path, public_path, kid_of(key.public_key()).hex()
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    # The temp file is created with its final mode (O_EXCL, never chmod-ed later), so the
-    # private key is never readable by anyone else, not even for an instant.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the renames durable: without it a power loss can lose the new directory entries.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -42,6 +42,8 @@ from pathlib import Path
 
 from agent.errors import StorageError
 
+from .atomic import atomic_write, fsync_dir
+
 log = logging.getLogger("agent.outbox")
 
 DB_NAME = "outbox.db"
@@ -85,14 +87,6 @@ def _is_corrupt(exc: BaseException) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     return (isinstance(exc, sqlite3.DatabaseError) and code is not None
             and (code & 0xFF) in _CORRUPT_CODES)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -406,7 +400,7 @@ class Outbox:
                 src = self._dir / (DB_NAME + suffix)
                 if src.exists():
                     os.replace(src, Path(str(aside) + suffix))
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
             self._recovered += 1
             self._write_reserve(self._seq_high, self._recovered)
         except OSError as e:
@@ -436,14 +430,9 @@ class Outbox:
 
     def _write_reserve(self, seq_high: int, recovered: int) -> None:
         """Atomically persist the high-water mark: temp file, fsync, rename, fsync directory."""
-        tmp = self._reserve_path.with_name(RESERVE_NAME + ".tmp")
+        data = json.dumps({"seq_high": seq_high, "recovered_corruptions": recovered}).encode()
         try:
-            with open(tmp, "w") as f:
-                json.dump({"seq_high": seq_high, "recovered_corruptions": recovered}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self._reserve_path)
-            _fsync_dir(self._dir)
+            atomic_write(self._reserve_path, data)
         except OSError as e:
             raise StorageError(f"seq reserve {self._reserve_path} cannot be written: {e}") from e
         self._seq_high = seq_high

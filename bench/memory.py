@@ -1,0 +1,129 @@
+#!/usr/bin/env python3
+"""Memory and start-up: the whole agent with the Tesla Model 3 DBC, every signal selected.
+
+Starts `tcu-agent run` as its own process (slcan bus on a pseudo-terminal, a signing key,
+the outbox, and the MQTT uplink to a local Mosquitto), measures the time from exec to
+"ready" (buses open, outbox open: the log line the systemd READY=1 goes with), then feeds
+../shared/data/tesla_model3_scripted_soc.log through the pty for a few seconds and reads
+the peak resident set size (VmHWM) from /proc.
+
+    python bench/memory.py [--json] [--seconds S]
+Targets: <= 60 MB peak RSS, <= 2 s to ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from agent.adapters.canlog import read_frames  # noqa: E402
+from agent.adapters.keys import generate_keypair  # noqa: E402
+from support.mosquitto import Mosquitto  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def vm_kb(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="how long to feed traffic")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    dbc, log = DATA / "tesla_model3.dbc", DATA / "tesla_model3_scripted_soc.log"
+    if not dbc.is_file():
+        print(f"bench/memory.py: needs {dbc}", file=sys.stderr)
+        return 2
+    frames = [(can_id, data) for _, _, can_id, data in read_frames(log)]
+
+    with tempfile.TemporaryDirectory() as tmp, Mosquitto() as broker:
+        tmp = Path(tmp)
+        generate_keypair(tmp / "keys")
+        master, slave = os.openpty()
+        (tmp / "ttyCAN").symlink_to(os.ttyname(slave))
+        config = tmp / "agent.toml"
+        config.write_text(f"""
+[vehicle]
+vin = "5YJ3E1EA7KF000001"
+[[bus]]
+name = "vehicle"
+interface = "slcan"
+channel = "{tmp / 'ttyCAN'}"
+dbc = ["{dbc}"]
+options = {{ sleep_after_open = 0 }}
+[storage]
+dir = "{tmp / 'state'}"
+[telemetry]
+messages = ["*"]
+[signing]
+key_file = "{tmp / 'keys' / 'vehicle.key'}"
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+""")
+        agent_log = tmp / "agent.log"
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
+                                cwd=ROOT, stderr=open(agent_log, "wb"))
+        ready_s = None
+        try:
+            while time.perf_counter() - started < 30:
+                if "running: vin" in agent_log.read_text(errors="replace"):
+                    ready_s = time.perf_counter() - started
+                    break
+                if proc.poll() is not None:
+                    raise SystemExit(f"agent exited: {agent_log.read_text()}")
+                time.sleep(0.005)
+            rss_ready = vm_kb(proc.pid, "VmRSS")
+            sent = 0
+            end = time.monotonic() + args.seconds
+            while time.monotonic() < end:  # about 2,400 frames/s, as fast as slcan text allows
+                for can_id, data in frames[sent % len(frames):][:240]:
+                    os.write(master, f"t{can_id:03X}{len(data)}{data.hex().upper()}\r".encode())
+                    sent += 1
+                time.sleep(0.1)
+            time.sleep(1.5)
+            peak_kb = vm_kb(proc.pid, "VmHWM")
+            rss_kb = vm_kb(proc.pid, "VmRSS")
+            status = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "-c",
+                                     str(config)], cwd=ROOT, capture_output=True, text=True)
+            decoded = json.loads(status.stdout)["buses"][0]["decoded"] if status.returncode == 0 else None
+        finally:
+            proc.terminate()
+            proc.wait(15)
+            os.close(master)
+            os.close(slave)
+
+    result = {"ready_s": round(ready_s, 3) if ready_s else None,
+              "rss_at_ready_mb": round(rss_ready / 1024, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
+              "rss_end_mb": round(rss_kb / 1024, 1), "frames_sent": sent, "frames_decoded": decoded,
+              "targets": {"peak_rss_mb": 60, "ready_s": 2.0}}
+    result["meets_targets"] = bool(ready_s and ready_s <= 2.0 and peak_kb / 1024 <= 60)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"ready after {result['ready_s']} s (target <= 2 s)")
+        print(f"RSS at ready {result['rss_at_ready_mb']} MB, peak {result['peak_rss_mb']} MB "
+              f"(target <= 60 MB), at end {result['rss_end_mb']} MB")
+        print(f"traffic: {sent} frames written to the slcan pty, {decoded} decoded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
