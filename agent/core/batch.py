@@ -45,12 +45,14 @@ class BatchBuilder:
     The hot path in TelemetryCore inlines add(); keep the two in step.
     """
 
-    __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "n", "budget", "closed")
+    __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "n", "budget", "closed",
+                 "closed_samples")
 
     def __init__(self, max_age_ms: int = 1000, max_bytes: int = 65536):
         self.max_age_ms = max_age_ms
         self.max_bytes = max_bytes
         self.closed: list[Batch] = []
+        self.closed_samples = 0  # samples in every batch closed so far
         self.touched: list[Column] = []  # columns with samples in the open batch
         self.t0 = -1  # time of the first sample of the open batch
         self.n = 0
@@ -100,6 +102,7 @@ class BatchBuilder:
                 t_end = last
         batch = Batch(t0, t_end, sig, self.n)
         self.closed.append(batch)
+        self.closed_samples += self.n
         self.touched = []
         self.t0 = -1
         self.n = 0

@@ -36,30 +36,35 @@ def compile_message(message, signal_names: Sequence[str]) -> Compiled | None:
     nbits = message.length * 8
     lines = ["def decode(data, prev):",
              "    le = _from(data, 'little')",
-             "    be = _from(data, 'big')" if _any_big(by_name, signal_names) else "",
              "    if prev is None:",
-             f"        dl = db = {(1 << nbits) - 1}",
+             f"        dl = {(1 << nbits) - 1}",
              "    else:",
              "        dl = le ^ prev",
              "        if not dl:",
              "            return le, ()",
-             "        db = _from(dl.to_bytes(%d, 'little'), 'big')" % message.length
-             if _any_big(by_name, signal_names) else "",
+             "    be = None",
              "    out = []"]
     env: dict[str, Any] = {"_from": int.from_bytes}
     for i, name in enumerate(signal_names):
         sig = by_name[name]
         mask = (1 << sig.length) - 1
         if sig.byte_order == "little_endian":
-            shift, src, diff = sig.start, "le", "dl"
+            if sig.start + sig.length > nbits:
+                return None  # signal extends past the DBC length: leave it to cantools
+            lines.append(f"    if dl & {mask << sig.start}:")
+            lines.append(f"        r = (le >> {sig.start}) & {mask}")
         else:
             # DBC Motorola start bit = the MSB; count its position from the top of the frame.
             msb = (sig.start // 8) * 8 + (7 - sig.start % 8)
-            shift, src, diff = nbits - (msb + sig.length), "be", "db"
-        if shift < 0:
-            return None  # signal extends past the DBC length: leave it to cantools
-        lines.append(f"    if ({diff} >> {shift}) & {mask}:")
-        lines.append(f"        r = ({src} >> {shift}) & {mask}")
+            shift = nbits - (msb + sig.length)
+            if shift < 0:
+                return None
+            # Change detection on the little-endian diff with the signal's scattered bit mask;
+            # the big-endian integer is built only when such a signal changed.
+            lines.append(f"    if dl & {_motorola_le_mask(sig.start, sig.length)}:")
+            lines.append("        if be is None:")
+            lines.append("            be = _from(data, 'big')")
+            lines.append(f"        r = (be >> {shift}) & {mask}")
         if sig.is_signed:
             lines.append(f"        if r & {1 << (sig.length - 1)}: r -= {1 << sig.length}")
         if isinstance(sig.conversion, IdentityConversion):
@@ -73,5 +78,11 @@ def compile_message(message, signal_names: Sequence[str]) -> Compiled | None:
     return env["decode"]
 
 
-def _any_big(by_name, names) -> bool:
-    return any(by_name[n].byte_order == "big_endian" for n in names)
+def _motorola_le_mask(start: int, length: int) -> int:
+    """The bits of a big-endian (Motorola) signal, as a mask on the little-endian integer."""
+    mask = 0
+    pos = start  # DBC bit numbering: byte * 8 + bit, bit 7 = the byte's MSB
+    for _ in range(length):
+        mask |= 1 << pos
+        pos = pos + 15 if pos % 8 == 0 else pos - 1  # next less significant bit
+    return mask

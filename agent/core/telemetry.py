@@ -114,7 +114,6 @@ class TelemetryCore:
                  max_batch_bytes: int = 65536):
         self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
         self.counters: list[BusCounters] = []
-        self.samples = 0
         self.state_changed = False  # set when a signal marked `state` changes; caller resets
         self.signals: list[SignalState] = []
         for plan in plans:
@@ -130,6 +129,11 @@ class TelemetryCore:
         self._throttled: list[SignalState] = []
         self._next_tick = -1.0
         self._next_heartbeat_ms = 0
+
+    @property
+    def samples(self) -> int:
+        """Samples emitted so far (closed batches and the open one)."""
+        return self.batches.closed_samples + self.batches.n
 
     # -- per frame (hot path) -------------------------------------------------------------
 
@@ -200,7 +204,6 @@ class TelemetryCore:
             s.sent = v
             s.sent_ms = t_ms
             s.pending = MISSING
-            self.samples += 1
             b = self.batches
             buf = s.buf
             if not buf:
@@ -241,7 +244,6 @@ class TelemetryCore:
         s.sent = v
         s.sent_ms = t_ms
         s.pending = MISSING
-        self.samples += 1
         self.batches.add(s, t_ms, v)
 
     # -- time-driven work -----------------------------------------------------------------
