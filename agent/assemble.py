@@ -1,19 +1,26 @@
-"""Wiring the configuration to the core: load the databases, resolve the selection."""
+"""Wiring the configuration to the core: load the databases, resolve the selection,
+compile the command actions."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
 from .adapters.dbc import load_database
-from .config import Config, TelemetryConfig
-from .errors import ConfigError, DbcError
-from .core.selection import BusPlan, resolve
+from .config import ActionConfig, Config, TelemetryConfig
+from .core.conditions import Param, parse_condition
+from .core.executor import ActionPlan, FramePlan
+from .core.selection import BusPlan, can_key, resolve
 from .core.telemetry import TelemetryCore
+from .errors import ConfigError, DbcError
+
+_PARAM = re.compile(r"^\{(\w+)\}$")
 
 
 def bus_plans(config: Config) -> list[BusPlan]:
-    """Load every bus's databases and resolve the selection. Raises ConfigError/DbcError."""
+    """Load every bus's databases and resolve the selection (plus the signals that command
+    conditions read). Raises ConfigError/DbcError naming the file and key."""
     cache: dict[Path, object] = {}
     buses = []
     for bus in config.bus:
@@ -24,11 +31,76 @@ def bus_plans(config: Config) -> list[BusPlan]:
             dbs.append(cache[path])
         buses.append((bus.name, dbs))
     try:
-        return resolve(config.telemetry, buses)
+        watch = [(c.signal, where) for where, c in _conditions(config)]
+        return resolve(config.telemetry, buses, watch)
     except ConfigError as e:
-        if isinstance(e, DbcError) or config.path is None:
-            raise
-        raise ConfigError(f"{config.path}: {e}") from None
+        raise _in_file(config, e) from None
+
+
+def action_plans(config: Config, plans: list[BusPlan]) -> dict[str, ActionPlan]:
+    """Compile [[commands.action]] into executor plans. Raises ConfigError."""
+    if config.commands is None:
+        return {}
+    out = {}
+    try:
+        for i, action in enumerate(config.commands.action):
+            where = f"commands.action.{i}"
+            if action.name in out:
+                raise ConfigError(f"{where}.name: {action.name!r} is configured twice")
+            out[action.name] = _action(action, plans, config, where)
+    except ConfigError as e:
+        raise _in_file(config, e) from None
+    return out
+
+
+def _action(action: ActionConfig, plans: list[BusPlan], config: Config, where: str) -> ActionPlan:
+    def conds(items, key):
+        return tuple(parse_condition(text, f"{where}.{key}.{j}") for j, text in enumerate(items))
+
+    frames = []
+    for j, fc in enumerate(action.frame):
+        fwhere = f"{where}.frame.{j}"
+        bus, msg = _find_message(fc.message, fc.bus, plans, config, fwhere)
+        names = {s.name for s in msg.signals}
+        for key in [*fc.signals, *fc.defaults, fc.counter, fc.checksum]:
+            if key and key not in names:
+                raise ConfigError(f"{fwhere}: message {msg.name} has no signal {key!r}")
+        signals = {k: (Param(m.group(1)) if isinstance(v, str) and (m := _PARAM.match(v)) else v)
+                   for k, v in fc.signals.items()}
+        frames.append(FramePlan(bus, can_key(msg.frame_id, msg.is_extended_frame), msg, signals,
+                                dict(fc.defaults), fc.repeat, fc.interval_ms, fc.counter,
+                                fc.checksum))
+    return ActionPlan(action.name, action.actuator or action.name.split(".")[0],
+                      conds(action.preconditions, "preconditions"), conds(action.already, "already"),
+                      conds(action.confirm, "confirm"), action.timeout_ms, action.stale_ms,
+                      tuple(frames))
+
+
+def _find_message(name: str, bus_name: str, plans: list[BusPlan], config: Config, where: str):
+    for i, plan in enumerate(plans):
+        if bus_name and plan.name != bus_name:
+            continue
+        for msg in plan.messages.values():
+            if msg.name == name:
+                return i, msg
+    raise ConfigError(f"{where}.message: no message {name!r} in the databases of "
+                      f"{bus_name or 'any bus'}")
+
+
+def _conditions(config: Config):
+    if config.commands is None:
+        return
+    for i, action in enumerate(config.commands.action):
+        for key in ("preconditions", "already", "confirm"):
+            for j, text in enumerate(getattr(action, key)):
+                where = f"commands.action.{i}.{key}.{j}"
+                yield where, parse_condition(text, where)
+
+
+def _in_file(config: Config, e: ConfigError) -> ConfigError:
+    if isinstance(e, DbcError) or config.path is None:
+        return e
+    return ConfigError(f"{config.path}: {e}")
 
 
 def plans_for_dbc(paths: Sequence[str | Path], telemetry: TelemetryConfig | None = None) -> list[BusPlan]:

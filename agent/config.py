@@ -164,6 +164,64 @@ class SigningConfig:
 
 
 @dataclass(frozen=True)
+class FrameConfig:
+    message: str  # DBC message to send
+    signals: Mapping[str, Any] = field(default_factory=dict)  # value, or "{param}"
+    defaults: Mapping[str, Any] = field(default_factory=dict)  # when no copy was received
+    bus: str = ""  # default: the first bus whose DBC has the message
+    repeat: int = 1
+    interval_ms: int = 100
+    counter: str = ""  # signal incremented (mod its range) in every frame sent
+    checksum: str = ""  # signal set to the sum of the frame's other bytes, mod 256
+
+    def validate(self, where: str) -> None:
+        if not 1 <= self.repeat <= 100 or not 0 <= self.interval_ms <= 10_000:
+            raise ConfigError(f"{where}: repeat 1..100, interval_ms 0..10000")
+
+
+@dataclass(frozen=True)
+class ActionConfig:
+    """How one command name acts on the vehicle. Conditions: `Message.Signal OP value`."""
+
+    name: str  # the command name, e.g. "charge.start"
+    actuator: str = ""  # concurrency group; default: the name's part before the first dot
+    preconditions: tuple[str, ...] = ()  # all must hold, else REJECTED PRECONDITION_FAILED
+    already: tuple[str, ...] = ()  # if all hold, SUCCEEDED at once without sending
+    confirm: tuple[str, ...] = ()  # all must hold within timeout_ms, else TIMED_OUT
+    timeout_ms: int = 5000
+    stale_ms: int = 2000  # a signal older than this fails every condition
+    frame: tuple[FrameConfig, ...] = ()
+
+    def validate(self, where: str) -> None:
+        if not self.confirm:
+            raise ConfigError(f"{where}.confirm: needed: SUCCEEDED only when the vehicle "
+                              "confirms")
+        if not self.frame:
+            raise ConfigError(f"{where}.frame: at least one frame to send")
+        if self.timeout_ms <= 0 or self.stale_ms <= 0:
+            raise ConfigError(f"{where}: timeout_ms and stale_ms must be > 0")
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    trust_store: Path  # TOML file of [[key]] name / public_key / allow; reloaded on SIGHUP
+    max_skew_ms: int = 30_000  # how far in the future `iat` may be (clock skew)
+    max_lifetime_ms: int = 600_000  # longest accepted exp - iat
+    max_message_bytes: int = 65_536  # larger messages on the commands topic: BAD_ENVELOPE
+    queue_size: int = 8  # commands waiting per actuator; more: REJECTED BUSY
+    reject_rate_per_s: float = 20.0  # garbage/rejected messages handled (and answered) per s
+    reject_burst: int = 40
+    action: tuple[ActionConfig, ...] = ()
+
+    def validate(self, where: str) -> None:
+        if self.max_skew_ms < 0 or self.max_lifetime_ms <= 0 or self.max_message_bytes < 1024:
+            raise ConfigError(f"{where}: max_skew_ms >= 0, max_lifetime_ms > 0, "
+                              "max_message_bytes >= 1024")
+        if self.queue_size < 1 or self.reject_rate_per_s <= 0 or self.reject_burst < 1:
+            raise ConfigError(f"{where}: queue_size, reject_rate_per_s, reject_burst must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -171,6 +229,7 @@ class Config:
     telemetry: TelemetryConfig = TelemetryConfig()
     mqtt: MqttConfig | None = None  # absent: no uplink (replay, monitor, bench)
     signing: SigningConfig | None = None
+    commands: CommandsConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:

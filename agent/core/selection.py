@@ -7,6 +7,7 @@ raises ConfigError naming the config key. Output name default: "Message.Signal".
 from __future__ import annotations
 
 from dataclasses import dataclass
+from dataclasses import replace as _replace
 from typing import Any, Mapping, Sequence
 
 from ..config import AUTO, SamplingConfig, SignalConfig, TelemetryConfig
@@ -33,6 +34,7 @@ class SignalSpec:
     timeout_ms: int  # 0 = never null
     state: bool
     multiplexed: bool
+    emit: bool = True  # False: watched only (command conditions), never sent as telemetry
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,13 @@ class BusPlan:
     selected: Mapping[int, MessagePlan]
 
 
-def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]]]) -> list[BusPlan]:
-    """Map the selection onto the buses. `buses` is [(bus name, [cantools Database, ...]), ...]."""
+def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]]],
+            watch: Sequence[tuple[str, str]] = ()) -> list[BusPlan]:
+    """Map the selection onto the buses. `buses` is [(bus name, [cantools Database, ...]), ...].
+
+    `watch` is [(signal reference, config key), ...]: signals whose values the agent needs
+    (command conditions) though they may not be telemetry; they are decoded, not sent.
+    """
     catalogs = [(name, _catalog(dbs)) for name, dbs in buses]
     chosen: list[dict[int, dict[str, SignalSpec]]] = [{} for _ in catalogs]
 
@@ -81,6 +88,14 @@ def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]
         where = f"telemetry.signal.{i}"
         b, msg, sig = _find_signal(sc, catalogs, where)
         _add(chosen[b], msg, sig, sc, telemetry.defaults, where)
+
+    for ref, where in watch:
+        if _find_output(ref, chosen):
+            continue
+        b, msg, sig = _find_signal(SignalConfig(select=ref), catalogs, where)
+        spec = _spec(msg, sig, SignalConfig(select=ref), telemetry.defaults, where)
+        chosen[b].setdefault(can_key(msg.frame_id, msg.is_extended_frame), {}).setdefault(
+            sig.name, _replace(spec, emit=False))
 
     plans = []
     for (name, (messages, _, _)), picked in zip(catalogs, chosen):
@@ -143,15 +158,30 @@ def _find_signal(sc: SignalConfig, catalogs, where: str):
     return candidates[0]
 
 
+def _find_output(ref: str, chosen) -> bool:
+    """Is `ref` (an output name or Message.Signal) already selected as telemetry?"""
+    for picked in chosen:
+        for specs in picked.values():
+            for spec in specs.values():
+                if ref in (spec.out, f"{spec.message}.{spec.signal}"):
+                    return True
+    return False
+
+
 def _add(picked, msg, sig, sc: SignalConfig, defaults: SamplingConfig, where: str) -> None:
-    key = can_key(msg.frame_id, msg.is_extended_frame)
+    spec = _spec(msg, sig, sc, defaults, where)
+    # An explicit [[telemetry.signal]] entry overrides the same signal picked by `messages`.
+    picked.setdefault(can_key(msg.frame_id, msg.is_extended_frame), {})[sig.name] = spec
+
+
+def _spec(msg, sig, sc: SignalConfig, defaults: SamplingConfig, where: str) -> SignalSpec:
     timeout = sc.timeout_ms if sc.timeout_ms is not None else defaults.timeout_ms
     if timeout == AUTO:
         timeout = max(5 * msg.cycle_time, 500) if msg.cycle_time else 0
     elif isinstance(timeout, str):
         raise ConfigError(f"{where}.timeout_ms: must be a number of ms, 0 (off) or \"auto\"")
     heartbeat_s = sc.heartbeat_s if sc.heartbeat_s is not None else defaults.heartbeat_s
-    spec = SignalSpec(
+    return SignalSpec(
         message=msg.name, signal=sig.name, out=sc.name or f"{msg.name}.{sig.name}",
         scale=sc.scale, offset=sc.offset, map=dict(sc.map) or None,
         deadband=sc.deadband if sc.deadband is not None else defaults.deadband,
@@ -159,8 +189,6 @@ def _add(picked, msg, sig, sc: SignalConfig, defaults: SamplingConfig, where: st
         heartbeat_ms=int(heartbeat_s * 1000), timeout_ms=int(timeout), state=sc.state,
         multiplexed=sig.multiplexer_ids is not None,
     )
-    # An explicit [[telemetry.signal]] entry overrides the same signal picked by `messages`.
-    picked.setdefault(key, {})[sig.name] = spec
 
 
 def _check_unique_outputs(plans) -> None:
@@ -168,6 +196,8 @@ def _check_unique_outputs(plans) -> None:
     for plan in plans:
         for mp in plan.selected.values():
             for spec in mp.signals:
+                if not spec.emit:
+                    continue
                 where = f"{plan.name}:{spec.message}.{spec.signal}"
                 if spec.out in seen and seen[spec.out] != where:
                     raise ConfigError(f"telemetry: output name {spec.out!r} is used twice "

@@ -36,7 +36,7 @@ class SignalState(Column):
     """One selected signal: its policy (copied flat for speed) and what was seen and sent."""
 
     __slots__ = ("spec", "sig", "scale", "offset", "map", "deadband", "min_interval",
-                 "heartbeat", "timeout", "state", "shaped", "raw", "value", "seen_ms", "sent", "sent_ms",
+                 "heartbeat", "timeout", "state", "emit", "shaped", "raw", "value", "seen_ms", "sent", "sent_ms",
                  "pending", "msg")
 
     def __init__(self, spec: SignalSpec):
@@ -51,8 +51,9 @@ class SignalState(Column):
         self.heartbeat = spec.heartbeat_ms
         self.timeout = spec.timeout_ms
         self.state = spec.state
+        self.emit = spec.emit
         self.shaped = bool(self.map is not None or self.scale is not None or self.deadband
-                           or self.min_interval or self.state)
+                           or self.min_interval or self.state or not self.emit)
         self.raw: Any = MISSING  # last decoded value (before mapping); MISSING after a timeout
         self.value: Any = None  # last output value
         self.seen_ms = -1  # multiplexed signals only: when last present (else msg.seen)
@@ -125,7 +126,11 @@ class TelemetryCore:
             self.counters.append(BusCounters(plan.name, entries))
         self._timed = [m for c in self.counters for m in c.entries.values()
                        if m is not None and m.timeout]
-        self._heartbeats = [s for s in self.signals if s.heartbeat]
+        self._heartbeats = [s for s in self.signals if s.heartbeat and s.emit]
+        self._by_name: dict[str, SignalState] = {}
+        for s in self.signals:
+            self._by_name.setdefault(f"{s.spec.message}.{s.sig}", s)
+            self._by_name[s.out] = s
         self._throttled: list[SignalState] = []
         self._next_tick = -1.0
         self._next_heartbeat_ms = 0
@@ -229,6 +234,8 @@ class TelemetryCore:
         s.value = v
         if s.state:
             self.state_changed = True
+        if not s.emit:
+            return MISSING  # watched for command conditions only
         last = s.sent
         if s.deadband and last is not MISSING and last is not None and type(v) is not str \
                 and type(last) is not str and abs(v - last) <= s.deadband:
@@ -287,7 +294,7 @@ class TelemetryCore:
                 s.value = None
                 if s.state:
                     self.state_changed = True
-                if s.sent is not None:
+                if s.sent is not None and s.emit:
                     self._emit(s, now, None)
 
     def flush(self) -> None:
@@ -306,7 +313,20 @@ class TelemetryCore:
     def snapshot(self, state_only: bool = False) -> dict[str, list]:
         """Last-known values: output name -> [t_ms last observed, value] (PROTOCOL.md §4)."""
         return {s.out: [self.observed_ms(s), s.value] for s in self.signals
-                if s.msg.seen >= 0 and (s.state or not state_only)}
+                if s.msg.seen >= 0 and s.emit and (s.state or not state_only)}
+
+    def lookup(self, name: str):
+        """(value, observed UTC ms) of a signal by output name or Message.Signal; None if
+        it was never received or is unknown."""
+        s = self._by_name.get(name)
+        if s is None or s.msg.seen < 0:
+            return None
+        return s.value, self.observed_ms(s)
+
+    def last_frame(self, bus: int, can_id: int) -> bytes | None:
+        """The last frame received with this id on this bus (for read-modify-write sends)."""
+        entry = self.counters[bus].entries.get(can_id)
+        return entry.last if entry is not None else None
 
     @staticmethod
     def observed_ms(s: SignalState) -> int:
@@ -316,8 +336,5 @@ class TelemetryCore:
             return s.seen_ms
         return int(m.seen * 1000) if m.seen >= 0 else -1
 
-    def value_of(self, out_name: str):
-        for s in self.signals:
-            if s.out == out_name:
-                return s.value
-        raise KeyError(out_name)
+    def value_of(self, name: str):
+        return self._by_name[name].value

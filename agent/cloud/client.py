@@ -1,0 +1,62 @@
+"""A small blocking MQTT client for the cloud tool (paho-mqtt 2.x, MQTT 5)."""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from typing import Callable
+
+import paho.mqtt.client as mqtt
+
+from ..errors import UplinkError
+
+
+class CloudClient:
+    def __init__(self, host: str, port: int, topics: list[str],
+                 on_message: Callable[[str, bytes], None], tls_ca=None, tls_cert=None,
+                 tls_key=None, timeout: float = 10.0):
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        if tls_ca:
+            self._client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                                 cert_reqs=ssl.CERT_REQUIRED)
+        self._subscribed = threading.Event()
+        self._connected = threading.Event()
+        self._error = None
+        self._topics = topics
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = lambda *a: self._subscribed.set()
+        self._client.on_message = lambda c, u, msg: on_message(msg.topic, msg.payload)
+        try:
+            self._client.connect(host, port, keepalive=30)
+        except (OSError, ssl.SSLError) as e:
+            raise UplinkError(f"cannot connect to {host}:{port}: {e}") from None
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout):
+            self.close()
+            raise UplinkError(f"{host}:{port}: no subscription within {timeout:.0f} s "
+                              f"({self._error or 'no answer'})")
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None):
+        if reason_code.is_failure:
+            self._error = str(reason_code)
+            return
+        self._connected.set()
+        client.subscribe([(t, 1) for t in self._topics])
+
+    def publish(self, topic: str, payload: bytes, timeout: float = 10.0) -> None:
+        info = self._client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout)
+        if not info.is_published():
+            raise UplinkError(f"publish to {topic} not acknowledged within {timeout:.0f} s")
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+def connect(args, topics: list[str], on_message) -> CloudClient:
+    host, _, port = args.broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise UplinkError(f"--broker {args.broker!r}: expected HOST:PORT")
+    return CloudClient(host, int(port), topics, on_message, args.tls_ca, args.tls_cert,
+                       args.tls_key)

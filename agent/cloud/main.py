@@ -1,0 +1,210 @@
+"""`tcu-cloud`: the reference cloud-side tool for developers and tests.
+
+    tcu-cloud keys generate --dir DIR
+    tcu-cloud command --broker HOST:PORT --vin VIN --key cloud.key --name charge.set_limit \
+        --param percent=80 [--ttl 60] [--pub vehicle.pub]
+    tcu-cloud listen --broker HOST:PORT --vin VIN --pub vehicle.pub
+
+It speaks PROTOCOL.md exactly as a third-party cloud service would: it signs commands with
+its own key and verifies everything the vehicle sends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import tomllib
+import uuid
+
+from ..errors import AgentError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tcu-cloud", description="Reference cloud-side tool: "
+                                "sign commands, verify what vehicles send.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    keys = sub.add_parser("keys", help="cloud signing keys").add_subparsers(
+        dest="keys_command", metavar="ACTION", required=True)
+    g = keys.add_parser("generate", help="write cloud.key (0600) and cloud.pub")
+    g.add_argument("--dir", required=True)
+    g.add_argument("--force", action="store_true")
+    g.add_argument("--stem", default="cloud", help="file names (default cloud.key/cloud.pub)")
+    g.set_defaults(func=_keys_generate)
+
+    c = sub.add_parser("command", help="sign and send a command; print its statuses",
+                       description="Sign a command, publish it, print every status for it as "
+                                   "a JSON line until the terminal one. Exit 0 on SUCCEEDED, "
+                                   "1 otherwise.")
+    _connection(c)
+    c.add_argument("--key", required=True, help="cloud private key (PKCS#8 PEM)")
+    c.add_argument("--name", required=True, help="command name, e.g. charge.start")
+    c.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="parameter; the value is TOML (80, \"text\", true); repeatable")
+    c.add_argument("--ttl", type=float, default=60.0, help="seconds until exp (60)")
+    c.add_argument("--id", help="command id (default: a fresh random one)")
+    c.add_argument("--pub", help="vehicle public key: verify the responses (recommended)")
+    c.add_argument("--timeout", type=float, help="give up after this many s (default ttl + 10)")
+    c.set_defaults(func=_command)
+
+    li = sub.add_parser("listen", help="verify and print everything a vehicle sends",
+                        description="Subscribe to the vehicle's topics, verify every message "
+                                    "and print it as a JSON line; flags bad signatures and seq "
+                                    "gaps.")
+    _connection(li)
+    li.add_argument("--pub", required=True, help="vehicle public key (PEM)")
+    li.add_argument("--count", type=int, help="exit after this many messages")
+    li.add_argument("--duration", type=float, help="exit after this many seconds")
+    li.set_defaults(func=_listen)
+    return p
+
+
+def _connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--broker", required=True, metavar="HOST:PORT")
+    p.add_argument("--vin", required=True)
+    p.add_argument("--prefix", help="topic prefix (default vehicles/{vin})")
+    p.add_argument("--tls-ca", help="CA that signed the broker's certificate (enables TLS)")
+    p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
+    p.add_argument("--tls-key", help="client key (mutual TLS)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except AgentError as e:
+        if args.debug:
+            raise
+        print(f"tcu-cloud: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# -- keys -------------------------------------------------------------------------------
+
+def _keys_generate(args) -> int:
+    from ..adapters.keys import generate_keypair
+
+    private, public, kid = generate_keypair(args.dir, force=args.force, stem=args.stem)
+    print(kid)
+    print(f"wrote {private} and {public}; add the public key to each vehicle's trust store",
+          file=sys.stderr)
+    return 0
+
+
+# -- command ----------------------------------------------------------------------------
+
+def _command(args) -> int:
+    from ..adapters.keys import load_private_key, load_public_key
+    from ..core.cose import Signer, kid_of, verify
+    from .client import connect
+
+    signer = Signer(load_private_key(args.key))
+    vehicle = {}
+    if args.pub:
+        key = load_public_key(args.pub)
+        vehicle = {kid_of(key): key}
+    params = dict(_param(p) for p in args.param)
+    now = int(time.time() * 1000)
+    cid = args.id or f"c-{uuid.uuid4().hex[:20]}"
+    payload = {"v": 1, "id": cid, "vin": args.vin, "name": args.name, "params": params,
+               "iat": now, "exp": now + int(args.ttl * 1000)}
+    prefix = args.prefix or f"vehicles/{args.vin}"
+    done = threading.Event()
+    outcome = {"status": None}
+
+    def on_message(topic: str, data: bytes) -> None:
+        if vehicle:
+            try:
+                body = verify(data, vehicle).payload
+            except AgentError as e:
+                print(json.dumps({"error": "bad signature on response", "detail": str(e)}),
+                      flush=True)
+                return
+        else:
+            from ..core.cose import decode_unverified
+            body = decode_unverified(data)[2]
+        if body.get("id") != cid:
+            return
+        print(json.dumps({**body, "verified": bool(vehicle)}, default=str), flush=True)
+        if body.get("status") in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
+            outcome["status"] = body["status"]
+            done.set()
+
+    client = connect(args, [f"{prefix}/responses"], on_message)
+    try:
+        client.publish(f"{prefix}/commands", signer.sign(payload))
+        if not done.wait(args.timeout if args.timeout is not None else args.ttl + 10):
+            print(json.dumps({"id": cid, "error": "no terminal status before the timeout"}))
+    finally:
+        client.close()
+    return 0 if outcome["status"] == "SUCCEEDED" else 1
+
+
+def _param(text: str):
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise AgentError(f"--param {text!r}: expected K=V")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
+
+
+# -- listen -----------------------------------------------------------------------------
+
+def _listen(args) -> int:
+    from ..adapters.keys import load_public_key
+    from ..core.cose import kid_of, verify
+    from ..errors import VerificationError
+    from .client import connect
+
+    key = load_public_key(args.pub)
+    keys = {kid_of(key): key}
+    prefix = args.prefix or f"vehicles/{args.vin}"
+    state = {"count": 0, "last_seq": None, "bad": 0}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def on_message(topic: str, data: bytes) -> None:
+        kind = topic.rsplit("/", 1)[-1]
+        if kind == "commands":
+            return
+        with lock:
+            try:
+                body = verify(data, keys).payload
+            except VerificationError as e:
+                state["bad"] += 1
+                print(json.dumps({"topic": topic, "verified": False, "error": e.reason,
+                                  "detail": str(e)}), flush=True)
+                return
+            line = {"topic": topic, "kind": kind, "verified": True, "payload": body}
+            if kind == "telemetry":
+                seq, last = body.get("seq"), state["last_seq"]
+                if last is not None and isinstance(seq, int):
+                    if seq > last + 1:
+                        line["gap"] = list(range(last + 1, min(seq, last + 101)))
+                    elif seq <= last:
+                        line["duplicate"] = True
+                if isinstance(seq, int) and (last is None or seq > last):
+                    state["last_seq"] = seq
+            print(json.dumps(line, default=str), flush=True)
+            state["count"] += 1
+            if args.count and state["count"] >= args.count:
+                done.set()
+
+    client = connect(args, [f"{prefix}/#"], on_message)
+    try:
+        done.wait(args.duration)
+    finally:
+        client.close()
+    return 1 if state["bad"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Executing verified commands on the vehicle, by configuration. Sans-I/O.
+
+Verified commands go in with the current time; statuses and CAN frames to send come out.
+The vehicle's state is read through `lookup` (TelemetryCore.lookup), so a confirmation is a
+condition on decoded signals, never an assumption.
+
+Rules (README "Remote commands"):
+  * per actuator, one command runs at a time; up to `queue_size` more wait; beyond that a
+    command is REJECTED with BUSY;
+  * a newer command with a different name on the same actuator (charge.stop during
+    charge.start) supersedes the running one, which ends FAILED with SUPERSEDED;
+  * preconditions are checked on arrival and again when a queued command starts;
+  * if the `already` conditions hold, the command SUCCEEDS at once without sending;
+  * SUCCEEDED only when every `confirm` condition holds after the frames were sent;
+    TIMED_OUT with NO_RESPONSE otherwise; a CAN write error: FAILED with WRITE_FAILED.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .conditions import Condition, Lookup, Param, check_all
+
+ACCEPTED, IN_PROGRESS = "ACCEPTED", "IN_PROGRESS"
+SUCCEEDED, FAILED, REJECTED, TIMED_OUT = "SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"
+
+
+@dataclass(frozen=True)
+class Send:
+    """Write this frame now; report a failure with Executor.send_failed(command_id, ...)."""
+
+    command_id: str
+    bus: int
+    can_id: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Status:
+    id: str
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    result: dict | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in (SUCCEEDED, FAILED, REJECTED, TIMED_OUT)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """state.snapshot: publish the state record and answer with its values."""
+
+    id: str
+
+
+@dataclass(frozen=True)
+class FramePlan:
+    bus: int
+    can_id: int
+    message: Any  # cantools Message
+    signals: Mapping[str, Any]  # values or Param
+    defaults: Mapping[str, Any]
+    repeat: int
+    interval_ms: int
+    counter: str = ""
+    checksum: str = ""
+
+
+@dataclass(frozen=True)
+class ActionPlan:
+    name: str
+    actuator: str
+    preconditions: tuple[Condition, ...]
+    already: tuple[Condition, ...]
+    confirm: tuple[Condition, ...]
+    timeout_ms: int
+    stale_ms: int
+    frames: tuple[FramePlan, ...]
+
+
+@dataclass
+class _Run:
+    id: str
+    plan: ActionPlan
+    params: Mapping[str, Any]
+    started_ms: int = 0
+    sends: list = field(default_factory=list)  # [(due_ms, Send)], in time order
+
+
+class Executor:
+    def __init__(self, actions: Mapping[str, ActionPlan], lookup: Lookup,
+                 last_frame: Callable[[int, int], bytes | None], queue_size: int = 8):
+        self.actions = dict(actions)
+        self.lookup = lookup
+        self.last_frame = last_frame
+        self.queue_size = queue_size
+        self._running: dict[str, _Run] = {}
+        self._queued: dict[str, deque[_Run]] = {}
+        self._counters: dict[tuple[int, int], int] = {}  # (bus, can_id) -> last counter sent
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    def submit(self, command_id: str, name: str, params: Mapping[str, Any], now_ms: int) -> list:
+        """A verified, authorised command with valid parameters."""
+        if name == "state.snapshot":
+            return [Snapshot(command_id)]
+        plan = self.actions.get(name)
+        if plan is None:
+            return [Status(command_id, REJECTED, "UNKNOWN_COMMAND",
+                           f"no action is configured for {name} on this vehicle")]
+        ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, params)
+        if not ok:
+            return [Status(command_id, REJECTED, "PRECONDITION_FAILED", why)]
+        run = _Run(command_id, plan, dict(params))
+        current = self._running.get(plan.actuator)
+        out: list = []
+        if current is not None and current.plan.name != name:
+            out.append(Status(current.id, FAILED, "SUPERSEDED", f"superseded by {command_id}"))
+            del self._running[plan.actuator]
+            current = None
+        if current is not None:
+            queue = self._queued.setdefault(plan.actuator, deque())
+            if len(queue) >= self.queue_size:
+                return out + [Status(command_id, REJECTED, "BUSY",
+                                     f"{len(queue)} {plan.actuator} commands already waiting")]
+            queue.append(run)
+            return out + [Status(command_id, ACCEPTED, detail=f"queued behind {current.id}")]
+        return out + self._start(run, now_ms, announce=True)
+
+    def _start(self, run: _Run, now_ms: int, announce: bool) -> list:
+        plan = run.plan
+        if not announce:  # it waited in the queue: the vehicle may have changed meanwhile
+            ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, run.params)
+            if not ok:
+                return [Status(run.id, REJECTED, "PRECONDITION_FAILED", why)]
+        out = [Status(run.id, ACCEPTED)] if announce else []
+        if plan.already:
+            done, _ = check_all(plan.already, self.lookup, now_ms, plan.stale_ms, run.params)
+            if done:
+                return out + [Status(run.id, SUCCEEDED, detail="already in that state",
+                                     result=self._result(run))]
+        try:
+            run.sends = self._plan_sends(run, now_ms)
+        except Exception as e:  # cantools: a value out of the signal's range, a bad choice
+            return [Status(run.id, REJECTED, "BAD_PARAMS", f"cannot encode: {e}")]
+        run.started_ms = now_ms
+        self._running[plan.actuator] = run
+        return out + self._due(run, now_ms)
+
+    def _plan_sends(self, run: _Run, now_ms: int) -> list:
+        sends = []
+        for fp in run.plan.frames:
+            values = dict(fp.defaults)
+            last = self.last_frame(fp.bus, fp.can_id)
+            if last is not None:  # read-modify-write: keep what the vehicle last said
+                try:
+                    values.update(fp.message.decode(last, decode_choices=False))
+                except Exception:
+                    pass
+            for sig in fp.message.signals:
+                values.setdefault(sig.name, sig.initial if sig.initial is not None else 0)
+            for name, value in fp.signals.items():
+                values[name] = run.params.get(value.name) if isinstance(value, Param) else value
+            for i in range(fp.repeat):
+                data = self._encode(fp, values)
+                sends.append((now_ms + i * fp.interval_ms, Send(run.id, fp.bus, fp.can_id, data)))
+        sends.sort(key=lambda pair: pair[0])
+        return sends
+
+    def _encode(self, fp: FramePlan, values: dict) -> bytes:
+        if fp.counter:
+            key = (fp.bus, fp.can_id)
+            sig = fp.message.get_signal_by_name(fp.counter)
+            values[fp.counter] = self._counters[key] = \
+                (self._counters.get(key, -1) + 1) % (1 << sig.length)
+        if not fp.checksum:
+            return fp.message.encode(values, scaling=True, strict=True)
+        values[fp.checksum] = 0
+        data = fp.message.encode(values, scaling=True, strict=True)
+        values[fp.checksum] = sum(data) & 0xFF  # the checksum field itself was zero
+        return fp.message.encode(values, scaling=True, strict=True)
+
+    @staticmethod
+    def _due(run: _Run, now_ms: int) -> list:
+        out = []
+        while run.sends and run.sends[0][0] <= now_ms:
+            out.append(run.sends.pop(0)[1])
+        return out
+
+    def poll(self, now_ms: int) -> list:
+        """Send what is due, confirm or time out running commands, start queued ones."""
+        out: list = []
+        for actuator, run in list(self._running.items()):
+            out.extend(self._due(run, now_ms))
+            plan = run.plan
+            done, why = check_all(plan.confirm, self.lookup, now_ms, plan.stale_ms, run.params)
+            if done:
+                out.append(Status(run.id, SUCCEEDED, result=self._result(run)))
+            elif now_ms - run.started_ms >= plan.timeout_ms:
+                out.append(Status(run.id, TIMED_OUT, "NO_RESPONSE",
+                                  f"not confirmed within {plan.timeout_ms} ms: {why}"))
+            else:
+                continue
+            del self._running[actuator]
+            out.extend(self._next(actuator, now_ms))
+        return out
+
+    def send_failed(self, command_id: str, detail: str, now_ms: int) -> list:
+        for actuator, run in list(self._running.items()):
+            if run.id == command_id:
+                del self._running[actuator]
+                return [Status(command_id, FAILED, "WRITE_FAILED", detail)] + \
+                    self._next(actuator, now_ms)
+        return []
+
+    def _next(self, actuator: str, now_ms: int) -> list:
+        out: list = []
+        queue = self._queued.get(actuator)
+        while queue and actuator not in self._running:
+            out.extend(self._start(queue.popleft(), now_ms, announce=False))
+        return out
+
+    def _result(self, run: _Run) -> dict:
+        """The confirmed values, so the cloud sees what the vehicle reported."""
+        result = {}
+        for c in run.plan.confirm:
+            seen = self.lookup(c.signal)
+            if seen is not None:
+                result[c.signal] = seen[0]
+        return result
