@@ -222,6 +222,28 @@ class CommandsConfig:
 
 
 @dataclass(frozen=True)
+class SimulatorConfig:
+    """The simulated EV of dbc/demo_ev.dbc (agent/sim), run inside the agent's process."""
+
+    enabled: bool = False
+    bus: str = ""  # which [[bus]] it sits on (default: the first); use interface "virtual"
+    soc: float = 50.0
+    plugged: bool = True
+    speed_kph: float = 0.0
+    locked: bool = True
+    charge_limit: int = 80
+    charge_rate_pct_per_s: float = 0.0  # 0: the physics of an 11 kW charger on 64 kWh
+    timeline: tuple[Mapping[str, Any], ...] = ()  # [{at_s = 5, plugged = false}, ...]
+
+    def validate(self, where: str) -> None:
+        if not 0 <= self.soc <= 100 or not 50 <= self.charge_limit <= 100:
+            raise ConfigError(f"{where}: soc 0..100 and charge_limit 50..100")
+        for i, entry in enumerate(self.timeline):
+            if not isinstance(entry.get("at_s"), (int, float)):
+                raise ConfigError(f"{where}.timeline.{i}.at_s: a number of seconds is needed")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -230,6 +252,7 @@ class Config:
     mqtt: MqttConfig | None = None  # absent: no uplink (replay, monitor, bench)
     signing: SigningConfig | None = None
     commands: CommandsConfig | None = None
+    simulator: SimulatorConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:

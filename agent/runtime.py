@@ -52,6 +52,7 @@ class Agent:
                       receive_filters(plan.selected) if bus.filters else None)
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
+        self.simulator = None
         self.batches_closed = 0
         self.started_at = 0.0
         self._stop = threading.Event()
@@ -65,6 +66,14 @@ class Agent:
 
     def start(self) -> None:
         self.started_at = time.time()
+        sim = self.config.simulator
+        if sim is not None and sim.enabled:
+            from .sim import from_config
+            from .sim.runner import SimulatorThread
+
+            bus = self.config.bus_named(sim.bus) if sim.bus else self.config.bus[0]
+            self.simulator = SimulatorThread(from_config(sim), bus.interface, bus.channel,
+                                             **dict(bus.options)).start()
         if self.publisher:
             self.publisher.start()
         for r in self.readers:
@@ -76,6 +85,8 @@ class Agent:
         """Stop reading, feed what was read, close the open batch."""
         for r in self.readers:
             r.stop()
+        if self.simulator:
+            self.simulator.stop()
         self._stop.set()
         if self._core_thread:
             self._core_thread.join(5)

@@ -1,0 +1,197 @@
+"""A simulated electric vehicle on dbc/demo_ev.dbc. Sans-I/O: time and frames are passed in.
+
+ECUs (VCU, BMS, OBC, BCM) send their status messages at the DBC cycle times; the charger and
+the body controller react to the telematics unit's requests after realistic delays, and refuse
+what a real car refuses: no charging without a cable or out of P, no unlocking while moving.
+Request frames with a wrong checksum are ignored (counted), as a real ECU would.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cantools
+
+DBC = Path(__file__).resolve().parents[2] / "dbc" / "demo_ev.dbc"
+
+CAPACITY_KWH = 64.0
+REACTION_S = 0.3  # ECU reaction to a request
+LOCK_REACTION_S = 0.2
+
+
+@dataclass
+class VehicleState:
+    soc: float = 50.0  # %
+    plugged: bool = True
+    charging: bool = False
+    complete: bool = False
+    fault: bool = False
+    charge_limit: int = 80  # %
+    charge_current_a: float = 32.0  # when charging
+    ac_voltage: int = 230
+    speed_kph: float = 0.0
+    gear: str = "P"
+    ready: bool = False
+    locked: bool = True
+    driver_door_open: bool = False
+    last_lock_result: str = "NONE"
+    odometer_km: float = 12345.6
+
+
+@dataclass(order=True)
+class _Event:
+    at: float
+    seq: int
+    action: Any = field(compare=False)
+
+
+class SimulatedVehicle:
+    """Feed it time (`step`) and received frames (`receive`); take the frames it sends."""
+
+    def __init__(self, state: VehicleState | None = None, timeline=(), charge_rate_pct_per_s:
+                 float | None = None, dbc: Path = DBC):
+        self.db = cantools.database.load_file(str(dbc))
+        self.state = state or VehicleState()
+        # Default: the physics of an 11 kW charger on a 64 kWh pack; the demo speeds it up.
+        self.charge_rate = charge_rate_pct_per_s
+        self.now = None
+        self.ignored_requests = 0
+        self.handled_requests = 0
+        self._events: list[_Event] = []
+        self._seq = 0
+        self._counters: dict[str, int] = {}
+        for at, changes in timeline:
+            self._at(float(at), lambda c=dict(changes): self._apply(c))
+        self._periodic = [(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
+        self._next_send = {m.name: 0.0 for m, _ in self._periodic}
+        self._requests = {m.frame_id: m for m in self.db.messages if m.senders == ["TCU"]}
+
+    # -- time -----------------------------------------------------------------------------
+
+    def step(self, now: float) -> list[tuple[int, bytes]]:
+        """Advance to `now` (seconds); returns the frames due, as (can_id, data)."""
+        if self.now is None:
+            self.now = now
+            self._timeline_base = now
+            self._events = [_Event(e.at + now, e.seq, e.action) for e in self._events]
+            heapq.heapify(self._events)
+        dt = max(0.0, now - self.now)
+        self.now = now
+        while self._events and self._events[0].at <= now:
+            heapq.heappop(self._events).action()
+        self._physics(dt)
+        frames = []
+        for msg, period in self._periodic:
+            if now >= self._next_send[msg.name]:
+                self._next_send[msg.name] = max(self._next_send[msg.name] + period, now)
+                frames.append((msg.frame_id, self._encode(msg)))
+        return frames
+
+    def _physics(self, dt: float) -> None:
+        s = self.state
+        if s.charging:
+            if not s.plugged or s.gear != "P":
+                s.charging = False  # cable pulled or shifted out of P
+            else:
+                rate = self.charge_rate if self.charge_rate is not None else \
+                    s.charge_current_a * s.ac_voltage / 1000 / CAPACITY_KWH * 100 / 3600
+                before = s.soc
+                s.soc = min(100.0, s.soc + rate * dt)
+                if s.soc >= s.charge_limit:
+                    s.soc = max(before, float(s.charge_limit))  # stops at the limit
+                    s.charging, s.complete = False, True
+        s.odometer_km += s.speed_kph * dt / 3600
+
+    def _at(self, when: float, action) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, _Event(when, self._seq, action))
+
+    def _apply(self, changes: dict) -> None:
+        for key, value in changes.items():
+            if not hasattr(self.state, key):
+                raise ValueError(f"simulator timeline: unknown state {key!r}")
+            setattr(self.state, key, value)
+        if self.state.speed_kph > 0 and self.state.gear == "P":
+            self.state.gear = "D"
+
+    # -- requests from the telematics unit ------------------------------------------------
+
+    def receive(self, can_id: int, data: bytes) -> None:
+        msg = self._requests.get(can_id)
+        if msg is None:
+            return
+        checksum = next((s.name for s in msg.signals if s.name.endswith("Checksum")), None)
+        if checksum:
+            values = msg.decode(data, decode_choices=False)
+            expected = (sum(data) - data[7]) & 0xFF
+            if values[checksum] != expected:
+                self.ignored_requests += 1
+                return
+        values = msg.decode(data)
+        self.handled_requests += 1
+        now = self.now or 0.0
+        if msg.name == "TCU_ChargeRequest":
+            self._charge_request(str(values["ChargeRequest"]), values["ChargeLimitRequest"], now)
+        elif msg.name == "TCU_LockRequest":
+            self._lock_request(str(values["LockRequest"]), now)
+
+    def _charge_request(self, request: str, limit: int, now: float) -> None:
+        s = self.state
+        if 50 <= limit <= 100:
+            self._at(now + REACTION_S, lambda: setattr(s, "charge_limit", int(limit)))
+        if request == "START":
+            def start():
+                if s.plugged and s.gear == "P" and not s.fault and s.soc < s.charge_limit:
+                    s.charging, s.complete = True, False
+            self._at(now + REACTION_S, start)
+        elif request == "STOP":
+            self._at(now + REACTION_S, lambda: setattr(s, "charging", False))
+
+    def _lock_request(self, request: str, now: float) -> None:
+        s = self.state
+
+        def act():
+            if request == "UNLOCK" and s.speed_kph > 3:
+                s.last_lock_result = "REFUSED_MOVING"
+            elif request == "LOCK" and s.driver_door_open:
+                s.last_lock_result = "REFUSED_DOOR_OPEN"
+            elif request in ("LOCK", "UNLOCK"):
+                s.locked = request == "LOCK"
+                s.last_lock_result = "OK"
+        self._at(now + LOCK_REACTION_S, act)
+
+    # -- frames ---------------------------------------------------------------------------
+
+    def _encode(self, msg) -> bytes:
+        s = self.state
+        n = self._counters[msg.name] = (self._counters.get(msg.name, -1) + 1) % 16
+        if msg.name == "VCU_Status":
+            values = {"VehicleSpeed": s.speed_kph, "Gear": s.gear, "Ready": int(s.ready),
+                      "BrakePressed": 0, "Odometer": round(s.odometer_km, 1), "VCU_Counter": n,
+                      "VCU_Checksum": 0}
+        elif msg.name == "BMS_Status":
+            current = -s.charge_current_a * s.ac_voltage / 400 if s.charging else \
+                (s.speed_kph * 0.8)
+            values = {"SOC": round(s.soc, 1), "PackVoltage": round(360 + s.soc * 0.6, 2),
+                      "PackCurrent": round(current, 1), "CellTempMax": 25 + (5 if s.charging else 0),
+                      "BMS_Counter": n}
+        elif msg.name == "OBC_Status":
+            state = "FAULT" if s.fault else "CHARGING" if s.charging else \
+                "COMPLETE" if s.complete and s.plugged else "IDLE"
+            values = {"CablePlugged": "PLUGGED" if s.plugged else "UNPLUGGED",
+                      "ChargeState": state, "ChargeLimit": s.charge_limit,
+                      "ChargeCurrent": s.charge_current_a if s.charging else 0,
+                      "ChargeVoltageAC": s.ac_voltage if s.plugged else 0, "OBC_Counter": n}
+        elif msg.name == "BCM_Status":
+            values = {"DoorsLocked": "LOCKED" if s.locked else "UNLOCKED",
+                      "DriverDoorOpen": int(s.driver_door_open), "PassengerDoorOpen": 0,
+                      "TrunkOpen": 0, "LastLockResult": s.last_lock_result, "BCM_Counter": n}
+        else:
+            values = {sig.name: 0 for sig in msg.signals}
+        data = bytearray(msg.encode(values))
+        if msg.name == "VCU_Status":
+            data[7] = sum(data[:7]) & 0xFF
+        return bytes(data)
