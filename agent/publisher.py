@@ -74,12 +74,20 @@ class Publisher:
         self._append("state", self.topics.state, payload)
         return payload
 
-    def response(self, payload: dict) -> None:
-        self._append("response", self.topics.responses, payload)
+    def response(self, payload: dict) -> bytes:
+        """Sign and queue a command status (§7); returns the signed message."""
+        return self._append("response", self.topics.responses, payload)
 
-    def _append(self, kind: str, topic: str, payload: dict) -> None:
-        self.outbox.append(kind, topic, self.signer.sign(payload), now_ms())
+    def response_signed(self, message: bytes) -> None:
+        """Queue an already signed status again (the answer to an MQTT re-delivery)."""
+        self.outbox.append("response", self.topics.responses, message, now_ms())
         self.uplink.wake()
+
+    def _append(self, kind: str, topic: str, payload: dict) -> bytes:
+        signed = self.signer.sign(payload)
+        self.outbox.append(kind, topic, signed, now_ms())
+        self.uplink.wake()
+        return signed
 
     # -- connection events ----------------------------------------------------------------
 

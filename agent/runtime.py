@@ -28,6 +28,13 @@ STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 
 
+class CommandMessage:
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+
 class Agent:
     """The agent process: buses + core (+ uplink, commands ... as later parts attach)."""
 
@@ -46,6 +53,8 @@ class Agent:
             self.publisher = Publisher(config)
         self.on_batch = on_batch or (self.publisher.batch if self.publisher else self._log_batch)
         self._state_only = any(s.state for s in self.core.signals)
+        self.commands = None
+        self._reload_trust = threading.Event()
         self._frames: queue.SimpleQueue = queue.SimpleQueue()
         self.readers = [
             BusReader(i, bus, self._enqueue,
@@ -53,6 +62,12 @@ class Agent:
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
         self.simulator = None
+        if self.publisher and config.commands is not None:
+            from .commandservice import CommandService
+
+            self.commands = CommandService(config, self.plans, self.core, self.publisher,
+                                           self.readers, self.state_values)
+            self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
         self.batches_closed = 0
         self.started_at = 0.0
         self._stop = threading.Event()
@@ -61,6 +76,14 @@ class Agent:
 
     def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
         self._frames.put((bus, t, can_id, data))
+
+    def _on_command(self, topic: str, payload: bytes) -> None:
+        # From the MQTT thread: hand it to the core thread, which owns all decisions.
+        self._frames.put(CommandMessage(payload))
+
+    def reload_trust(self) -> None:
+        """SIGHUP: the trust store is re-read by the core thread."""
+        self._reload_trust.set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -93,6 +116,8 @@ class Agent:
         self._drain()
         self.core.flush()
         self._deliver()
+        if self.commands:
+            self.commands.close()
         if self.publisher:
             left = self.publisher.stop(STOP_DRAIN_S)
             if left:
@@ -110,6 +135,7 @@ class Agent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_trust())
         self.start()
         log.info("running: vin %s, %d bus(es), %d signals selected", self.config.vehicle.vin,
                  len(self.readers), len(self.core.signals))
@@ -124,14 +150,20 @@ class Agent:
     def _core_loop(self) -> None:
         next_tick = next_status = 0.0
         while not self._stop.is_set():
+            busy = self.commands is not None and self.commands.executor.busy
             try:
-                item = self._frames.get(timeout=TICK_S)
+                item = self._frames.get(timeout=0.01 if busy else TICK_S)
             except queue.Empty:
                 item = None
             if item is not None:
-                self.core.feed(*item)
+                self._take(item)
                 self._drain()
             now = time.time()
+            if self.commands is not None:
+                if self._reload_trust.is_set():
+                    self._reload_trust.clear()
+                    self.commands.reload_trust()
+                self.commands.poll(int(now * 1000))
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
@@ -165,13 +197,22 @@ class Agent:
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
-        feed = self.core.feed
+        take = self._take
         get = self._frames.get_nowait
         for _ in range(DRAIN_MAX):
             try:
-                feed(*get())
+                take(get())
             except queue.Empty:
                 return
+
+    def _take(self, item) -> None:
+        if type(item) is tuple:
+            self.core.feed(*item)
+        elif self.commands is not None:
+            try:
+                self.commands.handle(item.payload, int(time.time() * 1000))
+            except Exception:  # a bug here must not stop ingest; the gate itself never raises
+                log.exception("command handling failed")
 
     def _deliver(self) -> None:
         for batch in self.core.take_batches():
@@ -209,4 +250,6 @@ class Agent:
                "batches": self.batches_closed, "samples": self.core.samples}
         if self.publisher:
             out.update(self.publisher.status())
+        if self.commands:
+            out.update(self.commands.status())
         return out

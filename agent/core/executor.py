@@ -21,10 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from .commands import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
 from .conditions import Condition, Lookup, Param, check_all
-
-ACCEPTED, IN_PROGRESS = "ACCEPTED", "IN_PROGRESS"
-SUCCEEDED, FAILED, REJECTED, TIMED_OUT = "SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class Status:
 
     @property
     def terminal(self) -> bool:
-        return self.status in (SUCCEEDED, FAILED, REJECTED, TIMED_OUT)
+        return self.status in TERMINAL_STATUSES
 
 
 @dataclass(frozen=True)
@@ -105,6 +103,11 @@ class Executor:
     @property
     def busy(self) -> bool:
         return bool(self._running)
+
+    def running(self, command_id: str) -> bool:
+        """Is this command running or queued here?"""
+        return any(r.id == command_id for r in self._running.values()) or any(
+            r.id == command_id for q in self._queued.values() for r in q)
 
     def submit(self, command_id: str, name: str, params: Mapping[str, Any], now_ms: int) -> list:
         """A verified, authorised command with valid parameters."""

@@ -1,0 +1,145 @@
+"""Remote commands on the runtime's core thread: verify, remember, execute, answer.
+
+Every message from `{prefix}/commands` goes through the CommandGate (core/commands.py) before
+anything else; only an Accepted command reaches the Executor, and only the Executor's Send
+outputs reach the bus. Statuses are signed and committed to the outbox (and the latest one
+to the replay store, for re-deliveries) before they are published.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from .adapters.replaystore import ReplayStore
+from .adapters.truststore import load_trust_store
+from .assemble import action_plans
+from .core import commands as C
+from .core.cose import decode_unverified
+from .core.executor import Executor, Send, Snapshot, Status
+from .errors import AgentError, BusError
+
+log = logging.getLogger("agent.commands")
+
+
+class CommandService:
+    def __init__(self, config, plans, core, publisher, readers, state_values):
+        cfg = config.commands
+        self.cfg = cfg
+        self.vin = config.vehicle.vin
+        self.publisher = publisher
+        self.readers = readers
+        self.state_values = state_values
+        self.gate = C.CommandGate(load_trust_store(cfg.trust_store), self.vin, cfg)
+        self.replay = ReplayStore(config.storage.dir, on_loss=self.gate.note_replay_loss)
+        self.gate.note_replay_loss(self.replay.lost_at_ms)
+        self.executor = Executor(action_plans(config, plans), core.lookup, core.last_frame,
+                                 cfg.queue_size)
+        self.bucket = C.TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
+        self.flooding = False
+        self.counters: Counter = Counter()
+        self.last_activity_ms = 0
+
+    # -- incoming -------------------------------------------------------------------------
+
+    def handle(self, message: bytes, now_ms: int) -> None:
+        """One message from the commands topic (core thread)."""
+        self.counters["received"] += 1
+        self.last_activity_ms = now_ms
+        if self.flooding:
+            # Under a flood of bad messages even verifying costs too much: drop unread until
+            # the rate limit has a token again.
+            if not self.bucket.take(now_ms):
+                self.counters["flood_dropped"] += 1
+                return
+            self.flooding = False
+        outcome = self.gate.check(message, now_ms, self.replay.seen)
+        if isinstance(outcome, C.Accepted):
+            self._accepted(outcome.command, now_ms)
+        elif isinstance(outcome, C.Redelivery):
+            self._redelivered(outcome.id, now_ms)
+        else:
+            self._rejected(outcome, now_ms)
+
+    def _accepted(self, cmd: C.Command, now_ms: int) -> None:
+        if not self.replay.record(cmd.id, cmd.digest, cmd.exp, now_ms):
+            self._redelivered(cmd.id, now_ms)  # recorded meanwhile: same id, same payload
+            return
+        self.counters["accepted"] += 1
+        log.info("command %s %s from %s", cmd.id, cmd.name, cmd.key_name)
+        self._apply(self.executor.submit(cmd.id, cmd.name, cmd.params, now_ms), now_ms)
+
+    def _rejected(self, r: C.Rejected, now_ms: int) -> None:
+        self.counters["rejected"] += 1
+        self.counters[f"rejected.{r.reason}"] += 1
+        if not self.bucket.take(now_ms):
+            self.flooding = True
+            self.counters["flood_dropped"] += 1
+            return
+        log.info("command %s rejected: %s %s", r.id, r.reason, r.detail)
+        if r.id is not None and r.digest is not None:
+            self.replay.record(r.id, r.digest, r.exp, now_ms)  # answered the same way again
+        self._status(Status(r.id, C.REJECTED, r.reason, r.detail), now_ms,
+                     remember=r.digest is not None)
+
+    def _redelivered(self, command_id: str, now_ms: int) -> None:
+        self.counters["redelivered"] += 1
+        latest = self.replay.latest_status(command_id)
+        if latest is not None:
+            status = decode_unverified(latest)[2].get("status")
+            if status in C.TERMINAL_STATUSES or self.executor.running(command_id):
+                self.publisher.response_signed(latest)
+                return
+        # Recorded but not finished, and no longer running here: the agent restarted mid-way.
+        self._status(Status(command_id, C.FAILED, C.INTERNAL_ERROR,
+                            "interrupted by an agent restart; not executed again"), now_ms)
+
+    # -- execution ------------------------------------------------------------------------
+
+    def poll(self, now_ms: int) -> None:
+        if self.executor.busy:
+            self._apply(self.executor.poll(now_ms), now_ms)
+
+    def _apply(self, outputs: list, now_ms: int) -> None:
+        for out in outputs:
+            if isinstance(out, Send):
+                try:
+                    self.readers[out.bus].send(out.can_id, out.data)
+                    self.counters["frames_sent"] += 1
+                except BusError as e:
+                    self.counters["write_failed"] += 1
+                    self._apply(self.executor.send_failed(out.command_id, str(e), now_ms), now_ms)
+            elif isinstance(out, Snapshot):
+                values = self.state_values()
+                self.publisher.state(values, now_ms)
+                self._status(Status(out.id, C.SUCCEEDED, result=values), now_ms)
+            else:
+                self._status(out, now_ms)
+
+    def _status(self, s: Status, now_ms: int, remember: bool = True) -> None:
+        payload = C.status_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,
+                                   result=s.result)
+        signed = self.publisher.response(payload)
+        if s.id is not None and remember:
+            self.replay.set_status(s.id, signed)
+        if s.status in C.TERMINAL_STATUSES:
+            self.counters[f"terminal.{s.status}"] += 1
+
+    # -- control --------------------------------------------------------------------------
+
+    def reload_trust(self) -> None:
+        """SIGHUP: re-read the trust store; a broken file keeps the old one."""
+        try:
+            store = load_trust_store(self.cfg.trust_store)
+        except AgentError as e:
+            log.error("trust store not reloaded, keeping the previous one: %s", e)
+            return
+        self.gate.replace_trust(store)
+        log.info("trust store reloaded: %d key(s)", len(store))
+
+    def status(self) -> dict:
+        return {"counters": {f"commands.{k}": v for k, v in sorted(self.counters.items())},
+                "trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
+
+    def close(self) -> None:
+        self.replay.close()

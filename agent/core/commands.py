@@ -1,0 +1,436 @@
+"""Checking a message received on `{prefix}/commands` (PROTOCOL.md §6, §7). Sans-I/O.
+
+`CommandGate.check(message, now_ms, seen)` runs these checks in this order; the first failure
+is the answer and nothing after it runs:
+
+  1. envelope: size <= max_message_bytes, tagged COSE_Sign1, alg, content type  BAD_ENVELOPE
+  2. `kid` in the trust store                                                   UNKNOWN_KEY
+  3. signature                                                                  BAD_SIGNATURE
+  4. payload schema (§6), the detail names the field                            BAD_ENVELOPE
+  5. `vin` is this vehicle's                                                    WRONG_VEHICLE
+  6. identical re-delivery (same id, same signed bytes)             -> Redelivery (no rejection)
+  7. time window: exp in the past, iat too far ahead, exp - iat too long        EXPIRED
+  8. replay: id seen with other bytes, or possibly seen before the replay
+     memory was lost                                                            REPLAYED
+  9. authorisation: the key's `allow` globs against the name                    UNAUTHORIZED
+ 10. the name is a v1 command                                                   UNKNOWN_COMMAND
+ 11. parameters                                                                 BAD_PARAMS
+
+Choices where the protocol is silent:
+- The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
+  id None. Echoing an unauthenticated id would let anyone who can publish on the commands
+  topic make the vehicle emit a signed REJECTED for somebody else's command in flight.
+- "Identical bytes" means the signed payload bytes (after decompression), not the whole
+  message: the outer COSE bytes can be altered without the key (unprotected header labels,
+  non-shortest CBOR length heads), which would turn an authentic command into a REPLAYED
+  rejection of its id. `Command.digest` is sha256 of those payload bytes.
+- Re-delivery is recognised BEFORE the time window, so an identical copy arriving after
+  `exp` gets the command's latest status again instead of a contradicting EXPIRED. It is
+  recognised after the signature and vin checks, so a key removed from the trust store no
+  longer gets answers.
+- Payload keys other than v/id/vin/name/params/iat/exp are rejected (BAD_ENVELOPE): a
+  field the vehicle does not understand (say "nbf") must not be silently ignored.
+  `exp <= iat` is a schema error too.
+- Rejections from steps 9-11 carry `digest` and `exp`: the command is authentic, fresh and
+  for this vehicle, so the runtime should record its id like an accepted one. Then a
+  re-delivery gets the same REJECTED again, never a second, different terminal status.
+- A failure of the `seen` callable (replay store unavailable) is INTERNAL_ERROR: fail closed.
+- Parameters: update.* `target` is 1-255 printable characters; `repository` is an http(s)
+  URL with a host and no query or fragment (`{repository}/metadata/` must stay under it).
+
+The runtime's part: record an Accepted command's id (ReplayStore.record) BEFORE executing it,
+store every status it signs (set_status) and re-send the latest one on a Redelivery.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import types
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from agent.config import CommandsConfig
+from agent.errors import VerificationError
+
+from . import cose
+
+# -- §7 statuses and reasons ---------------------------------------------------------------
+
+ACCEPTED, IN_PROGRESS = "ACCEPTED", "IN_PROGRESS"
+SUCCEEDED, FAILED, REJECTED, TIMED_OUT = "SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"
+STATUSES = frozenset({ACCEPTED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, TIMED_OUT})
+TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, REJECTED, TIMED_OUT})
+_WITH_REASON = frozenset({FAILED, REJECTED, TIMED_OUT})
+
+BAD_ENVELOPE = "BAD_ENVELOPE"
+BAD_SIGNATURE = "BAD_SIGNATURE"
+UNKNOWN_KEY = "UNKNOWN_KEY"
+UNAUTHORIZED = "UNAUTHORIZED"
+WRONG_VEHICLE = "WRONG_VEHICLE"
+EXPIRED = "EXPIRED"
+REPLAYED = "REPLAYED"
+UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+BAD_PARAMS = "BAD_PARAMS"
+PRECONDITION_FAILED = "PRECONDITION_FAILED"
+BUSY = "BUSY"
+WRITE_FAILED = "WRITE_FAILED"
+NO_RESPONSE = "NO_RESPONSE"
+DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+VERIFICATION_FAILED = "VERIFICATION_FAILED"
+INSTALL_FAILED = "INSTALL_FAILED"
+CANCELLED = "CANCELLED"
+SUPERSEDED = "SUPERSEDED"
+INTERNAL_ERROR = "INTERNAL_ERROR"
+REASONS = frozenset({
+    BAD_ENVELOPE, BAD_SIGNATURE, UNKNOWN_KEY, UNAUTHORIZED, WRONG_VEHICLE, EXPIRED, REPLAYED,
+    UNKNOWN_COMMAND, BAD_PARAMS, PRECONDITION_FAILED, BUSY, WRITE_FAILED, NO_RESPONSE,
+    DOWNLOAD_FAILED, VERIFICATION_FAILED, INSTALL_FAILED, CANCELLED, SUPERSEDED, INTERNAL_ERROR,
+})
+
+NO_PARAMS = ("charge.start", "charge.stop", "doors.lock", "doors.unlock", "state.snapshot",
+             "update.cancel")
+V1_COMMANDS = frozenset(NO_PARAMS + ("charge.set_limit", "update.stage", "update.activate"))
+
+
+def status_payload(vin: str, id: str | None, t_ms: int, status: str, reason: str | None = None,
+                   detail: str | None = None, progress: int | None = None,
+                   result: Mapping | None = None) -> dict:
+    """A §7 command status payload (to be signed); absent optional keys are omitted.
+
+    Raises ValueError for an unknown status or reason, a reason missing on (or given with a
+    status other than) FAILED/REJECTED/TIMED_OUT, or progress outside 0..100.
+    """
+    if status not in STATUSES:
+        raise ValueError(f"unknown command status {status!r}")
+    if (reason is not None) != (status in _WITH_REASON):
+        raise ValueError(f"a reason goes with FAILED, REJECTED and TIMED_OUT only (got {status} "
+                         f"with reason {reason!r})")
+    if reason is not None and reason not in REASONS:
+        raise ValueError(f"unknown reason {reason!r}")
+    body: dict[str, Any] = {"v": 1, "vin": vin, "id": id, "t": t_ms, "status": status}
+    if reason is not None:
+        body["reason"] = reason
+    if detail is not None:
+        body["detail"] = detail
+    if progress is not None:
+        if type(progress) is not int or not 0 <= progress <= 100:
+            raise ValueError(f"progress must be an int 0..100, not {progress!r}")
+        body["progress"] = progress
+    if result is not None:
+        body["result"] = dict(result)
+    return body
+
+
+# -- trust store ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class TrustedKey:
+    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs)."""
+
+    name: str
+    public_key: Ed25519PublicKey
+    allow: tuple[str, ...]
+    kid: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kid", cose.kid_of(self.public_key))
+        object.__setattr__(self, "allow", tuple(self.allow))
+
+    def allows(self, command_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(command_name, p) for p in self.allow)
+
+
+class TrustStore:
+    """Immutable set of trusted keys, looked up by kid. Raises ValueError on duplicates."""
+
+    __slots__ = ("_by_kid", "_public")
+
+    def __init__(self, entries: Iterable[TrustedKey] = ()):
+        by_kid: dict[bytes, TrustedKey] = {}
+        names: set[str] = set()
+        for entry in entries:
+            if entry.name in names:
+                raise ValueError(f"duplicate trusted key name {entry.name!r}")
+            if entry.kid in by_kid:
+                raise ValueError(f"keys {by_kid[entry.kid].name!r} and {entry.name!r} are the "
+                                 f"same key (kid {entry.kid.hex()})")
+            names.add(entry.name)
+            by_kid[entry.kid] = entry
+        self._by_kid = types.MappingProxyType(by_kid)
+        self._public = types.MappingProxyType({k: e.public_key for k, e in by_kid.items()})
+
+    def get(self, kid: bytes) -> TrustedKey | None:
+        return self._by_kid.get(kid)
+
+    @property
+    def public_keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+        """kid -> public key, as cose.verify wants it."""
+        return self._public
+
+    @property
+    def entries(self) -> tuple[TrustedKey, ...]:
+        return tuple(self._by_kid.values())
+
+    def __len__(self) -> int:
+        return len(self._by_kid)
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A verified, authorised command with valid parameters."""
+
+    id: str
+    vin: str
+    name: str
+    params: Mapping[str, Any]  # read-only
+    iat: int
+    exp: int
+    kid: bytes
+    key_name: str
+    digest: bytes  # sha256 of the signed payload bytes: tells a re-delivery from a replay
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    command: Command
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Answer REJECTED with `reason`. `id` is None unless read from a verified payload.
+
+    `digest`/`exp` are set when the runtime should record the id like an accepted command's
+    (UNAUTHORIZED, UNKNOWN_COMMAND, BAD_PARAMS), so a re-delivery gets this same answer.
+    """
+
+    id: str | None
+    reason: str
+    detail: str
+    digest: bytes | None = None
+    exp: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Redelivery:
+    """The same command again (byte-identical payload): re-send its latest status."""
+
+    id: str
+
+
+Outcome = Accepted | Rejected | Redelivery
+Seen = Callable[[str], "bytes | None"]
+
+
+# -- flood protection ------------------------------------------------------------------------
+
+class TokenBucket:
+    """`rate_per_s` tokens per second, at most `burst` saved up; starts full. Time passed in."""
+
+    def __init__(self, rate_per_s: float, burst: int):
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("rate_per_s must be > 0 and burst >= 1")
+        self.rate_per_ms = rate_per_s / 1000.0
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._last_ms: int | None = None
+
+    def take(self, now_ms: int) -> bool:
+        """Spend one token if there is one; False means: drop this one."""
+        if self._last_ms is not None and now_ms > self._last_ms:
+            self._tokens = min(self.burst, self._tokens + (now_ms - self._last_ms) * self.rate_per_ms)
+        # A clock step backwards refills nothing but moves the reference point.
+        self._last_ms = now_ms
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+# -- the gate ------------------------------------------------------------------------------
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+_FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
+_MAX_TARGET = 255
+_MAX_URL = 2048
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+
+
+def _show(value: Any, limit: int = 48) -> str:
+    """repr() cut short: details echo untrusted values, keep responses small."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_uint(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+class CommandGate:
+    """Decides what to do with one message from the commands topic. See the module docstring."""
+
+    def __init__(self, trust: TrustStore, vin: str, limits: CommandsConfig):
+        self._trust = trust
+        self.vin = vin
+        self.max_message_bytes = limits.max_message_bytes
+        self.max_skew_ms = limits.max_skew_ms
+        self.max_lifetime_ms = limits.max_lifetime_ms
+        self._replay_floor_ms = 0  # iat below this: possibly seen before the memory was lost
+
+    @property
+    def trust(self) -> TrustStore:
+        return self._trust
+
+    def replace_trust(self, store: TrustStore) -> None:
+        """Swap in a reloaded trust store (SIGHUP); a check in progress keeps the old one."""
+        self._trust = store
+
+    def note_replay_loss(self, lost_at_ms: int | None) -> None:
+        """The replay memory was lost at `lost_at_ms` (corrupt database): from now on refuse,
+        as REPLAYED, every command that might have been received before then, i.e. issued
+        before lost_at_ms + max_skew_ms. Those would be expired within max_lifetime_ms anyway,
+        so the refusal costs only the commands in flight at the time of the loss."""
+        if lost_at_ms is not None:
+            self._replay_floor_ms = max(self._replay_floor_ms, lost_at_ms + self.max_skew_ms)
+
+    def check(self, message: bytes, now_ms: int, seen: Seen) -> Outcome:
+        """Accepted, Rejected or Redelivery for one received message. Never raises.
+
+        `seen(id)` returns the digest recorded for that id, or None (the replay store).
+        """
+        try:
+            return self._check(message, now_ms, seen)
+        except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
+            return Rejected(None, INTERNAL_ERROR, f"unexpected {type(e).__name__} checking a command")
+
+    def _check(self, message: bytes, now_ms: int, seen: Seen) -> Outcome:
+        trust = self._trust  # one store for the whole check, even across a reload
+        size = memoryview(message).nbytes if isinstance(message, (bytes, bytearray, memoryview)) else None
+        if size is not None and size > self.max_message_bytes:
+            return Rejected(None, BAD_ENVELOPE,
+                            f"message is {size} bytes, over the {self.max_message_bytes}-byte limit")
+        try:
+            verified = cose.verify(message, trust.public_keys)
+        except VerificationError as e:
+            return Rejected(None, e.reason, str(e))
+        key = trust.get(verified.kid)
+        payload = verified.payload
+        cid = payload.get("id")
+        cid = cid if type(cid) is str and _ID.fullmatch(cid) else None
+        try:
+            _check_schema(payload)
+        except _Reject as r:
+            return Rejected(cid, r.reason, r.detail)
+        if payload["vin"] != self.vin:
+            return Rejected(cid, WRONG_VEHICLE, f"command is for vehicle {_show(payload['vin'])}")
+
+        digest = hashlib.sha256(verified.payload_bytes).digest()
+        try:
+            previous = seen(cid)
+        except Exception as e:  # noqa: BLE001 - storage trouble must not execute anything
+            return Rejected(cid, INTERNAL_ERROR, f"replay store unavailable: {e}"[:200])
+        if previous is not None and previous == digest:
+            return Redelivery(cid)
+
+        iat, exp = payload["iat"], payload["exp"]
+        if exp <= now_ms:
+            return Rejected(cid, EXPIRED, f"expired {now_ms - exp} ms ago")
+        if iat > now_ms + self.max_skew_ms:
+            return Rejected(cid, EXPIRED, "issued in the future")
+        if exp - iat > self.max_lifetime_ms:
+            return Rejected(cid, EXPIRED, f"lifetime too long: {exp - iat} ms, at most "
+                                          f"{self.max_lifetime_ms} ms accepted")
+
+        if previous is not None:
+            return Rejected(cid, REPLAYED, "this id was already used for a different command")
+        if iat < self._replay_floor_ms:  # read after seen(): it may have noted a loss just now
+            return Rejected(cid, REPLAYED, "issued before the vehicle lost its replay memory; "
+                                           "re-issue the command with a new id")
+
+        name, params = payload["name"], payload["params"]
+        try:
+            if not key.allows(name):
+                raise _Reject(UNAUTHORIZED, f"key {key.name!r} may not issue {_show(name)}")
+            if name not in V1_COMMANDS:
+                raise _Reject(UNKNOWN_COMMAND, f"no command {_show(name)} in protocol version 1")
+            _check_params(name, params)
+        except _Reject as r:
+            return Rejected(cid, r.reason, r.detail, digest=digest, exp=exp)
+        return Accepted(Command(id=cid, vin=payload["vin"], name=name,
+                                params=types.MappingProxyType(dict(params)), iat=iat, exp=exp,
+                                kid=verified.kid, key_name=key.name, digest=digest))
+
+
+def _check_schema(p: dict) -> None:
+    """§6 payload shape; raises _Reject(BAD_ENVELOPE, "<field>: <problem>")."""
+    def bad(name: str, problem: str) -> _Reject:
+        return _Reject(BAD_ENVELOPE, f"{name}: {problem}")
+
+    for name in _FIELDS:
+        if name not in p:
+            raise bad(name, "missing")
+    extra = sorted(set(p) - set(_FIELDS))
+    if extra:
+        raise bad(_show(extra[0]), "unknown field in a version 1 command")
+    if type(p["v"]) is not int or p["v"] != 1:
+        raise bad("v", f"must be 1, got {_show(p['v'])}")
+    if type(p["id"]) is not str or not _ID.fullmatch(p["id"]):
+        raise bad("id", "must be 1-64 characters of A-Z a-z 0-9 . _ : -")
+    for name in ("vin", "name"):
+        if type(p[name]) is not str:
+            raise bad(name, "must be a text string")
+    if type(p["params"]) is not dict or not all(type(k) is str for k in p["params"]):
+        raise bad("params", "must be a map with text keys")
+    for name in ("iat", "exp"):
+        if not _is_uint(p[name]):
+            raise bad(name, "must be an unsigned integer (ms since the epoch)")
+    if p["exp"] <= p["iat"]:
+        raise bad("exp", "must be later than iat")
+
+
+def _check_params(name: str, params: dict) -> None:
+    """Per-command parameters (§6 table); raises _Reject(BAD_PARAMS, ...)."""
+    want = {"charge.set_limit": ("percent",), "update.stage": ("repository", "target"),
+            "update.activate": ("target",)}.get(name, ())
+    missing = [k for k in want if k not in params]
+    extra = sorted(set(params) - set(want))
+    if extra:
+        raise _Reject(BAD_PARAMS, f"{name} takes no parameter {_show(extra[0])}")
+    if missing:
+        raise _Reject(BAD_PARAMS, f"{name} needs parameter {missing[0]!r}")
+    if name == "charge.set_limit":
+        percent = params["percent"]
+        if type(percent) is not int or not 50 <= percent <= 100:  # bool is not an int here
+            raise _Reject(BAD_PARAMS, f"percent: must be an integer 50..100, got {_show(percent)}")
+    if "target" in want:
+        target = params["target"]
+        if (type(target) is not str or not 0 < len(target) <= _MAX_TARGET
+                or not target.isprintable()):
+            raise _Reject(BAD_PARAMS, f"target: must be 1-{_MAX_TARGET} printable characters")
+    if "repository" in want and not _is_http_url(params["repository"]):
+        raise _Reject(BAD_PARAMS, "repository: must be an http:// or https:// URL with a host "
+                                  "and no query or fragment")
+
+
+def _is_http_url(value: Any) -> bool:
+    if type(value) is not str or len(value) > _MAX_URL or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    # No query or fragment: `{repository}/metadata/` must still be a path under it.
+    return (parts.scheme in ("http", "https") and bool(parts.hostname)
+            and not parts.query and not parts.fragment)
