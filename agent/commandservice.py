@@ -39,6 +39,7 @@ class CommandService:
         self.flooding = False
         self.counters: Counter = Counter()
         self.last_activity_ms = 0
+        self._final: dict | None = None
 
     # -- incoming -------------------------------------------------------------------------
 
@@ -138,8 +139,11 @@ class CommandService:
         log.info("trust store reloaded: %d key(s)", len(store))
 
     def status(self) -> dict:
+        if self._final is not None:
+            return self._final
         return {"counters": {f"commands.{k}": v for k, v in sorted(self.counters.items())},
                 "trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
 
     def close(self) -> None:
+        self._final = self.status()
         self.replay.close()

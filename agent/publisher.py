@@ -45,6 +45,7 @@ class Publisher:
                              on_connected=self._connected)
         self.state_limit = RateLimit(STATE_MIN_INTERVAL_MS)
         self._just_connected = threading.Event()
+        self._final: dict | None = None
 
     def start(self) -> None:
         self.uplink.start()
@@ -54,6 +55,7 @@ class Publisher:
         Returns the number of messages left in the outbox for the next start."""
         self._append("status", self.topics.status, status_payload(self.vin, now_ms(), False))
         left = self.uplink.stop(drain_timeout_s)
+        self._final = self.status()  # what `tcu-agent status` shows after the stop
         self.outbox.close()
         return left
 
@@ -108,5 +110,7 @@ class Publisher:
         self._append("status", self.topics.status, status_payload(self.vin, now_ms(), True))
 
     def status(self) -> dict:
+        if self._final is not None:
+            return self._final
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
                 "kid": self.signer.kid.hex()}

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import socket
 import ssl
 import threading
 import time
@@ -79,14 +80,17 @@ class Uplink:
         self._state = "stopped"
         self._protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
         self._sticky_311 = cfg.protocol == "3.1.1"  # auto: the broker refused 5 once
-        self._counts = dict(connects=0, disconnects=0, errors=0, published=0, acked=0)
+        self._counts = {"connects": 0, "disconnects": 0, "errors": 0, "published": 0, "acked": 0}
         self._inflight = 0
         self._last_error: str | None = None
         self._last_connect_ms: int | None = None
         self._reconnect_delay = 0.0
         self._logged: set[str] = set()
         self._paho_error: str | None = None  # last error paho logged (socket/TLS details)
+        self._window = cfg.max_inflight  # per connection: capped by the broker's Receive Maximum
         self._rng = random.Random()
+        self._subs: dict[str, Callable[[str, bytes], None]] = {}  # topic filter -> callback
+        self._subscribed = False  # SUBACK for every filter on the current connection
 
     # ---- public API ---------------------------------------------------------------------
 
@@ -103,6 +107,17 @@ class Uplink:
 
     def wake(self) -> None:
         """Tell the uplink the outbox has new rows (cheap; call after every append)."""
+        self._kick.set()
+
+    def subscribe(self, topic: str, on_message: Callable[[str, bytes], None]) -> None:
+        """Receive messages on ``topic`` (a filter; QoS 1) on this and every later connection.
+
+        ``on_message(topic, payload)`` runs on paho's network thread: it must be quick and must
+        not block (hand the message to another thread). Its exceptions are logged, not raised.
+        """
+        with self._lock:
+            self._subs[topic] = on_message
+            self._subscribed = False
         self._kick.set()
 
     def stop(self, drain_timeout_s: float = 3.0) -> int:
@@ -135,20 +150,30 @@ class Uplink:
             return -1
 
     def status(self) -> dict:
-        """A snapshot for status displays; see the keys below."""
+        """A snapshot for status displays.
+
+        state ("connecting", "connected", "disconnected" while backing off, "stopped"), broker
+        "host:port", tls, protocol (in use or being tried: "5"/"3.1.1"), connects, disconnects
+        (of established connections), errors (failed attempts, lost connections, refusals),
+        last_error, published (PUBLISH packets sent, re-sends included), acked (rows deleted on
+        PUBACK), inflight, last_connect_ms (Unix ms of the last successful connect, or None),
+        reconnect_delay_s (the current backoff wait; 0 while connected), subscribed (the broker
+        granted every subscribe() filter on the current connection).
+        """
         cfg = self._cfg
         with self._lock:
             return {"state": self._state, "broker": f"{cfg.host}:{cfg.port}",
                     "tls": cfg.tls.ca is not None, "protocol": self._protocol,
                     **self._counts, "last_error": self._last_error, "inflight": self._inflight,
                     "last_connect_ms": self._last_connect_ms,
-                    "reconnect_delay_s": self._reconnect_delay}
+                    "reconnect_delay_s": self._reconnect_delay,
+                    "subscribed": self._subscribed}
 
     # ---- worker: connection loop ----------------------------------------------------------
 
     def _run(self) -> None:
         delay = self._cfg.reconnect_min_s
-        retry_now = False  # protocol fallback: next attempt without waiting
+        retry_now = True  # the first attempt, and a protocol fallback: no waiting
         try_311 = False  # auto: the last v5 attempt was closed before any CONNACK
         while not self._finished():
             if not retry_now:
@@ -184,13 +209,23 @@ class Uplink:
             self._state = "stopped"
             self._inflight = 0
 
+    def _drain_left(self) -> float | None:
+        """While stopping: seconds left to publish (<= 0: time is up). Otherwise None."""
+        with self._lock:
+            return self._publish_deadline - time.monotonic() if self._stopping else None
+
+    def _nap(self, seconds: float) -> None:
+        """Wait for the next event, at most ``seconds`` and never past the drain deadline."""
+        left = self._drain_left()
+        self._kick.wait(max(0.0, seconds if left is None else min(seconds, left)))
+
     def _finished(self) -> bool:
         """Stopping and (past the deadline or nothing left to publish)."""
-        with self._lock:
-            if not self._stopping:
-                return False
-            if time.monotonic() >= self._publish_deadline:
-                return True
+        left = self._drain_left()
+        if left is None:
+            return False
+        if left <= 0:
+            return True
         try:
             return not self._outbox.peek(1)
         except Exception:  # noqa: BLE001 - outbox closed under us: nothing more to do
@@ -202,9 +237,8 @@ class Uplink:
         wait = self._rng.uniform(max(cfg.reconnect_min_s, delay / 2), delay)
         with self._lock:
             self._state, self._reconnect_delay = "disconnected", round(wait, 3)
-            stopping, deadline = self._stopping, self._publish_deadline
-        if stopping:
-            time.sleep(max(0.0, min(cfg.reconnect_min_s, deadline - time.monotonic())))
+        if (left := self._drain_left()) is not None:  # draining: retry soon, within the deadline
+            time.sleep(max(0.0, min(cfg.reconnect_min_s, left)))
             return
         end = time.monotonic() + wait
         while (left := end - time.monotonic()) > 0:
@@ -237,7 +271,10 @@ class Uplink:
         client.on_connect = lambda c, u, f, rc, p: self._event(c, "connack", rc, p)
         client.on_disconnect = lambda c, u, f, rc, p: self._event(c, "closed", rc, None)
         client.on_publish = lambda c, u, mid, rc, p: self._event(c, "puback", mid, rc)
+        client.on_subscribe = lambda c, u, mid, rcs, p: self._event(c, "suback", mid, rcs)
+        client.on_message = self._on_message
         client.on_log = self._on_paho_log
+        client.on_socket_open = _no_delay
         self._events.clear()
         self._kick.clear()
         started = time.monotonic()
@@ -248,13 +285,15 @@ class Uplink:
             return None, self._error(f"cannot connect to {cfg.host}:{cfg.port}: {_describe(e)}")
         client.loop_start()
         while (left := started + 2 * CONNECT_TIMEOUT_S - time.monotonic()) > 0:
-            self._kick.wait(min(left, _IDLE_WAIT_S))
+            if (drain := self._drain_left()) is not None and drain <= 0:
+                return client, "failed"  # stop() gave up on us (maybe connect() was slow)
+            self._nap(min(left, _IDLE_WAIT_S))
             self._kick.clear()
             for c, kind, rc, props in self._take_events():
                 if c is not client:
                     continue
                 if kind == "closed":
-                    why = self._paho_error or str(rc)
+                    why = self._paho_detail() or str(rc)
                     return client, self._error(f"{cfg.host}:{cfg.port} closed the connection "
                                                f"before CONNACK (MQTT {proto}): {why}", "closed")
                 if kind == "connack" and rc.is_failure:
@@ -264,9 +303,6 @@ class Uplink:
                 if kind == "connack":
                     self._connected(client, props)
                     return client, "connected"
-            with self._lock:
-                if self._stopping and time.monotonic() >= self._publish_deadline:
-                    return client, "failed"
         return client, self._error(f"no CONNACK from {cfg.host}:{cfg.port} within "
                                    f"{2 * CONNECT_TIMEOUT_S:.0f} s")
 
@@ -277,6 +313,7 @@ class Uplink:
         with self._lock:
             self._state, self._reconnect_delay = "connected", 0.0
             self._counts["connects"] += 1
+            self._subscribed = False
             self._last_connect_ms = time.time_ns() // 1_000_000
             self._logged.clear()  # a new outage is worth logging again
         log.info("MQTT connected to %s:%d (MQTT %s%s, window %d)", self._cfg.host,
@@ -285,16 +322,15 @@ class Uplink:
         if self._on_connected is not None:
             try:
                 self._on_connected()  # on this thread, not paho's: it may append and wake()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("on_connected callback failed")
 
     def _close(self, client: mqtt.Client) -> None:
         """Disconnect cleanly (no will) if still connected; join paho's thread."""
         try:
-            if client.is_connected():
-                client.disconnect()
+            client.disconnect()  # a no-op if the connection is already gone
             client.loop_stop()  # its thread ends once the socket is closed
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - best effort: the connection is over anyway
             log.debug("closing the MQTT client: %r", e)
 
     # ---- worker: publishing ---------------------------------------------------------------
@@ -302,7 +338,7 @@ class Uplink:
     def _serve_safely(self, client: mqtt.Client) -> None:
         try:
             self._serve(client)
-        except Exception as e:  # noqa: BLE001 - e.g. StorageError: reconnect and retry later
+        except Exception as e:  # e.g. StorageError: reconnect and retry later
             self._error(f"uplink failed while publishing: {_describe(e)}")
             log.debug("uplink failure", exc_info=True)
         with self._lock:
@@ -313,59 +349,105 @@ class Uplink:
         """Publish and ack until the connection is lost or the drain is over."""
         sent: dict[int, int] = {}  # mid -> row id, unacknowledged, in publish order
         after = 0  # id of the last row published on this connection
+        filters: set[str] = set()  # subscribed (requested) on this connection
+        subacks: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters, until the SUBACK
+        granted = True  # no SUBACK refused a filter on this connection
+        where = f"{self._cfg.host}:{self._cfg.port}"
         while True:
             self._kick.clear()  # before looking for work: a wake() from now on is kept
-            acked, failed = [], None
+            done, problem = [], None  # row ids to delete; why this connection must end
             for c, kind, a, b in self._take_events():
                 if c is not client:
-                    continue
+                    continue  # a late event of an earlier connection
                 if kind == "closed":
-                    self._error(f"connection to {self._cfg.host}:{self._cfg.port} lost: "
-                                f"{self._paho_error or b or a}")
-                    return
-                if kind == "puback" and a in sent:
-                    if b.is_failure:
-                        failed = failed or f"broker refused a message on {self._cfg.host}:" \
-                                           f"{self._cfg.port}: {b}"
+                    problem = f"connection to {where} lost: {self._paho_detail() or a}"
+                elif kind == "suback" and a in subacks:
+                    granted = self._suback(subacks.pop(a), b) and granted
+                    with self._lock:
+                        self._subscribed = granted and not subacks
+                elif kind == "puback" and a in sent:
+                    if b.is_failure:  # not acked: retried from the oldest after the backoff
+                        problem = problem or f"broker {where} refused a message: {b}"
                     else:
-                        acked.append(sent.pop(a))
-            if acked:
-                self._outbox.ack_many(acked)
-                with self._lock:
-                    self._counts["acked"] += len(acked)
-            if failed:
-                self._error(failed)  # not acked: retried from the oldest after the backoff
-                return
+                        done.append(sent.pop(a))
+            if problem is None and (new := self._subscribe_new(client, filters)) is not None:
+                subacks[new[0]] = new[1]
+            drain = self._drain_left()  # None unless stopping
+            if problem is None and (drain is None or drain > 0):
+                after, problem = self._fill_window(client, sent, after, done)
+            # Ack after publishing: the fsync overlaps the broker's work on the new window.
+            if done:
+                self._outbox.ack_many(done)
             with self._lock:
-                stopping, deadline = self._stopping, self._publish_deadline
+                self._counts["acked"] += len(done)
                 self._inflight = len(sent)
-            if stopping and (time.monotonic() >= deadline
-                             or (not sent and not self._outbox.peek(1, after))):
+            if problem is not None:
+                self._error(problem)
                 return
-            room = self._window - len(sent)
-            rows = self._outbox.peek(room, after) if room > 0 else []
+            if drain is not None and (drain <= 0 or not sent):
+                return  # out of time, or drained (nothing in flight after filling the window)
+            self._nap(_IDLE_WAIT_S)
+
+    def _fill_window(self, client: mqtt.Client, sent: dict[int, int], after: int,
+                     done: list[int]) -> tuple[int, str | None]:
+        """Publish the next rows after ``after`` until the window is full or the outbox empty.
+
+        Returns the new ``after`` and an error that ends the connection, if any.
+        """
+        published, problem = 0, None
+        while problem is None and (room := self._window - len(sent)) > 0:
+            rows = self._outbox.peek(room, after)
             for row in rows:
                 try:
                     info = client.publish(row.topic, row.payload, qos=1,
                                           retain=row.kind in RETAINED_KINDS)
                 except ValueError as e:  # can never be sent (bad topic, absurd size): drop it
                     log.error("dropping outbox row %d (%s): %s", row.id, row.topic, e)
-                    self._outbox.ack_many([row.id])
+                    done.append(row.id)
                     after = row.id
                     continue
                 if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    break  # connection gone; the "closed" event follows
+                    problem = f"publish failed: {mqtt.error_string(info.rc)}"
+                    break
                 sent[info.mid] = row.id
                 after = row.id
-            with self._lock:
-                self._inflight = len(sent)
-                self._counts["published"] += len(rows)
-            if len(rows) == room and room > 0 and not sent:
-                continue  # only dropped rows: look again at once
-            wait = _IDLE_WAIT_S
-            if stopping:
-                wait = max(0.0, min(wait, deadline - time.monotonic()))
-            self._kick.wait(wait)
+                published += 1
+            if len(rows) < room:
+                break  # the outbox is empty for now
+        with self._lock:
+            self._counts["published"] += published
+        return after, problem
+
+    def _subscribe_new(self, client: mqtt.Client,
+                       filters: set[str]) -> tuple[int, list[str]] | None:
+        """SUBSCRIBE to filters not yet requested on this connection: (mid, filters) or None."""
+        with self._lock:
+            new = [t for t in self._subs if t not in filters]
+        if not new:
+            return None
+        rc, mid = client.subscribe([(t, 1) for t in new])
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            return None  # the connection is going away; the next one subscribes again
+        filters.update(new)
+        return mid, new
+
+    def _suback(self, topics: list[str], reason_codes: list) -> bool:
+        """Record refused filters as an error; True if all were granted."""
+        refused = [f"{t} ({rc})" for t, rc in zip(topics, reason_codes) if rc.is_failure]
+        if refused:
+            self._error(f"broker {self._cfg.host}:{self._cfg.port} refused the subscription to "
+                        f"{', '.join(refused)}")
+        return not refused
+
+    def _on_message(self, client, userdata, msg) -> None:
+        """paho callback (its network thread): hand the message to its subscriber."""
+        with self._lock:
+            targets = [cb for t, cb in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+        for callback in targets:
+            try:
+                callback(msg.topic, bytes(msg.payload))
+            except Exception:
+                log.exception("message handler for %s failed", msg.topic)
 
     # ---- helpers ----------------------------------------------------------------------------
 
@@ -383,9 +465,15 @@ class Uplink:
                 return events
 
     def _on_paho_log(self, client, userdata, level, buf) -> None:
-        # Keeps the socket/TLS detail behind "connection lost" for last_error.
-        if level in (mqtt.MQTT_LOG_ERR, mqtt.MQTT_LOG_WARNING):
-            self._paho_error = buf
+        # Keeps the socket/TLS detail behind "connection lost" for last_error: the first error of
+        # a connection is the cause; paho's "Client is not connected" that follows is not.
+        if level == mqtt.MQTT_LOG_ERR and not buf.startswith("Client is not connected"):
+            with self._lock:
+                self._paho_error = self._paho_error or buf
+
+    def _paho_detail(self) -> str | None:
+        with self._lock:
+            return self._paho_error
 
     def _error(self, message: str, outcome: str = "failed") -> str:
         """Record an error: counted, shown in status(), logged once per distinct message."""
@@ -393,6 +481,8 @@ class Uplink:
             self._last_error = message
             self._counts["errors"] += 1
             first = message not in self._logged
+            if len(self._logged) >= 100:  # bounded, in case messages carry changing details
+                self._logged.clear()
             self._logged.add(message)
         if first:
             log.warning("%s", message)
@@ -421,6 +511,15 @@ class Uplink:
         except (OSError, UnicodeDecodeError) as e:
             raise UplinkError(f"mqtt.password_file: cannot read {path}: {e}") from None
         return lines[0] if lines else ""
+
+
+def _no_delay(client, userdata, sock) -> None:
+    """Disable Nagle: paho writes each packet separately, and a PUBLISH held back until the
+    previous one is ACKed at TCP level (delayed ACK: up to 40 ms) would ruin command latency."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass  # not a TCP socket (e.g. a proxy or unix socket): nothing to tune
 
 
 def _describe(e: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -14,8 +15,9 @@ from ..errors import UplinkError
 class CloudClient:
     def __init__(self, host: str, port: int, topics: list[str],
                  on_message: Callable[[str, bytes], None], tls_ca=None, tls_cert=None,
-                 tls_key=None, timeout: float = 10.0):
-        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+                 tls_key=None, timeout: float = 10.0, mqtt311: bool = False):
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                   protocol=mqtt.MQTTv311 if mqtt311 else mqtt.MQTTv5)
         if tls_ca:
             self._client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key,
                                  cert_reqs=ssl.CERT_REQUIRED)
@@ -31,7 +33,11 @@ class CloudClient:
         except (OSError, ssl.SSLError) as e:
             raise UplinkError(f"cannot connect to {host}:{port}: {e}") from None
         self._client.loop_start()
-        if not self._subscribed.wait(timeout):
+        deadline = time.monotonic() + timeout
+        while not self._subscribed.wait(0.02) and self._error is None \
+                and time.monotonic() < deadline:
+            pass
+        if not self._subscribed.is_set():
             self.close()
             raise UplinkError(f"{host}:{port}: no subscription within {timeout:.0f} s "
                               f"({self._error or 'no answer'})")
@@ -55,8 +61,15 @@ class CloudClient:
 
 
 def connect(args, topics: list[str], on_message) -> CloudClient:
+    """Connect with MQTT 5, or 3.1.1 where the broker refuses 5."""
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
         raise UplinkError(f"--broker {args.broker!r}: expected HOST:PORT")
-    return CloudClient(host, int(port), topics, on_message, args.tls_ca, args.tls_cert,
-                       args.tls_key)
+    try:
+        return CloudClient(host, int(port), topics, on_message, args.tls_ca, args.tls_cert,
+                           args.tls_key)
+    except UplinkError as e:
+        if "protocol" not in str(e).lower():
+            raise
+        return CloudClient(host, int(port), topics, on_message, args.tls_ca, args.tls_cert,
+                           args.tls_key, mqtt311=True)

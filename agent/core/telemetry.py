@@ -316,12 +316,19 @@ class TelemetryCore:
                 if s.msg.seen >= 0 and s.emit and (s.state or not state_only)}
 
     def lookup(self, name: str):
-        """(value, observed UTC ms) of a signal by output name or Message.Signal; None if
-        it was never received or is unknown."""
+        """(value, observed UTC ms) of a signal: by output name the output value, by
+        Message.Signal the decoded one (value-table names as strings); None if it was never
+        received or is unknown."""
         s = self._by_name.get(name)
         if s is None or s.msg.seen < 0:
             return None
-        return s.value, self.observed_ms(s)
+        if name == s.out:
+            return s.value, self.observed_ms(s)
+        # By Message.Signal: the decoded value as the DBC defines it (before any mapping).
+        raw = s.raw
+        if raw is MISSING:
+            return None, self.observed_ms(s)
+        return (raw.name if type(raw) is NamedSignalValue else raw), self.observed_ms(s)
 
     def last_frame(self, bus: int, can_id: int) -> bytes | None:
         """The last frame received with this id on this bus (for read-modify-write sends)."""

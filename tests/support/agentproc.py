@@ -182,3 +182,42 @@ def _toml(value) -> str:
     if isinstance(value, (int, float)):
         return str(value)
     return f'"{value}"'
+
+
+class SessionConsumer:
+    """A subscriber with a persistent MQTT 5 session: on a broker with persistence, what is
+    published while it is away (a broker restart included) is queued for it, not lost."""
+
+    def __init__(self, host: str, port: int, topic: str):
+        import uuid
+
+        import paho.mqtt.client as mqtt
+
+        from support.mosquitto import Message
+
+        self._Message = Message
+        self.messages: list = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                   client_id=f"session-{uuid.uuid4().hex[:8]}",
+                                   protocol=mqtt.MQTTv5)
+        self._client.reconnect_delay_set(0.05, 0.2)
+        self._client.on_connect = lambda c, u, f, rc, p: (not rc.is_failure
+                                                          and c.subscribe(topic, qos=1))
+        self._client.on_subscribe = lambda *a: self._subscribed.set()
+        self._client.on_message = self._on_message
+        props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self._client.connect(host, port, keepalive=10, clean_start=False, properties=props)
+        self._client.loop_start()
+        assert self._subscribed.wait(5), "session consumer not subscribed"
+
+    def _on_message(self, client, userdata, msg) -> None:
+        with self._lock:
+            self.messages.append(self._Message(msg.topic, bytes(msg.payload), bool(msg.retain),
+                                               msg.qos))
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,228 @@
+"""`tcu-agent demo`: the whole main job in one command, on a machine with nothing but Python.
+
+A broker (embedded amqtt, or --broker), the simulated EV on a virtual CAN bus, the agent
+signing its telemetry and executing commands, and a cloud-side view that verifies every
+message: charge.start, the state of charge rising, charge.stop, and a summary.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
+CHARGE = "Vehicle.Powertrain.TractionBattery.Charging.Status"
+LIMIT = "Vehicle.Powertrain.TractionBattery.Charging.ChargeLimit"
+LOCKED = "Vehicle.Cabin.Door.IsLocked"
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser("demo", help="run the main job end to end with a simulated EV",
+                       description="Start a broker, the simulated EV, the agent and a cloud "
+                                   "view that verifies every message; send charge.start and "
+                                   "charge.stop; print a summary. Exit 0 when every message "
+                                   "verified and both commands succeeded.")
+    p.add_argument("--duration", type=float, default=20.0, help="seconds to run (20)")
+    p.add_argument("--broker", metavar="HOST:PORT",
+                   help="use this broker (e.g. Mosquitto) instead of the embedded one")
+    p.add_argument("--workdir", help="keep keys and state here (default: a temporary folder)")
+    p.add_argument("--quiet", action="store_true", help="only the summary")
+    common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.duration < 8:
+        from ..errors import ConfigError
+        raise ConfigError("--duration: at least 8 s (the commands need a few seconds each)")
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        return Demo(Path(args.workdir), args).run()
+    with tempfile.TemporaryDirectory(prefix="tcu-demo-") as tmp:
+        return Demo(Path(tmp), args).run()
+
+
+class Demo:
+    def __init__(self, workdir: Path, args):
+        self.dir = workdir
+        self.args = args
+        self.t0 = time.monotonic()
+        self.lock = threading.Lock()
+        self.verified: dict[str, int] = {}
+        self.failed = 0
+        self.seqs: list[int] = []
+        self.values: dict[str, object] = {}
+        self.statuses: dict[str, list] = {}
+        self.soc_first = self.soc_last = None
+
+    def say(self, text: str) -> None:
+        if not self.args.quiet:
+            print(f"[{time.monotonic() - self.t0:5.1f}s] {text}", flush=True)
+
+    def run(self) -> int:
+        from ..adapters.keys import generate_keypair, load_private_key, load_public_key
+        from ..cloud.broker import EmbeddedBroker
+        from ..config import load_config
+        from ..core.cose import Signer, kid_of
+        from ..runtime import Agent
+
+        config_path = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
+        if not config_path.is_file():
+            from ..errors import ConfigError
+            raise ConfigError(f"{config_path}: the demo needs the project checkout's configs/")
+        keys = self.dir / "keys"
+        for stem in ("vehicle", "cloud"):
+            if not (keys / f"{stem}.key").exists():
+                generate_keypair(keys, stem=stem)
+        trust = self.dir / "trust.toml"
+        trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
+                         'allow = ["charge.*", "doors.*", "state.*"]\n')
+        broker = None
+        if self.args.broker:
+            host, _, port = self.args.broker.rpartition(":")
+            self.say(f"broker: {host}:{port}")
+        else:
+            broker = EmbeddedBroker().start()
+            host, port = broker.host, str(broker.port)
+            self.say(f"broker: embedded amqtt on {host}:{port} (it speaks MQTT 3.1.1 only)")
+        config = load_config(config_path, [
+            f"storage.dir={str(self.dir / 'state')!r}",
+            f"signing.key_file={str(keys / 'vehicle.key')!r}",
+            f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
+            f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2"])
+        vin = config.vehicle.vin
+        vkey = load_public_key(str(keys / "vehicle.pub"))
+        self.keys = {kid_of(vkey): vkey}
+        self.cloud_signer = Signer(load_private_key(keys / "cloud.key"))
+        agent = Agent(config)
+        agent.start()
+        self.say(f"agent: vin {vin}, simulated EV on virtual CAN, signing key "
+                 f"{agent.publisher.signer.kid.hex()}")
+        cloud = None
+        try:
+            cloud = self._cloud(host, port, vin)
+            ok = self._script(agent, cloud, vin)
+        finally:
+            if cloud:
+                cloud.close()
+            agent.stop()
+            if broker:
+                broker.stop()
+        return self._summary(agent, ok)
+
+    # -- the cloud side -------------------------------------------------------------------
+
+    def _cloud(self, host, port, vin):
+        import argparse
+
+        from ..cloud.client import connect
+        args = argparse.Namespace(broker=f"{host}:{port}", tls_ca=None, tls_cert=None,
+                                  tls_key=None)
+        return connect(args, [f"vehicles/{vin}/#"], self._on_message)
+
+    def _on_message(self, topic: str, data: bytes) -> None:
+        from ..core.cose import verify
+        from ..errors import VerificationError
+
+        kind = topic.rsplit("/", 1)[-1]
+        if kind == "commands":
+            return
+        try:
+            body = verify(data, self.keys).payload
+        except VerificationError as e:
+            with self.lock:
+                self.failed += 1
+            self.say(f"cloud: REJECTED a message on {topic}: {e.reason}")
+            return
+        with self.lock:
+            self.verified[kind] = self.verified.get(kind, 0) + 1
+            if kind == "telemetry":
+                self.seqs.append(body["seq"])
+                for name, samples in body["sig"].items():
+                    self.values[name] = samples[-1][1]
+                self._telemetry_line(body)
+            elif kind == "responses" and body.get("id") in self.statuses:
+                self.statuses[body["id"]].append((time.monotonic(), body))
+            elif kind == "status":
+                self.say(f"cloud: vehicle {'online' if body['online'] else 'offline'} "
+                         f"(agent {body['agent']}), signature verified")
+
+    def _telemetry_line(self, body) -> None:
+        soc = self.values.get(SOC)
+        if isinstance(soc, (int, float)):
+            self.soc_first = soc if self.soc_first is None else self.soc_first
+            self.soc_last = soc
+        locked = self.values.get(LOCKED)
+        self.say(f"cloud: telemetry seq {body['seq']:>3} verified: SOC "
+                 f"{soc if soc is not None else '?'} %, charger {self.values.get(CHARGE, '?')}, "
+                 f"limit {self.values.get(LIMIT, '?')} %, doors "
+                 f"{'locked' if locked else 'unlocked' if locked is False else '?'}")
+
+    def _send(self, cloud, vin: str, name: str, params=None) -> str:
+        now = int(time.time() * 1000)
+        cid = f"demo-{name}-{uuid.uuid4().hex[:8]}"
+        with self.lock:
+            self.statuses[cid] = []
+        payload = {"v": 1, "id": cid, "vin": vin, "name": name, "params": params or {},
+                   "iat": now, "exp": now + 60_000}
+        self.sent_at = getattr(self, "sent_at", {})
+        self.sent_at[cid] = time.monotonic()
+        cloud.publish(f"vehicles/{vin}/commands", self.cloud_signer.sign(payload))
+        self.say(f"cloud: -> {name} (id {cid}), signed with the cloud key")
+        return cid
+
+    def _wait(self, cid: str, timeout: float) -> dict | None:
+        shown = 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                new = self.statuses[cid][shown:]
+            for at, body in new:
+                shown += 1
+                ms = (at - self.sent_at[cid]) * 1000
+                extra = f" {body['reason']}: {body.get('detail', '')}" if body.get("reason") else ""
+                self.say(f"cloud: <- {body['status']} after {ms:.0f} ms{extra} (verified)")
+                if body["status"] in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
+                    return {**body, "latency_ms": ms}
+            time.sleep(0.02)
+        return None
+
+    def _script(self, agent, cloud, vin) -> bool:
+        end = self.t0 + self.args.duration
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not self.seqs:
+            time.sleep(0.05)
+        up = agent.publisher.uplink.status()
+        self.say(f"agent: uplink {up['state']} to {up['broker']} with MQTT {up['protocol']}")
+        self.results = {}
+        start = self._send(cloud, vin, "charge.start")
+        self.results["charge.start"] = self._wait(start, 10)
+        charge_until = time.monotonic() + max(2.0, (end - time.monotonic()) - 5)
+        while time.monotonic() < charge_until:
+            time.sleep(0.1)
+        stop = self._send(cloud, vin, "charge.stop")
+        self.results["charge.stop"] = self._wait(stop, 10)
+        time.sleep(max(0.0, min(2.0, end - time.monotonic())))
+        return all(r and r["status"] == "SUCCEEDED" for r in self.results.values())
+
+    def _summary(self, agent, ok: bool) -> int:
+        total = sum(self.verified.values())
+        seqs = sorted(set(self.seqs))
+        gaps = [s for a, b in zip(seqs, seqs[1:]) for s in range(a + 1, b)]
+        parts = ", ".join(f"{n} {k}" for k, n in sorted(self.verified.items()))
+        print(f"summary: {total} messages verified ({parts}), {self.failed} failed "
+              f"verification; telemetry seq {seqs[0] if seqs else '-'}..{seqs[-1] if seqs else '-'}"
+              f"{' with gaps ' + str(gaps) if gaps else ', no gaps'}")
+        for name, r in self.results.items():
+            print(f"         {name}: " + (f"{r['status']} in {r['latency_ms']:.0f} ms" if r
+                                          else "no terminal status"))
+        if self.soc_first is not None:
+            print(f"         state of charge {self.soc_first} % -> {self.soc_last} %")
+        good = ok and self.failed == 0 and total > 0 and not gaps
+        print(f"demo {'OK' if good else 'FAILED'}")
+        sys.stdout.flush()
+        return 0 if good else 1
