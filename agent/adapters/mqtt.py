@@ -49,7 +49,8 @@ from .outbox import Outbox
 log = logging.getLogger("agent.mqtt")
 
 RETAINED_KINDS = frozenset({"state", "status"})  # PROTOCOL.md §1: retained topics
-CONNECT_TIMEOUT_S = 10.0  # TCP connect + TLS handshake, then again for the CONNACK
+CONNECT_TIMEOUT_S = 10.0  # TCP connect + TLS handshake
+CONNACK_TIMEOUT_S = 5.0  # a healthy broker answers a CONNECT in milliseconds
 _UNSUPPORTED_VERSION = 0x84  # CONNACK reason (paho maps the 3.1.1 return code 1 to it too)
 _IDLE_WAIT_S = 1.0  # safety net only: every real event sets the wake-up Event
 
@@ -199,8 +200,11 @@ class Uplink:
                 self._sticky_311 = retry_now = True
                 log.info("MQTT broker %s:%d refused MQTT 5; using 3.1.1 from now on",
                          self._cfg.host, self._cfg.port)
-            elif self._cfg.protocol == "auto" and proto == "5" and outcome == "closed":
-                try_311 = retry_now = True  # maybe a 3.1.1-only broker: try it at once
+            elif self._cfg.protocol == "auto" and proto == "5" and outcome in ("closed",
+                                                                               "no-connack"):
+                # Maybe a 3.1.1-only broker that closes, or (amqtt) never answers, on a v5
+                # CONNECT: try 3.1.1 at once, and keep it only if it works.
+                try_311 = retry_now = True
             else:
                 try_311 = False
             if client is not None:
@@ -284,7 +288,7 @@ class Uplink:
         except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake (ssl.SSLError)
             return None, self._error(f"cannot connect to {cfg.host}:{cfg.port}: {_describe(e)}")
         client.loop_start()
-        while (left := started + 2 * CONNECT_TIMEOUT_S - time.monotonic()) > 0:
+        while (left := started + CONNECT_TIMEOUT_S + CONNACK_TIMEOUT_S - time.monotonic()) > 0:
             if (drain := self._drain_left()) is not None and drain <= 0:
                 return client, "failed"  # stop() gave up on us (maybe connect() was slow)
             self._nap(min(left, _IDLE_WAIT_S))
@@ -304,7 +308,7 @@ class Uplink:
                     self._connected(client, props)
                     return client, "connected"
         return client, self._error(f"no CONNACK from {cfg.host}:{cfg.port} within "
-                                   f"{2 * CONNECT_TIMEOUT_S:.0f} s")
+                                   f"{CONNACK_TIMEOUT_S:.0f} s (MQTT {proto})", "no-connack")
 
     def _connected(self, client: mqtt.Client, props: Any) -> None:
         receive_max = getattr(props, "ReceiveMaximum", None) if props is not None else None

@@ -36,6 +36,9 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
+    import logging
+    if not hasattr(args, "log_level") and not getattr(args, "debug", False):
+        logging.getLogger("agent").setLevel(logging.WARNING)  # the demo narrates itself
     if args.duration < 8:
         from ..errors import ConfigError
         raise ConfigError("--duration: at least 8 s (the commands need a few seconds each)")
@@ -82,18 +85,21 @@ class Demo:
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
                          'allow = ["charge.*", "doors.*", "state.*"]\n')
         broker = None
+        protocol = "auto"
         if self.args.broker:
             host, _, port = self.args.broker.rpartition(":")
             self.say(f"broker: {host}:{port}")
         else:
             broker = EmbeddedBroker().start()
             host, port = broker.host, str(broker.port)
-            self.say(f"broker: embedded amqtt on {host}:{port} (it speaks MQTT 3.1.1 only)")
+            protocol = "3.1.1"  # amqtt does not answer an MQTT 5 CONNECT at all
+            self.say(f"broker: embedded amqtt on {host}:{port} (MQTT 3.1.1)")
         config = load_config(config_path, [
             f"storage.dir={str(self.dir / 'state')!r}",
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
-            f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2"])
+            f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
+            f"mqtt.protocol={protocol!r}"])
         vin = config.vehicle.vin
         vkey = load_public_key(str(keys / "vehicle.pub"))
         self.keys = {kid_of(vkey): vkey}
@@ -157,8 +163,9 @@ class Demo:
             self.soc_first = soc if self.soc_first is None else self.soc_first
             self.soc_last = soc
         locked = self.values.get(LOCKED)
+        shown = f"{soc:.1f}" if isinstance(soc, (int, float)) else "?"
         self.say(f"cloud: telemetry seq {body['seq']:>3} verified: SOC "
-                 f"{soc if soc is not None else '?'} %, charger {self.values.get(CHARGE, '?')}, "
+                 f"{shown} %, charger {self.values.get(CHARGE, '?')}, "
                  f"limit {self.values.get(LIMIT, '?')} %, doors "
                  f"{'locked' if locked else 'unlocked' if locked is False else '?'}")
 
@@ -221,7 +228,7 @@ class Demo:
             print(f"         {name}: " + (f"{r['status']} in {r['latency_ms']:.0f} ms" if r
                                           else "no terminal status"))
         if self.soc_first is not None:
-            print(f"         state of charge {self.soc_first} % -> {self.soc_last} %")
+            print(f"         state of charge {self.soc_first:.1f} % -> {self.soc_last:.1f} %")
         good = ok and self.failed == 0 and total > 0 and not gaps
         print(f"demo {'OK' if good else 'FAILED'}")
         sys.stdout.flush()
