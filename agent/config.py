@@ -244,6 +244,20 @@ class SimulatorConfig:
 
 
 @dataclass(frozen=True)
+class ModemConfig:
+    port: str  # serial device, e.g. /dev/ttyUSB2
+    baud: int = 115200
+    poll_interval_s: float = 30.0  # identity once, then signal/registration/operator polls
+    command_timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class GnssConfig:
+    port: str  # serial device emitting NMEA 0183, e.g. /dev/ttyUSB1
+    baud: int = 9600
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -253,6 +267,8 @@ class Config:
     signing: SigningConfig | None = None
     commands: CommandsConfig | None = None
     simulator: SimulatorConfig | None = None
+    modem: ModemConfig | None = None
+    gnss: GnssConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
