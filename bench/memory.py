@@ -103,7 +103,7 @@ port = {broker.port}
             rss_kb = vm_kb(proc.pid, "VmRSS")
             status = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "-c",
                                      str(config)], cwd=ROOT, capture_output=True, text=True)
-            decoded = json.loads(status.stdout)["buses"][0]["decoded"] if status.returncode == 0 else None
+            received = json.loads(status.stdout)["buses"][0]["frames"] if status.returncode == 0 else None
         finally:
             proc.terminate()
             proc.wait(15)
@@ -112,7 +112,7 @@ port = {broker.port}
 
     result = {"ready_s": round(ready_s, 3) if ready_s else None,
               "rss_at_ready_mb": round(rss_ready / 1024, 1), "peak_rss_mb": round(peak_kb / 1024, 1),
-              "rss_end_mb": round(rss_kb / 1024, 1), "frames_sent": sent, "frames_decoded": decoded,
+              "rss_end_mb": round(rss_kb / 1024, 1), "frames_sent": sent, "frames_received": received,
               "targets": {"peak_rss_mb": 60, "ready_s": 2.0}}
     result["meets_targets"] = bool(ready_s and ready_s <= 2.0 and peak_kb / 1024 <= 60)
     if args.json:
@@ -121,7 +121,7 @@ port = {broker.port}
         print(f"ready after {result['ready_s']} s (target <= 2 s)")
         print(f"RSS at ready {result['rss_at_ready_mb']} MB, peak {result['peak_rss_mb']} MB "
               f"(target <= 60 MB), at end {result['rss_end_mb']} MB")
-        print(f"traffic: {sent} frames written to the slcan pty, {decoded} decoded")
+        print(f"traffic: {sent} frames written to the slcan pty, {received} received by the agent")
     return 0
 
 

@@ -357,3 +357,36 @@ def test_flood_of_garbage_is_rate_limited(rig):
     time.sleep(1.0)  # after the flood, a genuine command is served again
     cid, _ = r.cloud.command("state.snapshot")
     assert r.cloud.wait_terminal(cid)["status"] == "SUCCEEDED"
+
+
+def test_tcu_cloud_command_and_listen(rig):
+    """The reference cloud tool, as a developer runs it."""
+    import subprocess
+    import sys
+
+    r = rig
+    base = ["--broker", f"{r.broker.host}:{r.broker.port}", "--vin", VIN]
+
+    def tool(*args):
+        return subprocess.run([sys.executable, "-m", "agent.cloud.main", *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+
+    ok = tool("command", *base, "--key", str(r.keys / "cloud.key"), "--name",
+              "charge.set_limit", "--param", "percent=85", "--pub", str(r.keys / "vehicle.pub"))
+    lines = [json.loads(line) for line in ok.stdout.splitlines()]
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert [x["status"] for x in lines] == ["ACCEPTED", "SUCCEEDED"]
+    assert all(x["verified"] for x in lines)
+    bad = tool("command", *base, "--key", str(r.keys / "cloud.key"), "--name", "charge.turbo",
+               "--pub", str(r.keys / "vehicle.pub"))
+    assert bad.returncode == 1 and json.loads(bad.stdout.splitlines()[-1])["reason"] == \
+        "UNKNOWN_COMMAND"
+    listen = tool("listen", *base, "--pub", str(r.keys / "vehicle.pub"), "--count", "3",
+                  "--duration", "20")
+    got = [json.loads(line) for line in listen.stdout.splitlines()]
+    assert listen.returncode == 0 and len(got) == 3 and all(g["verified"] for g in got)
+    wrong = tool("listen", *base, "--pub", str(r.keys / "cloud.pub"), "--count", "1",
+                 "--duration", "20")  # the wrong key: every message is flagged
+    flagged = json.loads(wrong.stdout.splitlines()[0])
+    assert wrong.returncode == 1 and flagged["verified"] is False
+    assert flagged["error"] == "UNKNOWN_KEY"

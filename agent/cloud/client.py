@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -28,6 +29,9 @@ class CloudClient:
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *a: self._subscribed.set()
         self._client.on_message = lambda c, u, msg: on_message(msg.topic, msg.payload)
+        # Commands are interactive: Nagle's algorithm would hold small packets ~40 ms.
+        self._client.on_socket_open = lambda c, u, sock: sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             self._client.connect(host, port, keepalive=30)
         except (OSError, ssl.SSLError) as e:

@@ -180,8 +180,11 @@ def _listen(args) -> int:
                 body = verify(data, keys).payload
             except VerificationError as e:
                 state["bad"] += 1
+                state["count"] += 1
                 print(json.dumps({"topic": topic, "verified": False, "error": e.reason,
                                   "detail": str(e)}), flush=True)
+                if args.count and state["count"] >= args.count:
+                    done.set()
                 return
             line = {"topic": topic, "kind": kind, "verified": True, "payload": body}
             if kind == "telemetry":
