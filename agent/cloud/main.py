@@ -176,6 +176,8 @@ def _listen(args) -> int:
         if kind == "commands":
             return
         with lock:
+            if done.is_set():
+                return  # --count reached; the client is closing
             try:
                 body = verify(data, keys).payload
             except VerificationError as e:
