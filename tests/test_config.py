@@ -164,3 +164,30 @@ def test_missing_and_unreadable_files(tmp_path):
 def _is_root() -> bool:
     import os
     return os.geteuid() == 0
+
+
+def test_shipped_configs_are_valid(tmp_path):
+    """configs/*.toml load and resolve (the example with its device paths replaced)."""
+    from agent.assemble import action_plans
+    from conftest import ROOT
+
+    demo = load_config(ROOT / "configs" / "demo.toml")
+    assert set(action_plans(demo, bus_plans(demo))) == {
+        "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock"}
+    for name in ("ca.pem", "c.crt", "c.key"):
+        (tmp_path / name).write_text("x")
+    dbc = ROOT / "dbc" / "demo_ev.dbc"
+    example = load_config(ROOT / "configs" / "vehicle.example.toml", [
+        f"bus.powertrain.dbc=['{dbc}']", f"bus.body.dbc=['{dbc}']",
+        f"mqtt.tls.ca='{tmp_path / 'ca.pem'}'", f"mqtt.tls.cert='{tmp_path / 'c.crt'}'",
+        f"mqtt.tls.key='{tmp_path / 'c.key'}'"])
+    assert example.mqtt.port == 8883 and example.mqtt.tls.cert is not None
+    assert "charge.start" in action_plans(example, bus_plans(example))
+
+
+def test_kona_config_is_valid():
+    from conftest import ROOT, shared
+
+    shared("kona_ev.dbc")
+    kona = load_config(ROOT / "configs" / "kona.toml")
+    assert len(bus_plans(kona)[0].selected) > 50

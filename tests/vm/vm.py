@@ -194,10 +194,12 @@ def resolve_order(index: dict, wanted: list[str]) -> list[str]:
 
 # -- 2. initramfs ---------------------------------------------------------------------------
 
-def _cpio_entry(out: io.BytesIO, ino: int, name: str, mode: int, data: bytes = b"") -> None:
+def _cpio_entry(out: io.BytesIO, ino: int, name: str, mode: int, data: bytes = b"",
+                rdev: tuple[int, int] = (0, 0)) -> None:
+    """One entry of a "newc" cpio archive (what the kernel unpacks as an initramfs)."""
     name_b = name.encode() + b"\0"
     header = (b"070701" + b"".join(b"%08X" % v for v in (
-        ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_b), 0)))
+        ino, mode, 0, 0, 1, 0, len(data), 0, 0, *rdev, len(name_b), 0)))
     out.write(header + name_b)
     out.write(b"\0" * (-(len(header) + len(name_b)) % 4))
     out.write(data)
@@ -224,9 +226,7 @@ def build_initramfs(cache: Path, moddir: Path) -> Path:
     for d in ("bin", "dev", "proc", "sys", "mnt", "lib", "lib/modules", "run"):
         _cpio_entry(out, ino, d, 0o040755)
         ino += 1
-    _cpio_entry(out, ino, "dev/console", 0o020600)  # char device 5:1 set below
-    # rewrite the console entry with rdev major 5 minor 1 (fields 11/12 of the header)
-    out.seek(0, io.SEEK_END)
+    _cpio_entry(out, ino, "dev/console", 0o020600, rdev=(5, 1))  # before devtmpfs is up
     ino += 1
     _cpio_entry(out, ino, "bin/busybox", 0o100755, bb)
     ino += 1
@@ -239,7 +239,6 @@ def build_initramfs(cache: Path, moddir: Path) -> Path:
     ino += 1
     _cpio_entry(out, 0, "TRAILER!!!", 0)
     raw = out.getvalue()
-    raw = _fix_console_rdev(raw)
     for old in moddir.parent.glob("initramfs-*.cpio.gz"):
         old.unlink()
     tmp = path.with_suffix(".tmp")
@@ -248,13 +247,6 @@ def build_initramfs(cache: Path, moddir: Path) -> Path:
     say(f"initramfs: built {path.name} ({path.stat().st_size // 1024} KiB; "
         f"modules: {' '.join(order)})")
     return path
-
-
-def _fix_console_rdev(raw: bytes) -> bytes:
-    i = raw.index(b"dev/console\0") - 110  # the newc header is 110 bytes
-    header = bytearray(raw[i:i + 110])
-    header[6 + 8 * 11:6 + 8 * 13] = b"%08X%08X" % (5, 1)  # rdevmajor, rdevminor
-    return raw[:i] + bytes(header) + raw[i + 110:]
 
 
 # -- 3. the guest ---------------------------------------------------------------------------
