@@ -233,7 +233,8 @@ class Agent:
         now = time.monotonic()
         for r, c in zip(self.readers, self.core.counters):
             frames = c.frames
-            t_prev, f_prev, rate = self._rates.get(r.index, (now, frames, 0.0))
+            since = max(1e-3, time.time() - self.started_at)
+            t_prev, f_prev, rate = self._rates.get(r.index, (now, frames, frames / since))
             if now - t_prev >= 0.5:
                 rate = (frames - f_prev) / (now - t_prev)
                 t_prev, f_prev = now, frames

@@ -60,7 +60,7 @@ def render(agent) -> str:
     now_ms = int(time.time() * 1000)
     for name, (t_ms, value) in sorted(agent.snapshot().items()):
         age = f"{(now_ms - t_ms) / 1000:.1f}s" if t_ms >= 0 else "-"
-        shown = "null" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        shown = "null" if value is None else (f"{value:.7g}" if isinstance(value, float) else str(value))
         lines.append(f"{name[:49]:<50}{shown[:20]:>20}  {age}")
     return "\n".join(lines) + "\n"
 
