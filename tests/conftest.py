@@ -84,3 +84,12 @@ def test_dbc(tmp_path) -> Path:
     path = tmp_path / "test.dbc"
     path.write_text(TEST_DBC)
     return path
+
+
+# Hypothesis on a loaded 2-core CI machine: data generation can be slow and examples can
+# take long; neither is what these tests check.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("tcu", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("tcu")

@@ -436,7 +436,7 @@ def test_early_rejections_are_not_to_be_recorded(gate, memory):
 
 # -- never raises ------------------------------------------------------------------------------------
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_are_bad_envelope_and_never_raise(gate, data):
     outcome = check(gate, data)
@@ -450,7 +450,7 @@ _values = st.recursive(
     max_leaves=8)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(["v", "id", "vin", "name", "params", "iat", "exp", "x"]),
                        _values, max_size=8))
 def test_arbitrary_signed_payloads_never_raise(gate, payload):

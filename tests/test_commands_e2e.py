@@ -313,7 +313,7 @@ def test_replay_rejected_after_restart(rig):
     assert r.watch.requests_since(t) == []
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(garbage=st.binary(max_size=300))
 def test_garbage_never_crashes_and_is_bad_envelope(rig, garbage):
     r = rig

@@ -194,7 +194,7 @@ def _answer_prefix(command: str) -> str | None:
     if not body.startswith(("+", "$", "^", "*")):
         return None
     name = body.split("?")[0].split("=")[0].upper()
-    if name in ("+CGMM", "+CGMI", "+CGMR", "+CGSN", "+CIMI", "+GSN", "+GMM"):
+    if name in ("+CGMM", "+CGMI", "+CGMR", "+CGSN", "+CIMI", "+GSN", "+GMM", "+CCID"):
         return None  # many modems answer these without the "+NAME: " prefix
     return name + ":"
 
