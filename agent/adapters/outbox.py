@@ -33,8 +33,6 @@ import json
 import logging
 import os
 import sqlite3
-import threading
-import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +40,8 @@ from pathlib import Path
 
 from agent.errors import StorageError
 
-from .atomic import atomic_write, fsync_dir
+from .atomic import atomic_write
+from .sqlitedb import GuardedDb
 
 log = logging.getLogger("agent.outbox")
 
@@ -50,7 +49,6 @@ DB_NAME = "outbox.db"
 RESERVE_NAME = "seq.reserve"
 KINDS = ("telemetry", "state", "status", "response")
 _REPLACEABLE = ("state", "status")
-_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 _META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
 
 _SCHEMA = (
@@ -77,20 +75,10 @@ class Row:
     created_ms: int
 
 
-class _CorruptDatabase(Exception):
-    """quick_check reported damage."""
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    if isinstance(exc, _CorruptDatabase):
-        return True
-    code = getattr(exc, "sqlite_errorcode", None)
-    return (isinstance(exc, sqlite3.DatabaseError) and code is not None
-            and (code & 0xFF) in _CORRUPT_CODES)
-
-
-class Outbox:
+class Outbox(GuardedDb):
     """The durable outbox in ``directory``; see the module docstring for the design."""
+
+    _what = "outbox"
 
     def __init__(self, directory: str | os.PathLike, max_bytes: int = 64 * 1024 * 1024,
                  *, reserve_block: int = 1000):
@@ -100,13 +88,11 @@ class Outbox:
         """
         if max_bytes <= 0 or reserve_block <= 0:
             raise ValueError("max_bytes and reserve_block must be positive")
-        self._dir = Path(directory)
-        self._db_path = self._dir / DB_NAME
+        self._init_db(Path(directory), DB_NAME)
         self._reserve_path = self._dir / RESERVE_NAME
         self._max_bytes = max_bytes
         self._block = reserve_block
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
+        self._carry: dict[str, int] = {}  # counters that outlive a corrupt database
         self._meta: dict[str, int] = {}  # mirror of the meta table; equal to it under the lock
         self._bytes = 0
         self._max_id = 0
@@ -116,13 +102,7 @@ class Outbox:
         except OSError as e:
             raise StorageError(f"outbox directory {self._dir} cannot be created: {e}") from e
         self._seq_high, self._recovered = self._read_reserve()
-        with self._lock:
-            try:
-                self._connect({})
-            except (sqlite3.DatabaseError, _CorruptDatabase) as e:
-                if not _is_corrupt(e):
-                    raise self._storage_error(e) from e
-                self._recover(e)
+        self._open_or_recover()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -323,98 +303,44 @@ class Outbox:
                         self._max_bytes)
         self._over_budget = total > self._max_bytes
 
-    def _guarded(self, op):
-        """Run ``op`` under the lock; recover from corruption once and retry on the fresh db."""
-        with self._lock:
-            if self._conn is None:
-                raise StorageError(f"outbox {self._db_path} is closed")
-            try:
-                return op()
-            except sqlite3.DatabaseError as e:
-                if not _is_corrupt(e):
-                    raise self._storage_error(e) from e
-                self._recover(e)
-            try:
-                return op()
-            except sqlite3.Error as e:
-                raise self._storage_error(e) from e
-
-    def _storage_error(self, e: BaseException) -> StorageError:
-        return StorageError(f"outbox {self._db_path} failed: {e}; check free space and permissions "
-                            f"of {self._dir}")
-
     # ---- opening, recovery, reserve file ----------------------------------------------------
 
-    def _connect(self, carry: dict[str, int]) -> None:
-        existed = self._db_path.exists() and self._db_path.stat().st_size > 0
-        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
-                               timeout=10.0)
-        try:
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                raise StorageError(f"outbox {self._db_path}: WAL mode is unavailable on this "
-                                   "filesystem; put the outbox on a local disk")
-            conn.execute("PRAGMA synchronous=FULL")
-            if existed:
-                check = conn.execute("PRAGMA quick_check(1)").fetchone()
-                if check is None or check[0] != "ok":
-                    raise _CorruptDatabase(f"quick_check: {check[0] if check else 'no result'}")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps
-            # the values of an existing one).
-            defaults = {k: carry.get(k, 0) for k in _META_KEYS}
-            defaults["next_seq"] = max(self._seq_high, defaults["next_seq"], 1)
-            conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
-                             defaults.items())
-            if self._max_id:  # recovered during use: keep ids above those the uplink has seen
-                conn.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', ?"
-                             " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence"
-                             " WHERE name = 'messages')", (self._max_id,))
-            conn.execute("COMMIT")
-            self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-            self._bytes = conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
-            last_id = conn.execute(
-                "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
-            self._max_id = max(self._max_id, last_id[0] if last_id else 0)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+    def _open_schema(self, conn: sqlite3.Connection) -> None:
+        carry = self._carry
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps
+        # the values of an existing one).
+        defaults = {k: carry.get(k, 0) for k in _META_KEYS}
+        defaults["next_seq"] = max(self._seq_high, defaults["next_seq"], 1)
+        conn.executemany("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)",
+                         defaults.items())
+        if self._max_id:  # recovered during use: keep ids above those the uplink has seen
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'messages', ?"
+                         " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence"
+                         " WHERE name = 'messages')", (self._max_id,))
+        conn.execute("COMMIT")
+        self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        self._bytes = conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+        last_id = conn.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+        self._max_id = max(self._max_id, last_id[0] if last_id else 0)
 
     def _recover(self, cause: BaseException) -> None:
         """Move the corrupt database aside and open a fresh one; StorageError if impossible."""
-        carry = dict(self._meta)  # counters known in memory outlive the corrupt file
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
-            self._conn = None
-        stamp = time.time_ns() // 1_000_000
-        while (self._dir / f"{DB_NAME}.corrupt-{stamp}").exists():
-            stamp += 1
-        aside = self._dir / f"{DB_NAME}.corrupt-{stamp}"
+        self._carry = dict(self._meta)  # counters known in memory outlive the corrupt file
+        aside = self._move_aside(cause)
+        self._recovered += 1
         try:
-            for suffix in ("", "-wal", "-shm"):
-                src = self._dir / (DB_NAME + suffix)
-                if src.exists():
-                    os.replace(src, Path(str(aside) + suffix))
-            fsync_dir(self._dir)
-            self._recovered += 1
             self._write_reserve(self._seq_high, self._recovered)
-        except OSError as e:
-            raise StorageError(f"outbox {self._db_path} is corrupt ({cause}) and could not be "
-                               f"moved aside: {e}") from e
+        except StorageError as e:
+            raise StorageError(f"outbox {self._db_path} is corrupt ({cause}); {e}") from e
         log.error("outbox database %s is corrupt (%s); moved it to %s and started a fresh one; its "
                   "unsent messages are lost, telemetry seq continues at %d", self._db_path,
                   " ".join(str(cause).split()),  # quick_check output spans lines: keep one
-                  aside, max(self._seq_high, carry.get("next_seq", 0), 1))
-        try:
-            self._connect(carry)
-        except (sqlite3.Error, _CorruptDatabase) as e:
-            raise StorageError(
-                f"outbox {self._db_path}: a fresh database cannot be created: {e}") from e
+                  aside, max(self._seq_high, self._carry.get("next_seq", 0), 1))
+        self._reopen_fresh()
 
     def _read_reserve(self) -> tuple[int, int]:
         try:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,13 +31,12 @@ from typing import Self
 
 from agent.errors import StorageError
 
-from .atomic import fsync_dir
+from .sqlitedb import GuardedDb
 
 log = logging.getLogger("agent.replaystore")
 
 DB_NAME = "replay.db"
 PURGE_INTERVAL_MS = 60_000  # record() purges expired ids at most this often
-_CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS seen (
@@ -49,19 +47,10 @@ _SCHEMA = (
 )
 
 
-class _CorruptDatabase(Exception):
-    """quick_check reported damage."""
-
-
-def _is_corrupt(exc: BaseException) -> bool:
-    if isinstance(exc, _CorruptDatabase):
-        return True
-    code = getattr(exc, "sqlite_errorcode", None)
-    return isinstance(exc, sqlite3.DatabaseError) and code is not None and (code & 0xFF) in _CORRUPT_CODES
-
-
-class ReplayStore:
+class ReplayStore(GuardedDb):
     """Seen command ids in `directory/replay.db`; see the module docstring."""
+
+    _what = "replay store"
 
     def __init__(self, directory: str | os.PathLike[str],
                  on_loss: Callable[[int], None] | None = None):
@@ -70,24 +59,15 @@ class ReplayStore:
         `on_loss(lost_at_ms)` is called whenever seen ids are lost to corruption, including
         during this constructor. Raises StorageError when the directory cannot be used.
         """
-        self._dir = Path(directory)
-        self._db_path = self._dir / DB_NAME
+        self._init_db(Path(directory), DB_NAME)
         self._on_loss = on_loss
-        self._lock = threading.RLock()
-        self._conn: sqlite3.Connection | None = None
         self._lost_at_ms: int | None = None
         self._last_purge_ms: int | None = None
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"replay store directory {self._dir} cannot be created: {e}") from e
-        with self._lock:
-            try:
-                self._connect()
-            except (sqlite3.DatabaseError, _CorruptDatabase) as e:
-                if not _is_corrupt(e):
-                    raise self._storage_error(e) from e
-                self._recover(e)
+        self._open_or_recover()
 
     # ---- public API -------------------------------------------------------------------------
 
@@ -145,13 +125,6 @@ class ReplayStore:
         """How many ids are remembered."""
         return self._guarded(lambda: self._conn.execute("SELECT COUNT(*) FROM seen").fetchone()[0])
 
-    def close(self) -> None:
-        """Close the database (idempotent)."""
-        with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
     def __enter__(self) -> Self:
         return self
 
@@ -160,84 +133,25 @@ class ReplayStore:
 
     # ---- internals --------------------------------------------------------------------------
 
-    def _guarded(self, op):
-        """Run `op` under the lock; recover from corruption once and retry on the fresh db."""
-        with self._lock:
-            if self._conn is None:
-                raise StorageError(f"replay store {self._db_path} is closed")
-            try:
-                return op()
-            except sqlite3.DatabaseError as e:
-                if not _is_corrupt(e):
-                    raise self._storage_error(e) from e
-                self._recover(e)
-            try:
-                return op()
-            except sqlite3.Error as e:
-                raise self._storage_error(e) from e
-
-    def _storage_error(self, e: BaseException) -> StorageError:
-        return StorageError(f"replay store {self._db_path} failed: {e}; check free space and "
-                            f"permissions of {self._dir}")
-
-    def _connect(self) -> None:
-        existed = self._db_path.exists() and self._db_path.stat().st_size > 0
-        conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
-                               timeout=10.0)
-        try:
-            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
-                raise StorageError(f"replay store {self._db_path}: WAL mode is unavailable on "
-                                   "this filesystem; put it on a local disk")
-            conn.execute("PRAGMA synchronous=FULL")
-            if existed:
-                check = conn.execute("PRAGMA quick_check(1)").fetchone()
-                if check is None or check[0] != "ok":
-                    raise _CorruptDatabase(f"quick_check: {check[0] if check else 'no result'}")
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in _SCHEMA:
-                conn.execute(statement)
-            if self._lost_at_ms is not None:  # a fresh db after a loss: remember when
-                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lost_at_ms', ?)",
-                             (self._lost_at_ms,))
-            conn.execute("COMMIT")
-            row = conn.execute("SELECT value FROM meta WHERE key = 'lost_at_ms'").fetchone()
-            self._lost_at_ms = None if row is None else row[0]
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
+    def _open_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _SCHEMA:
+            conn.execute(statement)
+        if self._lost_at_ms is not None:  # a fresh db after a loss: remember when
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('lost_at_ms', ?)",
+                         (self._lost_at_ms,))
+        conn.execute("COMMIT")
+        row = conn.execute("SELECT value FROM meta WHERE key = 'lost_at_ms'").fetchone()
+        self._lost_at_ms = None if row is None else row[0]
 
     def _recover(self, cause: BaseException) -> None:
         """Move the corrupt database aside and open a fresh one; StorageError if impossible."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except sqlite3.Error:
-                pass
-            self._conn = None
-        now = time.time_ns() // 1_000_000
         # Never move the loss time backwards (a wall clock stepped back meanwhile).
-        self._lost_at_ms = max(now, self._lost_at_ms or 0)
-        stamp = now
-        while (self._dir / f"{DB_NAME}.corrupt-{stamp}").exists():
-            stamp += 1
-        aside = self._dir / f"{DB_NAME}.corrupt-{stamp}"
-        try:
-            for suffix in ("", "-wal", "-shm"):
-                src = self._dir / (DB_NAME + suffix)
-                if src.exists():
-                    os.replace(src, Path(str(aside) + suffix))
-            fsync_dir(self._dir)
-        except OSError as e:
-            raise StorageError(f"replay store {self._db_path} is corrupt ({cause}) and could not "
-                               f"be moved aside: {e}") from e
+        self._lost_at_ms = max(time.time_ns() // 1_000_000, self._lost_at_ms or 0)
+        aside = self._move_aside(cause)
         log.error("replay store %s is corrupt (%s); moved it to %s and started a fresh one; "
                   "commands issued before now are refused as REPLAYED until they expire",
                   self._db_path, " ".join(str(cause).split()), aside)
-        try:
-            self._connect()
-        except (sqlite3.Error, _CorruptDatabase) as e:
-            raise StorageError(
-                f"replay store {self._db_path}: a fresh database cannot be created: {e}") from e
+        self._reopen_fresh()
         if self._on_loss is not None:
             self._on_loss(self._lost_at_ms)
