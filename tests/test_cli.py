@@ -111,3 +111,20 @@ def test_tesla_replay(tmp_path):
     log, dbc = shared("tesla_model3_scripted_soc.log"), shared("tesla_model3.dbc")
     result = json.loads(cli("replay", log, "--dbc", dbc, "--json", check=True).stdout)
     assert result["frames"] == 12138 and result["signals"] == 2752 and result["samples"] > 0
+
+
+def test_run_refuses_without_a_usable_signing_key(tmp_path, test_dbc):
+    cfg = tmp_path / "agent.toml"
+    key = tmp_path / "keys" / "vehicle.key"
+    cfg.write_text(f'[vehicle]\nvin="V1"\n[storage]\ndir="{tmp_path / "s"}"\n[[bus]]\nname="a"\n'
+                   f'interface="virtual"\nchannel="x"\ndbc=["{test_dbc}"]\n[mqtt]\nport=1\n'
+                   f'[signing]\nkey_file="{key}"\n')
+    assert_one_line_error(cli("run", "-c", cfg), "not found", "tcu-agent keys generate --dir")
+    assert cli("keys", "generate", "--dir", key.parent, check=True).stdout.strip()
+    key.chmod(0o640)
+    assert_one_line_error(cli("run", "-c", cfg), "group or others", "chmod 600")
+    key.chmod(0o600)
+    again = cli("keys", "generate", "--dir", key.parent)
+    assert_one_line_error(again, "already exists", "--force")
+    cfg.write_text(cfg.read_text().replace(f'[signing]\nkey_file="{key}"\n', ""))
+    assert_one_line_error(cli("run", "-c", cfg), "signing.key_file")
