@@ -35,6 +35,16 @@ class CommandMessage:
         self.payload = payload
 
 
+class Values:
+    """Named values from a non-CAN source (modem, GNSS), for the core thread."""
+
+    __slots__ = ("t", "values")
+
+    def __init__(self, t: float, values: dict):
+        self.t = t
+        self.values = values
+
+
 class Agent:
     """The agent process: buses + core (+ uplink, commands ... as later parts attach)."""
 
@@ -68,6 +78,15 @@ class Agent:
             self.commands = CommandService(config, self.plans, self.core, self.publisher,
                                            self.readers, self.state_values)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
+        self.serial = []  # modem and GNSS services: values into the core via the queue
+        if config.modem is not None:
+            from .adapters.modem import ModemService
+
+            self.serial.append(ModemService(config.modem, self._on_values))
+        if config.gnss is not None:
+            from .adapters.gnss import GnssService
+
+            self.serial.append(GnssService(config.gnss, self._on_values))
         self.batches_closed = 0
         self.started_at = 0.0
         self._stop = threading.Event()
@@ -76,6 +95,9 @@ class Agent:
 
     def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
         self._frames.put((bus, t, can_id, data))
+
+    def _on_values(self, t: float, values: dict) -> None:
+        self._frames.put(Values(t, dict(values)))
 
     def _on_command(self, topic: str, payload: bytes) -> None:
         # From the MQTT thread: hand it to the core thread, which owns all decisions.
@@ -101,6 +123,8 @@ class Agent:
             self.publisher.start()
         for r in self.readers:
             r.start()
+        for service in self.serial:
+            service.start()
         self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
         self._core_thread.start()
 
@@ -108,6 +132,8 @@ class Agent:
         """Stop reading, feed what was read, close the open batch."""
         for r in self.readers:
             r.stop()
+        for service in self.serial:
+            service.stop()
         if self.simulator:
             self.simulator.stop()
         self._stop.set()
@@ -208,6 +234,8 @@ class Agent:
     def _take(self, item) -> None:
         if type(item) is tuple:
             self.core.feed(*item)
+        elif type(item) is Values:
+            self.core.feed_values(item.t, item.values)
         elif self.commands is not None:
             try:
                 self.commands.handle(item.payload, int(time.time() * 1000))
@@ -253,4 +281,6 @@ class Agent:
             out.update(self.publisher.status())
         if self.commands:
             out.update(self.commands.status())
+        for service in self.serial:
+            out[type(service).__name__.replace("Service", "").lower()] = service.status()
         return out

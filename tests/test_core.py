@@ -226,3 +226,17 @@ def test_fast_path_agrees_with_cantools(frames):
 
 
 from conftest import TEST_DBC as TEST_DBC_TEXT  # noqa: E402
+
+
+def test_values_from_other_sources(test_dbc):
+    """Modem and GNSS values enter the same sampling and batches under their own names."""
+    core, db = make_core(test_dbc)
+    core.external_heartbeat_ms = 1000
+    core.feed_values(T0, {"Vehicle.Connectivity.SignalStrength": -71, "Vehicle.X": "home"})
+    core.feed_values(T0 + 0.5, {"Vehicle.Connectivity.SignalStrength": -71})
+    core.feed_values(T0 + 0.6, {"Vehicle.Connectivity.SignalStrength": -75})
+    core.tick(T0 + 1.7)
+    got = samples(core, "Vehicle.Connectivity.SignalStrength")
+    assert [(t - int(T0 * 1000), v) for t, v in got] == [(0, -71), (600, -75), (1700, -75)]
+    assert core.lookup("Vehicle.X") == ("home", int(T0 * 1000))
+    assert core.snapshot()["Vehicle.Connectivity.SignalStrength"][1] == -75

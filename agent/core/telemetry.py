@@ -83,6 +83,19 @@ class MessageState:
             s.msg = self
 
 
+class _NoFrame:
+    """Stands in for a CAN message behind values from other sources."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.length = 0
+        self.signals: list = []
+        self.decode = None
+
+    def is_multiplexed(self) -> bool:
+        return False
+
+
 class BusCounters:
     """Per-bus frame counters; `entries` maps can_key -> MessageState (None: not selected)."""
 
@@ -112,7 +125,8 @@ class TelemetryCore:
     """Decode -> sample -> batch for any number of buses."""
 
     def __init__(self, plans: Sequence[BusPlan], max_batch_age_ms: int = 1000,
-                 max_batch_bytes: int = 65536):
+                 max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000):
+        self.external_heartbeat_ms = external_heartbeat_ms
         self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
         self.counters: list[BusCounters] = []
         self.state_changed = False  # set when a signal marked `state` changes; caller resets
@@ -296,6 +310,33 @@ class TelemetryCore:
                     self.state_changed = True
                 if s.sent is not None and s.emit:
                     self._emit(s, now, None)
+
+    # -- values that do not come from CAN (modem, GNSS) ------------------------------------
+
+    def feed_values(self, t: float, values: dict) -> None:
+        """Take named values observed at `t` (UTC s) from a non-CAN source: sampled on change
+        (plus heartbeats) like signals, under their own names."""
+        if t >= self._next_tick:
+            self.tick(t)
+        t_ms = int(t * 1000)
+        for name, value in values.items():
+            s = self._by_name.get(name)
+            if s is None:
+                s = self._external(name)
+            s.msg.seen = t
+            self._update([s], [(0, value)], t_ms, True)
+
+    def _external(self, name: str) -> SignalState:
+        spec = SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0, map=None,
+                          deadband=0.0, min_interval_ms=0, heartbeat_ms=self.external_heartbeat_ms,
+                          timeout_ms=0, state=False, multiplexed=False)
+        s = SignalState(spec)
+        MessageState(_NoFrame(name), [s])
+        self.signals.append(s)
+        self._by_name[name] = s
+        if s.heartbeat:
+            self._heartbeats.append(s)
+        return s
 
     def flush(self) -> None:
         """Close the open batch now (shutdown, end of a replay)."""
