@@ -52,6 +52,10 @@ def render(s: dict) -> str:
         lines.append(f"outbox    {ob.get('messages')} messages, {ob.get('bytes'):,} bytes{age}; "
                      f"last acked seq {ob.get('last_acked_seq')}, next seq {ob.get('next_seq')}, "
                      f"dropped samples {ob.get('dropped_samples')}")
+    for key in ("modem", "gnss"):
+        if s.get(key):
+            shown = ", ".join(f"{k} {v}" for k, v in s[key].items() if v not in (None, "", {}))
+            lines.append(f"{key:<10}{shown}")
     for name, value in sorted((s.get("counters") or {}).items()):
         lines.append(f"{name:<10}{value}")
     for b in s.get("buses", []):
