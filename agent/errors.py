@@ -22,7 +22,7 @@ class LogFormatError(AgentError):
 
 
 class BusError(AgentError):
-    """A CAN bus could not be opened, read or written."""
+    """A CAN bus or serial device (modem, GNSS) could not be opened, read or written."""
 
 
 class SigningError(AgentError):

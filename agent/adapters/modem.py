@@ -1,0 +1,415 @@
+"""The cellular modem's AT port over pyserial: identity, signal, registration, operator.
+
+`ModemService` owns the port. In the agent, `start()` runs a daemon thread that opens the
+port (reopening with backoff when a USB modem re-enumerates), switches echo off, reads the
+identity once and then polls, one command at a time spread across `poll_interval_s`, so the
+modem (which also serves PPP/QMI and URCs) never sees a burst. Values go to
+`on_values(t_unix_s, {name: value})` from that thread. For the CLI, `query_once()` and
+`raw(command)` do the same synchronously, without a thread.
+
+Values (VSS-style names; Vehicle.Connectivity.IsConnectivityAvailable is standard VSS, the
+others extend the Vehicle.Connectivity branch):
+
+  Vehicle.Connectivity.Model              str   AT+CGMM, e.g. "SIMCOM_SIM7600E-H", "EC25"
+  Vehicle.Connectivity.Imei               str   AT+CGSN
+  Vehicle.Connectivity.Iccid              str   AT+CCID, or AT+QCCID on Quectel
+  Vehicle.Connectivity.SignalStrength     int   dBm from AT+CSQ (-113 + 2*rssi); None = unknown
+  Vehicle.Connectivity.Registration       str   home, roaming, searching, denied,
+                                                not_registered, unknown (AT+CEREG?, AT+CREG?)
+  Vehicle.Connectivity.IsConnectivityAvailable  bool  registered (home or roaming)
+  Vehicle.Connectivity.AccessTechnology   str   GSM, UMTS, LTE, NB-IoT, NR... when known
+  Vehicle.Connectivity.AreaCode           str   LAC/TAC (hex, as the modem reports it)
+  Vehicle.Connectivity.CellId             str   cell id (hex)
+  Vehicle.Connectivity.Operator           str   AT+COPS? name (or MCC+MNC); None when none
+
+Faults never raise into the agent: timeouts, ERROR answers, garbage lines, late answers, URCs
+and reopens are counted in status(). Three commands in a row without an answer close the
+port and reopen it with backoff (state "unresponsive" meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import serial
+
+from ..config import ModemConfig
+from ..core import at
+from ..errors import BusError
+
+log = logging.getLogger("agent.modem")
+
+OnValues = Callable[[float, dict[str, Any]], None]
+P = "Vehicle.Connectivity."
+IDENTITY = ("AT+CGMM", "AT+CGSN", "AT+CCID")
+POLL = ("AT+CSQ", "AT+CEREG?", "AT+CREG?", "AT+COPS?")
+SILENT_LIMIT = 3  # consecutive unanswered commands before the port is reopened
+READ_SLICE_S = 0.05  # serial read timeout: the granularity of stop() and URC handling
+
+
+class _Timeout(Exception):
+    pass
+
+
+class _Stopped(Exception):
+    pass
+
+
+class ModemService:
+    """One modem AT port. Thread-safe counters; one command at a time (an internal lock)."""
+
+    def __init__(self, cfg: ModemConfig, on_values: OnValues, backoff_s: float = 0.5,
+                 backoff_cap_s: float = 30.0):
+        self.cfg = cfg
+        self.on_values = on_values
+        self.backoff_s = backoff_s
+        self.backoff_cap_s = backoff_cap_s
+        self.state = "closed"
+        self.counters = {name: 0 for name in (
+            "commands", "timeouts", "errors", "garbage_lines", "urcs", "late_answers",
+            "parse_errors", "port_errors", "opens", "reopens")}
+        self.last_error = ""
+        self.values: dict[str, Any] = {}  # last value of each name, for status displays
+        self._port: serial.Serial | None = None
+        self._channel = at.AtChannel()
+        self._silent = 0
+        self._answered = False  # the current session got past ATE0
+        self._regs: dict[str, at.Registration | None] = {"+CEREG": None, "+CREG": None}
+        self._io = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the polling thread (returns at once; the port opens in the background)."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="modem", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout)
+        self._close()
+        self.state = "closed"
+
+    def wait_open(self, timeout: float) -> bool:
+        """True once the port is open and the modem has answered."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.state != "open":
+            time.sleep(0.01)
+        return self.state == "open"
+
+    def status(self) -> dict:
+        return {"state": self.state, "port": self.cfg.port, "last_error": self.last_error,
+                **self.counters}
+
+    # -- synchronous use (CLI) ------------------------------------------------------------
+
+    def query_once(self) -> dict[str, Any]:
+        """Open the port, read identity and network state once, return the values.
+
+        Raises BusError when the port cannot be opened or the modem does not answer."""
+        with self._io:
+            own = self._port is None
+            if own:
+                self._open_or_raise()
+            try:
+                self._init()
+                values: dict[str, Any] = {}
+                for cmd in IDENTITY + POLL:
+                    values.update(self._poll_one(cmd))
+                return values
+            except _Timeout:
+                raise BusError(f"modem on {self.cfg.port}: no answer within "
+                               f"{self.cfg.command_timeout_s} s; is this the AT port?") from None
+            except (serial.SerialException, OSError) as e:
+                raise BusError(f"modem on {self.cfg.port}: {e}") from None
+            finally:
+                if own:
+                    self._close()
+
+    def raw(self, command: str) -> at.AtResult:
+        """Send one AT command (echo off first) and return its answer. Raises BusError."""
+        with self._io:
+            own = self._port is None
+            if own:
+                self._open_or_raise()
+            try:
+                if own:
+                    self._init()
+                return self._command(command)
+            except ValueError as e:
+                raise BusError(f"modem: {e}") from None
+            except _Timeout:
+                raise BusError(f"modem on {self.cfg.port}: no answer to {command!r} within "
+                               f"{self.cfg.command_timeout_s} s") from None
+            except (serial.SerialException, OSError) as e:
+                raise BusError(f"modem on {self.cfg.port}: {e}") from None
+            finally:
+                if own:
+                    self._close()
+
+    # -- the thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delay = self.backoff_s
+        failed = False
+        while not self._stop.is_set():
+            try:
+                with self._io:
+                    self._port = self._open()
+            except (serial.SerialException, OSError, ValueError) as e:
+                self._fault("open", e)
+                failed = True
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_cap_s)
+                continue
+            self.counters["opens"] += 1
+            if failed:
+                self.counters["reopens"] += 1
+                log.info("modem: reopened %s", self.cfg.port)
+            try:
+                self._session()
+                return  # stopped
+            except _Stopped:
+                return
+            except (serial.SerialException, OSError) as e:
+                self._fault("read", e)
+            except _Timeout:
+                self.state = "unresponsive"
+                self.last_error = f"{SILENT_LIMIT} commands without an answer"
+                log.warning("modem on %s: not answering; reopening", self.cfg.port)
+            self._close()
+            failed = True
+            if self._answered:  # it worked for a while: start the backoff afresh
+                delay = self.backoff_s
+            self._stop.wait(delay)
+            delay = min(delay * 2, self.backoff_cap_s)
+
+    def _session(self) -> None:
+        """Poll on an open port until stopped; raises on a port fault or a silent modem."""
+        self._silent = 0
+        self._answered = False
+        with self._io:
+            self._init()
+        self._answered = True
+        self.state = "open"
+        first = True
+        while not self._stop.is_set():
+            cycle = [c for c, name in zip(IDENTITY, ("Model", "Imei", "Iccid"))
+                     if P + name not in self.values] + list(POLL)
+            # The first cycle after an open runs back to back so values appear at once;
+            # later ones are spread over the interval, one command per slot.
+            gap = 0.0 if first else self.cfg.poll_interval_s / len(cycle)
+            start = time.monotonic()
+            for i, cmd in enumerate(cycle):
+                self._pump_until(start + i * gap)
+                if self._stop.is_set():
+                    return
+                with self._io:
+                    values = self._poll_one(cmd)
+                if values:
+                    self._emit(values)
+            self._pump_until(start + self.cfg.poll_interval_s)
+            first = False
+
+    def _pump_until(self, deadline: float) -> None:
+        """Read URCs and stray bytes until `deadline` (monotonic) or stop."""
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            with self._io:
+                self._read_events()
+
+    # -- commands -------------------------------------------------------------------------
+
+    def _init(self) -> None:
+        # ATE0 answers "ATE0\r\r\nOK" while echo is still on; the channel drops the echo.
+        # Its answer proves the modem is alive, so a timeout here is a real fault.
+        self._command("ATE0")
+        try:
+            self._command("AT+CMEE=1")  # numeric +CME ERROR codes rather than plain ERROR
+        except _Timeout:
+            pass
+
+    def _poll_one(self, cmd: str) -> dict[str, Any]:
+        """Run one identity/poll command and return the values it yields (maybe none).
+
+        Raises _Timeout only once SILENT_LIMIT commands in a row went unanswered."""
+        try:
+            result = self._command(cmd)
+            if cmd == "AT+CCID" and not result.ok:
+                result = self._command("AT+QCCID")  # Quectel spelling
+            if not result.ok:
+                return {}
+            return self._values(cmd, result)
+        except _Timeout:
+            if self._silent >= SILENT_LIMIT:
+                raise
+            return {}
+        except at.AtParseError as e:
+            self.counters["parse_errors"] += 1
+            log.debug("modem: %s: %s", cmd, e)
+            return {}
+
+    def _values(self, cmd: str, result: at.AtResult) -> dict[str, Any]:
+        lines = result.lines
+        if cmd == "AT+CGMM":
+            return {P + "Model": at.parse_model(lines)}
+        if cmd == "AT+CGSN":
+            return {P + "Imei": at.parse_imei(lines)}
+        if cmd == "AT+CCID":
+            return {P + "Iccid": at.parse_iccid(lines)}
+        if cmd == "AT+CSQ":
+            return {P + "SignalStrength": at.parse_csq(lines)}
+        if cmd in ("AT+CEREG?", "AT+CREG?"):
+            prefix = cmd[2:-1]
+            line = next((ln for ln in lines if ln.upper().startswith(prefix + ":")), None)
+            if line is None:
+                raise at.AtParseError(f"no {prefix}: line in {lines!r}")
+            self._regs[prefix] = at.parse_registration(line)
+            return self._registration_values()
+        if cmd == "AT+COPS?":
+            op = at.parse_cops(lines)
+            out: dict[str, Any] = {P + "Operator": op.name}
+            if op.act:
+                out[P + "AccessTechnology"] = op.act
+            return out
+        return {}
+
+    def _registration_values(self) -> dict[str, Any]:
+        reg = at.combine_registration(self._regs["+CEREG"], self._regs["+CREG"])
+        if reg is None:
+            return {}
+        out: dict[str, Any] = {P + "Registration": reg.state,
+                               P + "IsConnectivityAvailable": reg.state in ("home", "roaming")}
+        if reg.area:
+            out[P + "AreaCode"] = reg.area
+        if reg.cell:
+            out[P + "CellId"] = reg.cell
+        if reg.act:
+            out[P + "AccessTechnology"] = reg.act
+        return out
+
+    def _command(self, command: str) -> at.AtResult:
+        """Send one command and wait for its final result. Raises _Timeout, SerialException."""
+        port = self._port
+        if port is None:
+            raise serial.SerialException("port not open")
+        self._settle(port)
+        data = self._channel.begin(command)
+        self.counters["commands"] += 1
+        port.write(data)
+        deadline = time.monotonic() + self.cfg.command_timeout_s
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                raise _Stopped
+            for result in self._read_events(port):
+                if result.command == command and not result.late:
+                    self._silent = 0
+                    if not result.ok:
+                        self.counters["errors"] += 1
+                    return result
+        # No answer: it may still come; the channel will recognise it as late (for up to
+        # one more timeout) instead of taking it for the next command's answer.
+        self._channel.abandon(time.monotonic(), self.cfg.command_timeout_s)
+        self.counters["timeouts"] += 1
+        self._silent += 1
+        log.debug("modem: %s timed out", command)
+        raise _Timeout(command)
+
+    def _settle(self, port: serial.Serial) -> None:
+        """Before a new command, give an abandoned one's late answer its chance to arrive."""
+        while not self._channel.settle(time.monotonic()):
+            if self._stop.is_set():
+                raise _Stopped
+            self._read_events(port)
+
+    def _read_events(self, port: serial.Serial | None = None) -> list[at.AtResult]:
+        """One read slice: feed the channel, count/handle URCs and garbage; return results."""
+        port = port or self._port
+        if port is None:
+            raise serial.SerialException("port not open")
+        data = port.read(max(1, port.in_waiting))  # blocks at most READ_SLICE_S
+        if data:
+            self._channel.receive_data(data)
+        results = []
+        while (event := self._channel.next_event()) is not at.NEED_DATA:
+            if isinstance(event, at.AtResult):
+                if event.late:
+                    self.counters["late_answers"] += 1
+                    self._silent = 0  # slow but alive: reopening the port would not help
+                else:
+                    results.append(event)
+            elif isinstance(event, at.Urc):
+                self.counters["urcs"] += 1
+                self._urc(event.line)
+            else:
+                self.counters["garbage_lines"] += 1
+        return results
+
+    def _urc(self, line: str) -> None:
+        """An unsolicited registration change is applied at once; other URCs are only counted."""
+        head = line.split(":")[0].upper()
+        if head in self._regs:
+            try:
+                self._regs[head] = at.parse_registration(line)
+            except at.AtParseError:
+                self.counters["parse_errors"] += 1
+                return
+            if self._thread is not None:
+                self._emit(self._registration_values())
+
+    # -- port -----------------------------------------------------------------------------
+
+    def _open(self) -> serial.Serial:
+        self._channel = at.AtChannel()  # a new port starts with nothing in flight
+        # exclusive: a second user of the AT port (the CLI beside the agent) would steal
+        # half of each answer; with a lock it gets a clear "in use" instead.
+        return serial.Serial(self.cfg.port, self.cfg.baud, timeout=READ_SLICE_S,
+                             write_timeout=self.cfg.command_timeout_s, exclusive=True)
+
+    def _open_or_raise(self) -> None:
+        try:
+            self._port = self._open()
+        except (serial.SerialException, OSError, ValueError) as e:
+            if "lock" in str(e).lower():
+                raise BusError(f"modem: {self.cfg.port} is in use by another process (the "
+                               "agent?); stop it first") from None
+            why = os.strerror(e.errno) if getattr(e, "errno", None) else _short(e)
+            raise BusError(f"modem: cannot open {self.cfg.port}: {why}; check [modem] port "
+                           "in the config") from None
+
+    def _close(self) -> None:
+        with self._io:
+            port, self._port = self._port, None
+        if port is not None:
+            try:
+                port.close()
+            except (serial.SerialException, OSError) as e:  # a vanished device may refuse
+                log.debug("modem: close: %s", e)
+
+    def _emit(self, values: dict[str, Any]) -> None:
+        self.values.update(values)
+        try:
+            self.on_values(time.time(), values)
+        except Exception:  # a sink bug must not stop polling
+            log.exception("modem: on_values failed")
+
+    def _fault(self, what: str, e: Exception) -> None:
+        self.counters["port_errors"] += 1
+        self.state = "down"
+        text = _short(e)
+        if text != self.last_error:  # log each distinct fault once, not every retry
+            log.warning("modem: %s failed on %s: %s", what, self.cfg.port, text)
+        self.last_error = text
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -1,0 +1,172 @@
+"""A cellular modem on a pseudo-terminal, answering AT commands like a SIM7600 or an EC25.
+
+    modem = SimulatedModem(profile="ec25", rssi=21, link=tmp_path / "ttyUSB2").start()
+    ... ModemConfig(port=modem.path) ...
+    modem.set_registration(5)    # roaming, announced by an unsolicited "+CEREG: 5,..."
+    modem.delay_s = 2.0          # slow answers;  modem.mute = True: no answers at all
+    modem.garbage_every = 3      # noise before every 3rd answer
+    modem.unplug(); modem.replug()
+    modem.stop()
+
+Answers follow 3GPP TS 27.007 framing (V.250, verbose): echo until ATE0, "\\r\\n<info>\\r\\n"
+lines, then "\\r\\nOK\\r\\n", "\\r\\nERROR\\r\\n" or "\\r\\n+CME ERROR: <n>\\r\\n". Profile
+differences that matter to the agent: the model name, and the ICCID command (SIMCom: AT+CCID
+with a bare answer and AT+CICCID; Quectel: AT+QCCID, and AT+CCID is an ERROR).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from .pty import PtyDevice
+
+PROFILES = {
+    "sim7600": {"model": "SIMCOM_SIM7600E-H", "imei": "862636050123453"},
+    "ec25": {"model": "EC25", "imei": "867698041234563"},
+}
+GARBAGE = b"\xff\x00~\x8f#\xfe\r\n"  # what a line glitch at the wrong baud rate looks like
+
+
+class SimulatedModem(PtyDevice):
+    """AT modem emulator. Attributes may be changed while it runs (from the test thread)."""
+
+    def __init__(self, profile: str = "sim7600", *, rssi: int = 21, registration: int = 1,
+                 operator: str = "Vodafone DE", iccid: str = "89490200001234567890",
+                 sim_present: bool = True, act: int = 7, tac: str = "1A2B",
+                 cell: str = "01C2D3E4", link: str | Path | None = None):
+        if profile not in PROFILES:
+            raise ValueError(f"unknown modem profile {profile!r} (known: {', '.join(PROFILES)})")
+        super().__init__(link, name=f"sim-modem-{profile}")
+        self.profile = profile
+        self.model = PROFILES[profile]["model"]
+        self.imei = PROFILES[profile]["imei"]
+        self.iccid = iccid
+        self.sim_present = sim_present
+        self.rssi = rssi  # 0..31, 99 = unknown
+        self.eps_stat = registration  # +CEREG stat: 1 home, 5 roaming, 2 searching, 3 denied
+        self.cs_stat = registration  # +CREG stat
+        self.operator = operator
+        self.act = act
+        self.tac, self.cell = tac, cell
+        self.echo = True  # as shipped: ATE1
+        self.cereg_n = 2  # URCs with location on (as an NVRAM setting would leave it)
+        self.cmee = 0
+        self.delay_s = 0.0  # answer this long after the command (slow modem)
+        self.mute = False  # read commands, never answer (a hung modem)
+        self.garbage_every = 0  # 0 = never; N = noise before every Nth answer
+        self.received: list[str] = []  # every command line, in order (for assertions)
+        self.received_at: list[float] = []  # time.monotonic() of each, for pacing checks
+        self._inbuf = b""
+        self._answers = 0
+        self._queue: list[tuple[float, bytes]] = []  # (due monotonic, bytes): delayed answers
+        self._qlock = threading.Lock()  # replug() (test thread) resets what _step() uses
+
+    # -- driving it from a test -----------------------------------------------------------
+
+    def set_registration(self, stat: int, urc: bool = True) -> None:
+        """Change EPS and CS registration; announce it unprompted when URCs are on."""
+        self.eps_stat = self.cs_stat = stat
+        if urc and self.cereg_n:
+            extra = f',"{self.tac}","{self.cell}",{self.act}' if self.cereg_n >= 2 else ""
+            self.write(f"\r\n+CEREG: {stat}{extra}\r\n".encode())
+
+    def ring(self) -> None:
+        """An incoming call: the URC every modem sends."""
+        self.write(b"\r\nRING\r\n")
+
+    def replug(self) -> None:
+        with self._qlock:
+            super().replug()
+            self.echo, self.cmee, self._inbuf, self._queue = True, 0, b"", []  # a fresh boot
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        data = self._read(0.02)
+        with self._qlock:
+            self._serve(data)
+
+    def _serve(self, data: bytes) -> None:
+        now = time.monotonic()
+        due = [item for item in self._queue if item[0] <= now]
+        for item in due:
+            self._queue.remove(item)
+            self.write(item[1])
+        self._inbuf += data
+        while b"\r" in self._inbuf:
+            line, _, self._inbuf = self._inbuf.partition(b"\r")
+            line = line.strip(b"\n ")
+            if not line:
+                continue
+            text = line.decode("ascii", "replace")
+            self.received.append(text)
+            self.received_at.append(time.monotonic())
+            out = (line + b"\r") if self.echo else b""
+            answer = self._answer(text)
+            if self.mute:
+                continue
+            self._answers += 1
+            if self.garbage_every and self._answers % self.garbage_every == 0:
+                out = GARBAGE + out
+            self._queue.append((time.monotonic() + self.delay_s, out + answer))
+
+    def _answer(self, text: str) -> bytes:
+        cmd = text.strip().upper()
+        if not cmd.startswith("AT"):
+            return _final("ERROR")
+        try:
+            info = self._info(cmd)
+        except ValueError:  # AT+CMEE=x and the like
+            info = None
+        if isinstance(info, int):  # a +CME error code
+            return _final(f"+CME ERROR: {info}" if self.cmee else "ERROR")
+        if info is None:
+            return _final("ERROR")
+        return b"".join(f"\r\n{line}\r\n".encode() for line in info) + _final("OK")
+
+    def _info(self, cmd: str):
+        """Info lines for a command, an int CME error code, or None for ERROR."""
+        if cmd in ("AT", "ATZ", "AT&F"):
+            return []
+        if cmd in ("ATE0", "ATE1"):
+            self.echo = cmd == "ATE1"
+            return []
+        if cmd.startswith("AT+CMEE="):
+            self.cmee = int(cmd[8:] or 0)
+            return []
+        if cmd.startswith("AT+CEREG="):
+            self.cereg_n = int(cmd[9:] or 0)
+            return []
+        if cmd == "AT+CGMM":
+            return [self.model]
+        if cmd in ("AT+CGSN", "AT+GSN"):
+            return [self.imei]
+        if cmd in ("AT+CCID", "AT+CICCID", "AT+QCCID"):
+            supported = {"sim7600": ("AT+CCID", "AT+CICCID"), "ec25": ("AT+QCCID",)}[self.profile]
+            if cmd not in supported:
+                return None
+            if not self.sim_present:
+                return 10  # SIM not inserted
+            return {"AT+CCID": [self.iccid], "AT+CICCID": [f"+ICCID: {self.iccid}"],
+                    "AT+QCCID": [f"+QCCID: {self.iccid}F"]}[cmd]
+        if cmd == "AT+CPIN?":
+            return ["+CPIN: READY"] if self.sim_present else 10
+        if cmd == "AT+CSQ":
+            return [f"+CSQ: {self.rssi},99"]
+        if cmd == "AT+CEREG?":
+            loc = f',"{self.tac}","{self.cell}",{self.act}' if self.cereg_n >= 2 else ""
+            loc = loc if self.eps_stat in (1, 5) else ""  # location only while registered
+            return [f"+CEREG: {self.cereg_n},{self.eps_stat}{loc}"]
+        if cmd == "AT+CREG?":
+            return [f"+CREG: 0,{self.cs_stat}"]
+        if cmd == "AT+COPS?":
+            if self.eps_stat in (1, 5) and self.operator:
+                return [f'+COPS: 0,0,"{self.operator}",{self.act}']
+            return ["+COPS: 0"]
+        return None
+
+
+def _final(code: str) -> bytes:
+    return f"\r\n{code}\r\n".encode()
