@@ -28,6 +28,7 @@ def check(proc, out):
     soc = re.search(r"state of charge ([\d.]+) % -> ([\d.]+) %", out)
     assert soc and float(soc.group(2)) > float(soc.group(1))  # it charged in between
     assert "<- ACCEPTED" in out and "telemetry seq" in out
+    assert re.search(r"LTE -\d+ dBm, at 48\.\d+,11\.\d+", out)  # modem and GNSS emulators
 
 
 def test_demo_with_the_embedded_broker():

@@ -94,7 +94,18 @@ class Demo:
             host, port = broker.host, str(broker.port)
             protocol = "3.1.1"  # amqtt does not answer an MQTT 5 CONNECT at all
             self.say(f"broker: embedded amqtt on {host}:{port} (MQTT 3.1.1)")
+        # A cellular modem and a GNSS receiver on pseudo-terminals, as on a real unit.
+        from ..sim.gnss import SimulatedGnss
+        from ..sim.modem import SimulatedModem
+        modem = SimulatedModem("ec25", rssi=20, registration=1, operator="Demo Mobile")
+        gnss = SimulatedGnss([(48.1351, 11.5820), (48.1374, 11.5755), (48.1420, 11.5680)],
+                             speed_kmh=0.0, rate_hz=1.0)
+        modem.start()
+        gnss.start()
+        self.devices = (modem, gnss)
         config = load_config(config_path, [
+            f"modem.port={modem.path!r}", "modem.poll_interval_s=5",
+            f"gnss.port={gnss.path!r}",
             f"storage.dir={str(self.dir / 'state')!r}",
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
@@ -116,6 +127,8 @@ class Demo:
             if cloud:
                 cloud.close()
             agent.stop()
+            for device in self.devices:
+                device.stop()
             if broker:
                 broker.stop()
         return self._summary(agent, ok)
@@ -164,10 +177,15 @@ class Demo:
             self.soc_last = soc
         locked = self.values.get(LOCKED)
         shown = f"{soc:.1f}" if isinstance(soc, (int, float)) else "?"
+        net = self.values.get("Vehicle.Connectivity.SignalStrength")
+        lat = self.values.get("Vehicle.CurrentLocation.Latitude")
+        lon = self.values.get("Vehicle.CurrentLocation.Longitude")
+        where = f", at {lat:.4f},{lon:.4f}" if isinstance(lat, float) and isinstance(lon, float) else ""
+        cell = f", LTE {net} dBm" if isinstance(net, int) else ""
         self.say(f"cloud: telemetry seq {body['seq']:>3} verified: SOC "
                  f"{shown} %, charger {self.values.get(CHARGE, '?')}, "
                  f"limit {self.values.get(LIMIT, '?')} %, doors "
-                 f"{'locked' if locked else 'unlocked' if locked is False else '?'}")
+                 f"{'locked' if locked else 'unlocked' if locked is False else '?'}{cell}{where}")
 
     def _send(self, cloud, vin: str, name: str, params=None) -> str:
         now = int(time.time() * 1000)
