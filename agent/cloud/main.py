@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--count", type=int, help="exit after this many messages")
     li.add_argument("--duration", type=float, help="exit after this many seconds")
     li.set_defaults(func=_listen)
+
+    from .repo import add_parser as add_repo_parser
+    add_repo_parser(sub)
     return p
 
 

@@ -1,0 +1,393 @@
+"""Software updates (PROTOCOL.md §6 update.stage / update.activate / update.cancel). Sans-I/O.
+
+Everything that decides about an update lives here; the adapters (`adapters/tuf.py`,
+`adapters/slots.py`, `adapters/updatestate.py`) only move bytes.
+
+- `parse_version` / `is_newer`: dotted numeric versions, compared numerically.
+- `accept_target`: the TUF target's custom fields against this vehicle.
+- `UpdateState` and `TRANSITIONS`: the update state machine, one lookup table; an illegal
+  transition raises `IllegalTransition` (h11 style: nothing else changes the state).
+
+      IDLE -stage-> DOWNLOADING -downloaded-> VERIFYING -verified-> STAGED -activate-> ACTIVATING
+      DOWNLOADING, VERIFYING, STAGED  -stage->  DOWNLOADING   (a new update.stage supersedes)
+      DOWNLOADING, VERIFYING          -fail->   FAILED
+      DOWNLOADING, VERIFYING, STAGED  -cancel-> IDLE
+      ACTIVATING -switched-> CONFIRMING -confirmed-> COMMITTED
+      ACTIVATING -fail-> FAILED (active slot unchanged);  CONFIRMING -roll_back-> ROLLED_BACK
+  COMMITTED, FAILED and ROLLED_BACK are final for their command; a new stage starts from them
+  as from IDLE. `cancel` is allowed up to STAGED and returns to IDLE.
+
+- `on_restart`: given the state found on disk at start and the slot backend's report, what the
+  runtime must do (resume, clean up, report which status for which command id).
+
+Choices where the protocol is silent (documented here, to copy into the issue note):
+- A new update.stage while DOWNLOADING or VERIFYING supersedes the one in flight: that command
+  ends FAILED/SUPERSEDED. While STAGED the staged artifact is discarded (its stage command had
+  already SUCCEEDED). While ACTIVATING or CONFIRMING a stage is refused (BUSY).
+- "1.2" and "1.2.0" are the same version; a target must be strictly newer than the installed
+  version, so re-installing the running version is refused too.
+- VERIFYING covers checking the custom fields and installing into the inactive slot; an
+  install failure is INSTALL_FAILED, a refused target VERIFICATION_FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from agent.errors import AgentError
+
+from .commands import (
+    BUSY,
+    CANCELLED,
+    DOWNLOAD_FAILED,
+    FAILED,
+    IN_PROGRESS,
+    INSTALL_FAILED,
+    PRECONDITION_FAILED,
+    SUCCEEDED,
+    SUPERSEDED,
+    VERIFICATION_FAILED,
+)
+
+
+class UpdateError(AgentError):
+    """An update step failed; `reason` is the §7 reason code to report, `detail` the why.
+
+    Subclasses say where it failed; the reason is what the cloud sees.
+    """
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class IllegalTransition(UpdateError):
+    """An event that the update state machine does not allow in its current state."""
+
+    def __init__(self, state: str, event: str):
+        super().__init__(BUSY if event == STAGE else PRECONDITION_FAILED,
+                         f"update: {event!r} is not allowed while {state}")
+        self.state = state
+        self.event = event
+
+
+# -- versions -------------------------------------------------------------------------------
+
+_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+_MAX_VERSION_CHARS = 64
+
+
+def parse_version(text: Any) -> tuple[int, ...]:
+    """"1.10.2" -> (1, 10, 2), trailing zeros dropped so "1.2" == "1.2.0".
+
+    Raises UpdateError(VERIFICATION_FAILED) for anything that is not dot-separated decimal
+    numbers (no signs, spaces, letters, empty parts, "1.2-rc1").
+    """
+    if type(text) is not str or len(text) > _MAX_VERSION_CHARS or not _VERSION.fullmatch(text):
+        raise UpdateError(VERIFICATION_FAILED,
+                          f"version {text!r}: expected dotted decimal numbers such as 1.4.2")
+    parts = [int(p) for p in text.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def is_newer(candidate: str, installed: str) -> bool:
+    """True when `candidate` is strictly newer than `installed` (both parsed numerically)."""
+    return parse_version(candidate) > parse_version(installed)
+
+
+def accept_target(target: str, custom: Any, hardware_id: str, installed_version: str) -> str:
+    """Check a TUF target's custom fields against this vehicle; return its version.
+
+    Raises UpdateError(VERIFICATION_FAILED) naming the problem: custom fields missing, a
+    different hardware_id, a version that does not parse or is not newer than the installed one.
+    """
+    if not isinstance(custom, Mapping):
+        raise UpdateError(VERIFICATION_FAILED,
+                          f"target {target!r} has no custom fields (hardware_id, version)")
+    hw = custom.get("hardware_id")
+    if hw != hardware_id:
+        raise UpdateError(VERIFICATION_FAILED,
+                          f"target {target!r} is for hardware {hw!r}, this vehicle is "
+                          f"{hardware_id!r}")
+    version = custom.get("version")
+    if not is_newer(version, installed_version):  # parse errors raise VERIFICATION_FAILED
+        raise UpdateError(VERIFICATION_FAILED,
+                          f"target {target!r} version {version} is not newer than the "
+                          f"installed {installed_version} (rollback refused)")
+    return version
+
+
+# -- the state machine ----------------------------------------------------------------------
+
+IDLE, DOWNLOADING, VERIFYING, STAGED = "IDLE", "DOWNLOADING", "VERIFYING", "STAGED"
+ACTIVATING, CONFIRMING, COMMITTED = "ACTIVATING", "CONFIRMING", "COMMITTED"
+FAILED_STATE, ROLLED_BACK = "FAILED", "ROLLED_BACK"
+STATES = frozenset({IDLE, DOWNLOADING, VERIFYING, STAGED, ACTIVATING, CONFIRMING, COMMITTED,
+                    FAILED_STATE, ROLLED_BACK})
+FINAL_STATES = frozenset({IDLE, COMMITTED, FAILED_STATE, ROLLED_BACK})
+
+# events
+STAGE, DOWNLOADED, VERIFIED, FAIL, CANCEL = "stage", "downloaded", "verified", "fail", "cancel"
+ACTIVATE, SWITCHED, CONFIRMED, ROLL_BACK = "activate", "switched", "confirmed", "roll_back"
+
+TRANSITIONS: Mapping[str, Mapping[str, str]] = {
+    IDLE: {STAGE: DOWNLOADING},
+    DOWNLOADING: {DOWNLOADED: VERIFYING, FAIL: FAILED_STATE, CANCEL: IDLE, STAGE: DOWNLOADING},
+    VERIFYING: {VERIFIED: STAGED, FAIL: FAILED_STATE, CANCEL: IDLE, STAGE: DOWNLOADING},
+    STAGED: {ACTIVATE: ACTIVATING, CANCEL: IDLE, STAGE: DOWNLOADING},
+    # A failed switch leaves the active slot as it was.
+    ACTIVATING: {SWITCHED: CONFIRMING, FAIL: FAILED_STATE},
+    CONFIRMING: {CONFIRMED: COMMITTED, ROLL_BACK: ROLLED_BACK},
+    COMMITTED: {STAGE: DOWNLOADING},
+    FAILED_STATE: {STAGE: DOWNLOADING},
+    ROLLED_BACK: {STAGE: DOWNLOADING},
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpdateState:
+    """The persisted update record. `command_id` is the command whose outcome is pending or
+    was last reported (the stage command up to STAGED, then the activate command)."""
+
+    state: str = IDLE
+    command_id: str | None = None
+    target: str | None = None
+    version: str | None = None
+    sha256: str | None = None
+    slot: str | None = None
+    started_ms: int | None = None
+    detail: str | None = None
+    reason: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.state not in STATES:
+            raise ValueError(f"unknown update state {self.state!r}")
+        for f in ("command_id", "target", "version", "sha256", "slot", "detail", "reason"):
+            value = getattr(self, f)
+            if value is not None and type(value) is not str:
+                raise ValueError(f"update state: {f} must be a string or null, not {value!r}")
+        if self.started_ms is not None and (type(self.started_ms) is not int
+                                            or self.started_ms < 0):
+            raise ValueError(f"update state: started_ms must be a uint, not {self.started_ms!r}")
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> UpdateState:
+        """Parse a record written by to_json; raises ValueError for anything else."""
+        try:
+            raw = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"update state is not JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise ValueError("update state must be a JSON object")  # noqa: TRY004 - contract
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"update state: unknown field {unknown[0]!r}")
+        return cls(**raw)
+
+    @property
+    def cancellable(self) -> bool:
+        return CANCEL in TRANSITIONS[self.state]
+
+
+def transition(current: UpdateState, event: str, **changes: Any) -> UpdateState:
+    """The record after `event`, with `changes` applied; raises IllegalTransition."""
+    new = TRANSITIONS[current.state].get(event)
+    if new is None:
+        raise IllegalTransition(current.state, event)
+    return replace(current, state=new, **changes)
+
+
+# -- command-level helpers: what each update command does to the record ----------------------
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Send this status for this command id, unless a terminal status was already stored for
+    it (statuses must stay one-terminal-per-command across restarts)."""
+
+    command_id: str
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    result: Mapping | None = None
+
+
+def stage(current: UpdateState, command_id: str, target: str, now_ms: int
+          ) -> tuple[UpdateState, list[Report]]:
+    """Start an update.stage. Returns the new DOWNLOADING record and the reports for a
+    superseded stage command (FAILED/SUPERSEDED when one was still in flight).
+
+    The runtime must abort the download in flight and discard a staged artifact (old record's
+    target/slot) when `current` was DOWNLOADING, VERIFYING or STAGED.
+    Raises IllegalTransition (reason BUSY) while ACTIVATING or CONFIRMING.
+    """
+    new = transition(current, STAGE, command_id=command_id, target=target, version=None,
+                     sha256=None, slot=None, started_ms=now_ms, detail=None, reason=None)
+    reports = []
+    if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
+        reports.append(Report(current.command_id, FAILED, SUPERSEDED,
+                              f"superseded by command {command_id}"))
+    return new, reports
+
+
+def cancel(current: UpdateState, command_id: str) -> tuple[UpdateState, list[Report]]:
+    """update.cancel: back to IDLE. The cancelled stage command (if still in flight) ends
+    FAILED/CANCELLED; the cancel command itself SUCCEEDS. Raises IllegalTransition
+    (PRECONDITION_FAILED) after STAGED or when there is nothing to cancel."""
+    new = transition(current, CANCEL, command_id=command_id, detail="cancelled",
+                     reason=CANCELLED, slot=None)
+    reports = []
+    if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
+        reports.append(Report(current.command_id, FAILED, CANCELLED,
+                              f"cancelled by command {command_id}"))
+    reports.append(Report(command_id, SUCCEEDED))
+    return new, reports
+
+
+def fail(current: UpdateState, reason: str, detail: str) -> tuple[UpdateState, list[Report]]:
+    """A step failed (download, verification, install, switch): FAILED with that reason."""
+    new = transition(current, FAIL, reason=reason, detail=detail)
+    return new, ([Report(current.command_id, FAILED, reason, detail)]
+                 if current.command_id else [])
+
+
+def check_activate(current: UpdateState, target: str) -> None:
+    """update.activate's own precondition: `target` is the one staged.
+
+    Raises UpdateError(PRECONDITION_FAILED) otherwise.
+    """
+    if current.state != STAGED:
+        raise UpdateError(PRECONDITION_FAILED,
+                          f"nothing staged to activate (update {current.state})")
+    if current.target != target:
+        raise UpdateError(PRECONDITION_FAILED,
+                          f"target {target!r} is not staged; staged is {current.target!r}")
+
+
+def staged_result(current: UpdateState) -> dict:
+    """The `result` of a SUCCEEDED update.stage (§6: target, version, sha256)."""
+    return {"target": current.target, "version": current.version, "sha256": current.sha256}
+
+
+# -- restart --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Save:
+    """Persist this record (before anything else in the list happens)."""
+
+    state: UpdateState
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeStage:
+    """Run the stage again (download, verify, install); the TUF cache makes it cheap."""
+
+    state: UpdateState
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    """Remove download leftovers (partial files, an unstaged inactive slot)."""
+
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """The new slot is running: run the health check, then `confirmed` (mark_good) or
+    `roll_back`."""
+
+    state: UpdateState
+
+
+@dataclass(frozen=True, slots=True)
+class RollBackSlot:
+    """Tell the slot backend to go back to the previous slot."""
+
+
+def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
+               max_resume_age_ms: int = 6 * 3600 * 1000, max_boot_attempts: int = 3
+               ) -> list[Any]:
+    """What to do with the update record found at start (pure).
+
+    `slots` is SlotBackend.report(): {"active": slot, "pending": {"slot", "previous",
+    "boots"} or None}. Returns a list of Save / Report / ResumeStage / Discard / Confirm /
+    RollBackSlot actions, to be executed in order.
+
+    - nothing, or a final state: clean leftovers only; a FAILED/ROLLED_BACK/COMMITTED outcome
+      is re-reported (idempotent: Report is skipped if already stored).
+    - DOWNLOADING/VERIFYING: resume if the stage started less than max_resume_age_ms ago,
+      else FAILED/DOWNLOAD_FAILED.
+    - STAGED: keep it; make sure the stage command's SUCCEEDED was reported.
+    - ACTIVATING: the switch either happened (pending marker names our slot and it is
+      active -> CONFIRMING, then Confirm) or not (active slot untouched -> FAILED/INSTALL_FAILED).
+    - CONFIRMING: running our slot with boots <= max_boot_attempts -> Confirm; otherwise
+      the bootloader fell back or we keep crashing -> roll back, FAILED/INSTALL_FAILED.
+    """
+    if found is None or found.state == IDLE:
+        return [Discard("downloads")]
+    cid = found.command_id
+    actions: list[Any] = []
+
+    def report(status: str, reason: str | None = None, detail: str | None = None,
+               result: Mapping | None = None) -> None:
+        if cid:
+            actions.append(Report(cid, status, reason, detail, result))
+
+    state = found.state
+    pending = slots.get("pending") or None
+    active = slots.get("active")
+
+    if state in (DOWNLOADING, VERIFYING):
+        age = now_ms - (found.started_ms or 0)
+        if 0 <= age <= max_resume_age_ms:
+            actions.append(ResumeStage(found))
+            report(IN_PROGRESS, detail="resuming after a restart")
+        else:
+            new = transition(found, FAIL, reason=DOWNLOAD_FAILED,
+                             detail="interrupted by a restart and too old to resume")
+            actions += [Save(new), Discard("downloads")]
+            report(FAILED, DOWNLOAD_FAILED, new.detail)
+    elif state == STAGED:
+        report(SUCCEEDED, result=staged_result(found))
+    elif state == ACTIVATING:
+        if pending and pending.get("slot") == found.slot and active == found.slot:
+            new = transition(found, SWITCHED)
+            actions += [Save(new), Confirm(new)]
+            report(IN_PROGRESS, detail="confirming the new version")
+        else:
+            detail = "activation interrupted before the switch; the active slot is unchanged"
+            new = transition(found, FAIL, reason=INSTALL_FAILED, detail=detail)
+            actions.append(Save(new))
+            if pending:
+                actions.append(RollBackSlot())  # drop the half-written marker
+            report(FAILED, INSTALL_FAILED, detail)
+    elif state == CONFIRMING:
+        running_ours = active == found.slot and pending and pending.get("slot") == found.slot
+        if running_ours and int(pending.get("boots", 0)) <= max_boot_attempts:
+            actions.append(Confirm(found))
+            report(IN_PROGRESS, detail="confirming the new version")
+        else:
+            detail = ("the new version did not come up; rolled back" if running_ours
+                      else "the previous slot is running again; rolled back")
+            new = transition(found, ROLL_BACK, reason=INSTALL_FAILED, detail=detail)
+            if pending:
+                actions.append(RollBackSlot())
+            actions.append(Save(new))
+            report(FAILED, INSTALL_FAILED, detail)
+    elif state == COMMITTED:
+        report(SUCCEEDED)
+    else:  # FAILED, ROLLED_BACK
+        actions.append(Discard("downloads"))
+        report(FAILED, found.reason or INSTALL_FAILED, found.detail)
+    return actions
