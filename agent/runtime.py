@@ -15,6 +15,7 @@ import time
 from typing import Callable
 
 from .adapters.canbus import BusReader, check_interface, receive_filters
+from .adapters.sdnotify import Notifier, Watchdog
 from .adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
 from .config import Config
@@ -87,6 +88,8 @@ class Agent:
             from .adapters.gnss import GnssService
 
             self.serial.append(GnssService(config.gnss, self._on_values))
+        self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
+        self.watchdog = Watchdog.from_env(self.notifier)
         self.batches_closed = 0
         self.started_at = 0.0
         self._stop = threading.Event()
@@ -163,10 +166,19 @@ class Agent:
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGHUP, lambda signum, frame: self.reload_trust())
         self.start()
-        log.info("running: vin %s, %d bus(es), %d signals selected", self.config.vehicle.vin,
-                 len(self.readers), len(self.core.signals))
-        while not stop.wait(1.0):
-            pass
+        # READY=1 once every bus was tried (the outbox is open since __init__). A bus that is
+        # down at boot counts as tried and keeps retrying in the background: systemd's start
+        # timeout must not kill an agent whose car has a dead bus.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(r.state == "closed" for r in self.readers):
+            time.sleep(0.02)
+        opened = sum(r.state == "open" for r in self.readers)
+        self.notifier.ready(f"{opened}/{len(self.readers)} bus(es) open")
+        log.info("running: vin %s, %d bus(es), %d open, %d signals selected",
+                 self.config.vehicle.vin, len(self.readers), opened, len(self.core.signals))
+        while not stop.wait(self.watchdog.wait_s(1.0)):
+            self.watchdog.ping()  # only while the core loop kicked within the interval
+        self.notifier.stopping("stopping: publishing what is queued")
         self.stop()
         log.info("stopped: %d batches, %d samples", self.batches_closed, self.core.samples)
         return 0
@@ -176,6 +188,7 @@ class Agent:
     def _core_loop(self) -> None:
         next_tick = next_status = 0.0
         while not self._stop.is_set():
+            self.watchdog.kick()  # a stalled core loop stops the watchdog pings
             busy = self.commands is not None and self.commands.executor.busy
             try:
                 item = self._frames.get(timeout=0.01 if busy else TICK_S)

@@ -178,3 +178,35 @@ def test_vanished_serial_adapter_is_reopened(test_dbc, tmp_path):
                 os.close(fd)
             except OSError:
                 pass
+
+
+def test_run_under_systemd_notify_and_watchdog(test_dbc, tmp_path):
+    """READY=1 once the buses were tried, WATCHDOG=1 while the loop runs, STOPPING=1."""
+    import socket
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(10)
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[vehicle]\nvin="V1"\n[storage]\ndir="{tmp_path / "s"}"\n[[bus]]\nname="a"\n'
+                   f'interface="virtual"\nchannel="x"\ndbc=["{test_dbc}"]\n')
+    env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(cfg)], cwd=ROOT,
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        got = []
+        while sum(m.startswith(b"WATCHDOG=1") for m in got) < 3:
+            got.append(sock.recv(4096))
+        assert got[0].startswith(b"READY=1") and b"1/1 bus(es) open" in got[0]
+        proc.send_signal(signal.SIGTERM)
+        while not got[-1].startswith(b"STOPPING=1"):
+            got.append(sock.recv(4096))
+        assert proc.wait(15) == 0
+    finally:
+        proc.kill()
+        sock.close()

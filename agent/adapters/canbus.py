@@ -17,6 +17,7 @@ import can
 from ..config import BusConfig
 from ..core.selection import EFF_FLAG
 from ..errors import BusError, ConfigError
+from .devicethread import DeviceThread
 
 log = logging.getLogger("agent.canbus")
 
@@ -42,7 +43,7 @@ def check_interface(cfg: BusConfig, where: str) -> None:
                           f"(known: {known}, ...)")
 
 
-class BusReader:
+class BusReader(DeviceThread):
     """Reads one bus in a daemon thread. Thread-safe counters for status displays."""
 
     def __init__(self, index: int, cfg: BusConfig, sink: Sink, filters: list[dict] | None = None,
@@ -53,37 +54,15 @@ class BusReader:
         self.filters = filters
         self.backoff_s = backoff_s
         self.backoff_cap_s = backoff_cap_s
-        self.state = "closed"
         self.bus_errors = 0
         self.error_frames = 0
         self.reopens = 0
         self.opens = 0
         self.last_error = ""
         self._bus: can.BusABC | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.thread_name = f"can-{cfg.name}"
+        self._init_thread()
         self._send_lock = threading.Lock()
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"can-{self.cfg.name}", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-        self._close()
-        self.state = "closed"
-
-    def wait_open(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.state == "open":
-                return True
-            time.sleep(0.01)
-        return self.state == "open"
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -130,7 +109,6 @@ class BusReader:
                     self.reopens += 1
                     log.info("bus %s: reopened on %s", self.cfg.name, self.cfg.channel)
                 failed = False
-                delay = self.backoff_s
                 self.state = "open"
             try:
                 msg = self._bus.recv(timeout=0.2)
@@ -138,7 +116,12 @@ class BusReader:
                 self._fault("read", e)
                 self._close()
                 failed = True
+                # A down SocketCAN interface opens fine and then fails the first read: back
+                # off here too, or the loop spins at hundreds of errors a second.
+                self._stop.wait(delay)
+                delay = min(delay * 2, self.backoff_cap_s)
                 continue
+            delay = self.backoff_s  # a read worked (a frame or a quiet timeout): healthy
             if msg is None:
                 continue
             if msg.is_error_frame:

@@ -20,7 +20,6 @@ which is carried in .Timestamp. Garbage, bad checksums and silence are counted, 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +28,7 @@ import serial
 
 from ..config import GnssConfig
 from ..core.nmea import NmeaReader, location_values
+from .devicethread import DeviceThread
 
 log = logging.getLogger("agent.gnss")
 
@@ -36,8 +36,11 @@ OnValues = Callable[[float, dict[str, Any]], None]
 SILENT_S = 5.0  # no sentence for this long (at >= 1 Hz): state "silent"
 
 
-class GnssService:
+class GnssService(DeviceThread):
     """One NMEA port read by a daemon thread. Counters for status displays."""
+
+    thread_name = "gnss"
+    ready_states = ("open", "silent")
 
     def __init__(self, cfg: GnssConfig, on_values: OnValues, backoff_s: float = 0.5,
                  backoff_cap_s: float = 30.0, silent_s: float = SILENT_S):
@@ -53,28 +56,8 @@ class GnssService:
         self.reopens = 0
         self.last_error = ""
         self.last_sentence_monotonic: float | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
         self._port: serial.Serial | None = None
-
-    def start(self) -> None:
-        """Start the reader thread (returns at once; the port opens in the background)."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="gnss", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-        self._close()
-        self.state = "closed"
-
-    def wait_open(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.state not in ("open", "silent"):
-            time.sleep(0.01)
-        return self.state in ("open", "silent")
 
     def status(self) -> dict:
         r = self.reader

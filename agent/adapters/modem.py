@@ -41,6 +41,7 @@ import serial
 from ..config import ModemConfig
 from ..core import at
 from ..errors import BusError
+from .devicethread import DeviceThread
 
 log = logging.getLogger("agent.modem")
 
@@ -60,8 +61,11 @@ class _Stopped(Exception):
     pass
 
 
-class ModemService:
+class ModemService(DeviceThread):
     """One modem AT port. Thread-safe counters; one command at a time (an internal lock)."""
+
+    thread_name = "modem"
+    ready_states = ("open",)
 
     def __init__(self, cfg: ModemConfig, on_values: OnValues, backoff_s: float = 0.5,
                  backoff_cap_s: float = 30.0):
@@ -81,30 +85,9 @@ class ModemService:
         self._answered = False  # the current session got past ATE0
         self._regs: dict[str, at.Registration | None] = {"+CEREG": None, "+CREG": None}
         self._io = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._init_thread()
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Start the polling thread (returns at once; the port opens in the background)."""
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="modem", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread:
-            self._thread.join(timeout)
-        self._close()
-        self.state = "closed"
-
-    def wait_open(self, timeout: float) -> bool:
-        """True once the port is open and the modem has answered."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and self.state != "open":
-            time.sleep(0.01)
-        return self.state == "open"
 
     def status(self) -> dict:
         return {"state": self.state, "port": self.cfg.port, "last_error": self.last_error,
