@@ -83,8 +83,15 @@ def kernel_package() -> str:
 def fetch_kernel(cache: Path) -> tuple[Path, Path]:
     """(vmlinuz, module dir) for the guest kernel; downloads and extracts once."""
     try:
-        pkg = kernel_package()
-    except RuntimeError as e:
+        try:
+            pkg = kernel_package()
+        except RuntimeError:
+            if os.geteuid() != 0:
+                raise
+            say("kernel: no package lists yet: apt-get update")  # a fresh machine
+            run(["apt-get", "update", "-q"])
+            pkg = kernel_package()
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
         cached = sorted(cache.glob("linux-image-*/vmlinuz"))
         if not cached:
             die(f"{e}; and no cached kernel in {cache} (run `apt-get update`?)")
