@@ -390,3 +390,82 @@ def test_tcu_cloud_command_and_listen(rig):
     flagged = json.loads(wrong.stdout.splitlines()[0])
     assert wrong.returncode == 1 and flagged["verified"] is False
     assert flagged["error"] == "UNKNOWN_KEY"
+
+
+def test_trust_store_reload_on_sighup(rig):
+    r = rig
+    cid, _ = r.cloud.command("state.snapshot")
+    assert r.cloud.wait_terminal(cid)["status"] == "SUCCEEDED"
+    trust = r.config.commands.trust_store
+    trust.write_text(trust.read_text().split("[[key]]\nname = \"car-sharing\"")[0]
+                     .replace('name = "fleet-backend"', 'name = "fleet-backend-removed"')
+                     .replace(str(r.keys / "cloud.pub"), str(r.keys / "doors.pub"))
+                     .replace('["charge.*", "doors.*", "state.*"]', '["doors.*"]'))
+    r.agent.reload_trust()  # what SIGHUP does in `tcu-agent run`
+    time.sleep(0.3)
+    assert_rejected_without_frames(r, "UNKNOWN_KEY", name="state.snapshot")
+    ok, _ = r.cloud.command("doors.unlock", signer=r.signer("doors"))
+    assert r.cloud.wait_terminal(ok)["status"] == "SUCCEEDED"
+
+
+def test_can_write_error_is_write_failed(tmp_path):
+    """An slcan adapter that vanishes between the vehicle's last frames and the command."""
+    import os
+
+    import cantools
+
+    from agent.config import load_config as load
+
+    db = cantools.database.load_file(str(ROOT / "dbc" / "demo_ev.dbc"))
+    master, slave = os.openpty()
+    link = tmp_path / "ttyCAN0"
+    link.symlink_to(os.ttyname(slave))
+    keys = tmp_path / "keys"
+    generate_keypair(keys, stem="vehicle")
+    generate_keypair(keys, stem="cloud")
+    trust = tmp_path / "trust.toml"
+    trust.write_text(f'[[key]]\nname = "c"\npublic_key = "{keys / "cloud.pub"}"\n'
+                     'allow = ["charge.*"]\n')
+    with Mosquitto() as broker:
+        config = load(ROOT / "configs" / "demo.toml", [
+            "bus.0.interface='slcan'", f"bus.0.channel={str(link)!r}",
+            "bus.0.options={sleep_after_open = 0}", "simulator.enabled=false",
+            f"storage.dir={str(tmp_path / 'state')!r}",
+            f"signing.key_file={str(keys / 'vehicle.key')!r}", f"mqtt.port={broker.port}",
+            f"commands.trust_store={str(trust)!r}"])
+        agent = Agent(config)
+        agent.readers[0].backoff_s = 5.0  # stays down once unplugged
+        agent.start()
+        cloud = Cloud(broker, keys / "cloud.key", keys / "vehicle.pub")
+        try:
+            obc, vcu = db.get_message_by_name("OBC_Status"), db.get_message_by_name("VCU_Status")
+            assert agent.readers[0].wait_open(5)
+            for msg, values in ((obc, {"CablePlugged": 1, "ChargeState": 0, "ChargeLimit": 80,
+                                       "ChargeCurrent": 0, "ChargeVoltageAC": 230,
+                                       "OBC_Counter": 0}),
+                                (vcu, {"VehicleSpeed": 0, "Gear": 0, "Ready": 1,
+                                       "BrakePressed": 0, "Odometer": 1, "VCU_Counter": 0,
+                                       "VCU_Checksum": 0})):
+                os.write(master, f"t{msg.frame_id:03X}8{msg.encode(values).hex().upper()}\r"
+                         .encode())
+            deadline = time.monotonic() + 10
+            while not (agent.core.lookup("OBC_Status.CablePlugged") and
+                       agent.core.lookup("VCU_Status.Gear") and
+                       agent.publisher.uplink.status()["state"] == "connected"):
+                assert time.monotonic() < deadline, "agent not ready"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            os.close(master)  # unplugged: the reader fails and closes the bus
+            os.close(slave)
+            link.unlink()
+            deadline = time.monotonic() + 5
+            while agent.readers[0].state != "down":
+                assert time.monotonic() < deadline, "bus not down"
+                time.sleep(0.02)
+            cid, _ = cloud.command("charge.start")  # preconditions still fresh (< 2 s)
+            final = cloud.wait_terminal(cid)
+            assert (final["status"], final["reason"]) == ("FAILED", "WRITE_FAILED"), final
+            assert [s["status"] for s in cloud.statuses(cid)] == ["ACCEPTED", "FAILED"]
+        finally:
+            cloud.close()
+            agent.stop()
