@@ -8,6 +8,7 @@ errors, relative paths are resolved against the config file's directory. A later
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -389,6 +390,9 @@ def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own error says more than "expected X"
+            return _convert(options[0], value, key, base)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -413,7 +417,7 @@ def _convert(hint: Any, value: Any, key: str, base: Path) -> Any:
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}: expected a path string, got {_tname(value)}")
         p = Path(value).expanduser()
-        return p if p.is_absolute() else (base / p)
+        return p if p.is_absolute() else Path(os.path.normpath(base / p))
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_tname(value)}")

@@ -191,3 +191,11 @@ def test_kona_config_is_valid():
     shared("kona_ev.dbc")
     kona = load_config(ROOT / "configs" / "kona.toml")
     assert len(bus_plans(kona)[0].selected) > 50
+
+
+def test_errors_inside_optional_sections_name_the_key(tmp_path, test_dbc):
+    path = write(tmp_path, GOOD + '\n[mqtt]\nport = "x"\n', test_dbc)
+    with pytest.raises(ConfigError, match=r"mqtt.port: expected an integer, got a string"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"mqtt.tls.ca: no such file"):
+        load_config(path, ["mqtt.port=8883", "mqtt.tls.ca='nope.pem'"])
