@@ -60,7 +60,8 @@ def test_agent_decodes_live_frames_into_batches(test_dbc, tmp_path):
     finally:
         agent.stop()
     speeds = [v for b in batches for _, v in b.sig.get("VCU_Drive.Speed", [])]
-    assert speeds == [10.0, 20.0, 30.0]
+    # A slow stop may let the signal time out (auto timeout, 500 ms): a trailing null is right.
+    assert speeds[:3] == [10.0, 20.0, 30.0] and all(v is None for v in speeds[3:]), speeds
     assert any(b.sig.get("VCU_Drive.Gear") == [[0, "D"]] or
                any(v == "D" for _, v in b.sig.get("VCU_Drive.Gear", [])) for b in batches)
     t0 = batches[0].t0
