@@ -88,6 +88,10 @@ def _find_message(name: str, bus_name: str, plans: list[BusPlan], config: Config
 
 
 def _conditions(config: Config):
+    if config.updates is not None:
+        for j, text in enumerate(config.updates.preconditions):
+            where = f"updates.preconditions.{j}"
+            yield where, parse_condition(text, where)
     if config.commands is None:
         return
     for i, action in enumerate(config.commands.action):

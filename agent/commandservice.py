@@ -23,7 +23,7 @@ log = logging.getLogger("agent.commands")
 
 
 class CommandService:
-    def __init__(self, config, plans, core, publisher, readers, state_values):
+    def __init__(self, config, plans, core, publisher, readers, state_values, updates=None):
         cfg = config.commands
         self.cfg = cfg
         self.vin = config.vehicle.vin
@@ -37,6 +37,7 @@ class CommandService:
                                  cfg.queue_size)
         self.bucket = C.TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
         self.flooding = False
+        self.updates = updates  # UpdateService, when [updates] is configured
         self.counters: Counter = Counter()
         self.last_activity_ms = 0
         self._final: dict | None = None
@@ -68,6 +69,9 @@ class CommandService:
             return
         self.counters["accepted"] += 1
         log.info("command %s %s from %s", cmd.id, cmd.name, cmd.key_name)
+        if self.updates is not None and cmd.name.startswith("update."):
+            self.report(self.updates.handle(cmd.id, cmd.name, dict(cmd.params), now_ms), now_ms)
+            return
         self._apply(self.executor.submit(cmd.id, cmd.name, cmd.params, now_ms), now_ms)
 
     def _rejected(self, r: C.Rejected, now_ms: int) -> None:
@@ -88,7 +92,8 @@ class CommandService:
         latest = self.replay.latest_status(command_id)
         if latest is not None:
             status = decode_unverified(latest)[2].get("status")
-            if status in C.TERMINAL_STATUSES or self.executor.running(command_id):
+            if status in C.TERMINAL_STATUSES or self.executor.running(command_id) or (
+                    self.updates is not None and self.updates.running(command_id)):
                 self.publisher.response_signed(latest)
                 return
         # Recorded but not finished, and no longer running here: the agent restarted mid-way.
@@ -117,9 +122,19 @@ class CommandService:
             else:
                 self._status(out, now_ms)
 
+    def report(self, statuses: list[Status], now_ms: int) -> None:
+        """Statuses from the update service. One terminal status per command, also across
+        restarts: a status for an id whose stored latest status is terminal is not sent."""
+        for s in statuses:
+            latest = self.replay.latest_status(s.id) if s.id is not None else None
+            if latest is not None and \
+                    decode_unverified(latest)[2].get("status") in C.TERMINAL_STATUSES:
+                continue
+            self._status(s, now_ms)
+
     def _status(self, s: Status, now_ms: int, remember: bool = True) -> None:
         payload = C.status_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,
-                                   result=s.result)
+                                   progress=s.progress, result=s.result)
         signed = self.publisher.response(payload)
         if s.id is not None and remember:
             self.replay.set_status(s.id, signed)
@@ -141,9 +156,14 @@ class CommandService:
     def status(self) -> dict:
         if self._final is not None:
             return self._final
-        return {"counters": {f"commands.{k}": v for k, v in sorted(self.counters.items())},
-                "trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
+        out = {"counters": {f"commands.{k}": v for k, v in sorted(self.counters.items())},
+               "trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
+        if self.updates is not None:
+            out["update"] = self.updates.status()
+        return out
 
     def close(self) -> None:
         self._final = self.status()
+        if self.updates is not None:
+            self.updates.close()
         self.replay.close()

@@ -259,6 +259,44 @@ class GnssConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Software updates (update.stage / update.activate / update.cancel) from TUF repositories."""
+
+    trusted_root: Path  # root.json shipped with the vehicle: the update trust anchor
+    allowed_repositories: tuple[str, ...]  # URL prefixes a command's `repository` must start with
+    hardware_id: str  # targets must name it in their custom metadata
+    installed_version: str  # the version running now (until an update commits)
+    dir: Path | None = None  # A/B slot directories; default {storage.dir}/slots
+    preconditions: tuple[str, ...] = ()  # for update.activate, e.g. 'VCU_Status.Gear == "P"'
+    stale_ms: int = 2000  # a signal older than this fails a precondition
+    health_timeout_s: float = 60.0  # after the restart: buses open and broker reached within it
+    max_boot_attempts: int = 3  # starts of an unconfirmed slot before it is rolled back
+    max_resume_age_s: float = 6 * 3600  # an interrupted download younger than this is resumed
+    min_free_bytes: int = 16 << 20  # left free after the download
+
+    def validate(self, where: str) -> None:
+        if not self.trusted_root.is_file():
+            raise ConfigError(f"{where}.trusted_root: no such file: {self.trusted_root}")
+        if not self.allowed_repositories:
+            raise ConfigError(f"{where}.allowed_repositories: at least one URL prefix")
+        for i, prefix in enumerate(self.allowed_repositories):
+            if not prefix.startswith(("http://", "https://")) or prefix.count("/") < 3:
+                raise ConfigError(f"{where}.allowed_repositories.{i}: {prefix!r} must be an "
+                                  "http(s) URL prefix ending in a path, e.g. "
+                                  "\"https://updates.example.com/\"")
+        if not self.hardware_id:
+            raise ConfigError(f"{where}.hardware_id: must not be empty")
+        from .core.updates import UpdateError, parse_version
+
+        try:
+            parse_version(self.installed_version)
+        except UpdateError as e:
+            raise ConfigError(f"{where}.installed_version: {e}") from None
+        if self.stale_ms <= 0 or self.health_timeout_s <= 0 or self.max_boot_attempts < 1:
+            raise ConfigError(f"{where}: stale_ms, health_timeout_s, max_boot_attempts must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -270,6 +308,7 @@ class Config:
     simulator: SimulatorConfig | None = None
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
+    updates: UpdatesConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -279,6 +318,13 @@ class Config:
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
+        if self.updates is not None and self.commands is None:
+            raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+
+    @property
+    def slots_dir(self) -> Path:
+        return (self.updates.dir if self.updates and self.updates.dir
+                else self.storage.dir / "slots")
 
     def bus_named(self, name: str) -> BusConfig:
         for b in self.bus:

@@ -20,6 +20,7 @@ from .adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
 from .config import Config
 from .core.batch import Batch
+from .core.updates import UpdateEvent
 
 log = logging.getLogger("agent.runtime")
 
@@ -27,6 +28,7 @@ TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
 STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
+RESTART_EXIT_CODE = 75  # "restart me": after an update switched slots (systemd restarts on it)
 
 
 class CommandMessage:
@@ -73,11 +75,16 @@ class Agent:
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
         self.simulator = None
+        self.updates = None
         if self.publisher and config.commands is not None:
             from .commandservice import CommandService
 
+            if config.updates is not None:
+                from .updateservice import UpdateService
+
+                self.updates = UpdateService(config, self.core.lookup, self._frames.put)
             self.commands = CommandService(config, self.plans, self.core, self.publisher,
-                                           self.readers, self.state_values)
+                                           self.readers, self.state_values, self.updates)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
         self.serial = []  # modem and GNSS services: values into the core via the queue
         if config.modem is not None:
@@ -93,6 +100,8 @@ class Agent:
         self.batches_closed = 0
         self.started_at = 0.0
         self._stop = threading.Event()
+        self._stop_requested = threading.Event()  # run_forever returns when set
+        self.restart_requested = False
         self._core_thread: threading.Thread | None = None
         self._rates: dict[int, tuple[float, int, float]] = {}
 
@@ -124,6 +133,9 @@ class Agent:
                                              **dict(bus.options)).start()
         if self.publisher:
             self.publisher.start()
+        if self.updates is not None:  # an update interrupted or waiting to be confirmed
+            now_ms = int(time.time() * 1000)
+            self.commands.report(self.updates.start(now_ms), now_ms)
         for r in self.readers:
             r.start()
         for service in self.serial:
@@ -155,8 +167,9 @@ class Agent:
             self._write_status(running=False)
 
     def run_forever(self) -> int:
-        """Run until SIGTERM or SIGINT; exit status 0 on a clean stop."""
-        stop = threading.Event()
+        """Run until SIGTERM or SIGINT; exit status 0 on a clean stop, RESTART_EXIT_CODE when
+        an update asked for a restart (systemd starts the agent again)."""
+        stop = self._stop_requested
 
         def handler(signum, _frame):
             log.info("signal %s: stopping", signal.Signals(signum).name)
@@ -181,6 +194,9 @@ class Agent:
         self.notifier.stopping("stopping: publishing what is queued")
         self.stop()
         log.info("stopped: %d batches, %d samples", self.batches_closed, self.core.samples)
+        if self.restart_requested:
+            log.info("exiting with status %d: restart requested by the update", RESTART_EXIT_CODE)
+            return RESTART_EXIT_CODE
         return 0
 
     # -- the core thread ------------------------------------------------------------------
@@ -203,6 +219,8 @@ class Agent:
                     self._reload_trust.clear()
                     self.commands.reload_trust()
                 self.commands.poll(int(now * 1000))
+                if self.updates is not None:
+                    self._poll_updates(int(now * 1000))
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
@@ -213,6 +231,21 @@ class Agent:
             if self.publish and now >= next_status:
                 next_status = now + STATUS_EVERY_S
                 self._write_status(running=True)
+
+    def _poll_updates(self, now_ms: int) -> None:
+        self.commands.report(self.updates.poll(now_ms, self.health), now_ms)
+        if self.updates.restart_requested and not self.restart_requested:
+            self.restart_requested = True
+            self._stop_requested.set()
+
+    def health(self) -> tuple[bool, str]:
+        """The post-update health check: every bus open and the broker reached."""
+        closed = [r.cfg.name for r in self.readers if r.state != "open"]
+        if closed:
+            return False, f"bus(es) not open: {', '.join(closed)}"
+        if self.publisher is None or self.publisher.uplink.status()["state"] != "connected":
+            return False, "broker not reached"
+        return True, ""
 
     def _publish_records(self, now_ms: int) -> None:
         pub = self.publisher
@@ -249,6 +282,9 @@ class Agent:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
+        elif type(item) is UpdateEvent:
+            now_ms = int(time.time() * 1000)
+            self.commands.report(self.updates.on_event(item, now_ms), now_ms)
         elif self.commands is not None:
             try:
                 self.commands.handle(item.payload, int(time.time() * 1000))

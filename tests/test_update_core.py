@@ -235,7 +235,9 @@ def test_restart_confirming():
 
 
 def test_restart_final_states_rereport():
-    assert u.on_restart(rec(u.COMMITTED), NO_PENDING, T0) == [u.Report("c1", SUCCEEDED)]
+    assert u.on_restart(rec(u.COMMITTED), NO_PENDING, T0) == [
+        u.Discard("downloads"),
+        u.Report("c1", SUCCEEDED, result={"target": "fw", "version": "1.5"})]
     failed = rec(u.FAILED_STATE, reason=DOWNLOAD_FAILED, detail="x")
     assert u.on_restart(failed, NO_PENDING, T0)[-1] == u.Report("c1", FAILED,
                                                                 DOWNLOAD_FAILED, "x")
@@ -299,3 +301,31 @@ def test_store_survives_being_killed_mid_write(tmp_path):
         got = UpdateStateStore(tmp_path).load()
         assert got.state == u.DOWNLOADING and got.command_id == f"c{got.started_ms}"
         assert got.detail == "x" * (got.started_ms % 5000)
+
+
+def test_installed_version_is_the_committed_one_then_the_configured_one():
+    assert u.installed_version(None, "1.0") == "1.0"
+    assert u.installed_version(u.UpdateState(), "1.0") == "1.0"
+    committed = u.UpdateState(state=u.COMMITTED, version="2.0", installed="2.0")
+    assert u.installed_version(committed, "1.0") == "2.0"
+    # a later stage keeps the committed version as the anti-rollback floor
+    staged, _ = u.stage(committed, "c2", "fw", T0, "http://r/")
+    assert staged.installed == "2.0" and staged.repository == "http://r/"
+
+
+@pytest.mark.parametrize("url, ok", [
+    ("https://updates.example.com/fleet", True),
+    ("https://updates.example.com/fleet/", True),
+    ("https://updates.example.com/fleet/eu", True),
+    ("https://updates.example.com/fleetX", False),  # a prefix must end at a path boundary
+    ("https://updates.example.com.evil.net/fleet", False),
+    ("http://updates.example.com/fleet", False),
+])
+def test_check_repository(url, ok):
+    allowed = ("https://updates.example.com/fleet/",)
+    if ok:
+        u.check_repository(url, allowed)
+    else:
+        with pytest.raises(u.UpdateError) as info:
+            u.check_repository(url, allowed)
+        assert info.value.reason == "BAD_PARAMS"

@@ -48,6 +48,14 @@ class SlotBackend(abc.ABC):
         """Install `artifact` into the inactive slot; return that slot's name."""
 
     @abc.abstractmethod
+    def discard_inactive(self) -> None:
+        """Remove what was installed in the inactive slot (a cancelled or superseded stage)."""
+
+    @abc.abstractmethod
+    def payload(self, slot: str) -> Path:
+        """The installed artifact of `slot` (to check its hash again before activating)."""
+
+    @abc.abstractmethod
     def switch_active(self, slot: str) -> None:
         """Make `slot` active on trial (a pending activation until mark_good)."""
 
@@ -142,6 +150,24 @@ class DirectorySlots(SlotBackend):
             raise SlotError(f"installing {artifact} into slot {slot} failed: {e}; the active "
                             f"slot {self.active()} is unchanged") from e
         return slot
+
+    def discard_inactive(self) -> None:
+        if self.pending() is not None:
+            raise SlotError("an activation is pending; the inactive slot is the fallback")
+        slot = self.inactive()
+        try:
+            for name in (slot, f".{slot}.new", f".{slot}.old"):
+                if (self.base / name).exists():
+                    shutil.rmtree(self.base / name)
+            if self.base.exists():
+                fsync_dir(self.base)
+        except OSError as e:
+            raise SlotError(f"cannot clear slot {slot}: {e}") from e
+
+    def payload(self, slot: str) -> Path:
+        if slot not in SLOTS:
+            raise SlotError(f"unknown slot {slot!r}")
+        return self.base / slot / "payload"
 
     def switch_active(self, slot: str) -> None:
         current = self.active()

@@ -139,7 +139,8 @@ class ProgressFetcher(FetcherInterface):
 def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cache_dir: Path,
                  dest_dir: Path, progress: Callable[[int], None] | None = None,
                  config: FetchConfig = FetchConfig(),
-                 cancelled: Callable[[], bool] | None = None) -> FetchedTarget:
+                 cancelled: Callable[[], bool] | None = None,
+                 accept: Callable[[str, dict], Any] | None = None) -> FetchedTarget:
     """Download and verify `target_name` from the TUF repository at `repository_url`.
 
     Metadata comes from `{repository_url}/metadata/`, the target from
@@ -147,9 +148,13 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
     called as the target's bytes arrive (0..100, each value once). `cancelled()` (e.g. a
     threading.Event's is_set) is polled between chunks; when it turns true the download stops
     with FetchError(CANCELLED). An already downloaded, still valid copy in `dest_dir` is
-    reused. Returns a FetchedTarget; a partial download never stays in `dest_dir`.
+    reused. `accept(name, custom)` sees the signed custom fields before a byte of the target
+    is fetched and refuses it by raising UpdateError (hardware id, anti-rollback: no bandwidth
+    is spent on a target this vehicle would not install). Returns a FetchedTarget; a partial
+    download never stays in `dest_dir`.
 
-    Raises FetchError(DOWNLOAD_FAILED | VERIFICATION_FAILED | CANCELLED); nothing else.
+    Raises FetchError(DOWNLOAD_FAILED | VERIFICATION_FAILED | CANCELLED), or what accept()
+    raised; nothing else.
     """
     base = repository_url.rstrip("/")
     stage = "metadata"
@@ -181,6 +186,8 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
                              f"target {target_name!r} is {info.length} bytes, more than the "
                              f"{config.max_target_bytes} accepted")
         custom = info.custom if isinstance(info.custom, dict) else {}
+        if accept is not None:
+            accept(target_name, custom)
         if quote(target_name, "") in (".", ".."):
             raise FetchError(VERIFICATION_FAILED, f"target name {target_name!r} not usable")
         final = dest_dir / quote(target_name, "")
@@ -208,6 +215,8 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
         fsync_dir(dest_dir)
         return FetchedTarget(final, target_name, info.length, sha256, dict(custom))
     except FetchError:
+        raise
+    except UpdateError:  # refused by accept(): passed on as it is
         raise
     except _Cancelled as e:
         raise FetchError(CANCELLED, str(e)) from e

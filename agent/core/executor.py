@@ -42,6 +42,7 @@ class Status:
     reason: str | None = None
     detail: str | None = None
     result: dict | None = None
+    progress: int | None = None
 
     @property
     def terminal(self) -> bool:

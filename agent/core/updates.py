@@ -41,6 +41,7 @@ from typing import Any
 from agent.errors import AgentError
 
 from .commands import (
+    BAD_PARAMS,
     BUSY,
     CANCELLED,
     DOWNLOAD_FAILED,
@@ -64,6 +65,10 @@ class UpdateError(AgentError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+class TargetRefused(UpdateError):
+    """This vehicle refuses the target (hardware id, version): the command is REJECTED."""
 
 
 class IllegalTransition(UpdateError):
@@ -165,11 +170,14 @@ class UpdateState:
     started_ms: int | None = None
     detail: str | None = None
     reason: str | None = None
+    repository: str | None = None  # where the stage command fetches from (to resume it)
+    installed: str | None = None  # the last committed version (anti-rollback); None: the config's
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise ValueError(f"unknown update state {self.state!r}")
-        for f in ("command_id", "target", "version", "sha256", "slot", "detail", "reason"):
+        for f in ("command_id", "target", "version", "sha256", "slot", "detail", "reason",
+                  "repository", "installed"):
             value = getattr(self, f)
             if value is not None and type(value) is not str:
                 raise ValueError(f"update state: {f} must be a string or null, not {value!r}")
@@ -222,8 +230,25 @@ class Report:
     result: Mapping | None = None
 
 
-def stage(current: UpdateState, command_id: str, target: str, now_ms: int
-          ) -> tuple[UpdateState, list[Report]]:
+def installed_version(current: UpdateState | None, configured: str) -> str:
+    """The version running now: the last committed one, else `updates.installed_version`."""
+    return (current.installed if current is not None and current.installed else configured)
+
+
+def check_repository(url: str, allowed: tuple[str, ...]) -> None:
+    """The command's repository must start with one of `updates.allowed_repositories`.
+
+    Raises UpdateError(BAD_PARAMS) otherwise: the parameter fails this vehicle's validation
+    before anything is fetched."""
+    base = url.rstrip("/") + "/"
+    # Prefixes match whole path segments: ".../fleet" does not allow ".../fleetX".
+    if not any(base.startswith(p if p.endswith("/") else p + "/") for p in allowed):
+        raise UpdateError(BAD_PARAMS, f"repository {url[:120]!r} is not an allowed update "
+                                      "repository on this vehicle")
+
+
+def stage(current: UpdateState, command_id: str, target: str, now_ms: int,
+          repository: str | None = None) -> tuple[UpdateState, list[Report]]:
     """Start an update.stage. Returns the new DOWNLOADING record and the reports for a
     superseded stage command (FAILED/SUPERSEDED when one was still in flight).
 
@@ -232,7 +257,8 @@ def stage(current: UpdateState, command_id: str, target: str, now_ms: int
     Raises IllegalTransition (reason BUSY) while ACTIVATING or CONFIRMING.
     """
     new = transition(current, STAGE, command_id=command_id, target=target, version=None,
-                     sha256=None, slot=None, started_ms=now_ms, detail=None, reason=None)
+                     sha256=None, slot=None, started_ms=now_ms, detail=None, reason=None,
+                     repository=repository)
     reports = []
     if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
         reports.append(Report(current.command_id, FAILED, SUPERSEDED,
@@ -277,6 +303,15 @@ def check_activate(current: UpdateState, target: str) -> None:
 def staged_result(current: UpdateState) -> dict:
     """The `result` of a SUCCEEDED update.stage (§6: target, version, sha256)."""
     return {"target": current.target, "version": current.version, "sha256": current.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateEvent:
+    """From the update worker thread to the core thread, tagged with the job's generation."""
+
+    gen: int
+    kind: str  # progress | downloaded | staged | switched | failed
+    data: Any = None
 
 
 # -- restart --------------------------------------------------------------------------------
@@ -386,7 +421,8 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
             actions.append(Save(new))
             report(FAILED, INSTALL_FAILED, detail)
     elif state == COMMITTED:
-        report(SUCCEEDED)
+        actions.append(Discard("downloads"))
+        report(SUCCEEDED, result={"target": found.target, "version": found.version})
     else:  # FAILED, ROLLED_BACK
         actions.append(Discard("downloads"))
         report(FAILED, found.reason or INSTALL_FAILED, found.detail)
