@@ -10,7 +10,8 @@ from importlib import import_module
 from .. import __version__
 from ..errors import AgentError
 
-COMMANDS = ["run", "status", "demo", "replay", "monitor", "dbc", "keys", "verify", "simulate", "modem"]  # module names under agent.cli
+COMMANDS = ["run", "status", "demo", "replay", "monitor", "dbc", "keys", "verify", "simulate", "modem",
+            "update"]  # module names under agent.cli
 
 
 def build_parser() -> argparse.ArgumentParser:
