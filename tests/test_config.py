@@ -174,14 +174,15 @@ def test_shipped_configs_are_valid(tmp_path):
     demo = load_config(ROOT / "configs" / "demo.toml")
     assert set(action_plans(demo, bus_plans(demo))) == {
         "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock"}
-    for name in ("ca.pem", "c.crt", "c.key"):
+    for name in ("ca.pem", "c.crt", "c.key", "root.json"):
         (tmp_path / name).write_text("x")
     dbc = ROOT / "dbc" / "demo_ev.dbc"
     example = load_config(ROOT / "configs" / "vehicle.example.toml", [
         f"bus.powertrain.dbc=['{dbc}']", f"bus.body.dbc=['{dbc}']",
         f"mqtt.tls.ca='{tmp_path / 'ca.pem'}'", f"mqtt.tls.cert='{tmp_path / 'c.crt'}'",
-        f"mqtt.tls.key='{tmp_path / 'c.key'}'"])
+        f"mqtt.tls.key='{tmp_path / 'c.key'}'", f"updates.trusted_root='{tmp_path / 'root.json'}'"])
     assert example.mqtt.port == 8883 and example.mqtt.tls.cert is not None
+    assert example.updates.hardware_id == "tcu-gen2"
     assert "charge.start" in action_plans(example, bus_plans(example))
 
 
@@ -199,3 +200,29 @@ def test_errors_inside_optional_sections_name_the_key(tmp_path, test_dbc):
         load_config(path)
     with pytest.raises(ConfigError, match=r"mqtt.tls.ca: no such file"):
         load_config(path, ["mqtt.port=8883", "mqtt.tls.ca='nope.pem'"])
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["updates.trusted_root='nope.json'"], r"updates.trusted_root: no such file"),
+    (["updates.allowed_repositories=[]"], r"updates.allowed_repositories: at least one"),
+    (["updates.allowed_repositories=['ftp://x/']"], r"updates.allowed_repositories.0: .* http"),
+    (["updates.allowed_repositories=['https://host']"], r"must be an http\(s\) URL prefix"),
+    (["updates.installed_version='1.2-rc1'"], r"updates.installed_version: version"),
+    (["updates.hardware_id=''"], r"updates.hardware_id: must not be empty"),
+    (["updates.colour='red'"], r"updates.colour: unknown key"),
+])
+def test_updates_section_errors(tmp_path, test_dbc, sets, message):
+    (tmp_path / "root.json").write_text("{}")
+    (tmp_path / "trust.toml").write_text("")
+    path = write(tmp_path, GOOD + """
+[commands]
+trust_store = "trust.toml"
+[updates]
+trusted_root = "root.json"
+allowed_repositories = ["https://updates.example.com/fleet/"]
+hardware_id = "tcu-1"
+installed_version = "1.0.0"
+""", test_dbc)
+    assert load_config(path).updates.installed_version == "1.0.0"
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, sets)

@@ -29,6 +29,7 @@ from agent.config import load_config
 from agent.core.cose import Signer
 from agent.runtime import RESTART_EXIT_CODE, Agent
 from conftest import ROOT
+from support.agentproc import wait_for
 from support.mosquitto import Mosquitto, _free_port
 from test_commands_e2e import VIN, Cloud, wait_ready
 
@@ -123,15 +124,6 @@ def rig(tmp_path):
 
 def statuses(rig, cid) -> list[str]:
     return [s["status"] for s in rig.cloud.statuses(cid)]
-
-
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the happy path ------------------------------------------------------------------------
