@@ -225,8 +225,10 @@ class UpdateService:
     def start(self, now_ms: int) -> list[Status]:
         """What the record found on disk means now (core/updates.on_restart), carried out."""
         try:
-            if self.slots.report().get("pending"):
+            report = self.slots.report()
+            if report.get("pending"):
                 self.slots.note_boot()
+            active_before = report["active"]
             actions = U.on_restart(self.state, self.slots.report(), now_ms,
                                    int(self.cfg.max_resume_age_s * 1000),
                                    self.cfg.max_boot_attempts)
@@ -253,9 +255,11 @@ class UpdateService:
                     self.slots.roll_back()
             except AgentError as e:
                 log.error("update start action %s failed: %s", type(action).__name__, e)
-        if self.state.state == U.ROLLED_BACK and any(isinstance(a, U.RollBackSlot)
-                                                     for a in actions):
-            self.restart_requested = True  # the new slot was running: back into the old one
+        try:
+            if self.slots.report()["active"] != active_before:
+                self.restart_requested = True  # rolled back: run the previous slot's code
+        except AgentError as e:
+            log.error("slots after start: %s", e)
         return out
 
     def poll(self, now_ms: int, health: Callable[[], tuple[bool, str]]) -> list[Status]:

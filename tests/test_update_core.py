@@ -329,3 +329,18 @@ def test_check_repository(url, ok):
         with pytest.raises(u.UpdateError) as info:
             u.check_repository(url, allowed)
         assert info.value.reason == "BAD_PARAMS"
+
+
+def test_restart_confirming_after_mark_good_commits():
+    # killed between mark_good (marker removed) and saving COMMITTED
+    actions = u.on_restart(rec(u.CONFIRMING), {"active": "b", "pending": None}, T0)
+    assert actions[0].state.state == u.COMMITTED and actions[0].state.installed == "1.5"
+    assert actions[-1] == u.Report("c1", SUCCEEDED, result={"target": "fw", "version": "1.5"})
+
+
+@pytest.mark.parametrize("found", [None, u.UpdateState(), rec(u.FAILED_STATE),
+                                   rec(u.ROLLED_BACK)])
+def test_restart_orphan_trial_slot_is_rolled_back(found):
+    actions = u.on_restart(found, PENDING_B, T0)
+    assert actions[0] == u.RollBackSlot()
+    assert u.on_restart(found, NO_PENDING, T0).count(u.RollBackSlot()) == 0

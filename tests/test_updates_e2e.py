@@ -305,6 +305,43 @@ def test_a_new_stage_supersedes_the_staged_one(rig):
     assert rig.slots.report()["active"] == "a"
 
 
+def _stage_slowly(rig, target="fw-2.0.0.bin"):
+    """Start a stage over a slow link and return its id once the download is under way."""
+    rig.server.bytes_per_s = 60_000  # 200 kB: about 3 s
+    cid, _ = rig.cloud.command("update.stage", {"target": target,
+                                                "repository": rig.server.url})
+    wait_for(lambda: any(s.get("progress", 0) > 0 for s in rig.cloud.statuses(cid)),
+             what="download progress")
+    return cid
+
+
+def test_cancel_during_download(rig):
+    rig.start_agent()
+    cid = _stage_slowly(rig)
+    xid, _ = rig.cloud.command("update.cancel")
+    assert rig.cloud.wait_terminal(xid)["status"] == "SUCCEEDED"
+    final = rig.cloud.wait_terminal(cid)
+    assert (final["status"], final["reason"]) == ("FAILED", "CANCELLED"), final
+    time.sleep(3.5)  # the aborted transfer would have finished by now
+    assert "SUCCEEDED" not in statuses(rig, cid)
+    rig.assert_untouched()
+    assert UpdateStateStore(rig.state_dir / "update").load().state == "IDLE"
+
+
+def test_a_new_stage_supersedes_a_download_in_flight(rig):
+    newer = rig.tmp / "fw-2.1.0.bin"
+    newer.write_bytes(os.urandom(50_000))
+    repo.add_target(rig.repo_dir, newer, "2.1.0", HW)
+    rig.start_agent()
+    first = _stage_slowly(rig)
+    second, final = rig.stage("fw-2.1.0.bin")
+    assert final["status"] == "SUCCEEDED" and final["result"]["version"] == "2.1.0", final
+    old = rig.cloud.wait_terminal(first)
+    assert (old["status"], old["reason"]) == ("FAILED", "SUPERSEDED"), old
+    assert (rig.slots.base / "b" / "payload").read_bytes() == newer.read_bytes()
+    assert rig.slots.report()["active"] == "a"
+
+
 # -- SIGKILL at every state, then a restart ------------------------------------------------
 
 def _run_agent(rig, kill_at: str | None = None) -> subprocess.Popen:

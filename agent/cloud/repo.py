@@ -18,6 +18,7 @@ import argparse
 import shutil
 import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -182,12 +183,15 @@ class RepoServer(ThreadingHTTPServer):
 
     `cut_after_bytes`: when set, a response under `cut_prefix` is cut off (connection closed)
     after that many body bytes, with the full Content-Length already announced.
+    `bytes_per_s`: when set, responses under `cut_prefix` are sent at about that rate (a slow
+    mobile link, so that a download can be cancelled or superseded while it runs).
     `requests`: the paths requested, in order (for tests).
     """
 
     daemon_threads = True
     cut_after_bytes: int | None = None
     cut_prefix: str = "/targets/"
+    bytes_per_s: int | None = None
 
     def __init__(self, directory: Path, port: int = 0):
         self.directory = Path(directory)
@@ -236,6 +240,14 @@ class _Handler(SimpleHTTPRequestHandler):
 
     def copyfile(self, source, outputfile) -> None:
         limit = self.server.cut_after_bytes
+        rate = self.server.bytes_per_s
+        if rate and self.path.startswith(self.server.cut_prefix):
+            chunk = max(1, rate // 20)
+            while data := source.read(chunk):
+                outputfile.write(data)
+                outputfile.flush()
+                time.sleep(0.05)
+            return None
         if limit is None or not self.path.startswith(self.server.cut_prefix):
             return super().copyfile(source, outputfile)
         outputfile.write(source.read(limit))

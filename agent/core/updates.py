@@ -366,11 +366,22 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
     - STAGED: keep it; make sure the stage command's SUCCEEDED was reported.
     - ACTIVATING: the switch either happened (pending marker names our slot and it is
       active -> CONFIRMING, then Confirm) or not (active slot untouched -> FAILED/INSTALL_FAILED).
-    - CONFIRMING: running our slot with boots <= max_boot_attempts -> Confirm; otherwise
-      the bootloader fell back or we keep crashing -> roll back, FAILED/INSTALL_FAILED.
+    - CONFIRMING: running our slot with boots <= max_boot_attempts -> Confirm; our slot
+      active with no pending marker -> it was marked good just before the cut: COMMITTED;
+      otherwise the bootloader fell back or we keep crashing -> roll back,
+      FAILED/INSTALL_FAILED.
+    - a pending trial slot with no activation of ours under way -> RollBackSlot.
     """
-    if found is None or found.state == IDLE:
-        return [Discard("downloads")]
+    pending = slots.get("pending") or None
+    active = slots.get("active")
+    if found is None or found.state in (IDLE, COMMITTED, FAILED_STATE, ROLLED_BACK):
+        # No activation of ours is under way, so a trial slot cannot be confirmed (its record
+        # was lost or the switch was undone): go back to the slot that worked.
+        orphan = [RollBackSlot()] if pending else []
+        if found is None or found.state == IDLE:
+            return orphan + [Discard("downloads")]
+    else:
+        orphan = []
     cid = found.command_id
     actions: list[Any] = []
 
@@ -380,8 +391,7 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
             actions.append(Report(cid, status, reason, detail, result))
 
     state = found.state
-    pending = slots.get("pending") or None
-    active = slots.get("active")
+    actions += orphan
 
     if state in (DOWNLOADING, VERIFYING):
         age = now_ms - (found.started_ms or 0)
@@ -409,7 +419,12 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
             report(FAILED, INSTALL_FAILED, detail)
     elif state == CONFIRMING:
         running_ours = active == found.slot and pending and pending.get("slot") == found.slot
-        if running_ours and int(pending.get("boots", 0)) <= max_boot_attempts:
+        if active == found.slot and not pending:
+            # Cut between mark_good and saving COMMITTED: the slot was confirmed.
+            new = transition(found, CONFIRMED, installed=found.version, detail=None)
+            actions.append(Save(new))
+            report(SUCCEEDED, result={"target": found.target, "version": found.version})
+        elif running_ours and int(pending.get("boots", 0)) <= max_boot_attempts:
             actions.append(Confirm(found))
             report(IN_PROGRESS, detail="confirming the new version")
         else:
