@@ -27,7 +27,7 @@ def check(proc, out):
     assert re.search(r"charge.stop: SUCCEEDED in \d+ ms", out)
     soc = re.search(r"state of charge ([\d.]+) % -> ([\d.]+) %", out)
     assert soc and float(soc.group(2)) > float(soc.group(1))  # it charged in between
-    assert "<- ACCEPTED" in out and "telemetry seq" in out
+    assert "<- ACCEPTED" in out and "telemetry seq 1.." in out  # every batch seen, from 1
     assert re.search(r"LTE -\d+ dBm, at 48\.\d+,11\.\d+", out)  # modem and GNSS emulators
 
 

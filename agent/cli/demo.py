@@ -99,7 +99,7 @@ class Demo:
         from ..sim.modem import SimulatedModem
         modem = SimulatedModem("ec25", rssi=20, registration=1, operator="Demo Mobile")
         gnss = SimulatedGnss([(48.1351, 11.5820), (48.1374, 11.5755), (48.1420, 11.5680)],
-                             speed_kmh=0.0, rate_hz=1.0)
+                             speed_kmh=40.0, rate_hz=1.0)  # driving its route
         modem.start()
         gnss.start()
         self.devices = (modem, gnss)
@@ -115,18 +115,20 @@ class Demo:
         vkey = load_public_key(str(keys / "vehicle.pub"))
         self.keys = {kid_of(vkey): vkey}
         self.cloud_signer = Signer(load_private_key(keys / "cloud.key"))
-        agent = Agent(config)
-        agent.start()
-        self.say(f"agent: vin {vin}, simulated EV on virtual CAN, signing key "
-                 f"{agent.publisher.signer.kid.hex()}")
-        cloud = None
+        cloud = agent = None
         try:
+            # The cloud view subscribes first: it must see every batch from seq 1 on.
             cloud = self._cloud(host, port, vin)
+            agent = Agent(config)
+            agent.start()
+            self.say(f"agent: vin {vin}, simulated EV on virtual CAN, signing key "
+                     f"{agent.publisher.signer.kid.hex()}")
             ok = self._script(agent, cloud, vin)
         finally:
             if cloud:
                 cloud.close()
-            agent.stop()
+            if agent:
+                agent.stop()
             for device in self.devices:
                 device.stop()
             if broker:
