@@ -234,14 +234,48 @@ class SimulatorConfig:
     locked: bool = True
     charge_limit: int = 80
     charge_rate_pct_per_s: float = 0.0  # 0: the physics of an 11 kW charger on 64 kWh
+    drive: bool = False  # follow the built-in drive cycle (0-60 km/h, stops); overrides speed
     timeline: tuple[Mapping[str, Any], ...] = ()  # [{at_s = 5, plugged = false}, ...]
 
     def validate(self, where: str) -> None:
         if not 0 <= self.soc <= 100 or not 50 <= self.charge_limit <= 100:
             raise ConfigError(f"{where}: soc 0..100 and charge_limit 50..100")
+        if not 0 <= self.speed_kph <= 250 or self.charge_rate_pct_per_s < 0:
+            raise ConfigError(f"{where}: speed_kph 0..250 and charge_rate_pct_per_s >= 0")
         for i, entry in enumerate(self.timeline):
-            if not isinstance(entry.get("at_s"), (int, float)):
-                raise ConfigError(f"{where}.timeline.{i}.at_s: a number of seconds is needed")
+            if type(entry.get("at_s")) not in (int, float) or entry["at_s"] < 0:
+                raise ConfigError(f"{where}.timeline.{i}.at_s: a number of seconds >= 0 is needed")
+            for key, value in entry.items():
+                _check_timeline_value(f"{where}.timeline.{i}.{key}", key, value)
+
+
+# What a simulator timeline entry may change, with its type and range.
+_TIMELINE = {"soc": (float, 0, 100), "speed_kph": (float, 0, 250), "charge_limit": (int, 50, 100),
+             "plugged": (bool,), "locked": (bool,), "drive": (bool,), "fault": (bool,),
+             "driver_door_open": (bool,), "gear": (str, ("P", "R", "N", "D"))}
+
+
+def _check_timeline_value(key: str, name: str, value: Any) -> None:
+    if name == "at_s":
+        return
+    spec = _TIMELINE.get(name)
+    if spec is None:
+        raise ConfigError(f"{key}: unknown key (known: at_s, {', '.join(_TIMELINE)})")
+    kind = spec[0]
+    if kind is float:
+        ok = type(value) in (int, float) and spec[1] <= value <= spec[2]
+        want = f"a number {spec[1]}..{spec[2]}"
+    elif kind is int:
+        ok = type(value) is int and spec[1] <= value <= spec[2]
+        want = f"an integer {spec[1]}..{spec[2]}"
+    elif kind is str:
+        ok = value in spec[1]
+        want = "one of " + ", ".join(spec[1])
+    else:
+        ok = type(value) is bool
+        want = "true or false"
+    if not ok:
+        raise ConfigError(f"{key}: expected {want}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -251,11 +285,25 @@ class ModemConfig:
     poll_interval_s: float = 30.0  # identity once, then signal/registration/operator polls
     command_timeout_s: float = 5.0
 
+    def validate(self, where: str) -> None:
+        if not self.port:
+            raise ConfigError(f"{where}.port: must name a serial device, e.g. /dev/ttyUSB2")
+        if self.baud <= 0:
+            raise ConfigError(f"{where}.baud: must be > 0")
+        if not 1 <= self.poll_interval_s <= 86400 or not 0.1 <= self.command_timeout_s <= 300:
+            raise ConfigError(f"{where}: poll_interval_s 1..86400 and command_timeout_s 0.1..300")
+
 
 @dataclass(frozen=True)
 class GnssConfig:
     port: str  # serial device emitting NMEA 0183, e.g. /dev/ttyUSB1
     baud: int = 9600
+
+    def validate(self, where: str) -> None:
+        if not self.port:
+            raise ConfigError(f"{where}.port: must name a serial device, e.g. /dev/ttyUSB1")
+        if self.baud <= 0:
+            raise ConfigError(f"{where}.baud: must be > 0")
 
 
 @dataclass(frozen=True)

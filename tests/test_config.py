@@ -226,3 +226,20 @@ installed_version = "1.0.0"
     assert load_config(path).updates.installed_version == "1.0.0"
     with pytest.raises(ConfigError, match=message):
         load_config(path, sets)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["simulator.timeline=[{at_s = 1, plugd = false}]"], r"simulator.timeline.0.plugd: unknown key"),
+    (["simulator.timeline=[{at_s = 1, gear = 'X'}]"], r"timeline.0.gear: expected one of P, R"),
+    (["simulator.timeline=[{at_s = 1, soc = 'abc'}]"], r"timeline.0.soc: expected a number 0..100"),
+    (["simulator.timeline=[{soc = 20}]"], r"timeline.0.at_s: a number of seconds"),
+    (["simulator.speed_kph=-5"], r"simulator: speed_kph 0..250"),
+    (["modem.port='/dev/ttyUSB2'", "modem.baud=-5"], r"modem.baud: must be > 0"),
+    (["modem.port='/dev/ttyUSB2'", "modem.poll_interval_s=0"], r"modem: poll_interval_s 1..86400"),
+    (["gnss.port=''"], r"gnss.port: must name a serial device"),
+])
+def test_simulator_modem_gnss_values_are_checked(tmp_path, test_dbc, sets, message):
+    path = write(tmp_path, GOOD + "\n[simulator]\nenabled = false\n", test_dbc)
+    load_config(path, ["simulator.timeline=[{at_s = 2, drive = true, gear = 'D'}]"])
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, sets)
