@@ -100,6 +100,25 @@ class CommandService:
         self._status(Status(command_id, C.FAILED, C.INTERNAL_ERROR,
                             "interrupted by an agent restart; not executed again"), now_ms)
 
+    def recover(self, now_ms: int) -> None:
+        """At start: a command recorded before a crash or stop that has no terminal status and
+        is not carried on (an update resumes) ends FAILED/INTERNAL_ERROR now, so the cloud is
+        not left waiting. Its actuator's state arrives in the next state record."""
+        try:
+            rows = self.replay.unexpired(now_ms)
+        except AgentError as e:
+            log.error("cannot look for interrupted commands: %s", e)
+            return
+        for cid, latest in rows:
+            status = decode_unverified(latest)[2].get("status") if latest else None
+            if status in C.TERMINAL_STATUSES or (self.updates is not None
+                                                 and self.updates.running(cid)):
+                continue
+            self.counters["interrupted"] += 1
+            log.warning("command %s was interrupted by an agent restart", cid)
+            self._status(Status(cid, C.FAILED, C.INTERNAL_ERROR,
+                                "interrupted by an agent restart; not executed further"), now_ms)
+
     # -- execution ------------------------------------------------------------------------
 
     def poll(self, now_ms: int) -> None:

@@ -136,6 +136,8 @@ class Agent:
         if self.updates is not None:  # an update interrupted or waiting to be confirmed
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.start(now_ms), now_ms)
+        if self.commands is not None:  # commands cut off by the last stop end FAILED
+            self.commands.recover(int(time.time() * 1000))
         for r in self.readers:
             r.start()
         for service in self.serial:

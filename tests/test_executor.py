@@ -145,6 +145,12 @@ def test_busy_and_supersede(rig):
     assert not any(isinstance(o, Send) for o in out)
     out = ex.submit("c4", "charge.stop", {}, T0 + 3)  # stop during start supersedes it
     assert ("c1", "FAILED", "SUPERSEDED") in statuses(out)
+    assert ("c2", "FAILED", "SUPERSEDED") in statuses(out)  # and what waited behind it
+    # The charger has not reacted to c1's START yet, so it still reads "not charging": the
+    # stop must not take that as "already stopped" -- it sends its frames and confirms.
+    assert ("c4", "SUCCEEDED", None) not in statuses(out)
+    assert any(isinstance(o, Send) and o.command_id == "c4" for o in out)
+    assert not ex.running("c2")
     # different actuators run in parallel
     out = ex.submit("c5", "charge.set_limit", {"percent": 70}, T0 + 4)
     assert ("c5", "ACCEPTED", None) in statuses(out)

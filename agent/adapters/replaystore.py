@@ -113,6 +113,14 @@ class ReplayStore(GuardedDb):
             return None if row is None or row[0] is None else bytes(row[0])
         return self._guarded(op)
 
+    def unexpired(self, now_ms: int) -> list[tuple[str, bytes | None]]:
+        """(id, latest status or None) of every id whose exp is still ahead."""
+        def op():
+            rows = self._conn.execute("SELECT id, status FROM seen WHERE exp_ms > ? ORDER BY "
+                                      "recorded_ms", (now_ms,)).fetchall()
+            return [(r[0], None if r[1] is None else bytes(r[1])) for r in rows]
+        return self._guarded(op)
+
     def purge(self, now_ms: int) -> int:
         """Forget ids whose exp has passed (exp_ms <= now_ms); return how many."""
         def op():

@@ -124,8 +124,14 @@ class Executor:
         run = _Run(command_id, plan, dict(params))
         current = self._running.get(plan.actuator)
         out: list = []
-        if current is not None and current.plan.name != name:
+        superseding = current is not None and current.plan.name != name
+        if superseding:
+            # The newer command wins, and so it does over everything still waiting behind the
+            # old one: those were issued before it and would undo it when they ran.
             out.append(Status(current.id, FAILED, "SUPERSEDED", f"superseded by {command_id}"))
+            for waiting in self._queued.pop(plan.actuator, ()):
+                out.append(Status(waiting.id, FAILED, "SUPERSEDED",
+                                  f"superseded by {command_id}"))
             del self._running[plan.actuator]
             current = None
         if current is not None:
@@ -135,16 +141,19 @@ class Executor:
                                      f"{len(queue)} {plan.actuator} commands already waiting")]
             queue.append(run)
             return out + [Status(command_id, ACCEPTED, detail=f"queued behind {current.id}")]
-        return out + self._start(run, now_ms, announce=True)
+        # After a supersede the vehicle may still be reacting to the old command's frames (a
+        # START already sent, the charger not yet CHARGING): "already in that state" would be
+        # read too early, so the frames are sent and the confirmation decides.
+        return out + self._start(run, now_ms, announce=True, shortcut=not superseding)
 
-    def _start(self, run: _Run, now_ms: int, announce: bool) -> list:
+    def _start(self, run: _Run, now_ms: int, announce: bool, shortcut: bool = True) -> list:
         plan = run.plan
         if not announce:  # it waited in the queue: the vehicle may have changed meanwhile
             ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, run.params)
             if not ok:
                 return [Status(run.id, REJECTED, "PRECONDITION_FAILED", why)]
         out = [Status(run.id, ACCEPTED)] if announce else []
-        if plan.already:
+        if plan.already and shortcut:
             done, _ = check_all(plan.already, self.lookup, now_ms, plan.stale_ms, run.params)
             if done:
                 return out + [Status(run.id, SUCCEEDED, detail="already in that state",
