@@ -196,12 +196,16 @@ def test_eviction_drops_oldest_telemetry_and_reports_drop(tmp_path, caplog):
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert len(warnings) == 1 and "over its budget" in warnings[0].getMessage()
 
-        # The next batch reports everything evicted since the last batch that was stored.
+        # The next batch reports everything lost since the last batch that was delivered:
+        # the evicted batches' own samples and the drops they were carrying (seq 5 carried
+        # seq 1's 10, seq 6 carried seq 2's 11), i.e. every sample of seq 1..6.
         ob.append_telemetry(build, 16, 0, TOPIC)
-        assert build.calls[-1] == (7, 12 + 13 + 14 + 15)
+        assert build.calls[-1] == (7, 12 + 13 + (14 + 10) + (15 + 11))
+        assert build.calls[-1][1] == 10 + 11 + 12 + 13 + 14 + 15
     with Outbox(tmp_path, max_bytes=1000) as ob:  # counters are durable
         s = ob.stats()
-        assert (s["evicted_batches"], s["dropped_samples"], s["pending_drop"]) == (7, 91, 16)
+        # seq 7 itself did not fit beside the responses: its 16 and its 75 are pending
+        assert (s["evicted_batches"], s["dropped_samples"], s["pending_drop"]) == (7, 91, 91)
         assert [r.kind for r in ob.peek(100)] == ["response"] * 4
 
 

@@ -18,7 +18,9 @@ Decisions worth knowing:
   counted as dropped.
 * Budget: ``max_bytes`` counts payload bytes. Only telemetry is evicted (oldest first, the new
   row included); response, state and status rows are kept even over budget, with one warning per
-  over-budget episode. Evicted samples become the ``drop`` of the next telemetry batch. A row
+  over-budget episode. Evicted samples, plus the ``drop`` an evicted batch was carrying, become
+  the ``drop`` of the next telemetry batch, so the drops a consumer receives add up to every
+  sample lost. A row
   already published but not yet acked may be evicted: drop is then over-reported, never under.
 * Corruption (``SQLITE_CORRUPT``, ``SQLITE_NOTADB`` or a failed ``PRAGMA quick_check`` on open)
   moves the files aside to ``outbox.db.corrupt-<ms>`` and starts a fresh database, on open and
@@ -56,7 +58,8 @@ _SCHEMA = (
         id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: ids are never reused
         kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
         seq INTEGER, samples INTEGER NOT NULL DEFAULT 0,
-        created_ms INTEGER NOT NULL, size INTEGER NOT NULL)""",
+        created_ms INTEGER NOT NULL, size INTEGER NOT NULL,
+        carried_drop INTEGER NOT NULL DEFAULT 0)""",
     # (kind, rowid): oldest telemetry for eviction, rows of one kind for replacement.
     "CREATE INDEX IF NOT EXISTS messages_kind ON messages(kind)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
@@ -125,7 +128,7 @@ class Outbox(GuardedDb):
                 if seq >= self._seq_high:  # reserve before the commit that uses the seq
                     self._write_reserve(seq + self._block, self._recovered)
                 meta = {"next_seq": seq + 1, "pending_drop": 0}
-                row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms)
+                row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms, drop)
                 total = self._evict(self._bytes + len(payload), meta)
                 self._put_meta(meta)
             self._committed(row_id, total, meta)
@@ -256,32 +259,34 @@ class Outbox(GuardedDb):
                 pass  # the transaction may already be gone; the original error matters
             raise
 
-    def _insert(self, kind, topic, payload, seq, samples, now_ms) -> int:
+    def _insert(self, kind, topic, payload, seq, samples, now_ms, carried_drop=0) -> int:
         cur = self._conn.execute(
-            "INSERT INTO messages (kind, topic, payload, seq, samples, created_ms, size)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (kind, topic, payload, seq, samples, now_ms, len(payload)))
+            "INSERT INTO messages (kind, topic, payload, seq, samples, created_ms, size,"
+            " carried_drop) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, topic, payload, seq, samples, now_ms, len(payload), carried_drop))
         return cur.lastrowid
 
     def _evict(self, total: int, meta: dict[str, int]) -> int:
         """Delete oldest telemetry until within budget; record the loss in ``meta``."""
-        batches = samples = 0
+        batches = samples = carried = 0
         while total > self._max_bytes:
             oldest = self._conn.execute(
-                "SELECT id, size, samples FROM messages WHERE kind = 'telemetry'"
+                "SELECT id, size, samples, carried_drop FROM messages WHERE kind = 'telemetry'"
                 " ORDER BY id LIMIT 64"
             ).fetchall()
             if not oldest:
                 break  # only rows we must never drop are left: stay over budget
-            for row_id, size, count in oldest:
+            for row_id, size, count, drop in oldest:
                 if total <= self._max_bytes:
                     break
                 self._conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
                 total -= size
                 batches += 1
                 samples += count
+                carried += drop  # the loss this batch was reporting is not reported now
         if batches:
-            meta["pending_drop"] = meta.get("pending_drop", self._meta["pending_drop"]) + samples
+            meta["pending_drop"] = (meta.get("pending_drop", self._meta["pending_drop"])
+                                    + samples + carried)
             meta["evicted_batches"] = self._meta["evicted_batches"] + batches
             meta["dropped_samples"] = self._meta["dropped_samples"] + samples
         return total
@@ -310,6 +315,10 @@ class Outbox(GuardedDb):
         conn.execute("BEGIN IMMEDIATE")
         for statement in _SCHEMA:
             conn.execute(statement)
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+        if "carried_drop" not in columns:  # a database from before the column existed
+            conn.execute("ALTER TABLE messages ADD COLUMN carried_drop INTEGER NOT NULL"
+                         " DEFAULT 0")
         # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps
         # the values of an existing one).
         defaults = {k: carry.get(k, 0) for k in _META_KEYS}
