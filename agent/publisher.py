@@ -46,6 +46,7 @@ class Publisher:
         self.state_limit = RateLimit(STATE_MIN_INTERVAL_MS)
         self._just_connected = threading.Event()
         self._final: dict | None = None
+        self._lost = 0  # samples of batches the outbox could not store (disk full)
 
     def start(self) -> None:
         self.uplink.start()
@@ -62,11 +63,20 @@ class Publisher:
     # -- records --------------------------------------------------------------------------
 
     def batch(self, batch: Batch) -> int:
-        """Sign and queue a telemetry batch; returns its seq."""
-        def build(seq: int, drop: int) -> bytes:
-            return self.signer.sign(batch.payload(self.vin, seq, drop))
+        """Sign and queue a telemetry batch; returns its seq. Raises StorageError when the
+        outbox cannot take it: its samples are then reported in the next batch's `drop`."""
+        lost = self._lost
 
-        seq = self.outbox.append_telemetry(build, batch.samples, now_ms(), self.topics.telemetry)
+        def build(seq: int, drop: int) -> bytes:
+            return self.signer.sign(batch.payload(self.vin, seq, drop + lost))
+
+        try:
+            seq = self.outbox.append_telemetry(build, batch.samples, now_ms(),
+                                               self.topics.telemetry)
+        except Exception:
+            self._lost += batch.samples
+            raise
+        self._lost = 0
         self.uplink.wake()
         return seq
 

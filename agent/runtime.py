@@ -98,6 +98,7 @@ class Agent:
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
         self.watchdog = Watchdog.from_env(self.notifier)
         self.batches_closed = 0
+        self.core_failures = 0
         self.started_at = 0.0
         self._stop = threading.Event()
         self._stop_requested = threading.Event()  # run_forever returns when set
@@ -204,6 +205,19 @@ class Agent:
     # -- the core thread ------------------------------------------------------------------
 
     def _core_loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._core_loop_body()
+                return
+            except Exception:  # storage full, a bug: log, keep ingesting; systemd sees the rest
+                failures += 1
+                self.core_failures = failures
+                if failures <= 10 or failures % 1000 == 0:
+                    log.exception("core loop iteration failed (%d so far); continuing", failures)
+                time.sleep(min(1.0, 0.01 * failures))
+
+    def _core_loop_body(self) -> None:
         next_tick = next_status = 0.0
         while not self._stop.is_set():
             self.watchdog.kick()  # a stalled core loop stops the watchdog pings
@@ -327,7 +341,8 @@ class Agent:
     def status(self, running: bool = True) -> dict:
         out = {"vin": self.config.vehicle.vin, "running": running,
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
-               "batches": self.batches_closed, "samples": self.core.samples}
+               "batches": self.batches_closed, "samples": self.core.samples,
+               "core_failures": self.core_failures}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:

@@ -211,3 +211,70 @@ def test_run_under_systemd_notify_and_watchdog(test_dbc, tmp_path):
     finally:
         proc.kill()
         sock.close()
+
+
+def test_a_full_disk_keeps_ingest_running_and_reports_the_loss(test_dbc, tmp_path):
+    """The outbox's filesystem fills up: batches cannot be stored, the core thread keeps going,
+    and once there is room again the next batch's drop counts the samples that were lost."""
+    import subprocess
+
+    from agent.adapters.keys import generate_keypair
+    from agent.core.cose import decode_unverified
+    from support.mosquitto import _free_port
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(tiny)],
+                             capture_output=True, check=False)
+    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
+    try:
+        generate_keypair(tmp_path / "keys", stem="vehicle")
+        raw = {
+            "vehicle": {"vin": "VIN0001"},
+            "storage": {"dir": str(tiny / "state")},
+            "bus": [{"name": "pt", "interface": "virtual", "channel": f"t-{uuid.uuid4().hex}",
+                     "dbc": [str(test_dbc)]}],
+            "telemetry": {"messages": ["VCU_Drive"], "max_batch_age_ms": 50},
+            "signing": {"key_file": str(tmp_path / "keys" / "vehicle.key")},
+            "mqtt": {"port": _free_port()},  # no broker: everything stays in the outbox
+        }
+        agent = Agent(config_from_dict(raw, base=tmp_path))
+        import cantools
+        drive = cantools.database.load_file(str(test_dbc)).get_message_by_name("VCU_Drive")
+        agent.start()
+        try:
+            assert agent.readers[0].wait_open(2)
+            with can.Bus(interface="virtual", channel=raw["bus"][0]["channel"]) as feeder:
+                def feed(n, start):
+                    for i in range(n):
+                        feeder.send(can.Message(arbitration_id=drive.frame_id, data=drive.encode(
+                            {"Speed": float((start + i) % 200), "Gear": 3, "Ready": 1}),
+                            is_extended_id=False))
+                        time.sleep(0.005)
+
+                feed(20, 0)
+                filler = tiny / "filler"
+                with open(filler, "wb") as f:  # the disk fills up (someone else's file)
+                    try:
+                        while True:
+                            f.write(b"\0" * 65536)
+                            f.flush()
+                    except OSError:
+                        pass
+                batches_before = agent.batches_closed
+                feed(40, 20)  # these batches cannot be stored
+                assert wait_until(lambda: agent.batches_closed >= batches_before + 3)
+                assert agent._core_thread.is_alive()
+                filler.unlink()  # room again
+                feed(20, 60)
+                time.sleep(0.5)
+        finally:
+            agent.stop()
+        import sqlite3
+        with sqlite3.connect(tiny / "state" / "outbox.db") as db:
+            payloads = [bytes(r[0]) for r in db.execute(
+                "SELECT payload FROM messages WHERE kind = 'telemetry' ORDER BY id")]
+        drops = [decode_unverified(p)[2].get("drop", 0) for p in payloads]
+        assert sum(drops) > 0, drops  # the loss is reported, not silent
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=False)
