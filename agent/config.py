@@ -86,6 +86,14 @@ class SignalConfig:
     heartbeat_s: float | None = None
     timeout_ms: int | str | None = None
 
+    def validate(self, where: str) -> None:
+        for key, value in self.map.items():
+            # Outputs go into CBOR batches: plain values only (a TOML date would become a
+            # CBOR tag that receivers reject).
+            if value is not None and type(value) not in (bool, int, float, str):
+                raise ConfigError(f"{where}.map.{key}: a map value must be a number, string or "
+                                  f"boolean, not {type(value).__name__}")
+
 
 @dataclass(frozen=True)
 class TelemetryConfig:

@@ -243,3 +243,10 @@ def test_simulator_modem_gnss_values_are_checked(tmp_path, test_dbc, sets, messa
     load_config(path, ["simulator.timeline=[{at_s = 2, drive = true, gear = 'D'}]"])
     with pytest.raises(ConfigError, match=message):
         load_config(path, sets)
+
+
+def test_signal_map_values_must_be_plain(tmp_path, test_dbc):
+    path = write(tmp_path, GOOD, test_dbc)
+    with pytest.raises(ConfigError, match=r"telemetry.signal.0.map.Unlocked: a map value must"):
+        load_config(path, ['telemetry.signal=[{select = "VCU_Drive.Speed", '
+                           'map = {"Unlocked" = 1979-05-27T07:32:00Z}}]'])

@@ -163,3 +163,14 @@ def test_public_key_errors(tmp_path):
     generate_keypair(tmp_path)
     with pytest.raises(SigningError):
         load_public_key(private_pem.read_text())  # a private key is not a public key
+
+
+def test_agent_without_uplink_still_refuses_a_missing_key(tmp_path, test_dbc):
+    from agent.config import config_from_dict
+    from agent.runtime import Agent
+
+    raw = {"vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path / "s")},
+           "bus": [{"name": "a", "interface": "virtual", "channel": "x", "dbc": [str(test_dbc)]}],
+           "signing": {"key_file": str(tmp_path / "none" / "vehicle.key")}}
+    with pytest.raises(SigningError, match="tcu-agent keys generate"):
+        Agent(config_from_dict(raw, base=tmp_path))
