@@ -708,6 +708,23 @@ def test_stop_drains_and_disconnects_cleanly(make_broker, outbox, make_uplink) -
         up.start()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_stop_with_a_backlog_lets_the_broker_publish_the_will(make_broker, outbox, make_uplink,
+                                                              protocol) -> None:
+    """The offline record queued at stop cannot get through in time: a clean DISCONNECT would
+    discard the will and leave the retained status "online"; the will is published instead."""
+    b = make_broker()
+    with Consumer(b.host, b.port, STATUS) as c:
+        up = make_uplink(config(b.port, protocol=protocol), outbox)
+        wait_until(lambda: up.status()["state"] == "connected")
+        add(outbox, None, 3000, pad=10_000)  # ~30 MB: far more than 50 ms can carry
+        outbox.append("status", STATUS, b"offline (clean shutdown)", 0)
+        assert up.stop(0.05) > 0
+        wait_until(lambda: any(m.payload.startswith(b"offline:") for m in c.messages),
+                   timeout=5, what="the will on the status topic")
+    assert up.status()["protocol"] == protocol
+
+
 @pytest.mark.parametrize("broker", ["refusing", "silent"])
 def test_stop_returns_in_time_when_broker_unreachable(outbox, make_uplink, broker: str) -> None:
     if broker == "silent":  # accepts TCP (kernel backlog), never answers: CONNACK never comes

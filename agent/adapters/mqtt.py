@@ -40,6 +40,8 @@ from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig
 from agent.errors import UplinkError
@@ -330,12 +332,32 @@ class Uplink:
                 log.exception("on_connected callback failed")
 
     def _close(self, client: mqtt.Client) -> None:
-        """Disconnect cleanly (no will) if still connected; join paho's thread."""
+        """Disconnect if still connected; join paho's thread.
+
+        A clean DISCONNECT discards the will. When stopping with rows still unacknowledged,
+        the signed offline record queued last is among them: let the broker publish the will
+        instead (MQTT 5 reason 0x04; on 3.1.1, end the connection without a DISCONNECT), or
+        the retained status would say "online" until the next start."""
         try:
-            client.disconnect()  # a no-op if the connection is already gone
+            if self._stopping and self._rows_left():
+                if self._protocol == "5":
+                    client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
+                                                            "Disconnect with will message"))
+                else:
+                    sock = client.socket()
+                    if sock is not None:
+                        sock.shutdown(socket.SHUT_RDWR)
+            else:
+                client.disconnect()  # a no-op if the connection is already gone
             client.loop_stop()  # its thread ends once the socket is closed
         except Exception as e:  # noqa: BLE001 - best effort: the connection is over anyway
             log.debug("closing the MQTT client: %r", e)
+
+    def _rows_left(self) -> bool:
+        try:
+            return self._outbox.stats()["messages"] > 0
+        except Exception:  # noqa: BLE001 - a broken outbox: assume the offline record is stuck
+            return True
 
     # ---- worker: publishing ---------------------------------------------------------------
 
