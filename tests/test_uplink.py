@@ -376,19 +376,21 @@ def make_proxy():
 def test_order_kept_rows_acked_retained_kinds_retained(make_broker, outbox, make_uplink) -> None:
     b = make_broker()
     with Consumer(b.host, b.port, f"{PREFIX}/#") as c:
-        expected = []
+        telemetry, urgent = [], []
         for i in range(300):  # telemetry with a response and a state record here and there
-            expected += [(TELEMETRY, b"seq:%d|" % s) for s in add(outbox, None, 1)]
+            telemetry += [(TELEMETRY, b"seq:%d|" % s) for s in add(outbox, None, 1)]
             if i % 50 == 7:
                 payload = b"response-%d" % i
                 outbox.append("response", RESPONSES, payload, 0)
-                expected.append((RESPONSES, payload))
+                urgent.append((RESPONSES, payload))
         outbox.append("state", STATE, b"state-final", 0)
-        expected.append((STATE, b"state-final"))
+        urgent.append((STATE, b"state-final"))
+        expected = urgent + telemetry
         up = make_uplink(config(b.port), outbox)
         msgs = c.wait_for_count(len(expected), timeout=15)
         wait_until(lambda: left(outbox) == 0, what="the outbox to empty")
-    assert [(m.topic, m.payload) for m in msgs] == expected  # exactly once, in order
+    # Exactly once; responses and state go ahead of the telemetry backlog, each kind in order.
+    assert [(m.topic, m.payload) for m in msgs] == expected
     st = up.status()
     assert st["state"] == "connected" and st["protocol"] == "5" and st["tls"] is False
     assert st["broker"] == f"127.0.0.1:{b.port}"

@@ -11,7 +11,9 @@ Decisions worth knowing:
   waits on; it clears the Event *before* looking for work, so no wake-up is lost and none is
   delayed by polling.
 * Delivery: a fresh paho client (clean session) per connection; the worker publishes rows in
-  outbox order, at most ``max_inflight`` (capped by the broker's Receive Maximum) unacknowledged,
+  outbox order -- except that command statuses, state and status records go ahead of a
+  telemetry backlog (a response must not wait behind an hour of batches after an outage;
+  each kind keeps its own order) -- at most ``max_inflight`` (capped by the broker's Receive Maximum) unacknowledged,
   and acks rows in the outbox in batches, only on a successful PUBACK. After a disconnect it
   starts again from the oldest row: at-least-once, consumers dedupe by seq. paho's own inflight
   queue and retries are not used (paho would resend its own copies on reconnect, out of order
@@ -374,7 +376,7 @@ class Uplink:
     def _serve(self, client: mqtt.Client) -> None:
         """Publish and ack until the connection is lost or the drain is over."""
         sent: dict[int, int] = {}  # mid -> row id, unacknowledged, in publish order
-        after = 0  # id of the last row published on this connection
+        after = _Cursor()  # what was published on this connection
         filters: set[str] = set()  # subscribed (requested) on this connection
         subacks: dict[int, list[str]] = {}  # SUBSCRIBE mid -> its filters, until the SUBACK
         granted = True  # no SUBACK refused a filter on this connection
@@ -414,32 +416,37 @@ class Uplink:
                 return  # out of time, or drained (nothing in flight after filling the window)
             self._nap(_IDLE_WAIT_S)
 
-    def _fill_window(self, client: mqtt.Client, sent: dict[int, int], after: int,
-                     done: list[int]) -> tuple[int, str | None]:
-        """Publish the next rows after ``after`` until the window is full or the outbox empty.
-
-        Returns the new ``after`` and an error that ends the connection, if any.
-        """
+    def _fill_window(self, client: mqtt.Client, sent: dict[int, int], after: _Cursor,
+                     done: list[int]) -> tuple[_Cursor, str | None]:
+        """Publish urgent rows first, then the next rows in order, until the window is full or
+        the outbox empty. Returns the cursor and an error that ends the connection, if any."""
         published, problem = 0, None
-        while problem is None and (room := self._window - len(sent)) > 0:
-            rows = self._outbox.peek(room, after)
-            for row in rows:
-                try:
-                    info = client.publish(row.topic, row.payload, qos=1,
-                                          retain=row.kind in RETAINED_KINDS)
-                except ValueError as e:  # can never be sent (bad topic, absurd size): drop it
-                    log.error("dropping outbox row %d (%s): %s", row.id, row.topic, e)
-                    done.append(row.id)
-                    after = row.id
-                    continue
-                if info.rc != mqtt.MQTT_ERR_SUCCESS:
-                    problem = f"publish failed: {mqtt.error_string(info.rc)}"
-                    break
-                sent[info.mid] = row.id
-                after = row.id
-                published += 1
-            if len(rows) < room:
-                break  # the outbox is empty for now
+        for urgent in (True, False):
+            while problem is None and (room := self._window - len(sent)) > 0:
+                rows = self._outbox.peek(room, after.urgent if urgent else after.all, urgent)
+                for row in rows:
+                    if urgent:
+                        after.urgent = row.id
+                        after.early.add(row.id)
+                    else:
+                        after.all = row.id
+                        if row.id in after.early:  # already sent ahead of the backlog
+                            after.early.discard(row.id)
+                            continue
+                    try:
+                        info = client.publish(row.topic, row.payload, qos=1,
+                                              retain=row.kind in RETAINED_KINDS)
+                    except ValueError as e:  # can never be sent (bad topic, absurd size)
+                        log.error("dropping outbox row %d (%s): %s", row.id, row.topic, e)
+                        done.append(row.id)
+                        continue
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        problem = f"publish failed: {mqtt.error_string(info.rc)}"
+                        break
+                    sent[info.mid] = row.id
+                    published += 1
+                if len(rows) < room:
+                    break  # nothing more of this kind for now
         with self._lock:
             self._counts["published"] += published
         return after, problem
@@ -537,6 +544,18 @@ class Uplink:
         except (OSError, UnicodeDecodeError) as e:
             raise UplinkError(f"mqtt.password_file: cannot read {path}: {e}") from None
         return lines[0] if lines else ""
+
+
+class _Cursor:
+    """Where publishing stands on one connection: the last row id in order (`all`), the last
+    urgent row id (`urgent`), and urgent rows sent ahead that `all` has not reached yet."""
+
+    __slots__ = ("all", "urgent", "early")
+
+    def __init__(self) -> None:
+        self.all = 0
+        self.urgent = 0
+        self.early: set[int] = set()
 
 
 def _no_delay(client, userdata, sock) -> None:

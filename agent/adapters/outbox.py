@@ -163,12 +163,14 @@ class Outbox(GuardedDb):
 
         return self._guarded(op)
 
-    def peek(self, limit: int, after_id: int | None = None) -> list[Row]:
-        """Return up to ``limit`` queued rows with id > ``after_id``, oldest first."""
+    def peek(self, limit: int, after_id: int | None = None, urgent: bool = False) -> list[Row]:
+        """Return up to ``limit`` queued rows with id > ``after_id``, oldest first; with
+        ``urgent``, only the rows that are not telemetry (responses, state, status)."""
         def op() -> list[Row]:
+            where = " AND kind IN ('response', 'state', 'status')" if urgent else ""
             cur = self._conn.execute(
                 "SELECT id, kind, topic, payload, seq, created_ms FROM messages"
-                " WHERE id > ? ORDER BY id LIMIT ?", (after_id or 0, limit))
+                f" WHERE id > ?{where} ORDER BY id LIMIT ?", (after_id or 0, limit))
             rows = [Row(*r) for r in cur.fetchall()]
             if rows:
                 self._max_id = max(self._max_id, rows[-1].id)
