@@ -464,6 +464,11 @@ def _list_index(node: list, part: str, where: str, item: str) -> int:
     raise ConfigError(f"--set {item!r}: {where}: no entry named {part!r}")
 
 
+def build_section(cls: type, data: Any, where: str, base: Path) -> Any:
+    """Validate one section on its own (e.g. `tcu-agent simulate --set` without a config)."""
+    return _build(cls, data, where, base)
+
+
 def _build(cls: type, data: Any, where: str, base: Path) -> Any:
     """Build dataclass `cls` from a TOML table, checking keys and types."""
     label = where or "(top level)"

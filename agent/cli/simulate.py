@@ -23,16 +23,15 @@ def run(args) -> int:
 
     import can
 
-    from ..config import SimulatorConfig, load_config
-    from ..errors import BusError
+    from ..errors import BusError, ConfigError
     from ..sim import from_config
     from ..sim.runner import SimulatorThread
 
-    sim_cfg = SimulatorConfig()
-    if args.config:
-        sim_cfg = load_config(args.config, args.set).simulator or sim_cfg
+    if args.duration is not None and not args.duration > 0:
+        raise ConfigError(f"--duration: must be > 0 seconds, got {args.duration}")
+    vehicle = from_config(_simulator_config(args.config, args.set))
     try:
-        thread = SimulatorThread(from_config(sim_cfg), args.interface, args.channel)
+        thread = SimulatorThread(vehicle, args.interface, args.channel)
     except (can.CanError, OSError, ValueError, ImportError) as e:
         raise BusError(f"cannot open {args.interface} {args.channel}: {e}") from None
     thread.start()
@@ -40,7 +39,7 @@ def run(args) -> int:
     log.info("simulated EV on %s %s", args.interface, args.channel)
     end = time.monotonic() + args.duration if args.duration else None
     try:
-        while end is None or time.monotonic() < end:
+        while thread.running and (end is None or time.monotonic() < end):
             time.sleep(0.2)
     except KeyboardInterrupt:
         pass
@@ -49,4 +48,21 @@ def run(args) -> int:
     s = thread.vehicle.state
     log.info("stopped: %d frames sent; soc %.1f %%, %s", thread.frames_sent, s.soc,
              "charging" if s.charging else "not charging")
-    return 0
+    return 1 if thread.error else 0  # the thread has logged what went wrong
+
+
+def _simulator_config(path, overrides):
+    """[simulator] from the config file, or from the defaults; `--set` applies to both."""
+    from pathlib import Path
+
+    from ..config import SimulatorConfig, apply_override, build_section, load_config
+    from ..errors import ConfigError
+
+    if path:
+        return load_config(path, overrides).simulator or SimulatorConfig()
+    raw: dict = {}
+    for item in overrides:
+        if not item.partition("=")[0].strip().startswith("simulator."):
+            raise ConfigError(f"--set {item!r}: without -c only simulator.* settings apply")
+        apply_override(raw, item)
+    return build_section(SimulatorConfig, raw.get("simulator", {}), "simulator", Path.cwd())

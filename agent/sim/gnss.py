@@ -3,7 +3,7 @@
     gnss = SimulatedGnss([(48.1173, 11.5167), (48.1300, 11.5500)], speed_kmh=50,
                          rate_hz=5, link=tmp_path / "ttyGNSS").start()
     ... GnssConfig(port=gnss.path) ...
-    gnss.corrupt_every = 4   # every 4th sentence with a wrong checksum
+    gnss.corrupt_every = 4   # every 4th sentence with a data digit changed (see corrupt())
     gnss.fix = False         # lose the fix: GGA quality 0, RMC status V
     gnss.inject(b"\\xff\\xfe$GPG")  # raw noise / a cut sentence
     gnss.unplug(); gnss.replug()
@@ -11,7 +11,7 @@
 
 The position moves along the route's straight segments (great-circle distance, linear
 interpolation, fine at road scale) at `speed_kmh`, stopping at the last point. `nmea()`,
-`fix_sentences()` and `Route` are pure, for tests that want exact sentences.
+`fix_sentences()`, `corrupt()` and `Route` are pure, for tests that want exact sentences.
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ def fix_sentences(when: datetime, lat: float, lon: float, *, altitude_m: float =
     rmc = (f"{talker}RMC,{hms},{'A' if fix else 'V'},{la},{ns},{lo},{ew},{knots},{course},"
            f"{when.strftime('%d%m%y')},,,{'A' if fix else 'N'}")
     return [nmea(gga), nmea(rmc)]
+
+
+def corrupt(sentence: str) -> str:
+    """A transmission error: the first digit of the latitude (of the time without a fix) is
+    changed and the original checksum kept, so only checksum verification can tell."""
+    body, star, rest = sentence.partition("*")
+    fields = body.split(",")
+    i = 3 if fields[0].endswith("RMC") else 2  # latitude in RMC / GGA
+    i = i if fields[i][:1].isdigit() else 1
+    fields[i] = str((int(fields[i][0]) + 1) % 10) + fields[i][1:]
+    return ",".join(fields) + star + rest
 
 
 def _distance_m(a, b) -> float:
@@ -110,7 +121,7 @@ class SimulatedGnss(PtyDevice):
         self.satellites = satellites
         self.talker = talker
         self.fix = True
-        self.corrupt_every = 0  # 0 = never; N = every Nth sentence gets a wrong checksum
+        self.corrupt_every = 0  # 0 = never; N = every Nth sentence is corrupted in transit
         self.sentences_sent = 0
         self.distance_m = 0.0
         self._last = time.monotonic()
@@ -132,6 +143,5 @@ class SimulatedGnss(PtyDevice):
                                satellites=self.satellites, fix=self.fix, talker=self.talker):
             self.sentences_sent += 1
             if self.corrupt_every and self.sentences_sent % self.corrupt_every == 0:
-                good = s[-4:-2]
-                s = s[:-4] + ("00" if good != "00" else "01") + "\r\n"
+                s = corrupt(s)
             self.write(s.encode("ascii"))

@@ -2,9 +2,9 @@
 
     modem = SimulatedModem(profile="ec25", rssi=21, link=tmp_path / "ttyUSB2").start()
     ... ModemConfig(port=modem.path) ...
-    modem.set_registration(5)    # roaming, announced by an unsolicited "+CEREG: 5,..."
+    modem.set_registration(5)    # roaming, announced by "+CEREG: 5,..." once URCs are on
     modem.delay_s = 2.0          # slow answers;  modem.mute = True: no answers at all
-    modem.garbage_every = 3      # noise before every 3rd answer
+    modem.garbage_every = 3      # noise before every 3rd answer (binary, or a cut-off line)
     modem.unplug(); modem.replug()
     modem.stop()
 
@@ -12,6 +12,7 @@ Answers follow 3GPP TS 27.007 framing (V.250, verbose): echo until ATE0, "\\r\\n
 lines, then "\\r\\nOK\\r\\n", "\\r\\nERROR\\r\\n" or "\\r\\n+CME ERROR: <n>\\r\\n". Profile
 differences that matter to the agent: the model name, and the ICCID command (SIMCom: AT+CCID
 with a bare answer and AT+CICCID; Quectel: AT+QCCID, and AT+CCID is an ERROR).
+Registration URCs are off until AT+CEREG=<n> / AT+CREG=<n> turn them on, as shipped.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ PROFILES = {
     "ec25": {"model": "EC25", "imei": "867698041234563"},
 }
 GARBAGE = b"\xff\x00~\x8f#\xfe\r\n"  # what a line glitch at the wrong baud rate looks like
+PARTIAL = b"\r\n0,99\r\n"  # the printable tail of a line ("+CSQ: 21,99") cut by a glitch
 
 
 class SimulatedModem(PtyDevice):
@@ -51,26 +53,31 @@ class SimulatedModem(PtyDevice):
         self.act = act
         self.tac, self.cell = tac, cell
         self.echo = True  # as shipped: ATE1
-        self.cereg_n = 2  # URCs with location on (as an NVRAM setting would leave it)
+        self.cereg_n = self.creg_n = 0  # registration URCs off, as shipped
         self.cmee = 0
         self.delay_s = 0.0  # answer this long after the command (slow modem)
         self.mute = False  # read commands, never answer (a hung modem)
         self.garbage_every = 0  # 0 = never; N = noise before every Nth answer
+        self.noise = [GARBAGE, PARTIAL]  # used in turn, one per noisy answer
         self.received: list[str] = []  # every command line, in order (for assertions)
         self.received_at: list[float] = []  # time.monotonic() of each, for pacing checks
         self._inbuf = b""
         self._answers = 0
+        self._noisy = 0
         self._queue: list[tuple[float, bytes]] = []  # (due monotonic, bytes): delayed answers
         self._qlock = threading.Lock()  # replug() (test thread) resets what _step() uses
 
     # -- driving it from a test -----------------------------------------------------------
 
-    def set_registration(self, stat: int, urc: bool = True) -> None:
-        """Change EPS and CS registration; announce it unprompted when URCs are on."""
+    def set_registration(self, stat: int, urc: bool = True, *, tac: str | None = None,
+                         cell: str | None = None) -> None:
+        """Change EPS and CS registration (and the cell); announce it unprompted as
+        +CEREG / +CREG URCs when AT+CEREG=n / AT+CREG=n turned them on."""
         self.eps_stat = self.cs_stat = stat
-        if urc and self.cereg_n:
-            extra = f',"{self.tac}","{self.cell}",{self.act}' if self.cereg_n >= 2 else ""
-            self.write(f"\r\n+CEREG: {stat}{extra}\r\n".encode())
+        self.tac, self.cell = tac or self.tac, cell or self.cell
+        for name, n in (("+CEREG", self.cereg_n), ("+CREG", self.creg_n)):
+            if urc and n:
+                self.write(f"\r\n{name}: {stat}{self._location(n, stat)}\r\n".encode())
 
     def ring(self) -> None:
         """An incoming call: the URC every modem sends."""
@@ -80,6 +87,7 @@ class SimulatedModem(PtyDevice):
         with self._qlock:
             super().replug()
             self.echo, self.cmee, self._inbuf, self._queue = True, 0, b"", []  # a fresh boot
+            self.cereg_n = self.creg_n = 0
 
     # -- the loop -------------------------------------------------------------------------
 
@@ -108,8 +116,9 @@ class SimulatedModem(PtyDevice):
             if self.mute:
                 continue
             self._answers += 1
-            if self.garbage_every and self._answers % self.garbage_every == 0:
-                out = GARBAGE + out
+            if self.garbage_every and self._answers % self.garbage_every == 0 and self.noise:
+                out = self.noise[self._noisy % len(self.noise)] + out
+                self._noisy += 1
             self._queue.append((time.monotonic() + self.delay_s, out + answer))
 
     def _answer(self, text: str) -> bytes:
@@ -139,6 +148,9 @@ class SimulatedModem(PtyDevice):
         if cmd.startswith("AT+CEREG="):
             self.cereg_n = int(cmd[9:] or 0)
             return []
+        if cmd.startswith("AT+CREG="):
+            self.creg_n = int(cmd[8:] or 0)
+            return []
         if cmd == "AT+CGMM":
             return [self.model]
         if cmd in ("AT+CGSN", "AT+GSN"):
@@ -156,16 +168,20 @@ class SimulatedModem(PtyDevice):
         if cmd == "AT+CSQ":
             return [f"+CSQ: {self.rssi},99"]
         if cmd == "AT+CEREG?":
-            loc = f',"{self.tac}","{self.cell}",{self.act}' if self.cereg_n >= 2 else ""
-            loc = loc if self.eps_stat in (1, 5) else ""  # location only while registered
-            return [f"+CEREG: {self.cereg_n},{self.eps_stat}{loc}"]
+            return [f"+CEREG: {self.cereg_n},{self.eps_stat}"
+                    f"{self._location(self.cereg_n, self.eps_stat)}"]
         if cmd == "AT+CREG?":
-            return [f"+CREG: 0,{self.cs_stat}"]
+            return [f"+CREG: {self.creg_n},{self.cs_stat}"
+                    f"{self._location(self.creg_n, self.cs_stat)}"]
         if cmd == "AT+COPS?":
             if self.eps_stat in (1, 5) and self.operator:
                 return [f'+COPS: 0,0,"{self.operator}",{self.act}']
             return ["+COPS: 0"]
         return None
+
+    def _location(self, n: int, stat: int) -> str:
+        """',"<tac>","<ci>",<AcT>' with n >= 2 while registered, else ''."""
+        return f',"{self.tac}","{self.cell}",{self.act}' if n >= 2 and stat in (1, 5) else ""
 
 
 def _final(code: str) -> bytes:

@@ -20,12 +20,17 @@ class SimulatorThread:
         self.bus = can.Bus(interface=interface, channel=channel, **kwargs)
         self.frames_sent = 0
         self.send_errors = 0
+        self.error: Exception | None = None  # what stopped the thread, if it crashed
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
 
     def start(self) -> "SimulatorThread":
         self._thread.start()
         return self
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> None:
         self._stop.set()
@@ -49,3 +54,8 @@ class SimulatorThread:
                 if self.send_errors in (1, 10, 100) or self.send_errors % 1000 == 0:
                     log.warning("simulator: bus error (%d so far): %s", self.send_errors, e)
                 self._stop.wait(0.1)
+            except Exception as e:  # a bug in the model: say so once, loudly, and stop
+                self.error = e
+                log.error("simulator stopped: %s: %s", type(e).__name__, e,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                return

@@ -2,12 +2,14 @@
 
 ECUs (VCU, BMS, OBC, BCM) send their status messages at the DBC cycle times; the charger and
 the body controller react to the telematics unit's requests after realistic delays, and refuse
-what a real car refuses: no charging without a cable or out of P, no unlocking while moving.
+what a real car refuses: no charging without a cable, out of P or with a charger fault, no
+unlocking while moving. While `drive` is on the speed follows a repeating urban drive cycle.
 Request frames with a wrong checksum are ignored (counted), as a real ECU would.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +22,43 @@ DBC = Path(__file__).resolve().parents[2] / "dbc" / "demo_ev.dbc"
 CAPACITY_KWH = 64.0
 REACTION_S = 0.3  # ECU reaction to a request
 LOCK_REACTION_S = 0.2
+MAX_ACCEL_MS2 = 3.0  # how fast the speed may follow the cycle (above all of its slopes)
+BRAKE_MS2 = 2.5  # stopping when the drive ends
+
+# The urban drive cycle, from a standstill: (target km/h, m/s2 to get there, then hold s).
+DRIVE_CYCLE = ((0, 0.0, 4), (50, 1.5, 12), (0, 2.0, 5), (40, 1.5, 8), (30, 1.0, 6),
+               (60, 1.2, 10), (0, 2.0, 0))
+
+# What a timeline entry may change (the keys SimulatorConfig accepts).
+TIMELINE_KEYS = ("soc", "speed_kph", "charge_limit", "plugged", "locked", "drive", "fault",
+                 "driver_door_open", "gear")
+
+
+def _cycle_points(cycle) -> list[tuple[float, float]]:
+    """(t, km/h) corners of the cycle's piecewise-linear speed trace."""
+    t, v, points = 0.0, 0.0, [(0.0, 0.0)]
+    for target, accel, hold in cycle:
+        if target != v:
+            t += abs(target - v) / 3.6 / accel
+            v = target
+            points.append((t, v))
+        if hold:
+            t += hold
+            points.append((t, v))
+    return points
+
+
+_POINTS = _cycle_points(DRIVE_CYCLE)
+_TIMES = [t for t, _ in _POINTS]
+CYCLE_S = _TIMES[-1]
+
+
+def cycle_speed(t: float) -> float:
+    """Speed (km/h) of the drive cycle `t` seconds after it started; it repeats."""
+    t %= CYCLE_S
+    i = bisect.bisect_right(_TIMES, t)
+    (t0, v0), (t1, v1) = _POINTS[i - 1], _POINTS[min(i, len(_POINTS) - 1)]
+    return v0 if t1 == t0 else v0 + (v1 - v0) * (t - t0) / (t1 - t0)
 
 
 @dataclass
@@ -34,7 +73,8 @@ class VehicleState:
     ac_voltage: int = 230
     speed_kph: float = 0.0
     gear: str = "P"
-    ready: bool = False
+    ready: bool = False  # follows the gear: on out of P
+    drive: bool = False  # follow DRIVE_CYCLE in D; off: brake to a stop, then P
     locked: bool = True
     driver_door_open: bool = False
     last_lock_result: str = "NONE"
@@ -63,7 +103,13 @@ class SimulatedVehicle:
         self._events: list[_Event] = []
         self._seq = 0
         self._counters: dict[str, int] = {}
+        self._drive_start: float | None = None  # when the current drive began
+        self._parking = False  # braking to a stop, then P
+        self.braking = False  # slowing down: the brake pedal is pressed
         for at, changes in timeline:
+            unknown = set(changes) - set(TIMELINE_KEYS)
+            if unknown:  # fail at start, not later in the simulator thread
+                raise ValueError(f"simulator timeline: unknown state {sorted(unknown)[0]!r}")
             self._at(float(at), lambda c=dict(changes): self._apply(c))
         self._periodic = [(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
         self._next_send = {m.name: 0.0 for m, _ in self._periodic}
@@ -82,6 +128,7 @@ class SimulatedVehicle:
         self.now = now
         while self._events and self._events[0].at <= now:
             heapq.heappop(self._events).action()
+        self._drive(now, dt)
         self._physics(dt)
         frames = []
         for msg, period in self._periodic:
@@ -90,11 +137,33 @@ class SimulatedVehicle:
                 frames.append((msg.frame_id, self._encode(msg)))
         return frames
 
+    def _drive(self, now: float, dt: float) -> None:
+        s = self.state
+        if s.drive and self._drive_start is None:
+            self._drive_start, self._parking = now, False
+            s.gear = "D"
+        elif not s.drive and self._drive_start is not None:
+            self._drive_start, self._parking = None, True
+        before = s.speed_kph
+        if s.drive:
+            s.speed_kph = _approach(s.speed_kph, cycle_speed(now - self._drive_start),
+                                    MAX_ACCEL_MS2 * 3.6 * dt)
+        elif self._parking:
+            s.speed_kph = _approach(s.speed_kph, 0.0, BRAKE_MS2 * 3.6 * dt)
+            if s.speed_kph == 0:
+                self._parking = False
+                if s.gear == "D":
+                    s.gear = "P"
+        s.ready = s.gear != "P"
+        self.braking = s.speed_kph < before
+
     def _physics(self, dt: float) -> None:
         s = self.state
+        if not s.plugged:
+            s.complete = False  # the next session starts afresh
         if s.charging:
-            if not s.plugged or s.gear != "P":
-                s.charging = False  # cable pulled or shifted out of P
+            if not s.plugged or s.gear != "P" or s.fault:
+                s.charging = False  # cable pulled, shifted out of P or charger fault
             else:
                 rate = self.charge_rate if self.charge_rate is not None else \
                     s.charge_current_a * s.ac_voltage / 1000 / CAPACITY_KWH * 100 / 3600
@@ -110,12 +179,19 @@ class SimulatedVehicle:
         heapq.heappush(self._events, _Event(when, self._seq, action))
 
     def _apply(self, changes: dict) -> None:
+        s = self.state
         for key, value in changes.items():
-            if not hasattr(self.state, key):
-                raise ValueError(f"simulator timeline: unknown state {key!r}")
-            setattr(self.state, key, value)
-        if self.state.speed_kph > 0 and self.state.gear == "P":
-            self.state.gear = "D"
+            if key == "gear" and value == "P" and s.speed_kph > 0:
+                s.drive, self._parking = False, True  # a moving car stops first, then parks
+            elif key == "gear":
+                s.gear = value
+                s.drive = s.drive and value == "D"  # the cycle is driven in D
+            else:
+                setattr(s, key, value)
+                if key == "speed_kph":
+                    self._parking = False  # a set speed is held (unless driving the cycle)
+        if s.speed_kph > 0 and s.gear == "P" and not self._parking:
+            s.gear = "D"
 
     # -- requests from the telematics unit ------------------------------------------------
 
@@ -170,14 +246,14 @@ class SimulatedVehicle:
         n = self._counters[msg.name] = (self._counters.get(msg.name, -1) + 1) % 16
         if msg.name == "VCU_Status":
             values = {"VehicleSpeed": s.speed_kph, "Gear": s.gear, "Ready": int(s.ready),
-                      "BrakePressed": 0, "Odometer": round(s.odometer_km, 1), "VCU_Counter": n,
-                      "VCU_Checksum": 0}
+                      "BrakePressed": int(self.braking), "Odometer": round(s.odometer_km, 1),
+                      "VCU_Counter": n, "VCU_Checksum": 0}
         elif msg.name == "BMS_Status":
             current = -s.charge_current_a * s.ac_voltage / 400 if s.charging else \
                 (s.speed_kph * 0.8)
             values = {"SOC": round(s.soc, 1), "PackVoltage": round(360 + s.soc * 0.6, 2),
-                      "PackCurrent": round(current, 1), "CellTempMax": 25 + (5 if s.charging else 0),
-                      "BMS_Counter": n}
+                      "PackCurrent": round(current, 1),
+                      "CellTempMax": 25 + (5 if s.charging else 0), "BMS_Counter": n}
         elif msg.name == "OBC_Status":
             state = "FAULT" if s.fault else "CHARGING" if s.charging else \
                 "COMPLETE" if s.complete and s.plugged else "IDLE"
@@ -195,3 +271,9 @@ class SimulatedVehicle:
         if msg.name == "VCU_Status":
             data[7] = sum(data[:7]) & 0xFF
         return bytes(data)
+
+
+def _approach(value: float, target: float, max_change: float) -> float:
+    if abs(target - value) <= max_change:
+        return target
+    return value + max_change if target > value else value - max_change
