@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import time
 
+LABEL = 9  # width of the first column: the longest fixed label, "commands", and a space
+# Counted only once they happen; shown at zero too, since "nothing received" is news.
+ESSENTIAL_COUNTERS = ("commands.received", "commands.accepted", "commands.rejected")
+
 
 def add_parser(sub, common) -> None:
     p = sub.add_parser("status", help="state of the running agent",
@@ -37,34 +41,72 @@ def run(args) -> int:
 
 def render(s: dict) -> str:
     now = time.time() * 1000
-    lines = [f"agent     pid {s.get('pid')}, vin {s.get('vin')}, up "
-             f"{_dur((now - s.get('started_ms', now)) / 1000)}"]
+    lines = [_row("agent", f"pid {s.get('pid')}, vin {s.get('vin')}, up "
+                           f"{_dur((now - s.get('started_ms', now)) / 1000)}")]
     up = s.get("uplink")
     if up:
-        lines.append(f"uplink    {up.get('state')} to {up.get('broker')}"
-                     f"{' (TLS)' if up.get('tls') else ''}, MQTT {up.get('protocol') or '-'}, "
-                     f"connects {up.get('connects')}, in flight {up.get('inflight')}"
-                     + (f", last error: {up['last_error']}" if up.get("last_error") else ""))
+        lines.append(_row("uplink", f"{up.get('state')} to {up.get('broker')}"
+                          f"{' (TLS)' if up.get('tls') else ''}, MQTT {up.get('protocol') or '-'}, "
+                          f"connects {up.get('connects')}, in flight {up.get('inflight')}"
+                          + (f", last error: {up['last_error']}" if up.get("last_error") else "")))
     ob = s.get("outbox")
     if ob:
         oldest = ob.get("oldest_ms")
         age = f", oldest {_dur((now - oldest) / 1000)} old" if oldest else ""
-        lines.append(f"outbox    {ob.get('messages')} messages, {ob.get('bytes'):,} bytes{age}; "
-                     f"last acked seq {ob.get('last_acked_seq')}, next seq {ob.get('next_seq')}, "
-                     f"dropped samples {ob.get('dropped_samples')}")
+        lines.append(_row("outbox", f"{ob.get('messages')} messages, {ob.get('bytes') or 0:,} "
+                          f"bytes{age}; last acked seq {ob.get('last_acked_seq')}, next seq "
+                          f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"))
+    lines += _commands(s)
+    lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
-        if s.get(key):
-            shown = ", ".join(f"{k} {v}" for k, v in s[key].items() if v not in (None, "", {}))
-            lines.append(f"{key:<10}{shown}")
-    for name, value in sorted((s.get("counters") or {}).items()):
-        lines.append(f"{name:<10}{value}")
+        section = s.get(key)
+        if isinstance(section, dict):
+            shown = ", ".join(f"{k} {v}" for k, v in section.items()
+                              if k != "values" and v not in (None, "", {}))
+            lines.append(_row(key, shown))
+            lines += _table(section.get("values") or {})
     for b in s.get("buses", []):
-        lines.append(f"bus {b['name']:<6}{b['state']} {b['interface']}:{b['channel']}  frames "
+        lines.append(_row(f"bus {b['name']}",
+                     f"{b['state']} {b['interface']}:{b['channel']}  frames "
                      f"{b['frames']} ({b['fps']:.0f}/s), unknown ids {b['unknown_ids']}, decode "
                      f"errors {b['decode_errors']}, bad length {b['bad_length']}, bus errors "
                      f"{b['bus_errors']}, reopens {b['reopens']}"
-                     + (f", last error: {b['last_error']}" if b.get("last_error") else ""))
+                     + (f", last error: {b['last_error']}" if b.get("last_error") else "")))
     return "\n".join(lines)
+
+
+def _commands(s: dict) -> list[str]:
+    counters = dict(s.get("counters") or {})
+    if "trusted_keys" not in s and not counters:
+        return []
+    lines = []
+    if "trusted_keys" in s:
+        lines.append(_row("commands", f"trusted keys {s.get('trusted_keys')}, "
+                                      f"replay ids {s.get('replay_ids')}"))
+        for name in ESSENTIAL_COUNTERS:
+            counters.setdefault(name, 0)
+    return lines + _table(dict(sorted(counters.items())))
+
+
+def _update(u) -> list[str]:
+    if not isinstance(u, dict):
+        return []
+    text = f"{u.get('state')}, installed {u.get('installed_version')}"
+    if u.get("target") or u.get("version"):
+        text += f", target {u.get('target')} version {u.get('version')}"
+    if u.get("reason"):
+        text += f", last {u['reason']}" + (f": {u['detail']}" if u.get("detail") else "")
+    return [_row("update", text)]
+
+
+def _row(label: str, text: str) -> str:
+    return f"{label:<{LABEL}} {text}"
+
+
+def _table(values: dict) -> list[str]:
+    """One `name  value` line per entry, the values aligned after the longest name."""
+    width = max((len(str(k)) for k in values), default=0)
+    return [f"  {str(k):<{width}}  {v}" for k, v in values.items()]
 
 
 def _dur(seconds: float) -> str:

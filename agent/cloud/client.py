@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import threading
@@ -20,8 +21,13 @@ class CloudClient:
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                    protocol=mqtt.MQTTv311 if mqtt311 else mqtt.MQTTv5)
         if tls_ca:
-            self._client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key,
-                                 cert_reqs=ssl.CERT_REQUIRED)
+            try:
+                self._client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key,
+                                     cert_reqs=ssl.CERT_REQUIRED)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                given = ", ".join(f"{o} {p}" for o, p in (("--tls-ca", tls_ca),
+                                  ("--tls-cert", tls_cert), ("--tls-key", tls_key)) if p)
+                raise UplinkError(f"TLS: cannot use {given}: {e}") from None
         self._subscribed = threading.Event()
         self._connected = threading.Event()
         self._error = None
@@ -64,11 +70,25 @@ class CloudClient:
         self._client.loop_stop()
 
 
+def check_tls(ca, cert, key) -> None:
+    """The agent's rules (config TlsConfig): a client certificate without a CA would
+    silently connect in plaintext, so it is refused."""
+    if (cert is None) != (key is None):
+        raise UplinkError("--tls-cert and --tls-key go together (mutual TLS)")
+    if cert is not None and ca is None:
+        raise UplinkError("--tls-cert needs --tls-ca (the CA that signed the broker's "
+                          "certificate); without it the connection would not be TLS")
+    for option, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
+        if path is not None and not os.path.isfile(path):
+            raise UplinkError(f"{option} {path}: no such file")
+
+
 def connect(args, topics: list[str], on_message) -> CloudClient:
     """Connect with MQTT 5, or 3.1.1 where the broker refuses 5."""
     host, _, port = args.broker.rpartition(":")
     if not host or not port.isdigit():
         raise UplinkError(f"--broker {args.broker!r}: expected HOST:PORT")
+    check_tls(args.tls_ca, args.tls_cert, args.tls_key)
     try:
         return CloudClient(host, int(port), topics, on_message, args.tls_ca, args.tls_cert,
                            args.tls_key)

@@ -21,10 +21,43 @@ import uuid
 
 from ..errors import AgentError
 
+MAX_TTL_S = 86400.0
+# A REJECTED with id null is the vehicle's answer to a message it could not verify (it never
+# echoes an unverified id). Arriving this soon after our publish, it is most likely ours.
+NULL_ID_WINDOW_S = 5.0
+TERMINAL = ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a short error: the message and a pointer to --help, not the usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_TTL_S:  # also false for nan
+        raise argparse.ArgumentTypeError(f"{text}: must be > 0 and <= {MAX_TTL_S:.0f} s")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    return value
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tcu-cloud", description="Reference cloud-side tool: "
-                                "sign commands, verify what vehicles send.")
+    p = Parser(prog="tcu-cloud", description="Reference cloud-side tool: "
+               "sign commands, verify what vehicles send.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -39,16 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("command", help="sign and send a command; print its statuses",
                        description="Sign a command, publish it, print every status for it as "
                                    "a JSON line until the terminal one. Exit 0 on SUCCEEDED, "
-                                   "1 otherwise.")
+                                   "1 otherwise. A REJECTED without an id (the vehicle could "
+                                   "not verify a message) within "
+                                   f"{NULL_ID_WINDOW_S:.0f} s is taken as the answer.")
     _connection(c)
     c.add_argument("--key", required=True, help="cloud private key (PKCS#8 PEM)")
     c.add_argument("--name", required=True, help="command name, e.g. charge.start")
     c.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="parameter; the value is TOML (80, \"text\", true); repeatable")
-    c.add_argument("--ttl", type=float, default=60.0, help="seconds until exp (60)")
+    c.add_argument("--ttl", type=_seconds, default=60.0,
+                   help=f"seconds until exp (60; at most {MAX_TTL_S:.0f})")
     c.add_argument("--id", help="command id (default: a fresh random one)")
     c.add_argument("--pub", help="vehicle public key: verify the responses (recommended)")
-    c.add_argument("--timeout", type=float, help="give up after this many s (default ttl + 10)")
+    c.add_argument("--timeout", type=_seconds, help="give up after this many s (default ttl + 10)")
     c.set_defaults(func=_command)
 
     li = sub.add_parser("listen", help="verify and print everything a vehicle sends",
@@ -57,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "gaps.")
     _connection(li)
     li.add_argument("--pub", required=True, help="vehicle public key (PEM)")
-    li.add_argument("--count", type=int, help="exit after this many messages")
-    li.add_argument("--duration", type=float, help="exit after this many seconds")
+    li.add_argument("--count", type=_count, help="exit after this many messages")
+    li.add_argument("--duration", type=_seconds, help="exit after this many seconds")
     li.set_defaults(func=_listen)
 
     from .repo import add_parser as add_repo_parser
@@ -107,7 +143,7 @@ def _command(args) -> int:
     from ..core.cose import Signer, kid_of, verify
     from .client import connect
 
-    signer = Signer(load_private_key(args.key))
+    signer = Signer(load_private_key(_existing_key(args.key)))
     vehicle = {}
     if args.pub:
         key = load_public_key(args.pub)
@@ -119,7 +155,7 @@ def _command(args) -> int:
                "iat": now, "exp": now + int(args.ttl * 1000)}
     prefix = args.prefix or f"vehicles/{args.vin}"
     done = threading.Event()
-    outcome = {"status": None}
+    outcome = {"status": None, "sent": None, "ours": False}
 
     def on_message(topic: str, data: bytes) -> None:
         if vehicle:
@@ -132,21 +168,58 @@ def _command(args) -> int:
         else:
             from ..core.cose import decode_unverified
             body = decode_unverified(data)[2]
+        if body.get("id") is None and _likely_ours(body, outcome):
+            print(json.dumps({**body, "verified": bool(vehicle), "note": NULL_ID_NOTE},
+                             default=str), flush=True)
+            print(f"tcu-cloud: REJECTED {body.get('reason')} with no id, "
+                  f"{time.monotonic() - outcome['sent']:.1f} s after our publish: most likely "
+                  f"the answer to this command{_HINTS.get(body.get('reason'), '')}",
+                  file=sys.stderr)
+            outcome["status"] = "REJECTED"
+            done.set()
+            return
         if body.get("id") != cid:
             return
+        outcome["ours"] = True
         print(json.dumps({**body, "verified": bool(vehicle)}, default=str), flush=True)
-        if body.get("status") in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
+        if body.get("status") in TERMINAL:
             outcome["status"] = body["status"]
             done.set()
 
     client = connect(args, [f"{prefix}/responses"], on_message)
     try:
+        outcome["sent"] = time.monotonic()  # before: the answer can beat the PUBACK
         client.publish(f"{prefix}/commands", signer.sign(payload))
         if not done.wait(args.timeout if args.timeout is not None else args.ttl + 10):
             print(json.dumps({"id": cid, "error": "no terminal status before the timeout"}))
     finally:
         client.close()
     return 0 if outcome["status"] == "SUCCEEDED" else 1
+
+
+NULL_ID_NOTE = ("carries no id (the vehicle could not verify the command); taken as the answer "
+                "to this command since it came right after it")
+_HINTS = {"UNKNOWN_KEY": "; is this key's .pub in the vehicle's trust store?",
+          "BAD_ENVELOPE": "; the vehicle could not parse it"}
+
+
+def _likely_ours(body: dict, outcome: dict) -> bool:
+    """A null-id REJECTED soon after our publish, before any status for our id."""
+    sent = outcome["sent"]
+    return (body.get("status") == "REJECTED" and sent is not None and not outcome["ours"]
+            and outcome["status"] is None and time.monotonic() - sent <= NULL_ID_WINDOW_S)
+
+
+def _existing_key(path: str) -> str:
+    """The agent's key loader suggests `tcu-agent keys generate`; here the tool is ours."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        stem = "" if p.stem == "cloud" else f" --stem {p.stem}"
+        raise AgentError(f"cloud key {path} not found; create one with "
+                         f"`tcu-cloud keys generate --dir {p.parent}{stem}`")
+    return path
 
 
 def _param(text: str):

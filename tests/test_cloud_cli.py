@@ -1,0 +1,161 @@
+"""`tcu-cloud`: option errors, key generation, rejections without an id, and TLS."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from agent.adapters.keys import generate_keypair
+from agent.cloud.main import main
+from agent.config import load_config
+from agent.runtime import Agent
+from conftest import ROOT
+from support.certs import generate_pki
+from support.mosquitto import Mosquitto
+from test_commands_e2e import VIN, rig, wait_ready  # noqa: F401  (rig is a fixture)
+
+
+def tool(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "agent.cloud.main", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """main() in-process: the exit status (argparse exits, main returns), stdout, stderr."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def keys(tmp_path):
+    generate_keypair(tmp_path, stem="cloud")
+    return tmp_path
+
+
+def command_args(keys, *extra):
+    return ["command", "--broker", "127.0.0.1:1", "--vin", VIN, "--key", keys / "cloud.key",
+            "--name", "charge.start", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tls-ca", "/nonexistent/ca.pem"], "--tls-ca /nonexistent/ca.pem: no such file"),
+    (["--tls-ca", "{keys}/cloud.pub"], "TLS: cannot use --tls-ca"),  # a file, not a CA
+    (["--tls-ca", "{keys}/cloud.pub", "--tls-cert", "{keys}/cloud.pub"],
+     "--tls-cert and --tls-key go together"),
+    (["--tls-ca", "{keys}/cloud.pub", "--tls-key", "{keys}/cloud.key"],
+     "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "{keys}/cloud.pub", "--tls-key", "{keys}/cloud.key"],
+     "--tls-cert needs --tls-ca"),  # would have connected in plaintext
+    (["--ttl", "-5"], "argument --ttl: -5: must be > 0"),
+    (["--ttl", "0"], "argument --ttl: 0: must be > 0"),
+    (["--ttl", "1e9"], "must be > 0 and <= 86400 s"),
+    (["--ttl", "soon"], "argument --ttl: 'soon' is not a number of seconds"),
+    (["--timeout", "-1"], "argument --timeout: -1: must be > 0"),
+])
+def test_option_errors_are_one_line_and_exit_2(keys, capsys, extra, message):
+    argv = command_args(keys, *[a.format(keys=keys) for a in extra])
+    code, out, err = run_main(argv, capsys)
+    assert code == 2, (out, err)
+    assert message in err and "Traceback" not in err and "usage:" not in err, err
+    assert err.splitlines()[0].startswith("tcu-cloud"), err
+    assert len(err.splitlines()) <= 2, err  # the error, and at most a pointer to --help
+
+
+def test_missing_key_suggests_tcu_cloud_keys_generate(tmp_path, capsys):
+    code, _, err = run_main(["command", "--broker", "127.0.0.1:1", "--vin", VIN, "--key",
+                             tmp_path / "fleet.key", "--name", "charge.start"], capsys)
+    assert code == 2
+    assert f"`tcu-cloud keys generate --dir {tmp_path} --stem fleet`" in err, err
+    assert "tcu-agent" not in err
+
+
+def test_keys_generate(tmp_path, capsys):
+    d = tmp_path / "cloud-keys"
+    code, out, err = run_main(["keys", "generate", "--dir", d], capsys)
+    assert code == 0, err
+    key, pub = d / "cloud.key", d / "cloud.pub"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert key.read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    assert pub.read_text().startswith("-----BEGIN PUBLIC KEY-----")
+    kid = out.strip()
+    from agent.adapters.keys import load_public_key
+    from agent.core.cose import kid_of
+    assert kid == kid_of(load_public_key(pub)).hex()
+    assert "trust store" in err
+
+    before = key.read_bytes(), pub.read_bytes()
+    code, _, err = run_main(["keys", "generate", "--dir", d], capsys)
+    assert code == 2 and "refusing to overwrite" in err and "Traceback" not in err
+    assert (key.read_bytes(), pub.read_bytes()) == before  # untouched
+    code, out, _ = run_main(["keys", "generate", "--dir", d, "--force"], capsys)
+    assert code == 0 and out.strip() != kid and key.read_bytes() != before[0]
+
+    code, out, _ = run_main(["keys", "generate", "--dir", d, "--stem", "fleet"], capsys)
+    assert code == 0 and (d / "fleet.key").is_file() and (d / "fleet.pub").is_file()
+
+
+@pytest.mark.mqtt
+def test_rejection_without_id_is_reported(rig):  # noqa: F811
+    """A key the vehicle does not trust: the answer is UNKNOWN_KEY with id null."""
+    t = time.monotonic()
+    run = tool("command", "--broker", f"{rig.broker.host}:{rig.broker.port}", "--vin", VIN,
+               "--key", str(rig.keys / "rogue.key"), "--name", "charge.start",
+               "--pub", str(rig.keys / "vehicle.pub"), timeout=30)
+    took = time.monotonic() - t
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert took < 8, f"took {took:.1f} s: waited for the timeout"
+    [line] = [json.loads(x) for x in run.stdout.splitlines()]
+    assert (line["id"], line["status"], line["reason"]) == (None, "REJECTED", "UNKNOWN_KEY")
+    assert line["verified"] is True and "no id" in line["note"]
+    assert "UNKNOWN_KEY" in run.stderr and "trust store" in run.stderr
+    assert rig.watch.requests_since(t) == []
+
+
+@pytest.mark.mqtt
+def test_command_over_mutual_tls(tmp_path):
+    pki = generate_pki(tmp_path / "pki")
+    keys = tmp_path / "keys"
+    generate_keypair(keys, stem="vehicle")
+    generate_keypair(keys, stem="cloud")
+    trust = tmp_path / "trust.toml"
+    trust.write_text(f'[[key]]\nname = "fleet"\npublic_key = "{keys / "cloud.pub"}"\n'
+                     'allow = ["state.*"]\n')
+    with Mosquitto(cafile=pki.ca, certfile=pki.server_cert, keyfile=pki.server_key,
+                   require_certificate=True) as broker:
+        agent = Agent(load_config(ROOT / "configs" / "demo.toml", [
+            f"bus.0.channel='tls-{uuid.uuid4().hex}'", f"storage.dir='{tmp_path / 'state'}'",
+            f"signing.key_file='{keys / 'vehicle.key'}'", f"mqtt.port={broker.port}",
+            f"mqtt.tls.ca='{pki.ca}'", f"mqtt.tls.cert='{pki.client_cert}'",
+            f"mqtt.tls.key='{pki.client_key}'", f"commands.trust_store='{trust}'"]))
+        agent.start()
+        try:
+            wait_ready(agent)
+            assert agent.publisher.uplink.status()["tls"]
+            base = ["--broker", f"{broker.host}:{broker.port}", "--vin", VIN, "--tls-ca",
+                    str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key",
+                    str(pki.client_key)]
+            ok = tool("command", *base, "--key", str(keys / "cloud.key"), "--name",
+                      "state.snapshot", "--pub", str(keys / "vehicle.pub"))
+            assert ok.returncode == 0, ok.stdout + ok.stderr
+            [final] = [json.loads(x) for x in ok.stdout.splitlines()]
+            assert final["status"] == "SUCCEEDED" and final["verified"]
+            # an impostor CA: the broker's certificate does not verify, one line, exit 2
+            rogue = tool("command", "--broker", f"{broker.host}:{broker.port}", "--vin", VIN,
+                         "--tls-ca", str(pki.rogue_ca), "--key", str(keys / "cloud.key"),
+                         "--name", "state.snapshot")
+            assert rogue.returncode == 2 and "Traceback" not in rogue.stderr, rogue.stderr
+            assert "certificate verify failed" in rogue.stderr, rogue.stderr
+        finally:
+            agent.stop()
