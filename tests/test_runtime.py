@@ -278,3 +278,71 @@ def test_a_full_disk_keeps_ingest_running_and_reports_the_loss(test_dbc, tmp_pat
         assert sum(drops) > 0, drops  # the loss is reported, not silent
     finally:
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+def test_a_stalled_core_thread_stops_the_agents_watchdog_pings(test_dbc, tmp_path, monkeypatch):
+    """The real Agent under systemd's watchdog: its core thread blocks (here in the batch sink)
+    and WATCHDOG=1 stops, so systemd would kill and restart it; READY and STOPPING still go."""
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # pings every 0.2 s
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    release = threading.Event()
+    stalled_at = []
+
+    def stuck_sink(batch):  # the first batch blocks the core thread
+        stalled_at.append(time.monotonic())
+        release.wait(10)
+
+    cfg = config(test_dbc, tmp_path)
+    agent = Agent(cfg, on_batch=stuck_sink)
+    received: list[tuple[float, bytes]] = []
+    done = threading.Event()
+
+    def listen():
+        while not done.is_set():
+            try:
+                received.append((time.monotonic(), sock.recv(4096)))
+            except socket.timeout:
+                pass
+
+    def drive():
+        time.sleep(1.0)  # healthy first
+        with can.Bus(interface="virtual", channel=cfg.bus[0].channel) as feeder:
+            feeder.send(can.Message(arbitration_id=0x100, data=bytes(8), is_extended_id=False))
+            import cantools
+            msg = cantools.database.load_file(str(test_dbc)).get_message_by_name("VCU_Drive")
+            feeder.send(can.Message(arbitration_id=msg.frame_id, data=msg.encode(
+                {"Speed": 12.0, "Gear": 3, "Ready": 1}), is_extended_id=False))
+        time.sleep(2.0)
+        agent._stop_requested.set()
+        time.sleep(0.5)
+        release.set()
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    threads = [threading.Thread(target=f, daemon=True) for f in (listen, drive)]
+    for t in threads:
+        t.start()
+    try:
+        assert agent.run_forever() == 0
+    finally:
+        release.set()
+        done.set()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for t in threads:
+            t.join(3)
+        sock.close()
+    kinds = [m.split(b"\n")[0] for _, m in received]
+    assert kinds[0] == b"READY=1" and kinds[-1] == b"STOPPING=1", kinds
+    assert stalled_at, "the sink was never called"
+    pings = [t for t, m in received if m.startswith(b"WATCHDOG=1")]
+    healthy = [t for t in pings if t < stalled_at[0]]
+    assert len(healthy) >= 3  # pings flowed while the loop ran
+    late = [t for t in pings if t > stalled_at[0] + 0.5]
+    assert late == [], f"{len(late)} WATCHDOG=1 sent while the core thread was stuck"
