@@ -35,6 +35,8 @@ from agent.config import TelemetryConfig  # noqa: E402
 from agent.core.batch import encode_payload  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data"
+TARGET_RATIO = 2.0  # the core's throughput over the baseline's
+TARGET_FPS = 200_000  # the core alone, one core of the 2-core machine
 
 
 def baseline(messages, db) -> dict:
@@ -55,6 +57,11 @@ def agent(frames, core):
         feed(0, t, can_id, data)
     core.flush()
     return core, core.take_batches()
+
+
+def meets_targets(frames: int, baseline_s: float, agent_s: float) -> bool:
+    """Judged on the unrounded times: a ratio of 1.995 prints as 2.00 but misses 2x."""
+    return baseline_s / agent_s >= TARGET_RATIO and frames / agent_s >= TARGET_FPS
 
 
 def best_of(repeat: int, fn, setup=lambda: None) -> float:
@@ -110,9 +117,9 @@ def main(argv=None) -> int:
         "samples": core.samples,
         "batches": len(batches),
         "batch_bytes": encoded,
-        "targets": {"ratio": 2.0, "agent_fps": 200_000},
+        "targets": {"ratio": TARGET_RATIO, "agent_fps": TARGET_FPS},
     }
-    result["meets_targets"] = result["ratio"] >= 2.0 and result["agent_fps"] >= 200_000
+    result["meets_targets"] = meets_targets(n, base_mem, agent_mem)
     if args.json:
         print(json.dumps(result))
     else:
@@ -121,7 +128,9 @@ def main(argv=None) -> int:
               f"{result['baseline_us_per_frame']:.2f} us/frame")
         print(f"agent    (in memory)  {result['agent_fps']:>9,} frames/s  "
               f"{result['agent_us_per_frame']:.2f} us/frame")
-        print(f"ratio                 {result['ratio']:.2f}x   (target >= 2x, >= 200,000 frames/s)")
+        met = "met" if result["meets_targets"] else "NOT met"
+        print(f"ratio                 {result['ratio']:.2f}x   "
+              f"(targets >= 2x, >= 200,000 frames/s: {met})")
         ff = result["from_file"]
         print(f"from file             baseline {ff['baseline_fps']:,} frames/s, agent "
               f"{ff['agent_fps']:,} frames/s, ratio {ff['ratio']:.2f}x")

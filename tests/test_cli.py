@@ -128,3 +128,34 @@ def test_run_refuses_without_a_usable_signing_key(tmp_path, test_dbc):
     assert_one_line_error(again, "already exists", "--force")
     cfg.write_text(cfg.read_text().replace(f'[signing]\nkey_file="{key}"\n', ""))
     assert_one_line_error(cli("run", "-c", cfg), "signing.key_file")
+
+
+def test_replay_reads_python_can_formats_and_counts_bad_lines(tmp_path, test_dbc):
+    import can
+    msgs = [can.Message(timestamp=1_700_000_000 + i / 100, arbitration_id=0x100, channel=0,
+                        data=bytes([i, 0, 0, 0, 0, 0, 0, 0])) for i in range(20)]
+    for ext in ("asc", "blf", "trc", "csv"):
+        path = tmp_path / f"log.{ext}"
+        with can.Logger(str(path)) as logger:
+            for m in msgs:
+                logger.on_message_received(m)
+        result = json.loads(cli("replay", path, "--dbc", test_dbc, "--json", check=True).stdout)
+        assert (result["frames"], result["decoded"], result["skipped_lines"]) == (20, 20, 0), ext
+    lines = (tmp_path / "log.trc").read_text().splitlines(keepends=True)
+    lines.insert(len(lines) - 5, "garbage\n")  # python-can warns and skips it: counted
+    (tmp_path / "bad.trc").write_text("".join(lines))
+    proc = cli("replay", tmp_path / "bad.trc", "--dbc", test_dbc, "--json", check=True)
+    result = json.loads(proc.stdout)
+    assert (result["frames"], result["skipped_lines"]) == (20, 1)
+    assert "garbage" not in proc.stderr  # counted, not one warning per line
+
+
+def test_bench_targets_are_judged_unrounded():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ingest", ROOT / "bench" / "ingest.py")
+    ingest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ingest)
+    frames = 1_000_000
+    assert not ingest.meets_targets(frames, baseline_s=1.995, agent_s=1.0)  # "2.00x" printed
+    assert ingest.meets_targets(frames, baseline_s=2.0, agent_s=1.0)
+    assert not ingest.meets_targets(199_999, baseline_s=3.0, agent_s=1.0)

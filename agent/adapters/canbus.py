@@ -7,6 +7,7 @@ Frames go to `sink(bus_index, t_seconds, can_id, data)` from the reader thread.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import time
@@ -37,10 +38,12 @@ def receive_filters(keys: Iterable[int]) -> list[dict] | None:
 
 def check_interface(cfg: BusConfig, where: str) -> None:
     """Raise ConfigError now for an interface python-can does not know (not a retryable fault)."""
-    if cfg.interface not in can.interfaces.VALID_INTERFACES:
-        known = ", ".join(sorted(can.interfaces.VALID_INTERFACES)[:12])
+    known = sorted(can.interfaces.VALID_INTERFACES)
+    if cfg.interface not in known:
+        close = difflib.get_close_matches(cfg.interface, known, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}.interface: unknown python-can interface {cfg.interface!r} "
-                          f"(known: {known}, ...)")
+                          f"(known: {', '.join(known)}){hint}")
 
 
 class BusReader(DeviceThread):

@@ -15,8 +15,11 @@ _LINE = re.compile(r"line (\d+), column (\d+)")
 def load_database(path: str | Path) -> cantools.database.can.Database:
     """Parse one CAN database file. Raises DbcError naming the file and, where known, the line."""
     path = Path(path)
+    if path.is_dir():
+        raise DbcError(f"{path}: is a directory, not a CAN database file")
     if not path.is_file():
         raise DbcError(f"{path}: no such CAN database file")
+    _check_text(path)
     try:
         # strict=False: real-world DBCs often have overlapping signals that cantools' strict
         # mode rejects though every decoder in the field accepts them.
@@ -26,6 +29,19 @@ def load_database(path: str | Path) -> cantools.database.can.Database:
     if not isinstance(db, cantools.database.can.Database):
         raise DbcError(f"{path}: not a CAN database (cantools read it as {type(db).__name__})")
     return db
+
+
+def _check_text(path: Path) -> None:
+    # Every format cantools reads is text; its parser would echo binary garbage back.
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as e:
+        raise DbcError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not head:
+        raise DbcError(f"{path}: empty file, not a CAN database")
+    if b"\0" in head and not head.startswith((b"\xff\xfe", b"\xfe\xff")):  # UTF-16 XML is fine
+        raise DbcError(f"{path}: binary file, not a CAN database (DBC/KCD/ARXML/SYM text)")
 
 
 def load_databases(paths) -> list[cantools.database.can.Database]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..adapters.dbc import load_database
+from ..errors import DbcError
 
 
 def add_parser(sub, common) -> None:
@@ -23,6 +24,10 @@ def run(args) -> int:
     messages = sorted(db.messages, key=lambda m: m.frame_id)
     if args.message:
         messages = [m for m in messages if m.name == args.message or _id_matches(args.message, m)]
+        if not messages:  # a typo must not look like an empty listing
+            owners = [m.name for m in db.messages if any(s.name == args.message for s in m.signals)]
+            hint = f" ({args.message} is a signal of {', '.join(owners)})" if owners else ""
+            raise DbcError(f"no message {args.message} in {args.file}{hint}")
     if args.json:
         print(json.dumps([_message_dict(m) for m in messages], indent=1))
         return 0

@@ -23,8 +23,11 @@ def run(args) -> int:
     import time
 
     from ..config import load_config
+    from ..errors import ConfigError
     from ..runtime import Agent
 
+    if not args.interval > 0:
+        raise ConfigError(f"--interval {args.interval}: must be a positive number of seconds")
     config = load_config(args.config, args.set)
     agent = Agent(config, publish=False)
     agent.start()

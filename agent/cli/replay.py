@@ -9,7 +9,7 @@ from ..adapters.canlog import read_frames
 from ..assemble import bus_plans, plans_for_dbc, telemetry_core
 from ..config import load_config
 from ..core.batch import encode_payload
-from ..errors import ConfigError
+from ..errors import AgentError, ConfigError
 
 EPOCH_2001_S = 978_307_200  # timestamps below this are relative (device uptime), not UTC
 
@@ -21,7 +21,8 @@ def add_parser(sub, common) -> None:
                     "report what it produced. Give a config (-c) or CAN databases (--dbc, "
                     "which selects every signal).")
     p.add_argument("log", help="CAN log file: candump -L .log, .asc, .blf, .trc, .csv")
-    src = p.add_mutually_exclusive_group(required=True)
+    # Not required=True: argparse would print the whole usage; run() says it in one line.
+    src = p.add_mutually_exclusive_group()
     src.add_argument("-c", "--config", help="agent config file (TOML)")
     src.add_argument("--dbc", action="append", help="CAN database; repeatable; all signals")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -39,6 +40,10 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
+    if not args.config and not args.dbc:
+        raise ConfigError("replay needs a config (-c CONFIG) or a CAN database (--dbc FILE)")
+    log_stats: dict = {}
+    frames_in = read_frames(args.log, log_stats)  # checks the file now, reads it lazily
     if args.config:
         config = load_config(args.config, args.set)
         plans = bus_plans(config)
@@ -59,14 +64,14 @@ def run(args) -> int:
         from ..adapters.keys import load_private_key
         from ..core.cose import Signer
         encode = Signer(load_private_key(args.key)).sign
-    out = open(args.out, "wb") if args.out else None
+    out = _open_out(args.out) if args.out else None
     seq = 0
     nbytes = 0
     offset = None
     started = time.perf_counter()
     feed = core.feed
     try:
-        for t, channel, can_id, data in read_frames(args.log):
+        for t, channel, can_id, data in frames_in:
             if offset is None:
                 offset = 0.0 if t >= EPOCH_2001_S else (
                     (args.start_ms / 1000 if args.start_ms is not None else time.time()) - t)
@@ -83,7 +88,9 @@ def run(args) -> int:
               for k in ("frames", "decoded", "unchanged", "unselected", "unknown_ids",
                         "decode_errors", "bad_length")}
     frames = totals["frames"]
-    result = {**totals, "samples": core.samples, "batches": seq, "bytes": nbytes,
+    skipped = log_stats.get("skipped_lines", 0)
+    result = {**totals, "skipped_lines": skipped, "samples": core.samples, "batches": seq,
+              "bytes": nbytes,
               "signals": len(core.signals), "seconds": round(seconds, 4),
               "us_per_frame": round(seconds / frames * 1e6, 3) if frames else 0.0,
               "buses": {c.name: c.as_dict() for c in core.counters}}
@@ -94,10 +101,18 @@ def run(args) -> int:
               f"({result['us_per_frame']} us/frame, {frames / seconds if seconds else 0:,.0f} frames/s)")
         print(f"  decoded {totals['decoded']}, unchanged {totals['unchanged']}, "
               f"unselected {totals['unselected']}, unknown ids {totals['unknown_ids']}, "
-              f"decode errors {totals['decode_errors']}, length mismatches {totals['bad_length']}")
+              f"decode errors {totals['decode_errors']}, length mismatches {totals['bad_length']}"
+              + (f", unparsable lines skipped {skipped}" if skipped else ""))
         print(f"  {core.samples} samples of {len(core.signals)} signals in {seq} batches, "
               f"{nbytes:,} bytes " + ("signed COSE" if args.key else "CBOR") + (f" -> {args.out}" if args.out else ""))
     return 0
+
+
+def _open_out(path: str):
+    try:
+        return open(path, "wb")
+    except OSError as e:  # no such directory, a directory, no permission
+        raise AgentError(f"--out {path}: cannot write: {e.strerror or e}") from None
 
 
 def _write(core, vin, seq, nbytes, out, encode):
