@@ -23,11 +23,15 @@ def bus_plans(config: Config) -> list[BusPlan]:
     conditions read). Raises ConfigError/DbcError naming the file and key."""
     cache: dict[Path, object] = {}
     buses = []
-    for bus in config.bus:
+    for i, bus in enumerate(config.bus):
         dbs = []
-        for path in bus.dbc:
+        for j, path in enumerate(bus.dbc):
             if path not in cache:
-                cache[path] = load_database(path)
+                try:
+                    cache[path] = load_database(path)
+                except DbcError as e:  # name the config file and key as well as the DBC
+                    where = f"{config.path}: " if config.path else ""
+                    raise DbcError(f"{where}bus.{i}.dbc.{j}: {e}") from None
             dbs.append(cache[path])
         buses.append((bus.name, dbs))
     try:

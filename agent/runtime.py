@@ -56,7 +56,7 @@ class Agent:
         self.config = config
         self.publish = publish
         for i, bus in enumerate(config.bus):
-            check_interface(bus, f"bus.{i}")
+            check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
         self.plans = bus_plans(config)
         self.core = telemetry_core(self.plans, config.telemetry)
         self.publisher = None

@@ -14,8 +14,15 @@ COMMANDS = ["run", "status", "demo", "replay", "monitor", "dbc", "keys", "verify
             "update"]  # module names under agent.cli
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (the usage block is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="tcu-agent",
         description="Telematics agent: reads CAN, sends signed telemetry, runs verified commands.")
     parser.add_argument("--version", action="version", version=f"tcu-agent {__version__}")
