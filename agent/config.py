@@ -434,9 +434,15 @@ def apply_override(raw: dict, item: str) -> None:
         value = text
     parts = key.split(".")
     node: Any = raw
-    for depth, part in enumerate(parts):
+    depth = 0
+    while depth < len(parts):
+        part = parts[depth]
+        if isinstance(node, list):
+            # An entry's name may itself contain dots (a VSS path such as Vehicle.Speed).
+            depth, part = _dotted_name(node, parts, depth)
         last = depth == len(parts) - 1
         where = ".".join(parts[: depth + 1])
+        depth += 1
         if isinstance(node, list):
             idx = _list_index(node, part, where, item)
             if last:
@@ -450,6 +456,17 @@ def apply_override(raw: dict, item: str) -> None:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"--set {item!r}: {where} is not a table")
+
+
+def _dotted_name(node: list, parts: list[str], depth: int) -> tuple[int, str]:
+    """The longest run of parts from `depth` that is an entry's name (leaving at least one
+    part for the key inside it); else just parts[depth]. Returns (last depth used, name)."""
+    names = {e.get("name") for e in node if isinstance(e, dict)}
+    for end in range(len(parts) - 1, depth, -1):
+        joined = ".".join(parts[depth:end])
+        if joined in names:
+            return end - 1, joined
+    return depth, parts[depth]
 
 
 def _list_index(node: list, part: str, where: str, item: str) -> int:

@@ -250,3 +250,14 @@ def test_signal_map_values_must_be_plain(tmp_path, test_dbc):
     with pytest.raises(ConfigError, match=r"telemetry.signal.0.map.Unlocked: a map value must"):
         load_config(path, ['telemetry.signal=[{select = "VCU_Drive.Speed", '
                            'map = {"Unlocked" = 1979-05-27T07:32:00Z}}]'])
+
+
+def test_set_addresses_an_entry_whose_name_has_dots(tmp_path, test_dbc):
+    path = write(tmp_path, GOOD, test_dbc)
+    sig = 'telemetry.signal=[{select = "VCU_Drive.Speed", name = "Vehicle.Speed"}]'
+    cfg = load_config(path, [sig, "telemetry.signal.Vehicle.Speed.deadband=2.5"])
+    assert cfg.telemetry.signal[0].deadband == 2.5
+    cfg = load_config(path, [sig, "telemetry.signal.0.deadband=1.5", "bus.body.bitrate=125000"])
+    assert cfg.telemetry.signal[0].deadband == 1.5 and cfg.bus[1].bitrate == 125000
+    with pytest.raises(ConfigError, match="no entry named 'Vehicle'"):
+        load_config(path, [sig, "telemetry.signal.Vehicle.Speeds.deadband=2.5"])
