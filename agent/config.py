@@ -241,7 +241,7 @@ class SimulatorConfig:
     speed_kph: float = 0.0
     locked: bool = True
     charge_limit: int = 80
-    charge_rate_pct_per_s: float = 0.0  # 0: the physics of an 11 kW charger on 64 kWh
+    charge_rate_pct_per_s: float = 0.0  # 0: a 7.4 kW charger (32 A, 230 V) on 64 kWh
     drive: bool = False  # follow the built-in drive cycle (0-60 km/h, stops); overrides speed
     timeline: tuple[Mapping[str, Any], ...] = ()  # [{at_s = 5, plugged = false}, ...]
 

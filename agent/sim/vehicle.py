@@ -95,7 +95,7 @@ class SimulatedVehicle:
                  float | None = None, dbc: Path = DBC):
         self.db = cantools.database.load_file(str(dbc))
         self.state = state or VehicleState()
-        # Default: the physics of an 11 kW charger on a 64 kWh pack; the demo speeds it up.
+        # Default: a 7.4 kW charger (32 A at 230 V) on a 64 kWh pack; the demo speeds it up.
         self.charge_rate = charge_rate_pct_per_s
         self.now = None
         self.ignored_requests = 0
