@@ -251,6 +251,21 @@ def test_activate_a_target_that_is_not_staged_is_refused(rig):
     rig.assert_untouched()
 
 
+def test_a_staged_artifact_changed_on_disk_is_not_activated(rig):
+    rig.start_agent()
+    _, staged = rig.stage()
+    assert staged["status"] == "SUCCEEDED"
+    payload = rig.slots.base / "b" / "payload"
+    data = bytearray(payload.read_bytes())
+    data[-1] ^= 0x01  # bit rot, or someone with write access to the slot
+    payload.write_bytes(bytes(data))
+    aid, _ = rig.cloud.command("update.activate", {"target": "fw-2.0.0.bin"})
+    final = rig.cloud.wait_terminal(aid)
+    assert (final["status"], final["reason"]) == ("FAILED", "VERIFICATION_FAILED"), final
+    assert rig.slots.report()["active"] == "a" and rig.slots.report()["pending"] is None
+    assert not rig.agent.restart_requested
+
+
 def test_failed_health_check_rolls_back(rig):
     rig.start_agent()
     _, staged = rig.stage()
