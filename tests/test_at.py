@@ -94,6 +94,33 @@ def test_identity_parsers():
             at.parse_iccid(bad)
 
 
+def test_identity_is_validated_and_the_line_before_ok_preferred():
+    # printable remnants of a cut line before (or after) the real answer
+    assert at.parse_model(["0,99", "EC25"]) == "EC25"
+    assert at.parse_model(["M7600E-H", "EC25"]) == "EC25"  # the line just before OK
+    assert at.parse_model(["Quectel EC25", "0,99"]) == "Quectel EC25"
+    assert at.parse_imei(["0,99", "867698041234563"]) == "867698041234563"
+    assert at.parse_imei(["867698041234563", "99"]) == "867698041234563"
+    assert at.parse_iccid(["0,99", "+QCCID: 8944500102198304826F"]) == "8944500102198304826"
+    for bad in (["0,99"], ["12345"], ["+CSQ: 21,99"], ['"Vodafone, DE"'], ["EC25!"]):
+        with pytest.raises(at.AtParseError):
+            at.parse_model(bad)
+    for bad in (["86769804123456"], ["8676980412345631"], ["89490200001234567890"]):
+        with pytest.raises(at.AtParseError):
+            at.parse_imei(bad)
+    for bad in (["89490200001234567"], ["8949020000123456789012F3"], ["867698041234563"]):
+        with pytest.raises(at.AtParseError):
+            at.parse_iccid(bad)
+
+
+def test_cut_off_line_does_not_become_the_model():
+    ch = AtChannel()
+    ch.begin("AT+CGMM")
+    ch.receive_data(b"\r\n0,99\r\nEC25\r\n\r\nOK\r\n")
+    (result,) = events(ch)
+    assert at.parse_model(result.lines) == "EC25"
+
+
 # -- the channel --------------------------------------------------------------------------
 
 def test_echo_is_dropped_and_ok_completes():
@@ -173,6 +200,30 @@ def test_late_answer_is_not_taken_for_the_next_command():
     ch.receive_data(b'\r\n+COPS: 0,0,"Vodafone DE",7\r\n\r\nOK\r\n')
     (result,) = events(ch)
     assert not result.late and at.parse_cops(result.lines).name == "Vodafone DE"
+
+
+@pytest.mark.parametrize("command, info", [
+    ("AT+CSQ", b"+CSQ: 21,99"), ("AT+CEREG?", b"+CEREG: 2,1"), ("AT+CREG?", b"+CREG: 0,1"),
+    ("AT+COPS?", b"+COPS: 0"), ("AT+CCID", b"89490200001234567890"),
+    ("AT+QCCID", b"+QCCID: 89490200001234567890")])
+def test_ok_without_the_information_line_is_not_the_answer(command, info):
+    ch = AtChannel()
+    ch.begin(command)
+    ch.receive_data(b"\r\nOK\r\n")  # an earlier command's answer, arriving late
+    (stray,) = events(ch)
+    assert stray.late and ch.busy  # reported, and the real answer still awaited
+    ch.receive_data(b"\r\n" + info + b"\r\n\r\nOK\r\n")
+    (result,) = events(ch)
+    assert result.ok and not result.late and result.lines == (info.decode(),)
+    assert not ch.busy
+
+
+def test_ok_alone_still_answers_other_commands():
+    ch = AtChannel()
+    for command in ("ATE0", "AT+CMEE=1", "AT+CEREG=2", "AT"):
+        ch.begin(command)
+        ch.receive_data(b"\r\nOK\r\n")
+        assert events(ch) == [AtResult(command=command, lines=(), final="OK")]
 
 
 def test_abandoned_command_is_forgotten_after_grace():

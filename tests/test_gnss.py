@@ -80,12 +80,14 @@ def test_position_speed_heading_along_the_route(rig):
 
 def test_bad_checksums_are_counted_and_dropped(rig):
     gnss, svc, sink = rig()
-    gnss.corrupt_every = 3
-    wait_until(lambda: svc.status()["bad_checksums"] >= 5, what="bad checksums counted")
-    good = svc.status()["sentences"]
-    assert good >= 8
-    # every value that got through is a real route position
-    assert all(lat == pytest.approx(48.1, abs=1e-5) for lat in sink.all(L + "Latitude"))
+    sent = gnss.sentences_sent
+    gnss.corrupt_every = 3  # latitude 48.1 sent as 58.1, the checksum left as it was
+    wait_until(lambda: gnss.sentences_sent >= sent + 18, what="sentences sent")
+    time.sleep(0.1)  # the last ones read
+    lats = sink.all(L + "Latitude")
+    assert not any(abs(lat - 58.1) < 0.01 for lat in lats)  # the corrupted position
+    assert all(lat == pytest.approx(48.1, abs=1e-5) for lat in lats)
+    assert svc.status()["bad_checksums"] >= 5 and svc.status()["sentences"] >= 8
 
 
 def test_garbage_and_cut_sentences_never_stop_the_reader(rig):
@@ -120,6 +122,41 @@ def test_unplug_and_replug_reopens(rig):
     wait_until(lambda: sink.count() >= n + 4, what="values after replug")
     s = svc.status()
     assert s["state"] == "open" and s["reopens"] == 1 and s["opens"] == 2
+
+
+def test_port_that_opens_but_cannot_be_read_is_retried_with_backoff(rig):
+    gnss, svc, sink = rig()
+    wait_until(lambda: sink.count() >= 2)
+    gnss.rate_hz = 0.5  # no data arrives on the short-lived ptys below
+    stop = threading.Event()
+
+    def flap():  # the path always opens, then that pty's other end closes: the read fails
+        while not stop.is_set():
+            gnss.replug()
+            time.sleep(0.01)
+
+    flapper = threading.Thread(target=flap)
+    before = svc.status()["opens"]
+    flapper.start()
+    time.sleep(1.0)
+    stop.set()
+    flapper.join()
+    opens = svc.status()["opens"] - before
+    assert 1 <= opens <= 8, opens  # backoff 0.05, 0.1, 0.2, 0.4 s...; a spin makes ~100
+    assert "no data" in svc.status()["last_error"] or "No such file" in svc.status()["last_error"]
+    gnss.rate_hz = 10
+    n = sink.count()
+    wait_until(lambda: sink.count() >= n + 4, timeout=8, what="values once the port is stable")
+    assert svc.status()["state"] == "open"
+
+
+def test_status_shows_the_last_fix(rig):
+    _gnss, svc, sink = rig()
+    wait_until(lambda: len(sink.all(L + "Speed")) >= 2)
+    values = svc.status()["values"]
+    assert values[L + "Latitude"] == pytest.approx(48.1, abs=1e-5)
+    assert 11.5 <= values[L + "Longitude"] < 11.51
+    assert values[L + "FixQuality"] == 1 and values[L + "Speed"] == pytest.approx(50.0, abs=0.05)
 
 
 def test_silent_receiver_is_reported_and_recovers(rig):

@@ -19,7 +19,7 @@ from conftest import ROOT
 from agent.adapters.modem import ModemService
 from agent.config import ModemConfig
 from agent.errors import BusError
-from agent.sim.modem import SimulatedModem
+from agent.sim.modem import PARTIAL, SimulatedModem
 
 P = "Vehicle.Connectivity."
 
@@ -95,7 +95,8 @@ def test_query_once_reads_identity_and_network(modem, service, profile, model, i
                       P + "IsConnectivityAvailable": True, P + "AreaCode": "1A2B",
                       P + "CellId": "01C2D3E4", P + "AccessTechnology": "LTE",
                       P + "Operator": "Vodafone DE"}
-    assert m.received[0] == "ATE0"  # echo off before anything is parsed
+    assert m.received[:2] == ["AT", "ATE0"]  # sync, then echo off before anything is parsed
+    assert {"AT+CEREG=2", "AT+CREG=2"} <= set(m.received)  # registration URCs switched on
     assert ("AT+QCCID" in m.received) == (profile == "ec25")  # CCID first, Quectel fallback
     assert svc.status()["timeouts"] == 0
 
@@ -170,7 +171,7 @@ def test_urcs_are_set_aside_and_registration_urc_applied(modem, service):
     m.ring()
     m.set_registration(5)
     wait_until(lambda: sink.last(P + "Registration") == "roaming", what="URC applied")
-    wait_until(lambda: svc.status()["urcs"] == 2, what="URCs counted")
+    wait_until(lambda: svc.status()["urcs"] == 3, what="URCs counted")  # RING, +CEREG, +CREG
     assert svc.status()["garbage_lines"] == 0 and svc.status()["parse_errors"] == 0
 
 
@@ -233,7 +234,95 @@ def test_unplug_and_replug_reopens_with_backoff(modem, service):
     wait_until(lambda: sink.last(P + "SignalStrength") == -63, what="values after replug")
     s = svc.status()
     assert s["state"] == "open" and s["reopens"] == 1 and s["opens"] == 2
-    assert m.received[before] == "ATE0"  # the replugged modem booted with echo on: ATE0 again
+    # the replugged modem booted with echo on and URCs off: set up again
+    assert m.received[before:before + 2] == ["AT", "ATE0"]
+    assert "AT+CEREG=2" in m.received[before:]
+
+
+def test_registration_change_arrives_as_urc_with_area_and_cell(modem, service):
+    m = modem()  # ships with URCs off (n=0): only the agent's AT+CEREG=2 turns them on
+    sink = Sink()
+    svc = service(m.path, sink, poll=30.0)  # no poll will come: only a URC can tell
+    svc.start()
+    wait_until(lambda: sink.last(P + "Operator") == "Vodafone DE", what="first cycle")
+    assert (sink.last(P + "AreaCode"), sink.last(P + "CellId")) == ("1A2B", "01C2D3E4")
+    polls = m.received.count("AT+CEREG?")
+    m.set_registration(5, tac="2B3C", cell="0ABCDEF1")  # handover into a roaming cell
+    wait_until(lambda: sink.last(P + "CellId") == "0ABCDEF1", timeout=2, what="URC")
+    assert sink.last(P + "AreaCode") == "2B3C" and sink.last(P + "Registration") == "roaming"
+    assert m.received.count("AT+CEREG?") == polls  # it came unasked
+
+
+def test_slow_modem_across_consecutive_raw_calls(modem, service):
+    m = modem()
+    m.delay_s = 0.7  # every answer comes after the 0.5 s timeout
+    svc = service(m.path, timeout=0.5)
+    for _ in range(2):  # the second call must not take the first one's late answer
+        with pytest.raises(BusError, match="no answer"):
+            svc.raw("AT+CSQ")
+    assert svc.status()["late_answers"] >= 1  # a bare OK where +CSQ: was due is not an answer
+    m.delay_s = 0.0
+    time.sleep(1.0)  # the late answers still queued land in the port's input buffer
+    result = svc.raw("AT+CSQ")
+    assert result.ok and result.lines == ("+CSQ: 21,99",)
+
+
+def test_stale_answers_are_dropped_across_a_reopen(modem, service):
+    m = modem("ec25")
+    m.delay_s = 0.7
+    svc = service(m.path, timeout=0.5)
+    with pytest.raises(BusError, match="no answer"):
+        svc.query_once()
+    m.delay_s = 0.3  # in time now, but the late answer to the first call is still due
+    values = svc.query_once()
+    assert values[P + "Model"] == "EC25" and values[P + "Imei"] == "867698041234563"
+    assert values[P + "Iccid"] == "89490200001234567890"
+    assert values[P + "SignalStrength"] == -71 and values[P + "Operator"] == "Vodafone DE"
+    assert svc.status()["parse_errors"] == 0
+
+
+def test_answers_still_arriving_after_an_open_are_drained(modem, service):
+    m = modem()
+    m.delay_s = 0.1
+    svc = service(m.path, timeout=0.5)
+    before = len(m.received)
+
+    def late_answers():  # a previous session's polls, answered one by one after the reopen
+        wait_until(lambda: len(m.received) > before, what="first command")
+        for _ in range(6):
+            m.write(b"\r\n+CSQ: 5,99\r\n\r\nOK\r\n")
+            time.sleep(0.03)
+
+    writer = threading.Thread(target=late_answers)
+    writer.start()
+    result = svc.raw("AT+CSQ")
+    writer.join()
+    assert result.lines == ("+CSQ: 21,99",)  # not the late -103 dBm of before
+    assert m.received[before:before + 2] == ["AT", "ATE0"]
+
+
+@pytest.mark.parametrize("profile", ["sim7600", "ec25"])
+def test_cut_off_line_before_an_answer_is_not_taken_for_identity(modem, service, profile):
+    m = modem(profile)
+    m.garbage_every, m.noise = 1, [PARTIAL]  # "0,99" before every answer
+    values = service(m.path).query_once()
+    assert values[P + "Model"] == m.model and values[P + "Imei"] == m.imei
+    assert values[P + "Iccid"] == "89490200001234567890"
+    assert values[P + "SignalStrength"] == -71
+
+
+def test_status_shows_the_latest_values(modem, service):
+    m = modem()
+    svc = service(m.path, poll=0.3)
+    assert svc.status()["values"] == {}
+    svc.start()
+    wait_until(lambda: P + "Operator" in svc.status()["values"], what="values in status")
+    m.rssi = 10
+    wait_until(lambda: svc.status()["values"][P + "SignalStrength"] == -93, what="new signal")
+    values = svc.status()["values"]
+    assert values[P + "Model"] == "SIMCOM_SIM7600E-H" and values[P + "Imei"] == m.imei
+    assert values[P + "Registration"] == "home" and values[P + "Operator"] == "Vodafone DE"
+    json.dumps(svc.status())  # plain values, for the status file and --json
 
 
 def test_port_in_use_by_the_agent_is_a_clear_error(modem, service):

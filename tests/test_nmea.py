@@ -17,7 +17,7 @@ from agent.core.nmea import (
     location_values,
     parse_sentence,
 )
-from agent.sim.gnss import Route, fix_sentences
+from agent.sim.gnss import Route, corrupt, fix_sentences
 
 GGA = "$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47"
 RMC = "$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A"
@@ -158,6 +158,19 @@ def test_emulator_sentences_round_trip(lat, lon, speed, heading):
     assert rmc.speed_kmh == pytest.approx(speed, abs=0.02)
     assert rmc.heading_deg == pytest.approx(heading, abs=0.051)
     assert rmc.timestamp == when
+
+
+@pytest.mark.parametrize("fix", [True, False])
+def test_emulator_corruption_changes_data_and_keeps_the_checksum(fix):
+    when = datetime(2026, 11, 25, 6, 30, 15, tzinfo=UTC)
+    for good in fix_sentences(when, 48.1, 11.5, fix=fix):
+        bad = corrupt(good)
+        assert bad != good and bad[-5:] == good[-5:]  # "*hh\r\n" as sent
+        with pytest.raises(NmeaError) as e:
+            parse_sentence(bad)
+        assert e.value.reason == "checksum"
+    if fix:
+        assert ",5806.0000,N," in corrupt(fix_sentences(when, 48.1, 11.5)[0])
 
 
 def test_route_interpolates_and_stops_at_the_end():

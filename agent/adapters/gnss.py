@@ -15,6 +15,8 @@ or a modem's NMEA port re-enumerating), and hands each GGA/RMC's values to
 
 The sample time is the agent's clock at reception (like CAN frames), not the fix time,
 which is carried in .Timestamp. Garbage, bad checksums and silence are counted, never raised.
+A port that opens but fails to read (a device that keeps dropping off) is retried with the
+same backoff as one that fails to open; the backoff restarts only once data arrives.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class GnssService(DeviceThread):
         self.opens = 0
         self.reopens = 0
         self.last_error = ""
+        self.values: dict[str, Any] = {}  # last value of each name, for status displays
         self.last_sentence_monotonic: float | None = None
         self._init_thread()
         self._port: serial.Serial | None = None
@@ -64,7 +67,8 @@ class GnssService(DeviceThread):
         return {"state": self.state, "port": self.cfg.port, "sentences": r.sentences,
                 "bad_checksums": r.bad_checksums, "garbage_lines": r.garbage_lines,
                 "unsupported": r.unsupported, "port_errors": self.port_errors,
-                "opens": self.opens, "reopens": self.reopens, "last_error": self.last_error}
+                "opens": self.opens, "reopens": self.reopens, "last_error": self.last_error,
+                "values": dict(self.values)}
 
     def _run(self) -> None:
         delay = self.backoff_s
@@ -84,7 +88,7 @@ class GnssService(DeviceThread):
                 if failed:
                     self.reopens += 1
                     log.info("gnss: reopened %s", self.cfg.port)
-                failed, delay = False, self.backoff_s
+                failed = False
                 self.reader = _carry_counters(self.reader)  # drop a half line from the old port
                 self.state = "open"
                 self.last_sentence_monotonic = time.monotonic()
@@ -94,12 +98,17 @@ class GnssService(DeviceThread):
                 self._fault("read", e)
                 self._close()
                 failed = True
+                self._stop.wait(delay)  # else a port that opens but cannot be read spins
+                delay = min(delay * 2, self.backoff_cap_s)
                 continue
+            if data:
+                delay = self.backoff_s  # a working port: the next fault starts afresh
             now = time.monotonic()
             for sentence in self.reader.feed(data) if data else ():
                 self.last_sentence_monotonic = now
                 values = location_values(sentence)
                 if values:
+                    self.values.update(values)
                     try:
                         self.on_values(time.time(), values)
                     except Exception:  # a sink bug must not stop reading

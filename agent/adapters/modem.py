@@ -25,6 +25,12 @@ others extend the Vehicle.Connectivity branch):
 Faults never raise into the agent: timeouts, ERROR answers, garbage lines, late answers, URCs
 and reopens are counted in status(). Three commands in a row without an answer close the
 port and reopen it with backoff (state "unresponsive" meanwhile).
+
+Each (re)open starts clean: the input buffer is dropped, AT is sent and everything is
+discarded until the line is quiet, so an answer to a command from before the open is not
+taken for a new one; an OK without the information line a query always returns counts as
+no answer (see at.INFO_COMMANDS). Registration URCs are switched on (AT+CEREG=2, AT+CREG=2)
+so a change of state, area or cell arrives at once rather than at the next poll.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ IDENTITY = ("AT+CGMM", "AT+CGSN", "AT+CCID")
 POLL = ("AT+CSQ", "AT+CEREG?", "AT+CREG?", "AT+COPS?")
 SILENT_LIMIT = 3  # consecutive unanswered commands before the port is reopened
 READ_SLICE_S = 0.05  # serial read timeout: the granularity of stop() and URC handling
+QUIET_S = 0.2  # after the opening AT: no byte for this long means old answers are drained
+# Set after ATE0; ERROR or no answer is fine (a modem without CS, or without EPS).
+SETUP = ("AT+CMEE=1",  # numeric +CME ERROR codes rather than plain ERROR
+         "AT+CEREG=2", "AT+CREG=2")  # registration URCs with area and cell (ship as n=0)
 
 
 class _Timeout(Exception):
@@ -90,8 +100,9 @@ class ModemService(DeviceThread):
     # -- lifecycle ------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """State, counters and `values`: the last value delivered for each name."""
         return {"state": self.state, "port": self.cfg.port, "last_error": self.last_error,
-                **self.counters}
+                **self.counters, "values": dict(self.values)}
 
     # -- synchronous use (CLI) ------------------------------------------------------------
 
@@ -130,8 +141,8 @@ class ModemService(DeviceThread):
                 return self._command(command)
             except ValueError as e:
                 raise BusError(f"modem: {e}") from None
-            except _Timeout:
-                raise BusError(f"modem on {self.cfg.port}: no answer to {command!r} within "
+            except _Timeout as e:
+                raise BusError(f"modem on {self.cfg.port}: no answer to {e.args[0]!r} within "
                                f"{self.cfg.command_timeout_s} s") from None
             except (serial.SerialException, OSError) as e:
                 raise BusError(f"modem on {self.cfg.port}: {e}") from None
@@ -212,13 +223,38 @@ class ModemService(DeviceThread):
     # -- commands -------------------------------------------------------------------------
 
     def _init(self) -> None:
+        self._sync()
         # ATE0 answers "ATE0\r\r\nOK" while echo is still on; the channel drops the echo.
         # Its answer proves the modem is alive, so a timeout here is a real fault.
         self._command("ATE0")
-        try:
-            self._command("AT+CMEE=1")  # numeric +CME ERROR codes rather than plain ERROR
-        except _Timeout:
-            pass
+        for command in SETUP:
+            try:
+                self._command(command)
+            except _Timeout:
+                pass
+
+    def _sync(self) -> None:
+        """Drop what is left from before this open: buffered bytes, then, after an AT, every
+        byte until the line is quiet (late answers still on their way). Raises _Timeout when
+        AT gets no answer at all."""
+        port = self._port
+        if port is None:
+            raise serial.SerialException("port not open")
+        port.reset_input_buffer()
+        self._command("AT")
+        end = time.monotonic() + self.cfg.command_timeout_s  # a babbling line: give up
+        quiet = time.monotonic() + QUIET_S
+        dropped = 0
+        while time.monotonic() < min(quiet, end):
+            if self._stop.is_set():
+                raise _Stopped
+            data = port.read(max(1, port.in_waiting))
+            if data:
+                dropped += len(data)
+                quiet = time.monotonic() + QUIET_S
+        if dropped:
+            log.debug("modem: dropped %d stale bytes after opening", dropped)
+        self._channel = at.AtChannel()  # nothing in flight, no half line
 
     def _poll_one(self, cmd: str) -> dict[str, Any]:
         """Run one identity/poll command and return the values it yields (maybe none).

@@ -12,6 +12,7 @@ They raise AtParseError (a ValueError) for an answer they cannot read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 NEED_DATA = None  # next_event() when no complete event is buffered
@@ -30,6 +31,11 @@ REGISTRATION = {0: "not_registered", 1: "home", 2: "searching", 3: "denied", 4: 
                 9: "home", 10: "roaming"}  # CSFB not preferred
 _REG_RANK = {"home": 5, "roaming": 5, "searching": 3, "denied": 2, "not_registered": 1,
              "unknown": 0}
+# Commands whose answer always carries an information line. A bare OK to one of them is an
+# earlier command's answer (one that timed out, or was sent before the port was reopened).
+INFO_COMMANDS = frozenset(("AT+CSQ", "AT+CEREG?", "AT+CREG?", "AT+CGREG?", "AT+COPS?",
+                           "AT+CCID", "AT+QCCID", "AT+CICCID", "AT+CGMM", "AT+CGSN",
+                           "AT+CPIN?"))
 ACCESS_TECH = {0: "GSM", 1: "GSM", 2: "UMTS", 3: "EDGE", 4: "HSDPA", 5: "HSUPA", 6: "HSPA",
                7: "LTE", 8: "EC-GSM-IoT", 9: "NB-IoT", 10: "LTE", 11: "NR", 12: "NR",
                13: "LTE+NR"}
@@ -46,8 +52,9 @@ class AtResult:
     """The complete answer to one command: info lines and the final result code.
 
     `final` is "OK", "ERROR", "+CME ERROR" or "+CMS ERROR"; `error` holds the code or text
-    after "+CME ERROR:" (e.g. "10" = SIM not inserted); `late` marks the answer to a command
-    that had already timed out (its caller has moved on).
+    after "+CME ERROR:" (e.g. "10" = SIM not inserted); `late` marks an answer that is not
+    the awaited one: the answer to a command that had already timed out (its caller has moved
+    on), or an OK without the information line an INFO_COMMANDS command always returns.
     """
     command: str
     lines: tuple[str, ...]
@@ -174,6 +181,11 @@ class AtChannel:
             self._events.append(Garbage(stripped))
 
     def _finish(self, target: _Pending, final: str, error: str | None) -> None:
+        if final == "OK" and not target.lines and target.command.upper() in INFO_COMMANDS:
+            # Someone else's OK: report it as late and keep waiting for the real answer.
+            self._events.append(AtResult(command=target.command, lines=(), final=final,
+                                         late=True))
+            return
         late = target is self._stale
         self._events.append(AtResult(command=target.command, lines=tuple(target.lines),
                                      final=final, error=error, late=late))
@@ -328,36 +340,39 @@ def parse_cops(lines) -> Operator:
     return Operator(mode, name, act)
 
 
-def _bare(lines, prefixes: tuple[str, ...]) -> str:
-    for line in lines:
+def _identity(lines, prefixes: tuple[str, ...], valid: re.Pattern, what: str) -> str:
+    """The last line that is a valid `what`: the one just before OK. An earlier line may be
+    the printable remnant of a line cut by a glitch (b"0,99" before b"EC25")."""
+    for line in reversed(lines):
+        text = line.strip()
         for p in prefixes:
-            if line.upper().startswith(p):
-                return line[len(p):].strip().strip('"')
-    for line in lines:
-        if not line.startswith("+"):
-            return line.strip().strip('"')
-    raise AtParseError(f"empty answer {list(lines)!r}")
+            if text.upper().startswith(p):
+                text = text[len(p):].strip()
+                break
+        text = text.strip('"').strip()
+        if valid.fullmatch(text):
+            return text
+    raise AtParseError(f"no {what} in answer {list(lines)!r}")
+
+
+_IMEI = re.compile(r"\d{15}")
+_ICCID = re.compile(r"\d{18,22}[Ff]?")  # a 19-digit ICCID is often padded with F
+_MODEL = re.compile(r"[A-Za-z0-9_.\- ]*[A-Za-z][A-Za-z0-9_.\- ]*")
 
 
 def parse_imei(lines) -> str:
     """AT+CGSN answer (`356938035643809` or `+CGSN: "356938035643809"`) → the IMEI."""
-    text = _bare(lines, ("+CGSN:", "+GSN:"))
-    if not (text.isdigit() and 14 <= len(text) <= 17):
-        raise AtParseError(f"not an IMEI: {text!r}")
-    return text
+    return _identity(lines, ("+CGSN:", "+GSN:"), _IMEI, "IMEI (15 digits)")
 
 
 def parse_iccid(lines) -> str:
-    """AT+CCID / AT+QCCID / AT+CICCID answer → ICCID (19-20 digits; a trailing F pad dropped)."""
-    text = _bare(lines, ("+CCID:", "+QCCID:", "+ICCID:", "^ICCID:")).upper().rstrip("F")
-    if not (text.isdigit() and 18 <= len(text) <= 22):
-        raise AtParseError(f"not an ICCID: {text!r}")
-    return text
+    """AT+CCID / AT+QCCID / AT+CICCID answer → ICCID (18-22 digits; a trailing F pad dropped)."""
+    text = _identity(lines, ("+CCID:", "+QCCID:", "+ICCID:", "^ICCID:"), _ICCID,
+                     "ICCID (18-22 digits)")
+    return text.upper().rstrip("F")
 
 
 def parse_model(lines) -> str:
-    """AT+CGMM answer (`SIMCOM_SIM7600E-H`, `EC25`, `+CGMM: ...`) → model name."""
-    text = _bare(lines, ("+CGMM:", "+GMM:"))
-    if not text:
-        raise AtParseError("empty model answer")
-    return text
+    """AT+CGMM answer (`SIMCOM_SIM7600E-H`, `EC25`, `+CGMM: ...`) → model name: letters,
+    digits, -_. and spaces, with at least one letter."""
+    return _identity(lines, ("+CGMM:", "+GMM:"), _MODEL, "model name")

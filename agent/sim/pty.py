@@ -2,7 +2,9 @@
 
 The emulators write to the master side; the agent opens the slave side (`.path`) with
 pyserial, exactly as it would /dev/ttyUSB2. With `link` set, `.path` is that symlink and
-replug() points it at a brand-new pty, as udev does for a re-enumerated USB modem.
+replug() points it at a brand-new pty, as udev does for a re-enumerated USB modem. Called
+without unplug() first, replug() moves the link at once and then closes the old pty, so the
+path always opens while a reader of the old one gets EOF (a device that keeps dropping off).
 """
 
 from __future__ import annotations
@@ -58,8 +60,7 @@ class PtyDevice:
             self.link.unlink()
 
     def replug(self) -> None:
-        """A new pty appears (a different /dev/pts/N) and the link points at it."""
-        self._unplug()
+        """A new pty appears (a different /dev/pts/N), the link points at it, the old one goes."""
         self._plug()
 
     def write(self, data: bytes) -> None:
@@ -77,23 +78,21 @@ class PtyDevice:
         master, slave = os.openpty()
         tty.setraw(slave)  # no echo, no CR/LF translation until pyserial configures it anyway
         with self._lock:
+            old = (self._master, self._slave)
             self._master, self._slave = master, slave
             self._tty = os.ttyname(slave)
         if self.link:
-            if self.link.is_symlink() or self.link.exists():
-                self.link.unlink()
-            self.link.symlink_to(self._tty)
+            new = self.link.with_name(self.link.name + ".new")
+            new.unlink(missing_ok=True)
+            new.symlink_to(self._tty)
+            os.replace(new, self.link)  # atomic: an open finds the old pty or the new one
+        _close(old)
 
     def _unplug(self) -> None:
         with self._lock:
             fds = (self._master, self._slave)
             self._master = self._slave = -1
-        for fd in fds:
-            if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
+        _close(fds)
 
     def _read(self, timeout: float) -> bytes:
         """Bytes the agent wrote, waiting up to `timeout`; b"" when none or unplugged."""
@@ -113,3 +112,12 @@ class PtyDevice:
 
     def _step(self) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
