@@ -289,13 +289,22 @@ class Agent:
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
-        take = self._take
         get = self._frames.get_nowait
+        frames: list = []  # consecutive CAN frames go to the core in one call
         for _ in range(DRAIN_MAX):
             try:
-                take(get())
+                item = get()
             except queue.Empty:
-                return
+                break
+            if type(item) is tuple:
+                frames.append(item)
+                continue
+            if frames:
+                self.core.feed_many(frames)
+                frames = []
+            self._take(item)
+        if frames:
+            self.core.feed_many(frames)
 
     def _take(self, item) -> None:
         if type(item) is tuple:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -11,6 +12,7 @@ from ..config import load_config
 from ..core.batch import encode_payload
 from ..errors import AgentError, ConfigError
 
+CHUNK = 4096  # frames per feed_many call
 EPOCH_2001_S = 978_307_200  # timestamps below this are relative (device uptime), not UTC
 
 
@@ -69,14 +71,15 @@ def run(args) -> int:
     nbytes = 0
     offset = None
     started = time.perf_counter()
-    feed = core.feed
     try:
-        for t, channel, can_id, data in frames_in:
-            if offset is None:
+        while chunk := list(itertools.islice(frames_in, CHUNK)):
+            if offset is None:  # logs with relative times start now (or at --start-ms)
+                t = chunk[0][0]
                 offset = 0.0 if t >= EPOCH_2001_S else (
                     (args.start_ms / 1000 if args.start_ms is not None else time.time()) - t)
-            feed(channels.get(channel, 0), t + offset, can_id, data)
-            if core.batches.closed:
+            core.feed_many([(channels.get(channel, 0), t + offset, can_id, data)
+                            for t, channel, can_id, data in chunk])
+            if core.batches.closed:  # written as they close: memory stays flat on long logs
                 seq, nbytes = _write(core, vin, seq, nbytes, out, encode)
         core.flush()
         seq, nbytes = _write(core, vin, seq, nbytes, out, encode)

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from cantools.database.conversion import IdentityConversion
+from cantools.database.conversion import (
+    IdentityConversion,
+    LinearConversion,
+    LinearIntegerConversion,
+    NamedSignalConversion,
+)
 
 # fn(data, prev_int_or_None) -> (new_int, [(index, value), ...]); index into `signals`.
 Compiled = Callable[[bytes, Any], tuple[int, list]]
@@ -67,15 +72,34 @@ def compile_message(message, signal_names: Sequence[str]) -> Compiled | None:
             lines.append(f"        r = (be >> {shift}) & {mask}")
         if sig.is_signed:
             lines.append(f"        if r & {1 << (sig.length - 1)}: r -= {1 << sig.length}")
-        if isinstance(sig.conversion, IdentityConversion):
-            lines.append(f"        out.append(({i}, r))")
+        conv = sig.conversion
+        if type(conv) is NamedSignalConversion:
+            # cantools: choices.get(int(raw)) first, else the inner conversion, undecoded
+            env[f"_ch{i}"] = conv.choices
+            lines.append(f"        c = _ch{i}.get(r)")
+            lines.append(f"        out.append(({i}, c if c is not None else "
+                         f"{_scaled(conv._conversion, i, env)}))")
         else:
-            env[f"_c{i}"] = sig.conversion.raw_to_scaled
-            lines.append(f"        out.append(({i}, _c{i}(r, True)))")
+            lines.append(f"        out.append(({i}, {_scaled(conv, i, env)}))")
     lines.append("    return le, out")
     code = "\n".join(line for line in lines if line)
     exec(compile(code, f"<decoder {message.name}>", "exec"), env)  # noqa: S102 - our own text
     return env["decode"]
+
+
+def _scaled(conv, i: int, env: dict[str, Any]) -> str:
+    """Python expression for cantools' raw_to_scaled(r) of `conv`, inlined where it is the
+    plain `raw * scale + offset` (same objects, same operations: the same value and type)."""
+    if type(conv) is IdentityConversion:
+        return "r"
+    if type(conv) in (LinearConversion, LinearIntegerConversion):
+        scale, offset = conv.scale, conv.offset
+        if type(scale) is int and type(offset) is int and scale == 1:
+            return "r" if offset == 0 else f"r + {offset}"
+        env[f"_s{i}"], env[f"_o{i}"] = scale, offset
+        return f"r * _s{i} + _o{i}"
+    env[f"_c{i}"] = conv.raw_to_scaled  # anything else: cantools' own call
+    return f"_c{i}(r, False)"
 
 
 def _motorola_le_mask(start: int, length: int) -> int:
