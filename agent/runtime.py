@@ -103,6 +103,7 @@ class Agent:
         self.watchdog = Watchdog.from_env(self.notifier)
         self.batches_closed = 0
         self.core_failures = 0
+        self._step_failures: dict[str, int] = {}
         self.started_at = 0.0
         self._stop = threading.Event()
         self._stop_requested = threading.Event()  # run_forever returns when set
@@ -214,12 +215,12 @@ class Agent:
             try:
                 self._core_loop_body()
                 return
-            except Exception:  # storage full, a bug: log, keep ingesting; systemd sees the rest
+            except Exception:  # a bug outside the guarded steps: log, keep ingesting
                 failures += 1
-                self.core_failures = failures
+                self.core_failures += 1
                 if failures <= 10 or failures % 1000 == 0:
                     log.exception("core loop iteration failed (%d so far); continuing", failures)
-                time.sleep(min(1.0, 0.01 * failures))
+                time.sleep(0.01)
 
     def _core_loop_body(self) -> None:
         next_tick = next_status = 0.0
@@ -238,19 +239,30 @@ class Agent:
                 if self._reload_trust.is_set():
                     self._reload_trust.clear()
                     self.commands.reload_trust()
-                self.commands.poll(int(now * 1000))
+                self._step("commands", self.commands.poll, int(now * 1000))
                 if self.updates is not None:
-                    self._poll_updates(int(now * 1000))
+                    self._step("updates", self._poll_updates, int(now * 1000))
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
                 if self.publisher:
-                    self._publish_records(int(now * 1000))
+                    self._step("records", self._publish_records, int(now * 1000))
             if self.core.batches.closed:
                 self._deliver()
             if self.publish and now >= next_status:
                 next_status = now + STATUS_EVERY_S
                 self._write_status(running=True)
+
+    def _step(self, name: str, fn, *args) -> None:
+        """Run one part of the loop; a failure (disk full, a bug) is logged and counted but
+        does not keep the rest of the loop -- ingest, batches, the status file -- from running."""
+        try:
+            fn(*args)
+        except Exception:
+            self.core_failures += 1
+            n = self._step_failures[name] = self._step_failures.get(name, 0) + 1
+            if n <= 3 or n % 1000 == 0:
+                log.exception("%s failed (%d times so far); the agent keeps running", name, n)
 
     def _poll_updates(self, now_ms: int) -> None:
         self.commands.report(self.updates.poll(now_ms, self.health), now_ms)
@@ -355,7 +367,7 @@ class Agent:
         out = {"vin": self.config.vehicle.vin, "running": running,
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
                "batches": self.batches_closed, "samples": self.core.samples,
-               "core_failures": self.core_failures}
+               "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures)}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:

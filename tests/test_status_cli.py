@@ -91,3 +91,11 @@ def test_status_command_against_running_agent(rig):  # noqa: F811
                      re.M), out
     assert re.search(r"^\s+commands\.received\s+1$", out, re.M), out
     assert re.search(r"^\s+commands\.accepted\s+0$", out, re.M), out
+
+
+def test_render_shows_core_loop_failures():
+    status = {"pid": 1, "vin": "V", "started_ms": 0, "core_failures": 7,
+              "failures_by_step": {"records": 7}}
+    text = render(status)
+    assert "FAILURES" in text and "7 in the core loop" in text and "records 7" in text
+    assert "FAILURES" not in render({**status, "core_failures": 0})

@@ -43,6 +43,10 @@ def render(s: dict) -> str:
     now = time.time() * 1000
     lines = [_row("agent", f"pid {s.get('pid')}, vin {s.get('vin')}, up "
                            f"{_dur((now - s.get('started_ms', now)) / 1000)}")]
+    if s.get("core_failures"):
+        steps = ", ".join(f"{k} {v}" for k, v in (s.get("failures_by_step") or {}).items())
+        lines.append(_row("FAILURES", f"{s['core_failures']} in the core loop"
+                          + (f" ({steps})" if steps else "") + "; see the agent's log"))
     up = s.get("uplink")
     if up:
         lines.append(_row("uplink", f"{up.get('state')} to {up.get('broker')}"
