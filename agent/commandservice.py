@@ -105,7 +105,7 @@ class CommandService:
         is not carried on (an update resumes) ends FAILED/INTERNAL_ERROR now, so the cloud is
         not left waiting. Its actuator's state arrives in the next state record."""
         try:
-            rows = self.replay.unexpired(now_ms)
+            rows = self.replay.recorded()  # before any purge: expired ids are still there
         except AgentError as e:
             log.error("cannot look for interrupted commands: %s", e)
             return
@@ -116,8 +116,12 @@ class CommandService:
                 continue
             self.counters["interrupted"] += 1
             log.warning("command %s was interrupted by an agent restart", cid)
-            self._status(Status(cid, C.FAILED, C.INTERNAL_ERROR,
-                                "interrupted by an agent restart; not executed further"), now_ms)
+            try:
+                self._status(Status(cid, C.FAILED, C.INTERNAL_ERROR,
+                                    "interrupted by an agent restart; not executed further"),
+                             now_ms)
+            except AgentError as e:  # disk full: the agent must still start
+                log.error("cannot answer interrupted command %s: %s", cid, e)
 
     # -- execution ------------------------------------------------------------------------
 

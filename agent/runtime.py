@@ -28,6 +28,7 @@ TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
 STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
+FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
 RESTART_EXIT_CODE = 75  # "restart me": after an update switched slots (systemd restarts on it)
 
 
@@ -104,6 +105,7 @@ class Agent:
         self.batches_closed = 0
         self.core_failures = 0
         self._step_failures: dict[str, int] = {}
+        self._failing_passes = 0  # core loop passes in a row that raised
         self.started_at = 0.0
         self._stop = threading.Event()
         self._stop_requested = threading.Event()  # run_forever returns when set
@@ -218,14 +220,21 @@ class Agent:
             except Exception:  # a bug outside the guarded steps: log, keep ingesting
                 failures += 1
                 self.core_failures += 1
+                self._failing_passes += 1
                 if failures <= 10 or failures % 1000 == 0:
                     log.exception("core loop iteration failed (%d so far); continuing", failures)
+                if self._failing_passes == FAILING_PASSES_MAX:
+                    log.error("the core loop has failed %d times in a row: no more watchdog "
+                              "pings (systemd restarts the agent)", FAILING_PASSES_MAX)
+                self._write_status(running=True)
                 time.sleep(0.01)
 
     def _core_loop_body(self) -> None:
         next_tick = next_status = 0.0
         while not self._stop.is_set():
-            self.watchdog.kick()  # a stalled core loop stops the watchdog pings
+            # A stalled loop, or one that fails every pass, stops the watchdog pings.
+            if self._failing_passes < FAILING_PASSES_MAX:
+                self.watchdog.kick()
             busy = self.commands is not None and self.commands.executor.busy
             try:
                 item = self._frames.get(timeout=0.01 if busy else TICK_S)
@@ -252,6 +261,7 @@ class Agent:
             if self.publish and now >= next_status:
                 next_status = now + STATUS_EVERY_S
                 self._write_status(running=True)
+            self._failing_passes = 0  # a whole pass went through
 
     def _step(self, name: str, fn, *args) -> None:
         """Run one part of the loop; a failure (disk full, a bug) is logged and counted but
@@ -295,9 +305,11 @@ class Agent:
         return self.core.snapshot(state_only=self._state_only)
 
     def _write_status(self, running: bool) -> None:
+        if not self.publish:
+            return
         try:
             write_status(self.config.storage.dir, self.status(running))
-        except OSError as e:
+        except Exception as e:  # disk full, a broken outbox behind status(): never fatal
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
@@ -367,7 +379,8 @@ class Agent:
         out = {"vin": self.config.vehicle.vin, "running": running,
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
                "batches": self.batches_closed, "samples": self.core.samples,
-               "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures)}
+               "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures),
+               "internal_errors": self.core.internal_errors}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:

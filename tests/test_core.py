@@ -240,3 +240,15 @@ def test_values_from_other_sources(test_dbc):
     assert [(t - int(T0 * 1000), v) for t, v in got] == [(0, -71), (600, -75), (1700, -75)]
     assert core.lookup("Vehicle.X") == ("home", int(T0 * 1000))
     assert core.snapshot()["Vehicle.Connectivity.SignalStrength"][1] == -75
+
+
+def test_feed_many_counts_a_frame_that_raises_and_takes_the_rest(test_dbc):
+    from agent.assemble import plans_for_dbc
+    from agent.core.telemetry import TelemetryCore
+
+    core = TelemetryCore(plans_for_dbc([test_dbc]))
+    frames = [(0, 1.0 + i / 100, 0x100, bytes([i]) * 8) for i in range(10)]
+    frames.insert(3, (7, 1.5, 0x100, b"\0" * 8))  # bus index 7 does not exist: IndexError
+    core.feed_many(frames)
+    assert core.internal_errors == 1 and "IndexError" in core.last_internal_error
+    assert core.counters[0].frames == 10  # the other frames all arrived

@@ -113,11 +113,12 @@ class ReplayStore(GuardedDb):
             return None if row is None or row[0] is None else bytes(row[0])
         return self._guarded(op)
 
-    def unexpired(self, now_ms: int) -> list[tuple[str, bytes | None]]:
-        """(id, latest status or None) of every id whose exp is still ahead."""
+    def recorded(self) -> list[tuple[str, bytes | None]]:
+        """(id, latest status or None) of every id still remembered (expired ones too, until
+        the next purge), oldest first."""
         def op():
-            rows = self._conn.execute("SELECT id, status FROM seen WHERE exp_ms > ? ORDER BY "
-                                      "recorded_ms", (now_ms,)).fetchall()
+            rows = self._conn.execute("SELECT id, status FROM seen ORDER BY "
+                                      "recorded_ms").fetchall()
             return [(r[0], None if r[1] is None else bytes(r[1])) for r in rows]
         return self._guarded(op)
 

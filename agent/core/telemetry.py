@@ -146,6 +146,8 @@ class TelemetryCore:
             self._by_name.setdefault(f"{s.spec.message}.{s.sig}", s)
             self._by_name[s.out] = s
         self._throttled: list[SignalState] = []
+        self.internal_errors = 0  # frames that raised inside the core (bugs), counted
+        self.last_internal_error = ""
         self._next_tick = -1.0
         self._next_heartbeat_ms = 0
 
@@ -162,7 +164,20 @@ class TelemetryCore:
 
     def feed_many(self, frames: Iterable[tuple[int, float, int, bytes]]) -> None:
         """Take frames (bus index, time in UTC seconds, can id, data), in order. The loop
-        lives here, not in the caller: ~12 % faster than a feed() call per frame."""
+        lives here, not in the caller: ~12 % faster than a feed() call per frame.
+
+        Never raises: a frame that trips an unexpected error (a bug) is counted in
+        `internal_errors` and the rest of the frames are still taken."""
+        it = iter(frames)
+        while True:
+            try:
+                self._feed(it)
+                return
+            except Exception as e:  # noqa: BLE001 - one bad frame must not lose the others
+                self.internal_errors += 1
+                self.last_internal_error = f"{type(e).__name__}: {e}"[:200]
+
+    def _feed(self, frames) -> None:
         counters = self.counters
         update = self._update
         next_tick = self._next_tick
