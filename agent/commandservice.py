@@ -154,6 +154,8 @@ class CommandService:
                     decode_unverified(latest)[2].get("status") in C.TERMINAL_STATUSES:
                 continue
             self._status(s, now_ms)
+        if self.updates is not None:
+            self.updates.mark_reported(statuses)
 
     def _status(self, s: Status, now_ms: int, remember: bool = True) -> None:
         payload = C.status_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,

@@ -342,6 +342,10 @@ class UpdatesConfig:
                                   "\"https://updates.example.com/\"")
         if not self.hardware_id:
             raise ConfigError(f"{where}.hardware_id: must not be empty")
+        if not self.preconditions:
+            raise ConfigError(f"{where}.preconditions: at least one condition is needed "
+                              "(PROTOCOL.md: no update.activate unless the vehicle is parked), "
+                              "e.g. ['VCU_Status.Gear == \"P\"']")
         from .core.updates import UpdateError, parse_version
 
         try:

@@ -74,6 +74,7 @@ class UpdateService:
         self.state = self._load()
         self.restart_requested = False
         self.confirm_deadline_ms: int | None = None
+        self._marked_good = False  # mark_good done, COMMITTED not yet saved
         self._gen = 0
         self._cancel = threading.Event()
         self._last_progress = -1
@@ -99,7 +100,17 @@ class UpdateService:
 
     @property
     def installed_version(self) -> str:
-        return U.installed_version(self.state, self.cfg.installed_version)
+        """The anti-rollback floor: the newest of the configured version, the last committed
+        one and the confirmed active slot's (which survives a lost update record)."""
+        floor = U.installed_version(self.state, self.cfg.installed_version)
+        try:
+            report = self.slots.report()
+            meta = (report.get("slots") or {}).get(report["active"]) or {}
+            if not report.get("pending") and U.is_newer(meta.get("version"), floor):
+                floor = meta["version"]
+        except (AgentError, KeyError, TypeError):
+            pass  # no readable slot metadata: the record and the config decide
+        return floor
 
     def running(self, command_id: str) -> bool:
         """Is this command's update still in progress here (not in a final state)?"""
@@ -154,7 +165,7 @@ class UpdateService:
         if not ok:
             raise U.UpdateError(PRECONDITION_FAILED, why)
         self._save(U.transition(self.state, U.ACTIVATE, command_id=cid, started_ms=now_ms,
-                                detail=None, reason=None))
+                                detail=None, reason=None, final_status=None, reported=False))
         self._gen += 1
         self._jobs.put(("activate", self._gen, self.state))
         return [Status(cid, ACCEPTED),
@@ -195,11 +206,27 @@ class UpdateService:
                 if s.state == U.DOWNLOADING:
                     s = U.transition(s, U.DOWNLOADED)
                 self._save(U.transition(s, U.VERIFIED, version=version, sha256=fetched.sha256,
-                                        slot=slot))
+                                        slot=slot, final_status=SUCCEEDED, reported=False))
                 log.info("update %s %s staged in slot %s", s.target, version, slot)
                 return [Status(cid, SUCCEEDED, result=U.staged_result(self.state))]
+            if ev.kind == "verified" and s.state == U.ACTIVATING:
+                # Checked again now: hashing a large artifact takes time, and the vehicle may
+                # have been driven off meanwhile.
+                ok, why = check_all(self.preconditions, self.lookup, now_ms,
+                                    self.cfg.stale_ms, {})
+                if not ok:
+                    detail = f"{why}; not activated, the update stays staged"
+                    self._save(U.transition(s, U.ABORT, final_status=FAILED, reported=False,
+                                            reason=PRECONDITION_FAILED, detail=detail))
+                    return [Status(cid, FAILED, PRECONDITION_FAILED, detail)]
+                self._jobs.put(("switch", self._gen, s))
+                return []
             if ev.kind == "switched" and s.state == U.ACTIVATING:
-                self._save(U.transition(s, U.SWITCHED))
+                try:
+                    self._save(U.transition(s, U.SWITCHED))
+                except StorageError:
+                    self._undo_switch()  # never run a slot the record does not know about
+                    raise
                 self.restart_requested = True
                 log.info("update %s %s: slot %s active on trial; restarting", s.target,
                          s.version, s.slot)
@@ -207,14 +234,13 @@ class UpdateService:
                                detail=f"slot {s.slot} active; restarting to confirm it")]
             if ev.kind == "failed" and s.state in (U.DOWNLOADING, U.VERIFYING, U.ACTIVATING):
                 err: U.UpdateError = ev.data
-                new, reports = U.fail(s, err.reason, err.detail)
-                self._save(new)
-                log.warning("update %s failed: %s %s", s.target, err.reason, err.detail)
                 # A target this vehicle refuses (hardware, version) is a rejection of the
                 # command, not a failure to carry it out.
-                refused = isinstance(err, U.TargetRefused)
-                return [replace(self._status(r), status=REJECTED if refused else FAILED)
-                        for r in reports]
+                status = REJECTED if isinstance(err, U.TargetRefused) else FAILED
+                new, reports = U.fail(s, err.reason, err.detail, status)
+                self._save(new)
+                log.warning("update %s failed: %s %s", s.target, err.reason, err.detail)
+                return [self._status(r) for r in reports]
         except StorageError as e:
             log.error("%s", e)
             return [Status(cid, FAILED, INTERNAL_ERROR, str(e)[:200])] if cid else []
@@ -266,34 +292,67 @@ class UpdateService:
         """While confirming: commit when healthy, roll back when the time is up."""
         if self.confirm_deadline_ms is None or self.state.state != U.CONFIRMING:
             return []
-        ok, why = health()
         s = self.state
-        try:
-            if ok:
-                self.slots.mark_good()
-                self._save(U.transition(s, U.CONFIRMED, installed=s.version, detail=None))
-                self.confirm_deadline_ms = None
-                log.info("update %s %s committed", s.target, s.version)
-                return [Status(s.command_id, SUCCEEDED,
-                               result={"target": s.target, "version": s.version})]
-            if now_ms < self.confirm_deadline_ms:
+        if not self._marked_good:
+            ok, why = health()
+            if not ok and now_ms < self.confirm_deadline_ms:
                 return []
-            detail = f"health check failed after {self.cfg.health_timeout_s:g} s: {why}; " \
-                     "rolled back"
-            self.slots.roll_back()
-            self._save(U.transition(s, U.ROLL_BACK, reason=INSTALL_FAILED, detail=detail))
-        except AgentError as e:
-            log.error("confirming the update failed: %s", e)
+            detail = ""
             try:
-                self.slots.roll_back()
-            except AgentError:
-                pass
-            detail = f"confirming failed: {e}"
-            self._save(U.transition(s, U.ROLL_BACK, reason=INSTALL_FAILED, detail=detail[:200]))
+                if ok:
+                    self.slots.mark_good()
+                    self._marked_good = True
+                else:
+                    detail = (f"health check failed after {self.cfg.health_timeout_s:g} s: "
+                              f"{why}; rolled back")
+                    self.slots.roll_back()
+            except AgentError as e:  # the slot backend failed: the old slot is the safe one
+                log.error("confirming the update failed: %s", e)
+                detail = f"confirming failed: {e}"[:200]
+                self._undo_switch()
+            if not self._marked_good:
+                self._rolled_back(s, detail)
+                return [Status(s.command_id, FAILED, INSTALL_FAILED, detail)]
+        # Marked good: from here on the new slot stays, whatever happens. A failed save is
+        # retried at the next poll (and a restart reads "confirming, marker gone" as committed).
+        try:
+            self._save(U.commit(s))
+        except StorageError as e:
+            log.error("update %s %s confirmed but not yet recorded: %s", s.target, s.version, e)
+            return []
+        self.confirm_deadline_ms = None
+        self._marked_good = False
+        log.info("update %s %s committed", s.target, s.version)
+        return [Status(s.command_id, SUCCEEDED, result={"target": s.target, "version": s.version})]
+
+    def _rolled_back(self, s: U.UpdateState, detail: str) -> None:
         self.confirm_deadline_ms = None
         self.restart_requested = True  # back into the previous slot's code
         log.error("update %s %s: %s", s.target, s.version, detail)
-        return [Status(s.command_id, FAILED, INSTALL_FAILED, detail)]
+        try:
+            self._save(U.roll_back(s, detail))
+        except StorageError as e:  # the restart rule sees "previous slot active": rolled back
+            log.error("%s", e)
+            self.state = U.roll_back(s, detail)
+
+    def _undo_switch(self) -> None:
+        try:
+            if self.slots.report().get("pending"):
+                self.slots.roll_back()
+        except AgentError as e:
+            log.error("cannot undo the slot switch: %s", e)
+
+    def mark_reported(self, statuses: list[Status]) -> None:
+        """The statuses are in the outbox: a terminal one of the record's command need not be
+        sent again after a restart."""
+        s = self.state
+        if s.reported or s.final_status is None:
+            return
+        if any(x.id == s.command_id and x.status == s.final_status for x in statuses):
+            try:
+                self._save(replace(s, reported=True))
+            except StorageError as e:  # sent again after a restart at worst
+                log.warning("%s", e)
 
     def close(self) -> None:
         self._abort_jobs()
@@ -324,7 +383,9 @@ class UpdateService:
                 if kind == "stage":
                     self._do_stage(gen, *job[2:])
                 elif kind == "activate":
-                    self._do_activate(gen, job[2])
+                    self._do_verify(gen, job[2])
+                elif kind == "switch":
+                    self._do_switch(gen, job[2])
                 elif kind == "discard":
                     self.slots.discard_inactive()
                     self._discard_downloads()
@@ -364,7 +425,7 @@ class UpdateService:
             return
         self.post(UpdateEvent(gen, "staged", (fetched, slot, accepted["version"])))
 
-    def _do_activate(self, gen: int, state: U.UpdateState) -> None:
+    def _do_verify(self, gen: int, state: U.UpdateState) -> None:
         path = self.slots.payload(state.slot)
         digest = hashlib.sha256()
         try:
@@ -377,6 +438,9 @@ class UpdateService:
             raise U.UpdateError(VERIFICATION_FAILED,
                                 f"staged artifact in slot {state.slot} changed since it was "
                                 "verified (sha256 mismatch); not activated")
+        self.post(UpdateEvent(gen, "verified"))
+
+    def _do_switch(self, gen: int, state: U.UpdateState) -> None:
         try:
             self.slots.switch_active(state.slot)
         except U.UpdateError:

@@ -210,6 +210,7 @@ def test_errors_inside_optional_sections_name_the_key(tmp_path, test_dbc):
     (["updates.installed_version='1.2-rc1'"], r"updates.installed_version: version"),
     (["updates.hardware_id=''"], r"updates.hardware_id: must not be empty"),
     (["updates.colour='red'"], r"updates.colour: unknown key"),
+    (["updates.preconditions=[]"], r"updates.preconditions: at least one condition"),
 ])
 def test_updates_section_errors(tmp_path, test_dbc, sets, message):
     (tmp_path / "root.json").write_text("{}")
@@ -222,6 +223,7 @@ trusted_root = "root.json"
 allowed_repositories = ["https://updates.example.com/fleet/"]
 hardware_id = "tcu-1"
 installed_version = "1.0.0"
+preconditions = ['VCU_Drive.Gear == 0']
 """, test_dbc)
     assert load_config(path).updates.installed_version == "1.0.0"
     with pytest.raises(ConfigError, match=message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import replace
 import sys
 import time
 
@@ -136,7 +137,7 @@ def test_stage_while_staged_supersedes_quietly_and_busy_while_activating():
 def test_cancel_reports():
     s, _ = u.stage(u.UpdateState(), "c1", "fw", T0)
     s, reports = u.cancel(s, "k1")
-    assert s.state == u.IDLE and s.reason == CANCELLED
+    assert s.state == u.IDLE and s.final_status == SUCCEEDED and s.command_id == "k1"
     assert reports == [u.Report("c1", FAILED, CANCELLED, "cancelled by command k1"),
                        u.Report("k1", SUCCEEDED)]
     with pytest.raises(u.UpdateError) as info:
@@ -344,3 +345,22 @@ def test_restart_orphan_trial_slot_is_rolled_back(found):
     actions = u.on_restart(found, PENDING_B, T0)
     assert actions[0] == u.RollBackSlot()
     assert u.on_restart(found, NO_PENDING, T0).count(u.RollBackSlot()) == 0
+
+
+def test_a_terminal_status_is_resent_only_if_it_never_went_out():
+    for found in (rec(u.STAGED, final_status=SUCCEEDED), rec(u.COMMITTED, final_status=SUCCEEDED),
+                  rec(u.FAILED_STATE, final_status="REJECTED", reason="VERIFICATION_FAILED"),
+                  rec(u.ROLLED_BACK, final_status=FAILED, reason=INSTALL_FAILED)):
+        again = [a for a in u.on_restart(found, NO_PENDING, T0) if isinstance(a, u.Report)]
+        assert [(r.command_id, r.status) for r in again] == [("c1", found.final_status)]
+        sent = replace(found, reported=True)
+        assert not [a for a in u.on_restart(sent, NO_PENDING, T0) if isinstance(a, u.Report)]
+    # a refused target stays REJECTED across a restart, not FAILED
+    refused, reports = u.fail(rec(u.DOWNLOADING), "VERIFICATION_FAILED", "older", "REJECTED")
+    assert reports[0].status == "REJECTED"
+    assert u.final_report(refused).status == "REJECTED"
+
+
+def test_abort_returns_an_activation_to_staged():
+    s = u.transition(rec(u.STAGED), u.ACTIVATE)
+    assert u.transition(s, u.ABORT).state == u.STAGED

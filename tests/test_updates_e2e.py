@@ -359,12 +359,12 @@ def test_a_new_stage_supersedes_a_download_in_flight(rig):
 
 # -- SIGKILL at every state, then a restart ------------------------------------------------
 
-def _run_agent(rig, kill_at: str | None = None) -> subprocess.Popen:
+def _run_agent(rig, kill_at: str | None = None, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TCU_AGENT_TEST_KILL_AT"}
     if kill_at:
         env["TCU_AGENT_TEST_KILL_AT"] = kill_at
     args = [sys.executable, "-m", "agent", "run", "-c", str(ROOT / "configs" / "demo.toml")]
-    for o in rig.overrides:
+    for o in [*rig.overrides, *extra]:
         args += ["--set", o]
     log = open(rig.tmp / "agent.log", "ab")
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -443,5 +443,69 @@ def test_sigkill_while_activating_then_restart(rig, kill_at, outcome, active):
         assert [s["status"] for s in rig.cloud.statuses(aid)].count(outcome[0]) == 1
         wait_for(lambda: rig.slots.report()["pending"] is None, what="no pending activation")
         assert rig.slots.report()["active"] == active
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_a_terminal_status_is_not_sent_again_after_restarts(rig):
+    """Even when the replay store no longer remembers the command (its exp passed, or the
+    database was lost), the update record knows its terminal status already went out."""
+    older = rig.tmp / "fw-0.9.0.bin"
+    older.write_bytes(b"old firmware" * 1000)
+    repo.add_target(rig.repo_dir, older, "0.9.0", HW)
+    rig.start_agent()
+    cid, final = rig.stage("fw-0.9.0.bin")
+    assert (final["status"], final["reason"]) == ("REJECTED", "VERIFICATION_FAILED")
+    for _ in range(2):
+        rig.stop_agent()
+        for f in rig.state_dir.glob("replay.db*"):
+            f.unlink()
+        rig.start_agent()
+    time.sleep(1.0)
+    terminal = [s["status"] for s in rig.cloud.statuses(cid)
+                if s["status"] not in ("ACCEPTED", "IN_PROGRESS")]
+    assert terminal == ["REJECTED"], terminal
+
+
+def test_sigkill_right_after_a_refusal_is_saved(rig):
+    older = rig.tmp / "fw-0.9.0.bin"
+    older.write_bytes(b"old firmware" * 1000)
+    repo.add_target(rig.repo_dir, older, "0.9.0", HW)
+    proc = _run_agent(rig, "FAILED")
+    _wait_connected(rig, proc)
+    cid, _ = rig.cloud.command("update.stage", {"target": "fw-0.9.0.bin",
+                                                "repository": rig.server.url})
+    assert proc.wait(30) == -signal.SIGKILL
+    proc = _run_agent(rig)
+    try:
+        final = rig.cloud.wait_terminal(cid, timeout=30)
+        # still a rejection of the target (not FAILED), and only one terminal status
+        assert (final["status"], final["reason"]) == ("REJECTED", "VERIFICATION_FAILED"), final
+        time.sleep(1.0)
+        assert [s["status"] for s in rig.cloud.statuses(cid)].count("REJECTED") == 1
+        rig.assert_untouched()
+    finally:
+        assert _stop(proc) == 0
+
+
+def test_sigkill_right_after_a_rollback_is_saved(rig):
+    proc = _run_agent(rig)
+    _wait_connected(rig, proc)
+    _, staged = rig.stage()
+    assert staged["status"] == "SUCCEEDED"
+    aid, _ = rig.cloud.command("update.activate", {"target": "fw-2.0.0.bin"})
+    assert proc.wait(30) == RESTART_EXIT_CODE
+    # The new version cannot reach the broker; killed right after the rollback is saved.
+    proc = _run_agent(rig, "ROLLED_BACK", f"mqtt.port={_free_port()}",
+                      "updates.health_timeout_s=1.5")
+    assert proc.wait(30) == -signal.SIGKILL
+    assert rig.slots.report()["active"] == "a"
+    proc = _run_agent(rig)
+    try:
+        final = rig.cloud.wait_terminal(aid, timeout=30)
+        assert (final["status"], final["reason"]) == ("FAILED", "INSTALL_FAILED"), final
+        time.sleep(1.0)
+        assert [s["status"] for s in rig.cloud.statuses(aid)].count("FAILED") == 1
+        assert (rig.slots.report()["active"], rig.slots.report()["pending"]) == ("a", None)
     finally:
         assert _stop(proc) == 0

@@ -431,6 +431,11 @@ def _is_http_url(value: Any) -> bool:
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError:
         return False
-    # No query or fragment: `{repository}/metadata/` must still be a path under it.
+    # No query or fragment: `{repository}/metadata/` must still be a path under it. No dot
+    # segments or encoded dots and slashes either: ".../fleet/../evil" would leave the prefix
+    # that updates.allowed_repositories checked.
+    segments = parts.path.split("/")
     return (parts.scheme in ("http", "https") and bool(parts.hostname)
-            and not parts.query and not parts.fragment)
+            and not parts.query and not parts.fragment
+            and "." not in segments and ".." not in segments
+            and not any(e in parts.path.lower() for e in ("%2e", "%2f", "%5c", "\\")))

@@ -42,6 +42,7 @@ from agent.errors import AgentError
 
 from .commands import (
     BAD_PARAMS,
+    REJECTED,
     BUSY,
     CANCELLED,
     DOWNLOAD_FAILED,
@@ -141,6 +142,7 @@ FINAL_STATES = frozenset({IDLE, COMMITTED, FAILED_STATE, ROLLED_BACK})
 # events
 STAGE, DOWNLOADED, VERIFIED, FAIL, CANCEL = "stage", "downloaded", "verified", "fail", "cancel"
 ACTIVATE, SWITCHED, CONFIRMED, ROLL_BACK = "activate", "switched", "confirmed", "roll_back"
+ABORT = "abort"
 
 TRANSITIONS: Mapping[str, Mapping[str, str]] = {
     IDLE: {STAGE: DOWNLOADING},
@@ -148,7 +150,8 @@ TRANSITIONS: Mapping[str, Mapping[str, str]] = {
     VERIFYING: {VERIFIED: STAGED, FAIL: FAILED_STATE, CANCEL: IDLE, STAGE: DOWNLOADING},
     STAGED: {ACTIVATE: ACTIVATING, CANCEL: IDLE, STAGE: DOWNLOADING},
     # A failed switch leaves the active slot as it was.
-    ACTIVATING: {SWITCHED: CONFIRMING, FAIL: FAILED_STATE},
+    # ABORT: the vehicle stopped being safe before the switch; the artifact stays staged.
+    ACTIVATING: {SWITCHED: CONFIRMING, FAIL: FAILED_STATE, ABORT: STAGED},
     CONFIRMING: {CONFIRMED: COMMITTED, ROLL_BACK: ROLLED_BACK},
     COMMITTED: {STAGE: DOWNLOADING},
     FAILED_STATE: {STAGE: DOWNLOADING},
@@ -172,15 +175,23 @@ class UpdateState:
     reason: str | None = None
     repository: str | None = None  # where the stage command fetches from (to resume it)
     installed: str | None = None  # the last committed version (anti-rollback); None: the config's
+    # The terminal status decided for command_id, and whether it reached the outbox: a
+    # restart re-sends it only when it did not (one terminal status per command, ever).
+    final_status: str | None = None
+    reported: bool = False
 
     def __post_init__(self) -> None:
         if self.state not in STATES:
             raise ValueError(f"unknown update state {self.state!r}")
         for f in ("command_id", "target", "version", "sha256", "slot", "detail", "reason",
-                  "repository", "installed"):
+                  "repository", "installed", "final_status"):
             value = getattr(self, f)
             if value is not None and type(value) is not str:
                 raise ValueError(f"update state: {f} must be a string or null, not {value!r}")
+        if self.final_status not in (None, SUCCEEDED, FAILED, REJECTED):
+            raise ValueError(f"update state: final_status {self.final_status!r}")
+        if type(self.reported) is not bool:
+            raise ValueError(f"update state: reported must be true or false")
         if self.started_ms is not None and (type(self.started_ms) is not int
                                             or self.started_ms < 0):
             raise ValueError(f"update state: started_ms must be a uint, not {self.started_ms!r}")
@@ -258,7 +269,7 @@ def stage(current: UpdateState, command_id: str, target: str, now_ms: int,
     """
     new = transition(current, STAGE, command_id=command_id, target=target, version=None,
                      sha256=None, slot=None, started_ms=now_ms, detail=None, reason=None,
-                     repository=repository)
+                     repository=repository, final_status=None, reported=False)
     reports = []
     if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
         reports.append(Report(current.command_id, FAILED, SUPERSEDED,
@@ -271,7 +282,7 @@ def cancel(current: UpdateState, command_id: str) -> tuple[UpdateState, list[Rep
     FAILED/CANCELLED; the cancel command itself SUCCEEDS. Raises IllegalTransition
     (PRECONDITION_FAILED) after STAGED or when there is nothing to cancel."""
     new = transition(current, CANCEL, command_id=command_id, detail="cancelled",
-                     reason=CANCELLED, slot=None)
+                     reason=None, slot=None, final_status=SUCCEEDED, reported=False)
     reports = []
     if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
         reports.append(Report(current.command_id, FAILED, CANCELLED,
@@ -280,11 +291,33 @@ def cancel(current: UpdateState, command_id: str) -> tuple[UpdateState, list[Rep
     return new, reports
 
 
-def fail(current: UpdateState, reason: str, detail: str) -> tuple[UpdateState, list[Report]]:
-    """A step failed (download, verification, install, switch): FAILED with that reason."""
-    new = transition(current, FAIL, reason=reason, detail=detail)
-    return new, ([Report(current.command_id, FAILED, reason, detail)]
+def fail(current: UpdateState, reason: str, detail: str, status: str = FAILED
+         ) -> tuple[UpdateState, list[Report]]:
+    """A step failed (download, verification, install, switch): FAILED with that reason
+    (REJECTED when this vehicle refuses the target)."""
+    new = transition(current, FAIL, reason=reason, detail=detail, final_status=status,
+                     reported=False)
+    return new, ([Report(current.command_id, status, reason, detail)]
                  if current.command_id else [])
+
+
+def final_report(current: UpdateState) -> Report | None:
+    """The terminal status recorded for the record's command, to send (again) if it has not
+    reached the outbox; None when there is none or it was sent."""
+    if not current.command_id or current.reported:
+        return None
+    status = current.final_status
+    if status is None:  # a record written before final_status existed: infer it
+        status = {STAGED: SUCCEEDED, COMMITTED: SUCCEEDED, FAILED_STATE: FAILED,
+                  ROLLED_BACK: FAILED}.get(current.state)
+        if status is None:
+            return None
+    if status == SUCCEEDED:
+        result = (staged_result(current) if current.state == STAGED else
+                  {"target": current.target, "version": current.version}
+                  if current.state == COMMITTED else None)
+        return Report(current.command_id, SUCCEEDED, result=result)
+    return Report(current.command_id, status, current.reason or INSTALL_FAILED, current.detail)
 
 
 def check_activate(current: UpdateState, target: str) -> None:
@@ -359,11 +392,11 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
     "boots"} or None}. Returns a list of Save / Report / ResumeStage / Discard / Confirm /
     RollBackSlot actions, to be executed in order.
 
-    - nothing, or a final state: clean leftovers only; a FAILED/ROLLED_BACK/COMMITTED outcome
-      is re-reported (idempotent: Report is skipped if already stored).
+    - nothing, or a final state: clean leftovers only; the terminal status recorded for the
+      command is re-sent only if it never reached the outbox (`reported` false).
     - DOWNLOADING/VERIFYING: resume if the stage started less than max_resume_age_ms ago,
       else FAILED/DOWNLOAD_FAILED.
-    - STAGED: keep it; make sure the stage command's SUCCEEDED was reported.
+    - STAGED: keep it; re-send the stage command's SUCCEEDED if it never went out.
     - ACTIVATING: the switch either happened (pending marker names our slot and it is
       active -> CONFIRMING, then Confirm) or not (active slot untouched -> FAILED/INSTALL_FAILED).
     - CONFIRMING: running our slot with boots <= max_boot_attempts -> Confirm; our slot
@@ -374,16 +407,16 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
     """
     pending = slots.get("pending") or None
     active = slots.get("active")
+    actions: list[Any] = []
     if found is None or found.state in (IDLE, COMMITTED, FAILED_STATE, ROLLED_BACK):
         # No activation of ours is under way, so a trial slot cannot be confirmed (its record
         # was lost or the switch was undone): go back to the slot that worked.
-        orphan = [RollBackSlot()] if pending else []
-        if found is None or found.state == IDLE:
-            return orphan + [Discard("downloads")]
-    else:
-        orphan = []
+        if pending:
+            actions.append(RollBackSlot())
+        actions.append(Discard("downloads"))
+        final = final_report(found) if found is not None else None
+        return actions + ([final] if final else [])
     cid = found.command_id
-    actions: list[Any] = []
 
     def report(status: str, reason: str | None = None, detail: str | None = None,
                result: Mapping | None = None) -> None:
@@ -391,54 +424,57 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
             actions.append(Report(cid, status, reason, detail, result))
 
     state = found.state
-    actions += orphan
-
     if state in (DOWNLOADING, VERIFYING):
         age = now_ms - (found.started_ms or 0)
         if 0 <= age <= max_resume_age_ms:
             actions.append(ResumeStage(found))
             report(IN_PROGRESS, detail="resuming after a restart")
         else:
-            new = transition(found, FAIL, reason=DOWNLOAD_FAILED,
-                             detail="interrupted by a restart and too old to resume")
-            actions += [Save(new), Discard("downloads")]
-            report(FAILED, DOWNLOAD_FAILED, new.detail)
+            new, reports = fail(found, DOWNLOAD_FAILED,
+                                "interrupted by a restart and too old to resume")
+            actions += [Save(new), Discard("downloads"), *reports]
     elif state == STAGED:
-        report(SUCCEEDED, result=staged_result(found))
+        final = final_report(found)
+        if final:
+            actions.append(final)
     elif state == ACTIVATING:
         if pending and pending.get("slot") == found.slot and active == found.slot:
             new = transition(found, SWITCHED)
             actions += [Save(new), Confirm(new)]
             report(IN_PROGRESS, detail="confirming the new version")
         else:
-            detail = "activation interrupted before the switch; the active slot is unchanged"
-            new = transition(found, FAIL, reason=INSTALL_FAILED, detail=detail)
+            new, reports = fail(found, INSTALL_FAILED, "activation interrupted before the "
+                                "switch; the active slot is unchanged")
             actions.append(Save(new))
             if pending:
                 actions.append(RollBackSlot())  # drop the half-written marker
-            report(FAILED, INSTALL_FAILED, detail)
+            actions += reports
     elif state == CONFIRMING:
         running_ours = active == found.slot and pending and pending.get("slot") == found.slot
         if active == found.slot and not pending:
             # Cut between mark_good and saving COMMITTED: the slot was confirmed.
-            new = transition(found, CONFIRMED, installed=found.version, detail=None)
-            actions.append(Save(new))
-            report(SUCCEEDED, result={"target": found.target, "version": found.version})
+            new = commit(found)
+            actions += [Save(new), final_report(new)]
         elif running_ours and int(pending.get("boots", 0)) <= max_boot_attempts:
             actions.append(Confirm(found))
             report(IN_PROGRESS, detail="confirming the new version")
         else:
             detail = ("the new version did not come up; rolled back" if running_ours
                       else "the previous slot is running again; rolled back")
-            new = transition(found, ROLL_BACK, reason=INSTALL_FAILED, detail=detail)
+            new = roll_back(found, detail)
             if pending:
                 actions.append(RollBackSlot())
-            actions.append(Save(new))
-            report(FAILED, INSTALL_FAILED, detail)
-    elif state == COMMITTED:
-        actions.append(Discard("downloads"))
-        report(SUCCEEDED, result={"target": found.target, "version": found.version})
-    else:  # FAILED, ROLLED_BACK
-        actions.append(Discard("downloads"))
-        report(FAILED, found.reason or INSTALL_FAILED, found.detail)
+            actions += [Save(new), final_report(new)]
     return actions
+
+
+def commit(current: UpdateState) -> UpdateState:
+    """CONFIRMING -> COMMITTED: the new version is the anti-rollback floor from now on."""
+    return transition(current, CONFIRMED, installed=current.version, detail=None, reason=None,
+                      final_status=SUCCEEDED, reported=False)
+
+
+def roll_back(current: UpdateState, detail: str) -> UpdateState:
+    """CONFIRMING -> ROLLED_BACK, FAILED/INSTALL_FAILED."""
+    return transition(current, ROLL_BACK, reason=INSTALL_FAILED, detail=detail,
+                      final_status=FAILED, reported=False)
