@@ -53,9 +53,16 @@ class Publisher:
 
     def stop(self, drain_timeout_s: float = 3.0) -> int:
         """Queue the offline record, publish what can be acknowledged in time, disconnect.
-        Returns the number of messages left in the outbox for the next start."""
-        self._append("status", self.topics.status, status_payload(self.vin, now_ms(), False))
-        left = self.uplink.stop(drain_timeout_s)
+        Returns the number of messages left in the outbox for the next start (-1: unknown).
+        If the offline record cannot be queued (disk full), the uplink still stops, leaving
+        with the will, and the outbox is closed."""
+        try:
+            self._append("status", self.topics.status, status_payload(self.vin, now_ms(), False))
+            queued = True
+        except Exception as e:  # noqa: BLE001 - e.g. disk full: stopping must go on
+            log.error("cannot queue the offline record (%s); leaving with the MQTT will", e)
+            queued = False
+        left = self.uplink.stop(drain_timeout_s, will=not queued)
         self._final = self.status()  # what `tcu-agent status` shows after the stop
         self.outbox.close()
         return left
@@ -65,14 +72,13 @@ class Publisher:
     def batch(self, batch: Batch) -> int:
         """Sign and queue a telemetry batch; returns its seq. Raises StorageError when the
         outbox cannot take it: its samples are then reported in the next batch's `drop`."""
-        lost = self._lost
-
         def build(seq: int, drop: int) -> bytes:
-            return self.signer.sign(batch.payload(self.vin, seq, drop + lost))
+            return self.signer.sign(batch.payload(self.vin, seq, drop))
 
         try:
+            # extra_drop: stored with the batch, so the loss is carried on if it is evicted
             seq = self.outbox.append_telemetry(build, batch.samples, now_ms(),
-                                               self.topics.telemetry)
+                                               self.topics.telemetry, extra_drop=self._lost)
         except Exception:
             self._lost += batch.samples
             raise

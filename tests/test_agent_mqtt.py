@@ -179,6 +179,57 @@ def test_outbox_full_evicts_telemetry_reports_drop_keeps_statuses(tmp_path, test
             gate.close()
 
 
+def test_stop_on_a_full_disk_still_stops_the_uplink_and_leaves_with_the_will(tmp_path, test_dbc):
+    """The outbox's filesystem is full at stop: the offline record cannot be queued, yet stop()
+    returns, the uplink is stopped, the outbox closed, and the broker publishes the will."""
+    import subprocess
+    import uuid
+
+    from agent.adapters.keys import generate_keypair, load_private_key
+    from agent.config import config_from_dict
+    from agent.errors import StorageError
+    from agent.publisher import Publisher
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)],
+                             capture_output=True, check=False)
+    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
+    try:
+        generate_keypair(tmp_path / "keys", stem="vehicle")
+        key = load_private_key(tmp_path / "keys" / "vehicle.key")
+        with Mosquitto() as broker, \
+                Consumer(broker.host, broker.port, f"vehicles/{VIN}/status") as c:
+            pub = Publisher(config_from_dict({
+                "vehicle": {"vin": VIN}, "storage": {"dir": str(tiny / "state")},
+                "bus": [{"name": "pt", "interface": "virtual",
+                         "channel": f"t-{uuid.uuid4().hex}", "dbc": [str(test_dbc)]}],
+                "signing": {"key_file": str(tmp_path / "keys" / "vehicle.key")},
+                "mqtt": {"host": broker.host, "port": broker.port}}, base=tmp_path))
+            pub.start()
+            wait_for(pub.take_connected, what="a connection")
+            pub.online()
+            v = Verifier(key.public_key())
+            wait_for(lambda: pub.outbox.stats()["messages"] == 0
+                     and v.check(c.messages).get("status"), what="the online record")
+            with open(tiny / "filler", "wb", buffering=0) as f:  # the disk fills up
+                try:
+                    while f.write(b"\0" * 65536):
+                        pass
+                except OSError:
+                    pass
+            with pytest.raises(StorageError):  # the disk really is full
+                pub.outbox.append("status", f"vehicles/{VIN}/status", b"x", 0)
+            assert pub.stop(2.0) == 0  # returns normally
+            assert pub.uplink.status()["state"] == "stopped"
+            with pytest.raises(StorageError, match="closed"):
+                pub.outbox.stats()
+            wait_for(lambda: [p["online"] for p in v.check(c.messages).get("status", [])]
+                     == [True, False], what="the will")
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
 class Gate:
     """A TCP port that refuses connections until open_to(port) forwards it to a broker."""
 

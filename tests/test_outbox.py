@@ -209,6 +209,36 @@ def test_eviction_drops_oldest_telemetry_and_reports_drop(tmp_path, caplog):
         assert [r.kind for r in ob.peek(100)] == ["response"] * 4
 
 
+def drop_of(payload: bytes) -> int:
+    return int(payload.split(b"drop=", 1)[1].split(b";", 1)[0])
+
+
+def test_samples_lost_before_the_outbox_are_carried_on_when_their_batch_is_evicted(tmp_path):
+    """extra_drop (samples that never reached the outbox) is stored with its batch: when that
+    batch is evicted, the loss moves on to the next batch, so nothing is lost from the count."""
+    build = Builder(size=300)
+    with Outbox(tmp_path, max_bytes=1000) as ob:
+        ob.append_telemetry(build, 5, 0, TOPIC, extra_drop=100)  # seq 1 reports 100
+        assert build.calls == [(1, 100)]
+        assert ob.stats()["dropped_samples"] == 100
+        delivered = 0
+        for i in range(8):  # seq 1 (and others) evicted; deliver some rows on the way
+            ob.append_telemetry(build, 5, 0, TOPIC, extra_drop=3 if i == 4 else 0)
+            if i in (2, 6):
+                row = ob.peek(1)[0]
+                delivered += drop_of(row.payload)
+                ob.ack(row.id)
+        for row in ob.peek(100):
+            delivered += drop_of(row.payload)
+            ob.ack(row.id)
+        s = ob.stats()
+        lost = 100 + 3 + 5 * s["evicted_batches"]
+        assert s["evicted_batches"] >= 3 and s["dropped_samples"] == lost
+        assert delivered + s["pending_drop"] == lost
+        with pytest.raises(ValueError):
+            ob.append_telemetry(build, 1, 0, TOPIC, extra_drop=-1)
+
+
 def test_state_and_status_replace_unsent_rows_of_same_topic(tmp_path):
     with Outbox(tmp_path) as ob:
         ob.append("state", "v/A/state", b"old", 1)
@@ -300,11 +330,35 @@ def test_corruption_during_use_recovers(tmp_path, caplog):
     assert rows == []
     assert len(list(tmp_path.glob("outbox.db.corrupt-*"))) == 1
     assert any("corrupt" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
-    assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 3001
+    build = Builder()
+    assert ob.append_telemetry(build, 1, 0, TOPIC) == 3001
+    assert build.calls == [(3001, 3000)]  # the 3000 samples lost with the file are reported
     new = ob.peek(10)
     assert new[0].id > last_id  # an uplink paging with after_id does not skip the new row
     assert ob.stats()["recovered_corruptions"] == 1
     ob.close()
+
+
+def test_telemetry_lost_with_a_corrupt_file_is_reported_as_drop(tmp_path):
+    """The queued samples and carried drops (kept up to date on append, evict, ack and
+    replace) of a database lost to corruption during use become the next batch's drop."""
+    build = Builder(size=200)
+    with Outbox(tmp_path, max_bytes=610) as ob:
+        for _ in range(6):  # seq 1..3 evicted: seq 5, 6 carry their drops, 10 pending
+            ob.append_telemetry(build, 10, 0, TOPIC)
+        ob.append_telemetry(build, 10, 0, TOPIC, extra_drop=4)  # seq 4 evicted, seq 7 carries
+        ob.append("state", "s", b"a", 0)
+        ob.append("state", "s", b"b", 0)  # replaces the first: no samples involved
+        assert seqs(ob) == [5, 6, 7]
+        row = ob.peek(1)[0]  # seq 5: delivered with its 10 samples and its drop
+        delivered = 10 + drop_of(row.payload)
+        ob.ack(row.id)
+        with ob._lock:  # as _guarded does on SQLITE_CORRUPT
+            ob._recover(sqlite3.DatabaseError("simulated corruption during use"))
+        assert ob.append_telemetry(build, 1, 0, TOPIC) == 1001  # the reserve high-water mark
+        # every sample of seq 1..7 (and the 4 lost before seq 7) is delivered or in this drop
+        assert delivered + build.calls[-1][1] == 7 * 10 + 4
+        assert ob.stats()["dropped_samples"] == 7 * 10 + 4 - 10
 
 
 def test_stats_values(tmp_path):

@@ -405,6 +405,77 @@ def test_order_kept_rows_acked_retained_kinds_retained(make_broker, outbox, make
     assert [(m.topic, m.payload, m.retain) for m in got] == [(STATE, b"state-final", True)]
 
 
+class RacingOutbox(Outbox):
+    """A real outbox on which a response is appended (and the uplink woken, as the publisher
+    does) right after each urgent peek: the moment between the uplink's urgent and in-order
+    peeks, which a concurrent append hits only by chance, made to happen every time."""
+
+    def __init__(self, directory: Path, responses: list[bytes]) -> None:
+        super().__init__(directory)
+        self.responses = list(responses)
+        self.uplink: Uplink | None = None
+
+    def peek(self, limit, after_id=None, urgent=False):
+        rows = super().peek(limit, after_id, urgent)
+        if urgent and self.responses and self.uplink is not None:
+            self.append("response", RESPONSES, self.responses.pop(0), 0)
+            self.uplink.wake()
+        return rows
+
+
+def test_an_urgent_row_appended_during_a_fill_is_sent_once(make_broker, make_uplink,
+                                                           tmp_path: Path) -> None:
+    responses = [b"response-%d" % i for i in range(40)]
+    ob = RacingOutbox(tmp_path / "racing", responses)
+    try:
+        add(ob, None, 300)  # a backlog being published while the responses come in
+        b = make_broker()
+        with Consumer(b.host, b.port, f"{PREFIX}/#") as c:
+            ob.uplink = up = make_uplink(config(b.port), ob)
+            wait_until(lambda: not ob.responses and left(ob) == 0, what="the outbox to empty",
+                       diag=up.status)
+            c.wait_for_count(340)
+            time.sleep(0.3)  # a duplicate would arrive now
+            msgs = c.messages
+        got = [m.payload for m in msgs if m.topic == RESPONSES]
+        assert got == responses, "each response exactly once, in order"
+        assert seqs_in(msgs) == list(range(1, 301))
+        st = up.status()
+        assert st["connects"] == 1 and st["published"] == st["acked"] == 340
+    finally:
+        if ob.uplink is not None:
+            ob.uplink.stop(0.5)  # before the outbox goes away under it
+        ob.close()
+
+
+def test_rows_sent_early_are_forgotten(make_broker, outbox) -> None:
+    """Urgent rows sent ahead of the backlog and acked before the in-order pass gets to them
+    do not stay in the connection's cursor."""
+    for i in range(200):
+        add(outbox, None, 1)
+        if i % 4 == 0:
+            outbox.append("response", RESPONSES, b"r-%d" % i, 0)
+    b = make_broker()
+    up = Uplink(config(b.port, max_inflight=10), outbox, CLIENT_ID, will=Will())
+    cursors = []
+    fill = up._fill_window
+
+    def spy(*args):
+        cursor, problem = fill(*args)
+        cursors.append((len(cursor.early), cursor))
+        return cursor, problem
+
+    up._fill_window = spy  # the worker thread looks it up on the instance
+    up.start()
+    try:
+        wait_until(lambda: left(outbox) == 0, what="the outbox to empty", diag=up.status)
+    finally:
+        up.stop(1.0)
+    assert len({id(c) for _, c in cursors}) == 1, "one connection"
+    assert max(n for n, _ in cursors) >= 10  # responses went early, were acked...
+    assert len(cursors[-1][1].early) == 0  # ...and nothing is kept after the drain
+
+
 def test_plain_tcp_with_username_and_password(make_broker, outbox, make_uplink,
                                               tmp_path: Path, caplog) -> None:
     passwd = shutil.which("mosquitto_passwd")
@@ -711,20 +782,47 @@ def test_stop_drains_and_disconnects_cleanly(make_broker, outbox, make_uplink) -
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_stop_with_a_backlog_lets_the_broker_publish_the_will(make_broker, outbox, make_uplink,
-                                                              protocol) -> None:
-    """The offline record queued at stop cannot get through in time: a clean DISCONNECT would
-    discard the will and leave the retained status "online"; the will is published instead."""
+def test_stop_with_a_backlog_lets_the_broker_publish_the_will(make_broker, make_proxy, outbox,
+                                                              make_uplink, protocol) -> None:
+    """The offline record queued at stop is not acknowledged in time (PUBACKs held back for
+    1 s): a clean DISCONNECT would discard the will and leave the retained status "online";
+    the will is published instead."""
     b = make_broker()
+    proxy = make_proxy(b.port, ack_batch_s=1.0)
     with Consumer(b.host, b.port, STATUS) as c:
-        up = make_uplink(config(b.port, protocol=protocol), outbox)
+        up = make_uplink(config(proxy.port, protocol=protocol), outbox)
         wait_until(lambda: up.status()["state"] == "connected")
-        add(outbox, None, 3000, pad=10_000)  # ~30 MB: far more than 50 ms can carry
+        add(outbox, None, 300)
         outbox.append("status", STATUS, b"offline (clean shutdown)", 0)
-        assert up.stop(0.05) > 0
+        assert up.stop(0.3) > 0
+        assert outbox.stats()["by_kind"]["status"] == 1, "the offline record was not acked"
         wait_until(lambda: any(m.payload.startswith(b"offline:") for m in c.messages),
                    timeout=5, what="the will on the status topic")
     assert up.status()["protocol"] == protocol
+    with Consumer(b.host, b.port, STATUS) as late:
+        assert late.wait_for_count(1)[0].payload.startswith(b"offline:")
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_stop_with_a_backlog_but_the_offline_record_delivered_sends_no_will(
+        make_broker, make_proxy, outbox, make_uplink, protocol) -> None:
+    """Rows are left at stop, but the offline record (urgent: ahead of the backlog) got
+    through: the older will must not replace it."""
+    b = make_broker()
+    proxy = make_proxy(b.port, ack_batch_s=0.1)  # slow: the backlog cannot drain in time
+    with Consumer(b.host, b.port, STATUS) as c:
+        up = make_uplink(config(proxy.port, protocol=protocol), outbox)
+        wait_until(lambda: up.status()["state"] == "connected")
+        add(outbox, None, 3000)
+        outbox.append("status", STATUS, b"offline (clean shutdown)", 0)
+        assert up.stop(1.0) > 0
+        assert outbox.stats()["by_kind"]["status"] == 0, "the offline record was acked"
+        c.wait_for_count(1)
+        time.sleep(0.5)  # a will would arrive now
+        assert [m.payload for m in c.messages] == [b"offline (clean shutdown)"]
+    with Consumer(b.host, b.port, STATUS) as late:
+        got = late.wait_for_count(1)
+    assert (got[0].payload, got[0].retain) == (b"offline (clean shutdown)", True)
 
 
 @pytest.mark.parametrize("broker", ["refusing", "silent"])

@@ -13,7 +13,8 @@ Decisions worth knowing:
 * Delivery: a fresh paho client (clean session) per connection; the worker publishes rows in
   outbox order -- except that command statuses, state and status records go ahead of a
   telemetry backlog (a response must not wait behind an hour of batches after an outage;
-  each kind keeps its own order) -- at most ``max_inflight`` (capped by the broker's Receive Maximum) unacknowledged,
+  each kind keeps its own order; ``_Cursor`` makes sure no row goes twice on one connection) --
+  at most ``max_inflight`` (capped by the broker's Receive Maximum) unacknowledged,
   and acks rows in the outbox in batches, only on a successful PUBACK. After a disconnect it
   starts again from the oldest row: at-least-once, consumers dedupe by seq. paho's own inflight
   queue and retries are not used (paho would resend its own copies on reconnect, out of order
@@ -23,6 +24,10 @@ Decisions worth knowing:
   before any CONNACK is retried at once with 3.1.1, and 3.1.1 is kept only if that works (a TLS
   rejection looks the same and must not pin us to 3.1.1). Failures back off exponentially with
   jitter between reconnect_min_s and reconnect_max_s; the delay resets after a successful connect.
+* Stop: the connection ends cleanly (the broker discards the will) when the offline record the
+  caller queued was acknowledged, rows left or not; if a status row is still in the outbox (or
+  the caller could not queue one: ``stop(will=True)``), it ends so that the broker publishes
+  the will.
 * Errors never leave the worker: each distinct one is logged once (again after a successful
   connect), counted and shown in ``status()``.
 * A PUBACK with a failure reason (MQTT 5, e.g. not authorized, quota exceeded) is not an ack: the
@@ -81,6 +86,7 @@ class Uplink:
         self._events: collections.deque = collections.deque()  # (client, kind, a, b) from paho
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._leave_with_will = False  # stop(will=True): no offline record could be queued
         self._publish_deadline = 0.0  # monotonic; set by stop()
         self._state = "stopped"
         self._protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
@@ -125,11 +131,13 @@ class Uplink:
             self._subscribed = False
         self._kick.set()
 
-    def stop(self, drain_timeout_s: float = 3.0) -> int:
+    def stop(self, drain_timeout_s: float = 3.0, *, will: bool = False) -> int:
         """Publish what can be acknowledged within the timeout, disconnect, stop the thread.
 
-        Returns the number of rows left in the outbox. Never blocks much longer than the
-        timeout, even when the broker is unreachable or a connect attempt hangs.
+        ``will``: leave with the will even if no status row is left (the caller could not
+        queue its offline record). Returns the number of rows left in the outbox. Never blocks
+        much longer than the timeout, even when the broker is unreachable or a connect attempt
+        hangs.
         """
         start = time.monotonic()
         # Leave time for the DISCONNECT and thread exit inside the caller's budget.
@@ -139,6 +147,7 @@ class Uplink:
             if thread is not None and not self._stopping:
                 self._publish_deadline = start + max(0.0, drain_timeout_s - reserve)
             self._stopping = True
+            self._leave_with_will = self._leave_with_will or will
         self._kick.set()
         if thread is not None:
             thread.join(max(0.0, start + drain_timeout_s - time.monotonic()))
@@ -336,12 +345,13 @@ class Uplink:
     def _close(self, client: mqtt.Client) -> None:
         """Disconnect if still connected; join paho's thread.
 
-        A clean DISCONNECT discards the will. When stopping with rows still unacknowledged,
-        the signed offline record queued last is among them: let the broker publish the will
+        A clean DISCONNECT discards the will. When stopping and the offline record did not get
+        through (a status row is left) or was never queued, let the broker publish the will
         instead (MQTT 5 reason 0x04; on 3.1.1, end the connection without a DISCONNECT), or
-        the retained status would say "online" until the next start."""
+        the retained status would say "online" until the next start. When it did get through,
+        the will (older, signed at connect) must not replace it."""
         try:
-            if self._stopping and self._rows_left():
+            if self._stopping and (self._leave_with_will or self._status_left()):
                 if self._protocol == "5":
                     client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
                                                             "Disconnect with will message"))
@@ -355,9 +365,9 @@ class Uplink:
         except Exception as e:  # noqa: BLE001 - best effort: the connection is over anyway
             log.debug("closing the MQTT client: %r", e)
 
-    def _rows_left(self) -> bool:
+    def _status_left(self) -> bool:
         try:
-            return self._outbox.stats()["messages"] > 0
+            return self._outbox.stats()["by_kind"]["status"] > 0
         except Exception:  # noqa: BLE001 - a broken outbox: assume the offline record is stuck
             return True
 
@@ -423,15 +433,21 @@ class Uplink:
         published, problem = 0, None
         for urgent in (True, False):
             while problem is None and (room := self._window - len(sent)) > 0:
-                rows = self._outbox.peek(room, after.urgent if urgent else after.all, urgent)
+                # Urgent rows up to `all` went out in order (or early): never send them again,
+                # even one appended between the urgent and the in-order peek.
+                start = max(after.urgent, after.all) if urgent else after.all
+                rows = self._outbox.peek(room, start, urgent)
+                early = after.early
                 for row in rows:
                     if urgent:
                         after.urgent = row.id
-                        after.early.add(row.id)
+                        early.append(row.id)  # ids ascending
                     else:
                         after.all = row.id
-                        if row.id in after.early:  # already sent ahead of the backlog
-                            after.early.discard(row.id)
+                        while early and early[0] < row.id:  # acked/replaced before we got here
+                            early.popleft()
+                        if early and early[0] == row.id:  # already sent ahead of the backlog
+                            early.popleft()
                             continue
                     try:
                         info = client.publish(row.topic, row.payload, qos=1,
@@ -446,6 +462,8 @@ class Uplink:
                     sent[info.mid] = row.id
                     published += 1
                 if len(rows) < room:
+                    if not urgent:  # saw every row above `all`: the early ones left are gone
+                        early.clear()
                     break  # nothing more of this kind for now
         with self._lock:
             self._counts["published"] += published
@@ -548,14 +566,15 @@ class Uplink:
 
 class _Cursor:
     """Where publishing stands on one connection: the last row id in order (`all`), the last
-    urgent row id (`urgent`), and urgent rows sent ahead that `all` has not reached yet."""
+    urgent row id (`urgent`), and the ids (ascending) of urgent rows sent ahead that `all` has
+    not reached yet; the in-order pass drops those it passes, so `early` stays small."""
 
     __slots__ = ("all", "urgent", "early")
 
     def __init__(self) -> None:
         self.all = 0
         self.urgent = 0
-        self.early: set[int] = set()
+        self.early: collections.deque[int] = collections.deque()
 
 
 def _no_delay(client, userdata, sock) -> None:

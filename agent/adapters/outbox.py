@@ -20,13 +20,16 @@ Decisions worth knowing:
   row included); response, state and status rows are kept even over budget, with one warning per
   over-budget episode. Evicted samples, plus the ``drop`` an evicted batch was carrying, become
   the ``drop`` of the next telemetry batch, so the drops a consumer receives add up to every
-  sample lost. A row
+  sample lost. Samples lost before reaching the outbox (``extra_drop``, e.g. a full disk) are
+  carried the same way. A row
   already published but not yet acked may be evicted: drop is then over-reported, never under.
 * Corruption (``SQLITE_CORRUPT``, ``SQLITE_NOTADB`` or a failed ``PRAGMA quick_check`` on open)
   moves the files aside to ``outbox.db.corrupt-<ms>`` and starts a fresh database, on open and
   during use. Other SQLite errors (disk full, permissions) raise StorageError: moving a healthy
   database aside would not fix them. Row ids of a database recovered during use continue above
-  the old ones, so an uplink holding ``after_id`` does not skip new rows.
+  the old ones, so an uplink holding ``after_id`` does not skip new rows. The samples and
+  carried drops of the telemetry lost with the corrupt file (kept as in-memory totals) are
+  added to ``pending_drop`` (its samples to ``dropped_samples`` too).
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ class Outbox(GuardedDb):
         self._carry: dict[str, int] = {}  # counters that outlive a corrupt database
         self._meta: dict[str, int] = {}  # mirror of the meta table; equal to it under the lock
         self._bytes = 0
+        self._queued_samples = self._queued_drop = 0  # of the telemetry rows in the database
         self._max_id = 0
         self._over_budget = False
         try:
@@ -110,28 +114,34 @@ class Outbox(GuardedDb):
     # ---- public API -------------------------------------------------------------------------
 
     def append_telemetry(self, build: Callable[[int, int], bytes], samples: int, now_ms: int,
-                         topic: str) -> int:
+                         topic: str, extra_drop: int = 0) -> int:
         """Queue one telemetry batch and return its seq.
 
         ``build(seq, drop)`` returns the signed payload; it runs inside the insert transaction
         (it may run twice if the database is recovered from corruption meanwhile). If it raises,
-        nothing is stored and no seq is consumed. Raises StorageError.
+        nothing is stored and no seq is consumed. ``extra_drop``: samples lost before they
+        reached the outbox; added to ``drop`` (and carried on if this batch is evicted) and to
+        ``dropped_samples``. Raises StorageError.
         """
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
-            raise ValueError(f"samples must be a non-negative int, not {samples!r}")
+        for name, value in (("samples", samples), ("extra_drop", extra_drop)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, not {value!r}")
 
         def op() -> int:
             with self._txn():
                 # The lock makes the mirror equal to the committed meta rows.
-                seq, drop = self._meta["next_seq"], self._meta["pending_drop"]
+                seq, drop = self._meta["next_seq"], self._meta["pending_drop"] + extra_drop
                 payload = bytes(build(seq, drop))
                 if seq >= self._seq_high:  # reserve before the commit that uses the seq
                     self._write_reserve(seq + self._block, self._recovered)
                 meta = {"next_seq": seq + 1, "pending_drop": 0}
+                if extra_drop:
+                    meta["dropped_samples"] = self._meta["dropped_samples"] + extra_drop
                 row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms, drop)
-                total = self._evict(self._bytes + len(payload), meta)
+                queued = [samples, drop]
+                total = self._evict(self._bytes + len(payload), meta, queued)
                 self._put_meta(meta)
-            self._committed(row_id, total, meta)
+            self._committed(row_id, total, meta, queued)
             return seq
 
         return self._guarded(op)
@@ -156,9 +166,11 @@ class Outbox(GuardedDb):
                             (kind, topic)).fetchall():
                         total -= size
                 row_id = self._insert(kind, topic, payload, None, 0, now_ms)
-                total = self._evict(total + len(payload), meta)
+                # (replaced state/status rows carry no samples: only eviction changes `queued`)
+                queued = [0, 0]
+                total = self._evict(total + len(payload), meta, queued)
                 self._put_meta(meta)
-            self._committed(row_id, total, meta)
+            self._committed(row_id, total, meta, queued)
             return row_id
 
         return self._guarded(op)
@@ -192,19 +204,22 @@ class Outbox(GuardedDb):
         def op() -> int:
             deleted = freed = 0
             meta: dict[str, int] = {}
+            queued = [0, 0]
             with self._txn():
                 last = self._meta["last_acked_seq"]
                 for row_id in ids:
                     # fetchall: a RETURNING statement left unfinished would block COMMIT.
-                    for seq, size in self._conn.execute(
-                            "DELETE FROM messages WHERE id = ? RETURNING seq, size",
-                            (row_id,)).fetchall():
+                    for seq, size, samples, drop in self._conn.execute(
+                            "DELETE FROM messages WHERE id = ?"
+                            " RETURNING seq, size, samples, carried_drop", (row_id,)).fetchall():
                         deleted += 1
                         freed += size
+                        queued[0] -= samples
+                        queued[1] -= drop
                         if seq is not None and seq > last:
                             last = meta["last_acked_seq"] = seq
                 self._put_meta(meta)
-            self._committed(None, self._bytes - freed, meta)
+            self._committed(None, self._bytes - freed, meta, queued)
             return deleted
 
         return self._guarded(op) if ids else 0
@@ -268,8 +283,9 @@ class Outbox(GuardedDb):
             (kind, topic, payload, seq, samples, now_ms, len(payload), carried_drop))
         return cur.lastrowid
 
-    def _evict(self, total: int, meta: dict[str, int]) -> int:
-        """Delete oldest telemetry until within budget; record the loss in ``meta``."""
+    def _evict(self, total: int, meta: dict[str, int], queued: list[int]) -> int:
+        """Delete oldest telemetry until within budget; record the loss in ``meta`` and take
+        it off ``queued`` ([samples, carried drops] delta of this transaction)."""
         batches = samples = carried = 0
         while total > self._max_bytes:
             oldest = self._conn.execute(
@@ -290,7 +306,10 @@ class Outbox(GuardedDb):
             meta["pending_drop"] = (meta.get("pending_drop", self._meta["pending_drop"])
                                     + samples + carried)
             meta["evicted_batches"] = self._meta["evicted_batches"] + batches
-            meta["dropped_samples"] = self._meta["dropped_samples"] + samples
+            meta["dropped_samples"] = (meta.get("dropped_samples", self._meta["dropped_samples"])
+                                       + samples)
+            queued[0] -= samples
+            queued[1] -= carried
         return total
 
     def _put_meta(self, meta: dict[str, int]) -> None:
@@ -298,10 +317,13 @@ class Outbox(GuardedDb):
             self._conn.executemany("UPDATE meta SET value = ? WHERE key = ?",
                                    [(v, k) for k, v in meta.items()])
 
-    def _committed(self, row_id: int | None, total: int, meta: dict[str, int]) -> None:
+    def _committed(self, row_id: int | None, total: int, meta: dict[str, int],
+                   queued: list[int]) -> None:
         """Apply a committed transaction to the in-memory mirror."""
         self._meta.update(meta)
         self._bytes = total
+        self._queued_samples += queued[0]
+        self._queued_drop += queued[1]
         if row_id is not None:
             self._max_id = max(self._max_id, row_id)
         if total > self._max_bytes and not self._over_budget:
@@ -334,6 +356,9 @@ class Outbox(GuardedDb):
         conn.execute("COMMIT")
         self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._bytes = conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
+        self._queued_samples, self._queued_drop = conn.execute(
+            "SELECT COALESCE(SUM(samples), 0), COALESCE(SUM(carried_drop), 0) FROM messages"
+            " WHERE kind = 'telemetry'").fetchone()
         last_id = conn.execute(
             "SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
         self._max_id = max(self._max_id, last_id[0] if last_id else 0)
@@ -341,6 +366,10 @@ class Outbox(GuardedDb):
     def _recover(self, cause: BaseException) -> None:
         """Move the corrupt database aside and open a fresh one; StorageError if impossible."""
         self._carry = dict(self._meta)  # counters known in memory outlive the corrupt file
+        if self._carry:  # the queued telemetry is lost with the file: report it as dropped
+            self._carry["pending_drop"] += self._queued_samples + self._queued_drop
+            self._carry["dropped_samples"] += self._queued_samples
+        self._queued_samples = self._queued_drop = 0
         aside = self._move_aside(cause)
         self._recovered += 1
         try:
