@@ -31,7 +31,6 @@ from dataclasses import replace
 from typing import Any
 
 from .adapters.slots import DirectorySlots, SlotBackend
-from .adapters.tuf import FetchConfig, FetchedTarget, fetch_target
 from .adapters.updatestate import UpdateStateStore
 from .config import Config
 from .core import updates as U
@@ -410,7 +409,10 @@ class UpdateService:
             except U.UpdateError as e:  # this vehicle refuses it: REJECTED, not FAILED
                 raise U.TargetRefused(e.reason, e.detail) from e
 
-        fetched: FetchedTarget = fetch_target(
+        # python-tuf and urllib3 (~3 MB) are loaded only when an update is actually fetched.
+        from .adapters.tuf import FetchConfig, fetch_target
+
+        fetched = fetch_target(
             state.repository, state.target, self.cfg.trusted_root, self.tuf_cache,
             self.downloads, progress=lambda p: self.post(UpdateEvent(gen, "progress", p)),
             config=FetchConfig(free_margin_bytes=self.cfg.min_free_bytes),
