@@ -277,11 +277,15 @@ def test_busy_and_superseded(rig):
     state = r.agent.simulator.vehicle.state
     state.soc = 60.0
     state.fault = True  # the charger will not answer: commands stay in progress
+    t = time.monotonic()
     c1, _ = r.cloud.command("charge.start")
     c2, _ = r.cloud.command("charge.start")  # waits (queue size 1)
     time.sleep(0.3)
     c3, _ = r.cloud.command("charge.start")  # the queue is full
     assert (r.cloud.wait_terminal(c3)["reason"]) == "BUSY"
+    time.sleep(0.4)
+    # Only c1's three repeats reached the bus: the queued c2 and the refused c3 sent nothing.
+    assert len(r.watch.requests_since(t)) == 3, r.watch.requests_since(t)
     c4, _ = r.cloud.command("charge.stop")  # supersedes the running start
     assert r.cloud.wait_terminal(c1)["reason"] == "SUPERSEDED"
     assert r.cloud.wait_terminal(c2)["reason"] == "SUPERSEDED"  # waited behind c1: ends too
