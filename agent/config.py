@@ -292,6 +292,7 @@ class ModemConfig:
     baud: int = 115200
     poll_interval_s: float = 30.0  # identity once, then signal/registration/operator polls
     command_timeout_s: float = 5.0
+    signal_hysteresis_db: float = 3.0  # report a new signal strength only past this change
 
     def validate(self, where: str) -> None:
         if not self.port:
@@ -300,6 +301,8 @@ class ModemConfig:
             raise ConfigError(f"{where}.baud: must be > 0")
         if not 1 <= self.poll_interval_s <= 86400 or not 0.1 <= self.command_timeout_s <= 300:
             raise ConfigError(f"{where}: poll_interval_s 1..86400 and command_timeout_s 0.1..300")
+        if not 0 <= self.signal_hysteresis_db <= 40:
+            raise ConfigError(f"{where}.signal_hysteresis_db: must be 0..40")
 
 
 @dataclass(frozen=True)

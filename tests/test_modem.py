@@ -451,3 +451,20 @@ def test_agent_takes_modem_and_gnss_values(modem, tmp_path, test_dbc):
     finally:
         agent.stop()
         gnss.stop()
+
+
+def test_signal_strength_has_hysteresis(modem, service):
+    m = modem(rssi=20)  # -73 dBm
+    sink = Sink()
+    svc = service(m.path, sink, poll=0.4)
+    svc.start()
+    wait_until(lambda: sink.last(P + "SignalStrength") == -73, what="first signal")
+    polls = m.received.count("AT+CSQ")
+    m.rssi = 21  # -71 dBm: one 2 dB step, within the 3 dB hysteresis
+    wait_until(lambda: m.received.count("AT+CSQ") >= polls + 3, timeout=5, what="three polls")
+    assert sink.all(P + "SignalStrength") == [-73]
+    m.rssi = 23  # -67 dBm: 6 dB away from the last reported value
+    wait_until(lambda: sink.last(P + "SignalStrength") == -67, what="the bigger change")
+    m.rssi = 99  # unknown: always reported
+    wait_until(lambda: sink.last(P + "SignalStrength") is None
+               and len(sink.all(P + "SignalStrength")) == 3, what="unknown signal")

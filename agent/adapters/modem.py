@@ -414,6 +414,15 @@ class ModemService(DeviceThread):
                 log.debug("modem: close: %s", e)
 
     def _emit(self, values: dict[str, Any]) -> None:
+        # Hysteresis (as OVMS does): RSSI flickers by one 2 dB step at the edge of a cell;
+        # reporting every flicker would be telemetry noise. Unknown (None) always goes out.
+        key = P + "SignalStrength"
+        new, old = values.get(key), self.values.get(key)
+        if (isinstance(new, int) and isinstance(old, int)
+                and abs(new - old) < self.cfg.signal_hysteresis_db):
+            values = {k: v for k, v in values.items() if k != key}
+            if not values:
+                return
         self.values.update(values)
         try:
             self.on_values(time.time(), values)
