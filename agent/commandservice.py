@@ -91,8 +91,7 @@ class CommandService:
         self.counters["redelivered"] += 1
         latest = self.replay.latest_status(command_id)
         if latest is not None:
-            status = decode_unverified(latest)[2].get("status")
-            if status in C.TERMINAL_STATUSES or self.executor.running(command_id) or (
+            if _is_terminal(latest) or self.executor.running(command_id) or (
                     self.updates is not None and self.updates.running(command_id)):
                 self.publisher.response_signed(latest)
                 return
@@ -110,9 +109,7 @@ class CommandService:
             log.error("cannot look for interrupted commands: %s", e)
             return
         for cid, latest in rows:
-            status = decode_unverified(latest)[2].get("status") if latest else None
-            if status in C.TERMINAL_STATUSES or (self.updates is not None
-                                                 and self.updates.running(cid)):
+            if _is_terminal(latest) or (self.updates is not None and self.updates.running(cid)):
                 continue
             self.counters["interrupted"] += 1
             log.warning("command %s was interrupted by an agent restart", cid)
@@ -149,9 +146,7 @@ class CommandService:
         """Statuses from the update service. One terminal status per command, also across
         restarts: a status for an id whose stored latest status is terminal is not sent."""
         for s in statuses:
-            latest = self.replay.latest_status(s.id) if s.id is not None else None
-            if latest is not None and \
-                    decode_unverified(latest)[2].get("status") in C.TERMINAL_STATUSES:
+            if s.id is not None and _is_terminal(self.replay.latest_status(s.id)):
                 continue
             self._status(s, now_ms)
         if self.updates is not None:
@@ -192,3 +187,9 @@ class CommandService:
         if self.updates is not None:
             self.updates.close()
         self.replay.close()
+
+
+def _is_terminal(stored: bytes | None) -> bool:
+    """Is this stored (signed) status of a command a terminal one?"""
+    return stored is not None and \
+        decode_unverified(stored)[2].get("status") in C.TERMINAL_STATUSES

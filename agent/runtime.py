@@ -173,8 +173,7 @@ class Agent:
             left = self.publisher.stop(STOP_DRAIN_S)
             if left:
                 log.info("%d message(s) left in the outbox for the next start", left)
-        if self.publish:
-            self._write_status(running=False)
+        self._write_status(running=False)
 
     def run_forever(self) -> int:
         """Run until SIGTERM or SIGINT; exit status 0 on a clean stop, RESTART_EXIT_CODE when
@@ -258,7 +257,7 @@ class Agent:
                     self._step("records", self._publish_records, int(now * 1000))
             if self.core.batches.closed:
                 self._deliver()
-            if self.publish and now >= next_status:
+            if now >= next_status:
                 next_status = now + STATUS_EVERY_S
                 self._write_status(running=True)
             self._failing_passes = 0  # a whole pass went through

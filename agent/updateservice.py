@@ -160,7 +160,7 @@ class UpdateService:
 
     def _activate(self, cid: str, target: str, now_ms: int) -> list[Status]:
         U.check_activate(self.state, target)
-        ok, why = check_all(self.preconditions, self.lookup, now_ms, self.cfg.stale_ms, {})
+        ok, why = self._safe(now_ms)
         if not ok:
             raise U.UpdateError(PRECONDITION_FAILED, why)
         self._save(U.transition(self.state, U.ACTIVATE, command_id=cid, started_ms=now_ms,
@@ -169,6 +169,10 @@ class UpdateService:
         self._jobs.put(("activate", self._gen, self.state))
         return [Status(cid, ACCEPTED),
                 Status(cid, IN_PROGRESS, detail="checking the staged artifact again")]
+
+    def _safe(self, now_ms: int) -> tuple[bool, str]:
+        """updates.preconditions on live signals (stale or never seen: not safe)."""
+        return check_all(self.preconditions, self.lookup, now_ms, self.cfg.stale_ms, {})
 
     def _cancel_stage(self, cid: str) -> list[Status]:
         new, reports = U.cancel(self.state, cid)
@@ -211,8 +215,7 @@ class UpdateService:
             if ev.kind == "verified" and s.state == U.ACTIVATING:
                 # Checked again now: hashing a large artifact takes time, and the vehicle may
                 # have been driven off meanwhile.
-                ok, why = check_all(self.preconditions, self.lookup, now_ms,
-                                    self.cfg.stale_ms, {})
+                ok, why = self._safe(now_ms)
                 if not ok:
                     detail = f"{why}; not activated, the update stays staged"
                     self._save(U.transition(s, U.ABORT, final_status=FAILED, reported=False,
@@ -224,7 +227,7 @@ class UpdateService:
                 try:
                     self._save(U.transition(s, U.SWITCHED))
                 except StorageError:
-                    self._undo_switch()  # never run a slot the record does not know about
+                    self._undo_switch(s.slot)  # never run a slot the record does not know about
                     raise
                 self.restart_requested = True
                 log.info("update %s %s: slot %s active on trial; restarting", s.target,
@@ -308,7 +311,7 @@ class UpdateService:
             except AgentError as e:  # the slot backend failed: the old slot is the safe one
                 log.error("confirming the update failed: %s", e)
                 detail = f"confirming failed: {e}"[:200]
-                self._undo_switch()
+                self._undo_switch(s.slot)
             if not self._marked_good:
                 self._rolled_back(s, detail)
                 return [Status(s.command_id, FAILED, INSTALL_FAILED, detail)]
@@ -334,9 +337,10 @@ class UpdateService:
             log.error("%s", e)
             self.state = U.roll_back(s, detail)
 
-    def _undo_switch(self) -> None:
+    def _undo_switch(self, slot: str | None) -> None:
+        """Drop a trial switch to `slot` (marker and pointer); errors are logged, not raised."""
         try:
-            if self.slots.report().get("pending"):
+            if (self.slots.report().get("pending") or {}).get("slot") == slot:
                 self.slots.roll_back()
         except AgentError as e:
             log.error("cannot undo the slot switch: %s", e)
@@ -446,8 +450,7 @@ class UpdateService:
         try:
             self.slots.switch_active(state.slot)
         except U.UpdateError:
-            if (self.slots.report().get("pending") or {}).get("slot") == state.slot:
-                self.slots.roll_back()  # the marker went down, the pointer did not: undo it
+            self._undo_switch(state.slot)  # the marker may be down without the pointer
             raise
         self.post(UpdateEvent(gen, "switched"))
 
