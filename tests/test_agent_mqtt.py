@@ -182,20 +182,15 @@ def test_outbox_full_evicts_telemetry_reports_drop_keeps_statuses(tmp_path, test
 def test_stop_on_a_full_disk_still_stops_the_uplink_and_leaves_with_the_will(tmp_path, test_dbc):
     """The outbox's filesystem is full at stop: the offline record cannot be queued, yet stop()
     returns, the uplink is stopped, the outbox closed, and the broker publishes the will."""
-    import subprocess
     import uuid
 
     from agent.adapters.keys import generate_keypair, load_private_key
     from agent.config import config_from_dict
     from agent.errors import StorageError
     from agent.publisher import Publisher
+    from support.tmpfs import fill, tmpfs
 
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(tiny)],
-                             capture_output=True, check=False)
-    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
-    try:
+    with tmpfs(tmp_path / "tiny", "1m") as tiny:
         generate_keypair(tmp_path / "keys", stem="vehicle")
         key = load_private_key(tmp_path / "keys" / "vehicle.key")
         with Mosquitto() as broker, \
@@ -212,12 +207,7 @@ def test_stop_on_a_full_disk_still_stops_the_uplink_and_leaves_with_the_will(tmp
             v = Verifier(key.public_key())
             wait_for(lambda: pub.outbox.stats()["messages"] == 0
                      and v.check(c.messages).get("status"), what="the online record")
-            with open(tiny / "filler", "wb", buffering=0) as f:  # the disk fills up
-                try:
-                    while f.write(b"\0" * 65536):
-                        pass
-                except OSError:
-                    pass
+            fill(tiny / "filler")  # the disk fills up
             with pytest.raises(StorageError):  # the disk really is full
                 pub.outbox.append("status", f"vehicles/{VIN}/status", b"x", 0)
             assert pub.stop(2.0) == 0  # returns normally
@@ -226,8 +216,6 @@ def test_stop_on_a_full_disk_still_stops_the_uplink_and_leaves_with_the_will(tmp
                 pub.outbox.stats()
             wait_for(lambda: [p["online"] for p in v.check(c.messages).get("status", [])]
                      == [True, False], what="the will")
-    finally:
-        subprocess.run(["umount", "-l", str(tiny)], check=False)
 
 
 class Gate:

@@ -216,18 +216,12 @@ def test_run_under_systemd_notify_and_watchdog(test_dbc, tmp_path):
 def test_a_full_disk_keeps_ingest_running_and_reports_the_loss(test_dbc, tmp_path):
     """The outbox's filesystem fills up: batches cannot be stored, the core thread keeps going,
     and once there is room again the next batch's drop counts the samples that were lost."""
-    import subprocess
-
     from agent.adapters.keys import generate_keypair
     from agent.core.cose import decode_unverified
     from support.mosquitto import _free_port
+    from support.tmpfs import fill, tmpfs
 
-    tiny = tmp_path / "tiny"
-    tiny.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(tiny)],
-                             capture_output=True, check=False)
-    assert mounted.returncode == 0, f"this test needs root to mount a tmpfs: {mounted.stderr}"
-    try:
+    with tmpfs(tmp_path / "tiny", "2m") as tiny:
         generate_keypair(tmp_path / "keys", stem="vehicle")
         raw = {
             "vehicle": {"vin": "VIN0001"},
@@ -253,14 +247,7 @@ def test_a_full_disk_keeps_ingest_running_and_reports_the_loss(test_dbc, tmp_pat
                         time.sleep(0.005)
 
                 feed(20, 0)
-                filler = tiny / "filler"
-                with open(filler, "wb") as f:  # the disk fills up (someone else's file)
-                    try:
-                        while True:
-                            f.write(b"\0" * 65536)
-                            f.flush()
-                    except OSError:
-                        pass
+                filler = fill(tiny / "filler")  # the disk fills up (someone else's file)
                 batches_before = agent.batches_closed
                 feed(40, 20)  # these batches cannot be stored
                 assert wait_until(lambda: agent.batches_closed >= batches_before + 3)
@@ -276,8 +263,6 @@ def test_a_full_disk_keeps_ingest_running_and_reports_the_loss(test_dbc, tmp_pat
                 "SELECT payload FROM messages WHERE kind = 'telemetry' ORDER BY id")]
         drops = [decode_unverified(p)[2].get("drop", 0) for p in payloads]
         assert sum(drops) > 0, drops  # the loss is reported, not silent
-    finally:
-        subprocess.run(["umount", "-l", str(tiny)], check=False)
 
 
 def test_a_stalled_core_thread_stops_the_agents_watchdog_pings(test_dbc, tmp_path, monkeypatch):

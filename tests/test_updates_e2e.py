@@ -450,9 +450,7 @@ def test_sigkill_while_activating_then_restart(rig, kill_at, outcome, active):
 def test_a_terminal_status_is_not_sent_again_after_restarts(rig):
     """Even when the replay store no longer remembers the command (its exp passed, or the
     database was lost), the update record knows its terminal status already went out."""
-    older = rig.tmp / "fw-0.9.0.bin"
-    older.write_bytes(b"old firmware" * 1000)
-    repo.add_target(rig.repo_dir, older, "0.9.0", HW)
+    _older(rig)
     rig.start_agent()
     cid, final = rig.stage("fw-0.9.0.bin")
     assert (final["status"], final["reason"]) == ("REJECTED", "VERIFICATION_FAILED")
@@ -468,9 +466,7 @@ def test_a_terminal_status_is_not_sent_again_after_restarts(rig):
 
 
 def test_sigkill_right_after_a_refusal_is_saved(rig):
-    older = rig.tmp / "fw-0.9.0.bin"
-    older.write_bytes(b"old firmware" * 1000)
-    repo.add_target(rig.repo_dir, older, "0.9.0", HW)
+    _older(rig)
     proc = _run_agent(rig, "FAILED")
     _wait_connected(rig, proc)
     cid, _ = rig.cloud.command("update.stage", {"target": "fw-0.9.0.bin",
