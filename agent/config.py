@@ -349,7 +349,8 @@ class UpdatesConfig:
             raise ConfigError(f"{where}.preconditions: at least one condition is needed "
                               "(PROTOCOL.md: no update.activate unless the vehicle is parked), "
                               "e.g. ['VCU_Status.Gear == \"P\"']")
-        from .core.updates import UpdateError, parse_version
+        from .core.protocol import parse_version
+        from .errors import UpdateError
 
         try:
             parse_version(self.installed_version)

@@ -29,10 +29,10 @@ sys.path.insert(0, str(HERE.parent))
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey  # noqa: E402
 
 from agent.adapters.canlog import read_frames  # noqa: E402
-from agent.assemble import plans_for_dbc, telemetry_core  # noqa: E402
+from agent.app.assemble import plans_for_dbc, telemetry_core  # noqa: E402
 from agent.config import TelemetryConfig  # noqa: E402
 from agent.core.cose import Signer  # noqa: E402
-from agent.core.records import Topics, state_payload, status_payload  # noqa: E402
+from agent.core.protocol import Topics, state_payload, status_record  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data"
 VIN = "KMHK381GFKU000001"
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         agent_msgs += 1
         raw_cbor += len(signer.sign(batch.payload(VIN, seq), compress=False))
     t_end = int((frames[-1][0] + offset) * 1000)
-    for topic, payload in ((topics.status, status_payload(VIN, t_end, True)),
+    for topic, payload in ((topics.status, status_record(VIN, t_end, True)),
                            (topics.state, state_payload(VIN, t_end, core.snapshot()))):
         agent_bytes += publish_size(topic, len(signer.sign(payload)))
         agent_msgs += 1

@@ -34,7 +34,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 from agent.adapters.keys import generate_keypair, load_private_key, load_public_key  # noqa: E402
 from agent.config import load_config  # noqa: E402
 from agent.core.cose import Signer, kid_of, verify  # noqa: E402
-from agent.runtime import Agent  # noqa: E402
+from agent.app.runtime import Agent  # noqa: E402
 from support.mosquitto import Mosquitto  # noqa: E402
 
 VIN = "DEMO0EV0000000001"
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         cloud.loop_start()
         subscribed.wait(5)
         deadline = time.monotonic() + 10
-        while agent.publisher.uplink.status()["state"] != "connected" or \
+        while agent.app.publisher.uplink.status()["state"] != "connected" or \
                 not agent.core.lookup("OBC_Status.ChargeLimit"):
             if time.monotonic() > deadline:
                 raise SystemExit("agent not ready")

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey 
 from agent.adapters.canlog import read_frames  # noqa: E402
 from agent.adapters.mqtt import Uplink  # noqa: E402
 from agent.adapters.outbox import Outbox  # noqa: E402
-from agent.assemble import plans_for_dbc, telemetry_core  # noqa: E402
+from agent.app.assemble import plans_for_dbc, telemetry_core  # noqa: E402
 from agent.config import MqttConfig, TelemetryConfig  # noqa: E402
 from agent.core.cose import Signer  # noqa: E402
 from support.mosquitto import Mosquitto  # noqa: E402

@@ -30,7 +30,7 @@ import can  # noqa: E402
 import cantools  # noqa: E402
 
 from agent.adapters.canlog import read_frames  # noqa: E402
-from agent.assemble import plans_for_dbc, telemetry_core  # noqa: E402
+from agent.app.assemble import plans_for_dbc, telemetry_core  # noqa: E402
 from agent.config import TelemetryConfig  # noqa: E402
 from agent.core.batch import encode_payload  # noqa: E402
 

@@ -187,7 +187,7 @@ def test_stop_on_a_full_disk_still_stops_the_uplink_and_leaves_with_the_will(tmp
     from agent.adapters.keys import generate_keypair, load_private_key
     from agent.config import config_from_dict
     from agent.errors import StorageError
-    from agent.publisher import Publisher
+    from agent.app.publisher import Publisher
     from support.tmpfs import fill, tmpfs
 
     with tmpfs(tmp_path / "tiny", "1m") as tiny:

@@ -14,7 +14,7 @@ import pytest
 from agent.adapters.keys import generate_keypair
 from agent.cloud.main import main
 from agent.config import load_config
-from agent.runtime import Agent
+from agent.app.runtime import Agent
 from conftest import ROOT
 from support.certs import generate_pki
 from support.mosquitto import Mosquitto
@@ -142,7 +142,7 @@ def test_command_over_mutual_tls(tmp_path):
         agent.start()
         try:
             wait_ready(agent)
-            assert agent.publisher.uplink.status()["tls"]
+            assert agent.app.publisher.uplink.status()["tls"]
             base = ["--broker", f"{broker.host}:{broker.port}", "--vin", VIN, "--tls-ca",
                     str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key",
                     str(pki.client_key)]

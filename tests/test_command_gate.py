@@ -18,16 +18,17 @@ from hypothesis import strategies as st
 
 from agent.config import CommandsConfig
 from agent.core import commands as c
+from agent.core import protocol as p
 from agent.core.commands import (
     Accepted,
     CommandGate,
     Redelivery,
     Rejected,
-    TokenBucket,
     TrustedKey,
     TrustStore,
-    status_payload,
 )
+from agent.core.protocol import response_payload
+from agent.core.ratelimit import TokenBucket
 from agent.core.cose import Signer, kid_of
 
 VIN = "WVWZZZ1JZXW000001"
@@ -148,30 +149,30 @@ def test_compressed_command_is_accepted(gate):
                                      cbor2.dumps(cbor2.CBORTag(98, [b"", {}, b"", b""])),
                                      "not bytes", None, 12])
 def test_garbage_is_bad_envelope_without_id(gate, message):
-    rejected(check(gate, message), c.BAD_ENVELOPE, cid=None)
+    rejected(check(gate, message), p.BAD_ENVELOPE, cid=None)
 
 
 def test_oversized_message_is_bad_envelope(gate):
     big = signed(params={"pad": "x" * 4096})
-    rejected(check(gate, big), c.BAD_ENVELOPE, cid=None, detail="over the 4096-byte limit")
+    rejected(check(gate, big), p.BAD_ENVELOPE, cid=None, detail="over the 4096-byte limit")
     # The same message fits a gate allowing more: the bound is the configured one.
     roomy = CommandGate(STORE, VIN, CommandsConfig(trust_store=Path("x"), max_message_bytes=65536))
-    rejected(check(roomy, big), c.BAD_PARAMS)
+    rejected(check(roomy, big), p.BAD_PARAMS)
 
 
 def test_payload_that_is_not_a_map_is_bad_envelope(gate):
     message = raw_sign1(OPS, cbor2.dumps(["c-1", VIN]), kid_of(OPS.public_key()))
-    rejected(check(gate, message), c.BAD_ENVELOPE, cid=None)
+    rejected(check(gate, message), p.BAD_ENVELOPE, cid=None)
 
 
 def test_unknown_key(gate):
-    rejected(check(gate, signed(STRANGER)), c.UNKNOWN_KEY, cid=None)
+    rejected(check(gate, signed(STRANGER)), p.UNKNOWN_KEY, cid=None)
 
 
 def test_forged_signature_by_another_key_under_a_trusted_kid(gate):
     payload = cbor2.dumps(command(), canonical=True)
     forged = raw_sign1(STRANGER, payload, kid_of(OPS.public_key()))
-    rejected(check(gate, forged), c.BAD_SIGNATURE, cid=None)
+    rejected(check(gate, forged), p.BAD_SIGNATURE, cid=None)
     # Control: the same construction with the right key verifies.
     assert isinstance(check(gate, raw_sign1(OPS, payload, kid_of(OPS.public_key()))), Accepted)
 
@@ -179,28 +180,28 @@ def test_forged_signature_by_another_key_under_a_trusted_kid(gate):
 def test_bit_flips_in_signature_or_payload_are_bad_signature(gate):
     good = signed()
     flipped_sig = good[:-1] + bytes([good[-1] ^ 1])
-    rejected(check(gate, flipped_sig), c.BAD_SIGNATURE, cid=None)
+    rejected(check(gate, flipped_sig), p.BAD_SIGNATURE, cid=None)
     at = good.index(b"c-1")  # inside the payload: c-1 -> c-0
     flipped_payload = good[:at + 2] + b"0" + good[at + 3:]
-    rejected(check(gate, flipped_payload), c.BAD_SIGNATURE, cid=None)
+    rejected(check(gate, flipped_payload), p.BAD_SIGNATURE, cid=None)
 
 
 # -- payload schema ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field", ["v", "vin", "name", "params", "iat", "exp"])
 def test_missing_field_is_bad_envelope_naming_it_and_keeps_the_id(gate, field):
-    outcome = rejected(check(gate, signed(**{field: DROP})), c.BAD_ENVELOPE)
+    outcome = rejected(check(gate, signed(**{field: DROP})), p.BAD_ENVELOPE)
     assert outcome.detail.startswith(f"{field}:")
 
 
 def test_missing_id_gives_no_id(gate):
-    outcome = rejected(check(gate, signed(id=DROP)), c.BAD_ENVELOPE, cid=None)
+    outcome = rejected(check(gate, signed(id=DROP)), p.BAD_ENVELOPE, cid=None)
     assert outcome.detail.startswith("id:")
 
 
 @pytest.mark.parametrize("bad_id", ["", "x" * 65, "a/b", "a b", "ü", "ok\n", 7, None, b"c-1"])
 def test_invalid_id_is_bad_envelope_without_id(gate, bad_id):
-    outcome = rejected(check(gate, signed(id=bad_id)), c.BAD_ENVELOPE, cid=None)
+    outcome = rejected(check(gate, signed(id=bad_id)), p.BAD_ENVELOPE, cid=None)
     assert outcome.detail.startswith("id:")
 
 
@@ -219,32 +220,32 @@ def test_longest_and_widest_valid_id(gate):
     ({"nbf": NOW}, "'nbf'"),
 ])
 def test_invalid_field_is_bad_envelope_and_keeps_the_id(gate, over, field):
-    outcome = rejected(check(gate, signed(**over)), c.BAD_ENVELOPE)
+    outcome = rejected(check(gate, signed(**over)), p.BAD_ENVELOPE)
     assert outcome.detail.startswith(f"{field}:"), outcome
 
 
 # -- vehicle, time window --------------------------------------------------------------------------
 
 def test_wrong_vehicle(gate):
-    rejected(check(gate, signed(vin="OTHERVIN000000000")), c.WRONG_VEHICLE)
+    rejected(check(gate, signed(vin="OTHERVIN000000000")), p.WRONG_VEHICLE)
 
 
 def test_expired(gate):
-    rejected(check(gate, signed(exp=NOW - 1)), c.EXPIRED)
-    rejected(check(gate, signed(exp=NOW)), c.EXPIRED)  # exp <= now
+    rejected(check(gate, signed(exp=NOW - 1)), p.EXPIRED)
+    rejected(check(gate, signed(exp=NOW)), p.EXPIRED)  # exp <= now
     assert isinstance(check(gate, signed(exp=NOW + 1)), Accepted)
 
 
 def test_issued_in_the_future(gate):
     skew = LIMITS.max_skew_ms
-    rejected(check(gate, signed(iat=NOW + skew + 1, exp=NOW + skew + 60_000)), c.EXPIRED,
+    rejected(check(gate, signed(iat=NOW + skew + 1, exp=NOW + skew + 60_000)), p.EXPIRED,
              detail="issued in the future")
     assert isinstance(check(gate, signed(iat=NOW + skew, exp=NOW + skew + 60_000)), Accepted)
 
 
 def test_lifetime_too_long(gate):
     life = LIMITS.max_lifetime_ms
-    rejected(check(gate, signed(iat=NOW - 1, exp=NOW - 1 + life + 1)), c.EXPIRED,
+    rejected(check(gate, signed(iat=NOW - 1, exp=NOW - 1 + life + 1)), p.EXPIRED,
              detail="lifetime too long")
     assert isinstance(check(gate, signed(iat=NOW - 1, exp=NOW - 1 + life)), Accepted)
 
@@ -261,7 +262,7 @@ def accept_into(gate, memory, message, now=NOW):
 
 def test_same_id_other_bytes_is_replayed(gate, memory):
     accept_into(gate, memory, signed(name="doors.lock"))
-    rejected(check(gate, signed(name="doors.unlock"), memory), c.REPLAYED)
+    rejected(check(gate, signed(name="doors.unlock"), memory), p.REPLAYED)
 
 
 def test_identical_redelivery(gate, memory):
@@ -275,7 +276,7 @@ def test_redelivery_after_exp_still_gets_its_status(gate, memory):
     accept_into(gate, memory, message)
     assert check(gate, message, memory, now=NOW + 10 * 60_000) == Redelivery("c-1")
     # Without the record it would have been EXPIRED: the ordering is what makes the difference.
-    rejected(check(gate, message, Memory(), now=NOW + 10 * 60_000), c.EXPIRED)
+    rejected(check(gate, message, Memory(), now=NOW + 10 * 60_000), p.EXPIRED)
 
 
 def test_redelivery_is_judged_on_signed_bytes_not_malleable_envelope(gate, memory):
@@ -295,37 +296,37 @@ def test_redelivery_needs_a_still_trusted_key(gate, memory):
     message = signed(name="doors.lock")
     accept_into(gate, memory, message)
     gate.replace_trust(TrustStore([e for e in STORE.entries if e.name != "ops"]))
-    rejected(check(gate, message, memory), c.UNKNOWN_KEY, cid=None)
+    rejected(check(gate, message, memory), p.UNKNOWN_KEY, cid=None)
 
 
 def test_replay_loss_refuses_commands_issued_before_it(gate, memory):
     lost_at = NOW - 5_000
     gate.note_replay_loss(lost_at)
     floor = lost_at + LIMITS.max_skew_ms
-    rejected(check(gate, signed(iat=floor - 1, exp=NOW + 60_000)), c.REPLAYED,
+    rejected(check(gate, signed(iat=floor - 1, exp=NOW + 60_000)), p.REPLAYED,
              detail="replay memory")
     assert isinstance(check(gate, signed(iat=floor, exp=NOW + 60_000)), Accepted)
     gate.note_replay_loss(None)  # nothing lost: no change
     gate.note_replay_loss(lost_at - 100_000)  # an older loss never lowers the floor
-    rejected(check(gate, signed(iat=floor - 1, exp=NOW + 60_000)), c.REPLAYED)
+    rejected(check(gate, signed(iat=floor - 1, exp=NOW + 60_000)), p.REPLAYED)
 
 
 def test_loss_noted_during_the_lookup_applies_to_that_command(gate):
     def seen(cid):  # the store recovers from corruption inside seen() and reports the loss
         gate.note_replay_loss(NOW)
-    rejected(gate.check(signed(), NOW, seen), c.REPLAYED)
+    rejected(gate.check(signed(), NOW, seen), p.REPLAYED)
 
 
 def test_failing_replay_lookup_fails_closed(gate):
     def seen(cid):
         raise OSError("disk gone")
-    rejected(gate.check(signed(), NOW, seen), c.INTERNAL_ERROR, detail="disk gone")
+    rejected(gate.check(signed(), NOW, seen), p.INTERNAL_ERROR, detail="disk gone")
 
 
 # -- authorisation, command, parameters ---------------------------------------------------------------
 
 def test_key_not_allowed_that_command(gate):
-    outcome = rejected(check(gate, signed(VIEWER, name="charge.start")), c.UNAUTHORIZED,
+    outcome = rejected(check(gate, signed(VIEWER, name="charge.start")), p.UNAUTHORIZED,
                        detail="viewer")
     assert isinstance(check(gate, signed(VIEWER, name="state.snapshot")), Accepted)
     # A rejection of an authentic, fresh command is to be recorded like an accepted one.
@@ -333,11 +334,11 @@ def test_key_not_allowed_that_command(gate):
 
 
 def test_globs_are_case_sensitive(gate):
-    rejected(check(gate, signed(name="CHARGE.start")), c.UNAUTHORIZED)
+    rejected(check(gate, signed(name="CHARGE.start")), p.UNAUTHORIZED)
 
 
 def test_unknown_command(gate):
-    outcome = rejected(check(gate, signed(ADMIN, name="horn.honk")), c.UNKNOWN_COMMAND)
+    outcome = rejected(check(gate, signed(ADMIN, name="horn.honk")), p.UNKNOWN_COMMAND)
     assert outcome.digest is not None
 
 
@@ -371,54 +372,54 @@ def test_unknown_command(gate):
     *[(n, {"x": 1}) for n in c.NO_PARAMS],
 ])
 def test_bad_params(gate, name, params):
-    outcome = rejected(check(gate, signed(ADMIN, name=name, params=params)), c.BAD_PARAMS)
+    outcome = rejected(check(gate, signed(ADMIN, name=name, params=params)), p.BAD_PARAMS)
     assert outcome.digest is not None and outcome.exp is not None
 
 
 # -- the order of the checks --------------------------------------------------------------------------
 
 def test_order_oversized_before_unknown_key(gate):
-    rejected(check(gate, signed(STRANGER, params={"pad": "x" * 5000})), c.BAD_ENVELOPE, cid=None)
+    rejected(check(gate, signed(STRANGER, params={"pad": "x" * 5000})), p.BAD_ENVELOPE, cid=None)
 
 
 def test_order_unknown_key_before_garbage_payload(gate):
     message = raw_sign1(STRANGER, b"\xff\xfe not cbor", kid_of(STRANGER.public_key()))
-    rejected(check(gate, message), c.UNKNOWN_KEY, cid=None)
+    rejected(check(gate, message), p.UNKNOWN_KEY, cid=None)
 
 
 def test_order_bad_signature_before_garbage_payload(gate):
     message = raw_sign1(STRANGER, b"\xff\xfe not cbor", kid_of(OPS.public_key()))
-    rejected(check(gate, message), c.BAD_SIGNATURE, cid=None)
+    rejected(check(gate, message), p.BAD_SIGNATURE, cid=None)
 
 
 def test_order_schema_before_vin(gate):
-    outcome = rejected(check(gate, signed(vin="OTHER", iat="x")), c.BAD_ENVELOPE)
+    outcome = rejected(check(gate, signed(vin="OTHER", iat="x")), p.BAD_ENVELOPE)
     assert outcome.detail.startswith("iat:")
 
 
 def test_order_vin_before_time_window(gate):
-    rejected(check(gate, signed(vin="OTHER", exp=NOW - 1)), c.WRONG_VEHICLE)
+    rejected(check(gate, signed(vin="OTHER", exp=NOW - 1)), p.WRONG_VEHICLE)
 
 
 def test_order_time_window_before_replay(gate, memory):
     accept_into(gate, memory, signed(name="doors.lock"))
-    rejected(check(gate, signed(name="doors.unlock", exp=NOW - 1), memory), c.EXPIRED)
+    rejected(check(gate, signed(name="doors.unlock", exp=NOW - 1), memory), p.EXPIRED)
 
 
 def test_order_within_time_window(gate):
-    rejected(check(gate, signed(iat=NOW + 10**9, exp=NOW + 2 * 10**9)), c.EXPIRED,
+    rejected(check(gate, signed(iat=NOW + 10**9, exp=NOW + 2 * 10**9)), p.EXPIRED,
              detail="issued in the future")
-    rejected(check(gate, signed(iat=NOW + 10**9, exp=NOW - 1)), c.BAD_ENVELOPE)  # exp <= iat
+    rejected(check(gate, signed(iat=NOW + 10**9, exp=NOW - 1)), p.BAD_ENVELOPE)  # exp <= iat
 
 
 def test_order_replay_before_authorisation(gate, memory):
     accept_into(gate, memory, signed(name="doors.lock"))
-    rejected(check(gate, signed(VIEWER, name="doors.unlock"), memory), c.REPLAYED)
+    rejected(check(gate, signed(VIEWER, name="doors.unlock"), memory), p.REPLAYED)
 
 
 def test_order_authorisation_before_command_known_before_params(gate):
-    rejected(check(gate, signed(name="horn.honk", params={"x": 1})), c.UNAUTHORIZED)
-    rejected(check(gate, signed(ADMIN, name="horn.honk", params={"x": 1})), c.UNKNOWN_COMMAND)
+    rejected(check(gate, signed(name="horn.honk", params={"x": 1})), p.UNAUTHORIZED)
+    rejected(check(gate, signed(ADMIN, name="horn.honk", params={"x": 1})), p.UNKNOWN_COMMAND)
 
 
 def test_replay_lookup_not_consulted_for_unverified_or_foreign_messages(gate, memory):
@@ -443,7 +444,7 @@ def test_early_rejections_are_not_to_be_recorded(gate, memory):
 @given(st.binary(max_size=600))
 def test_arbitrary_bytes_are_bad_envelope_and_never_raise(gate, data):
     outcome = check(gate, data)
-    assert outcome == Rejected(None, c.BAD_ENVELOPE, outcome.detail)
+    assert outcome == Rejected(None, p.BAD_ENVELOPE, outcome.detail)
 
 
 _values = st.recursive(
@@ -459,32 +460,32 @@ _values = st.recursive(
 def test_arbitrary_signed_payloads_never_raise(gate, payload):
     outcome = check(gate, Signer(ADMIN).sign(payload, compress=False))
     assert isinstance(outcome, Rejected)  # no random map is a valid command for this vehicle
-    assert outcome.reason != c.INTERNAL_ERROR, outcome
+    assert outcome.reason != p.INTERNAL_ERROR, outcome
 
 
 # -- status payloads, token bucket, trust store -------------------------------------------------------
 
 def test_status_payload_omits_absent_keys():
-    assert status_payload(VIN, None, NOW, c.REJECTED, c.BAD_ENVELOPE) == {
+    assert response_payload(VIN, None, NOW, p.REJECTED, p.BAD_ENVELOPE) == {
         "v": 1, "vin": VIN, "id": None, "t": NOW, "status": "REJECTED", "reason": "BAD_ENVELOPE"}
-    full = status_payload(VIN, "c-1", NOW, c.IN_PROGRESS, detail="downloading", progress=40)
+    full = response_payload(VIN, "c-1", NOW, p.IN_PROGRESS, detail="downloading", progress=40)
     assert full == {"v": 1, "vin": VIN, "id": "c-1", "t": NOW, "status": "IN_PROGRESS",
                     "detail": "downloading", "progress": 40}
-    done = status_payload(VIN, "c-1", NOW, c.SUCCEEDED, result={"percent": 80})
+    done = response_payload(VIN, "c-1", NOW, p.SUCCEEDED, result={"percent": 80})
     assert done["result"] == {"percent": 80} and "reason" not in done
 
 
 @pytest.mark.parametrize("args", [
     ("c-1", NOW, "DONE"),
-    ("c-1", NOW, c.REJECTED),  # reason required
-    ("c-1", NOW, c.SUCCEEDED, c.BUSY),  # reason not allowed
-    ("c-1", NOW, c.FAILED, "OOPS"),
-    ("c-1", NOW, c.IN_PROGRESS, None, None, 101),
-    ("c-1", NOW, c.IN_PROGRESS, None, None, True),
+    ("c-1", NOW, p.REJECTED),  # reason required
+    ("c-1", NOW, p.SUCCEEDED, p.BUSY),  # reason not allowed
+    ("c-1", NOW, p.FAILED, "OOPS"),
+    ("c-1", NOW, p.IN_PROGRESS, None, None, 101),
+    ("c-1", NOW, p.IN_PROGRESS, None, None, True),
 ])
 def test_status_payload_refuses_what_section_7_does_not_allow(args):
     with pytest.raises(ValueError):
-        status_payload(VIN, *args)
+        response_payload(VIN, *args)
 
 
 def test_reason_constants_match_section_7():
@@ -492,8 +493,8 @@ def test_reason_constants_match_section_7():
                 "EXPIRED", "REPLAYED", "UNKNOWN_COMMAND", "BAD_PARAMS", "PRECONDITION_FAILED",
                 "BUSY", "WRITE_FAILED", "NO_RESPONSE", "DOWNLOAD_FAILED", "VERIFICATION_FAILED",
                 "INSTALL_FAILED", "CANCELLED", "SUPERSEDED", "INTERNAL_ERROR"]
-    assert c.REASONS == set(section7)
-    assert all(getattr(c, r) == r for r in section7)
+    assert p.REASONS == set(section7)
+    assert all(getattr(p, r) == r for r in section7)
 
 
 def test_token_bucket():

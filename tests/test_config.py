@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.assemble import bus_plans
+from agent.app.assemble import bus_plans
 from agent.config import apply_override, load_config
 from agent.errors import ConfigError, DbcError
 
@@ -168,7 +168,7 @@ def _is_root() -> bool:
 
 def test_shipped_configs_are_valid(tmp_path):
     """configs/*.toml load and resolve (the example with its device paths replaced)."""
-    from agent.assemble import action_plans
+    from agent.app.assemble import action_plans
     from conftest import ROOT
 
     demo = load_config(ROOT / "configs" / "demo.toml")

@@ -243,7 +243,7 @@ def test_values_from_other_sources(test_dbc):
 
 
 def test_feed_many_counts_a_frame_that_raises_and_takes_the_rest(test_dbc):
-    from agent.assemble import plans_for_dbc
+    from agent.app.assemble import plans_for_dbc
     from agent.core.telemetry import TelemetryCore
 
     core = TelemetryCore(plans_for_dbc([test_dbc]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import cantools
 import pytest
 
-from agent.assemble import action_plans, bus_plans, telemetry_core
+from agent.app.assemble import action_plans, bus_plans, telemetry_core
 from agent.config import config_from_dict
 from agent.core.executor import Executor, Send, Snapshot, Status
 from conftest import ROOT

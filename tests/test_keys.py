@@ -167,7 +167,7 @@ def test_public_key_errors(tmp_path):
 
 def test_agent_without_uplink_still_refuses_a_missing_key(tmp_path, test_dbc):
     from agent.config import config_from_dict
-    from agent.runtime import Agent
+    from agent.app.runtime import Agent
 
     raw = {"vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path / "s")},
            "bus": [{"name": "a", "interface": "virtual", "channel": "x", "dbc": [str(test_dbc)]}],

@@ -425,7 +425,7 @@ def test_cli_errors_are_one_line_exit_2(modem, tmp_path, test_dbc, setup, fragme
 
 def test_agent_takes_modem_and_gnss_values(modem, tmp_path, test_dbc):
     from agent.config import config_from_dict
-    from agent.runtime import Agent
+    from agent.app.runtime import Agent
     from agent.sim.gnss import SimulatedGnss
 
     m = modem("ec25", rssi=99)

@@ -15,7 +15,7 @@ import pytest
 from agent.adapters.canbus import receive_filters
 from agent.cli.main import main as cli_main
 from agent.config import config_from_dict
-from agent.runtime import Agent
+from agent.app.runtime import Agent
 
 
 def config(test_dbc, tmp_path, **bus):
@@ -126,7 +126,7 @@ max_batch_age_ms = 100
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=feed_then_stop, daemon=True).start()
-    with caplog.at_level(logging.INFO, logger="agent.runtime"):
+    with caplog.at_level(logging.INFO, logger="agent.app.runtime"):
         status = cli_main(["run", "-c", str(cfg_path)])
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)

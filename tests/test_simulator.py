@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from agent.config import SimulatorConfig, config_from_dict
-from agent.runtime import Agent
+from agent.app.runtime import Agent
 from agent.sim import from_config
 from agent.sim.runner import SimulatorThread
 from agent.sim.vehicle import (CYCLE_S, LOCK_REACTION_S, REACTION_S, SimulatedVehicle,

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from agent.adapters.slots import DirectorySlots, SlotError
-from agent.core.commands import INSTALL_FAILED
+from agent.core.protocol import INSTALL_FAILED
 
 
 @pytest.fixture

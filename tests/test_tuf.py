@@ -19,7 +19,7 @@ import pytest
 
 from agent.adapters.tuf import FetchConfig, FetchError, fetch_target
 from agent.cloud import repo
-from agent.core.commands import DOWNLOAD_FAILED, VERIFICATION_FAILED
+from agent.core.protocol import DOWNLOAD_FAILED, VERIFICATION_FAILED
 from agent.core.updates import UpdateError, accept_target
 
 HW = "tcu-kona-1"

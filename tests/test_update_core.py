@@ -11,7 +11,7 @@ import pytest
 
 from agent.adapters.updatestate import UpdateStateStore
 from agent.core import updates as u
-from agent.core.commands import (
+from agent.core.protocol import (
     BUSY,
     CANCELLED,
     DOWNLOAD_FAILED,
@@ -22,6 +22,8 @@ from agent.core.commands import (
     SUCCEEDED,
     SUPERSEDED,
     VERIFICATION_FAILED,
+    is_newer,
+    parse_version,
 )
 from agent.errors import StorageError
 
@@ -34,14 +36,14 @@ T0 = 1_700_000_000_000
                                           ("1.10", (1, 10)), ("1.2.0", (1, 2)),
                                           ("0.0.0", (0,)), ("007.1", (7, 1))])
 def test_parse_version(text, parsed):
-    assert u.parse_version(text) == parsed
+    assert parse_version(text) == parsed
 
 
 @pytest.mark.parametrize("bad", ["", "1.", ".1", "1..2", "1.2-rc1", "v1.2", " 1.2", "1.2 ",
                                  "+1", "-1", "1_0", "１.２", "1.x", None, 12, 1.2, "9" * 65])
 def test_parse_version_rejects(bad):
     with pytest.raises(u.UpdateError) as info:
-        u.parse_version(bad)
+        parse_version(bad)
     assert info.value.reason == VERIFICATION_FAILED
 
 
@@ -49,7 +51,7 @@ def test_parse_version_rejects(bad):
                                          ("2", "1.99.99", True), ("1.2.0", "1.2", False),
                                          ("1.2.1", "1.2", True), ("1.2", "1.2", False)])
 def test_is_newer_is_numeric(a, b, newer):
-    assert u.is_newer(a, b) is newer
+    assert is_newer(a, b) is newer
 
 
 def test_accept_target():

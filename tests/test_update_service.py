@@ -10,7 +10,7 @@ from agent.adapters.slots import DirectorySlots
 from agent.adapters.updatestate import UpdateStateStore
 from agent.config import config_from_dict
 from agent.core import updates as U
-from agent.updateservice import UpdateService
+from agent.app.updateservice import UpdateService
 
 PARKED = ['VCU_Drive.Gear == 0']  # test.dbc: Gear 0 = P
 

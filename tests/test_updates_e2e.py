@@ -27,7 +27,7 @@ from agent.adapters.updatestate import UpdateStateStore
 from agent.cloud import repo
 from agent.config import load_config
 from agent.core.cose import Signer
-from agent.runtime import RESTART_EXIT_CODE, Agent
+from agent.app.runtime import RESTART_EXIT_CODE, Agent
 from conftest import ROOT
 from support.agentproc import wait_for
 from support.mosquitto import Mosquitto, _free_port

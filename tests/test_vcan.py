@@ -165,7 +165,7 @@ def test_two_buses_with_kernel_receive_filters(test_dbc, tmp_path):
     import cantools
 
     from agent.config import config_from_dict
-    from agent.runtime import Agent
+    from agent.app.runtime import Agent
 
     cansend, cangen = can_utils("cansend"), can_utils("cangen")
     raw = {"vehicle": {"vin": "VIN0001"}, "storage": {"dir": str(tmp_path / "state")},
@@ -229,7 +229,7 @@ def test_bus_down_and_up_recovers_without_restart(test_dbc, tmp_path):
     import cantools
 
     from agent.config import config_from_dict
-    from agent.runtime import Agent
+    from agent.app.runtime import Agent
 
     if os.geteuid() != 0:
         pytest.skip(f"needs root for `ip link set vcan1 down/up`; {VM_HINT}")
@@ -288,7 +288,7 @@ def test_commands_over_socketcan_with_the_simulator_process(tmp_path):
     answered by the simulated EV in its own process, confirmed from its status frames."""
     from agent.adapters.keys import generate_keypair
     from agent.config import load_config
-    from agent.runtime import Agent
+    from agent.app.runtime import Agent
     from support.mosquitto import Mosquitto
     from test_commands_e2e import Cloud, wait_ready
 

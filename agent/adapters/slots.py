@@ -23,21 +23,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from agent.core.commands import INSTALL_FAILED
-from agent.core.updates import UpdateError
+from agent.errors import SlotError
 
 from .atomic import atomic_write, fsync_dir
 
 SLOTS = ("a", "b")
 _COPY_CHUNK = 1 << 20
-
-
-class SlotError(UpdateError):
-    """A slot operation failed; reason INSTALL_FAILED. The active slot is unchanged unless the
-    message says otherwise."""
-
-    def __init__(self, detail: str):
-        super().__init__(INSTALL_FAILED, detail)
 
 
 class SlotBackend(abc.ABC):

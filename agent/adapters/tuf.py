@@ -42,14 +42,10 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 from tuf.ngclient.urllib3_fetcher import Urllib3Fetcher
 
-from agent.core.commands import CANCELLED, DOWNLOAD_FAILED, VERIFICATION_FAILED
-from agent.core.updates import UpdateError
+from agent.core.protocol import CANCELLED, DOWNLOAD_FAILED, VERIFICATION_FAILED
+from agent.errors import FetchError, UpdateError
 
 from .atomic import fsync_dir
-
-
-class FetchError(UpdateError):
-    """Fetching a target failed; `reason` is DOWNLOAD_FAILED or VERIFICATION_FAILED."""
 
 
 @dataclass(frozen=True, slots=True)

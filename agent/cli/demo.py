@@ -71,7 +71,7 @@ class Demo:
         from ..cloud.broker import EmbeddedBroker
         from ..config import load_config
         from ..core.cose import Signer, kid_of
-        from ..runtime import Agent
+        from ..app.runtime import Agent
 
         config_path = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
         if not config_path.is_file():
@@ -122,7 +122,7 @@ class Demo:
             agent = Agent(config)
             agent.start()
             self.say(f"agent: vin {vin}, simulated EV on virtual CAN, signing key "
-                     f"{agent.publisher.signer.kid.hex()}")
+                     f"{agent.app.publisher.signer.kid.hex()}")
             ok = self._script(agent, cloud, vin)
         finally:
             if cloud:
@@ -223,7 +223,7 @@ class Demo:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not self.seqs:
             time.sleep(0.05)
-        up = agent.publisher.uplink.status()
+        up = agent.app.publisher.uplink.status()
         self.say(f"agent: uplink {up['state']} to {up['broker']} with MQTT {up['protocol']}")
         self.results = {}
         start = self._send(cloud, vin, "charge.start")

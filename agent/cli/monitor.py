@@ -24,7 +24,7 @@ def run(args) -> int:
 
     from ..config import load_config
     from ..errors import ConfigError
-    from ..runtime import Agent
+    from ..app.runtime import Agent
 
     if not args.interval > 0:
         raise ConfigError(f"--interval {args.interval}: must be a positive number of seconds")

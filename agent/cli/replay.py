@@ -7,7 +7,7 @@ import json
 import time
 
 from ..adapters.canlog import read_frames
-from ..assemble import bus_plans, plans_for_dbc, telemetry_core
+from ..app.assemble import bus_plans, plans_for_dbc, telemetry_core
 from ..config import load_config
 from ..core.batch import encode_payload
 from ..errors import AgentError, ConfigError

@@ -15,7 +15,7 @@ def add_parser(sub, common) -> None:
 
 def run(args) -> int:
     from ..config import load_config
-    from ..runtime import Agent
+    from ..app.runtime import Agent
 
     config = load_config(args.config, args.set)
     agent = Agent(config)

@@ -39,14 +39,10 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from ..adapters.atomic import atomic_write
-from ..errors import AgentError
+from ..errors import RepoError
 
 ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
 _SERIALIZER = JSONSerializer(compact=False)
-
-
-class RepoError(AgentError):
-    """The test repository directory is missing, incomplete or cannot be written."""
 
 
 def _now() -> datetime:
@@ -305,7 +301,8 @@ def _do_init(args: argparse.Namespace) -> int:
 
 
 def _do_add_target(args: argparse.Namespace) -> int:
-    from ..core.updates import UpdateError, parse_version
+    from ..core.protocol import parse_version
+    from ..errors import UpdateError
     try:
         parse_version(args.version)
     except UpdateError as e:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from agent.errors import AtParseError
+
 NEED_DATA = None  # next_event() when no complete event is buffered
 MAX_LINE = 1024  # longer runs without a line end are garbage (a modem line is < 600 chars)
 
@@ -39,10 +41,6 @@ INFO_COMMANDS = frozenset(("AT+CSQ", "AT+CEREG?", "AT+CREG?", "AT+CGREG?", "AT+C
 ACCESS_TECH = {0: "GSM", 1: "GSM", 2: "UMTS", 3: "EDGE", 4: "HSDPA", 5: "HSUPA", 6: "HSPA",
                7: "LTE", 8: "EC-GSM-IoT", 9: "NB-IoT", 10: "LTE", 11: "NR", 12: "NR",
                13: "LTE+NR"}
-
-
-class AtParseError(ValueError):
-    """An information line does not have the format TS 27.007 gives for that command."""
 
 
 # -- events ---------------------------------------------------------------------------------

@@ -59,72 +59,21 @@ from agent.config import CommandsConfig
 from agent.errors import VerificationError
 
 from . import cose
-
-# -- §7 statuses and reasons ---------------------------------------------------------------
-
-ACCEPTED, IN_PROGRESS = "ACCEPTED", "IN_PROGRESS"
-SUCCEEDED, FAILED, REJECTED, TIMED_OUT = "SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"
-STATUSES = frozenset({ACCEPTED, IN_PROGRESS, SUCCEEDED, FAILED, REJECTED, TIMED_OUT})
-TERMINAL_STATUSES = frozenset({SUCCEEDED, FAILED, REJECTED, TIMED_OUT})
-_WITH_REASON = frozenset({FAILED, REJECTED, TIMED_OUT})
-
-BAD_ENVELOPE = "BAD_ENVELOPE"
-BAD_SIGNATURE = "BAD_SIGNATURE"
-UNKNOWN_KEY = "UNKNOWN_KEY"
-UNAUTHORIZED = "UNAUTHORIZED"
-WRONG_VEHICLE = "WRONG_VEHICLE"
-EXPIRED = "EXPIRED"
-REPLAYED = "REPLAYED"
-UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
-BAD_PARAMS = "BAD_PARAMS"
-PRECONDITION_FAILED = "PRECONDITION_FAILED"
-BUSY = "BUSY"
-WRITE_FAILED = "WRITE_FAILED"
-NO_RESPONSE = "NO_RESPONSE"
-DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
-VERIFICATION_FAILED = "VERIFICATION_FAILED"
-INSTALL_FAILED = "INSTALL_FAILED"
-CANCELLED = "CANCELLED"
-SUPERSEDED = "SUPERSEDED"
-INTERNAL_ERROR = "INTERNAL_ERROR"
-REASONS = frozenset({
-    BAD_ENVELOPE, BAD_SIGNATURE, UNKNOWN_KEY, UNAUTHORIZED, WRONG_VEHICLE, EXPIRED, REPLAYED,
-    UNKNOWN_COMMAND, BAD_PARAMS, PRECONDITION_FAILED, BUSY, WRITE_FAILED, NO_RESPONSE,
-    DOWNLOAD_FAILED, VERIFICATION_FAILED, INSTALL_FAILED, CANCELLED, SUPERSEDED, INTERNAL_ERROR,
-})
+from .protocol import (
+    BAD_ENVELOPE,
+    BAD_PARAMS,
+    EXPIRED,
+    INTERNAL_ERROR,
+    REJECTED,
+    REPLAYED,
+    UNAUTHORIZED,
+    UNKNOWN_COMMAND,
+    WRONG_VEHICLE,
+)
 
 NO_PARAMS = ("charge.start", "charge.stop", "doors.lock", "doors.unlock", "state.snapshot",
              "update.cancel")
 V1_COMMANDS = frozenset(NO_PARAMS + ("charge.set_limit", "update.stage", "update.activate"))
-
-
-def status_payload(vin: str, id: str | None, t_ms: int, status: str, reason: str | None = None,
-                   detail: str | None = None, progress: int | None = None,
-                   result: Mapping | None = None) -> dict:
-    """A §7 command status payload (to be signed); absent optional keys are omitted.
-
-    Raises ValueError for an unknown status or reason, a reason missing on (or given with a
-    status other than) FAILED/REJECTED/TIMED_OUT, or progress outside 0..100.
-    """
-    if status not in STATUSES:
-        raise ValueError(f"unknown command status {status!r}")
-    if (reason is not None) != (status in _WITH_REASON):
-        raise ValueError(f"a reason goes with FAILED, REJECTED and TIMED_OUT only (got {status} "
-                         f"with reason {reason!r})")
-    if reason is not None and reason not in REASONS:
-        raise ValueError(f"unknown reason {reason!r}")
-    body: dict[str, Any] = {"v": 1, "vin": vin, "id": id, "t": t_ms, "status": status}
-    if reason is not None:
-        body["reason"] = reason
-    if detail is not None:
-        body["detail"] = detail
-    if progress is not None:
-        if type(progress) is not int or not 0 <= progress <= 100:
-            raise ValueError(f"progress must be an int 0..100, not {progress!r}")
-        body["progress"] = progress
-    if result is not None:
-        body["result"] = dict(result)
-    return body
 
 
 # -- trust store ---------------------------------------------------------------------------
@@ -227,31 +176,6 @@ class Redelivery:
 
 Outcome = Accepted | Rejected | Redelivery
 Seen = Callable[[str], "bytes | None"]
-
-
-# -- flood protection ------------------------------------------------------------------------
-
-class TokenBucket:
-    """`rate_per_s` tokens per second, at most `burst` saved up; starts full. Time passed in."""
-
-    def __init__(self, rate_per_s: float, burst: int):
-        if rate_per_s <= 0 or burst < 1:
-            raise ValueError("rate_per_s must be > 0 and burst >= 1")
-        self.rate_per_ms = rate_per_s / 1000.0
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._last_ms: int | None = None
-
-    def take(self, now_ms: int) -> bool:
-        """Spend one token if there is one; False means: drop this one."""
-        if self._last_ms is not None and now_ms > self._last_ms:
-            self._tokens = min(self.burst, self._tokens + (now_ms - self._last_ms) * self.rate_per_ms)
-        # A clock step backwards refills nothing but moves the reference point.
-        self._last_ms = now_ms
-        if self._tokens >= 1.0:
-            self._tokens -= 1.0
-            return True
-        return False
 
 
 # -- the gate ------------------------------------------------------------------------------

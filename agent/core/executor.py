@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from .commands import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
+from .protocol import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
 from .conditions import Condition, Lookup, Param, check_all
 
 

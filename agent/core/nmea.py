@@ -16,16 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from agent.errors import NmeaError
+
 KNOTS_TO_KMH = 1.852
 MAX_SENTENCE = 120  # NMEA says 82 characters; some receivers send a little more
-
-
-class NmeaError(ValueError):
-    """A line is not a valid NMEA sentence we use. `reason`: checksum, format or unsupported."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -38,11 +38,10 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import IllegalTransition, TargetRefused, UpdateError  # noqa: F401 - re-raised here
 
-from .commands import (
+from .protocol import (
     BAD_PARAMS,
-    REJECTED,
     BUSY,
     CANCELLED,
     DOWNLOAD_FAILED,
@@ -50,63 +49,16 @@ from .commands import (
     IN_PROGRESS,
     INSTALL_FAILED,
     PRECONDITION_FAILED,
+    REJECTED,
     SUCCEEDED,
     SUPERSEDED,
     VERIFICATION_FAILED,
+    is_newer,
+    parse_version,
 )
 
 
-class UpdateError(AgentError):
-    """An update step failed; `reason` is the §7 reason code to report, `detail` the why.
-
-    Subclasses say where it failed; the reason is what the cloud sees.
-    """
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-class TargetRefused(UpdateError):
-    """This vehicle refuses the target (hardware id, version): the command is REJECTED."""
-
-
-class IllegalTransition(UpdateError):
-    """An event that the update state machine does not allow in its current state."""
-
-    def __init__(self, state: str, event: str):
-        super().__init__(BUSY if event == STAGE else PRECONDITION_FAILED,
-                         f"update: {event!r} is not allowed while {state}")
-        self.state = state
-        self.event = event
-
-
-# -- versions -------------------------------------------------------------------------------
-
-_VERSION = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
-_MAX_VERSION_CHARS = 64
-
-
-def parse_version(text: Any) -> tuple[int, ...]:
-    """"1.10.2" -> (1, 10, 2), trailing zeros dropped so "1.2" == "1.2.0".
-
-    Raises UpdateError(VERIFICATION_FAILED) for anything that is not dot-separated decimal
-    numbers (no signs, spaces, letters, empty parts, "1.2-rc1").
-    """
-    if type(text) is not str or len(text) > _MAX_VERSION_CHARS or not _VERSION.fullmatch(text):
-        raise UpdateError(VERIFICATION_FAILED,
-                          f"version {text!r}: expected dotted decimal numbers such as 1.4.2")
-    parts = [int(p) for p in text.split(".")]
-    while len(parts) > 1 and parts[-1] == 0:
-        parts.pop()
-    return tuple(parts)
-
-
-def is_newer(candidate: str, installed: str) -> bool:
-    """True when `candidate` is strictly newer than `installed` (both parsed numerically)."""
-    return parse_version(candidate) > parse_version(installed)
-
+# -- targets --------------------------------------------------------------------------------
 
 def accept_target(target: str, custom: Any, hardware_id: str, installed_version: str) -> str:
     """Check a TUF target's custom fields against this vehicle; return its version.
@@ -223,7 +175,8 @@ def transition(current: UpdateState, event: str, **changes: Any) -> UpdateState:
     """The record after `event`, with `changes` applied; raises IllegalTransition."""
     new = TRANSITIONS[current.state].get(event)
     if new is None:
-        raise IllegalTransition(current.state, event)
+        raise IllegalTransition(BUSY if event == STAGE else PRECONDITION_FAILED,
+                                current.state, event)
     return replace(current, state=new, **changes)
 
 

@@ -14,15 +14,15 @@ import threading
 import time
 from typing import Callable
 
-from .adapters.canbus import BusReader, check_interface, receive_filters
-from .adapters.sdnotify import Notifier, Watchdog
-from .adapters.statusfile import write_status
+from ..adapters.canbus import BusReader, check_interface, receive_filters
+from ..adapters.sdnotify import Notifier, Watchdog
+from ..adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
-from .config import Config
-from .core.batch import Batch
-from .core.updates import UpdateEvent
+from ..config import Config
+from ..core.batch import Batch
+from ..core.updates import UpdateEvent
 
-log = logging.getLogger("agent.runtime")
+log = logging.getLogger("agent.app.runtime")
 
 TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
@@ -62,7 +62,7 @@ class Agent:
         self.core = telemetry_core(self.plans, config.telemetry)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
-            from .adapters.keys import load_private_key
+            from ..adapters.keys import load_private_key
 
             load_private_key(config.signing.key_file)  # refuse to start on a bad key all the same
         if publish and config.mqtt is not None:
@@ -93,11 +93,11 @@ class Agent:
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
         self.serial = []  # modem and GNSS services: values into the core via the queue
         if config.modem is not None:
-            from .adapters.modem import ModemService
+            from ..adapters.modem import ModemService
 
             self.serial.append(ModemService(config.modem, self._on_values))
         if config.gnss is not None:
-            from .adapters.gnss import GnssService
+            from ..adapters.gnss import GnssService
 
             self.serial.append(GnssService(config.gnss, self._on_values))
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
@@ -133,8 +133,8 @@ class Agent:
         self.started_at = time.time()
         sim = self.config.simulator
         if sim is not None and sim.enabled:
-            from .sim import from_config
-            from .sim.runner import SimulatorThread
+            from ..sim import from_config
+            from ..sim.runner import SimulatorThread
 
             bus = self.config.bus_named(sim.bus) if sim.bus else self.config.bus[0]
             self.simulator = SimulatorThread(from_config(sim), bus.interface, bus.channel,

@@ -11,16 +11,17 @@ import logging
 import threading
 import time
 
-from .adapters.keys import load_private_key
-from .adapters.mqtt import Uplink
-from .adapters.outbox import Outbox
-from .config import Config
-from .core.batch import Batch
-from .core.cose import Signer
-from .core.records import RateLimit, Topics, state_payload, status_payload
-from .errors import ConfigError
+from ..adapters.keys import load_private_key
+from ..adapters.mqtt import Uplink
+from ..adapters.outbox import Outbox
+from ..config import Config
+from ..core.batch import Batch
+from ..core.cose import Signer
+from ..core.protocol import Topics, state_payload, status_record
+from ..core.ratelimit import RateLimit
+from ..errors import ConfigError
 
-log = logging.getLogger("agent.publisher")
+log = logging.getLogger("agent.app.publisher")
 
 STATE_MIN_INTERVAL_MS = 1000  # state records on change: at most one a second
 
@@ -57,7 +58,7 @@ class Publisher:
         If the offline record cannot be queued (disk full), the uplink still stops, leaving
         with the will, and the outbox is closed."""
         try:
-            self._append("status", self.topics.status, status_payload(self.vin, now_ms(), False))
+            self._append("status", self.topics.status, status_record(self.vin, now_ms(), False))
             queued = True
         except Exception as e:  # noqa: BLE001 - e.g. disk full: stopping must go on
             log.error("cannot queue the offline record (%s); leaving with the MQTT will", e)
@@ -111,7 +112,7 @@ class Publisher:
 
     def _will(self) -> tuple[str, bytes]:
         # Built and signed at each connect (§5): its `t` says when the vehicle went online.
-        return self.topics.status, self.signer.sign(status_payload(self.vin, now_ms(), False))
+        return self.topics.status, self.signer.sign(status_record(self.vin, now_ms(), False))
 
     def _connected(self) -> None:
         self._just_connected.set()  # the core thread publishes online + state (it owns the core)
@@ -123,7 +124,7 @@ class Publisher:
         return False
 
     def online(self) -> None:
-        self._append("status", self.topics.status, status_payload(self.vin, now_ms(), True))
+        self._append("status", self.topics.status, status_record(self.vin, now_ms(), True))
 
     def status(self) -> dict:
         if self._final is not None:

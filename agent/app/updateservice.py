@@ -30,12 +30,12 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from .adapters.slots import DirectorySlots, SlotBackend
-from .adapters.updatestate import UpdateStateStore
-from .config import Config
-from .core import updates as U
-from .core.updates import UpdateEvent
-from .core.commands import (
+from ..adapters.slots import DirectorySlots, SlotBackend
+from ..adapters.updatestate import UpdateStateStore
+from ..config import Config
+from ..core import updates as U
+from ..core.updates import UpdateEvent
+from ..core.protocol import (
     ACCEPTED,
     FAILED,
     IN_PROGRESS,
@@ -46,9 +46,9 @@ from .core.commands import (
     SUCCEEDED,
     VERIFICATION_FAILED,
 )
-from .core.conditions import Lookup, check_all, parse_condition
-from .core.executor import Status
-from .errors import AgentError, StorageError
+from ..core.conditions import Lookup, check_all, parse_condition
+from ..core.executor import Status
+from ..errors import AgentError, StorageError
 
 log = logging.getLogger("agent.updates")
 
@@ -414,7 +414,7 @@ class UpdateService:
                 raise U.TargetRefused(e.reason, e.detail) from e
 
         # python-tuf and urllib3 (~3 MB) are loaded only when an update is actually fetched.
-        from .adapters.tuf import FetchConfig, fetch_target
+        from ..adapters.tuf import FetchConfig, fetch_target
 
         fetched = fetch_target(
             state.repository, state.target, self.cfg.trusted_root, self.tuf_cache,

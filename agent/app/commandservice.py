@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from .adapters.replaystore import ReplayStore
-from .adapters.truststore import load_trust_store
+from ..adapters.replaystore import ReplayStore
+from ..adapters.truststore import load_trust_store
 from .assemble import action_plans
-from .core import commands as C
-from .core.cose import decode_unverified
-from .core.executor import Executor, Send, Snapshot, Status
-from .errors import AgentError, BusError
+from ..core import commands as C
+from ..core import protocol as proto
+from ..core.ratelimit import TokenBucket
+from ..core.cose import decode_unverified
+from ..core.executor import Executor, Send, Snapshot, Status
+from ..errors import AgentError, BusError
 
 log = logging.getLogger("agent.commands")
 
@@ -35,7 +37,7 @@ class CommandService:
         self.gate.note_replay_loss(self.replay.lost_at_ms)
         self.executor = Executor(action_plans(config, plans), core.lookup, core.last_frame,
                                  cfg.queue_size)
-        self.bucket = C.TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
+        self.bucket = TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
         self.flooding = False
         self.updates = updates  # UpdateService, when [updates] is configured
         self.counters: Counter = Counter()
@@ -84,7 +86,7 @@ class CommandService:
         log.info("command %s rejected: %s %s", r.id, r.reason, r.detail)
         if r.id is not None and r.digest is not None:
             self.replay.record(r.id, r.digest, r.exp, now_ms)  # answered the same way again
-        self._status(Status(r.id, C.REJECTED, r.reason, r.detail), now_ms,
+        self._status(Status(r.id, proto.REJECTED, r.reason, r.detail), now_ms,
                      remember=r.digest is not None)
 
     def _redelivered(self, command_id: str, now_ms: int) -> None:
@@ -96,7 +98,7 @@ class CommandService:
                 self.publisher.response_signed(latest)
                 return
         # Recorded but not finished, and no longer running here: the agent restarted mid-way.
-        self._status(Status(command_id, C.FAILED, C.INTERNAL_ERROR,
+        self._status(Status(command_id, proto.FAILED, proto.INTERNAL_ERROR,
                             "interrupted by an agent restart; not executed again"), now_ms)
 
     def recover(self, now_ms: int) -> None:
@@ -114,7 +116,7 @@ class CommandService:
             self.counters["interrupted"] += 1
             log.warning("command %s was interrupted by an agent restart", cid)
             try:
-                self._status(Status(cid, C.FAILED, C.INTERNAL_ERROR,
+                self._status(Status(cid, proto.FAILED, proto.INTERNAL_ERROR,
                                     "interrupted by an agent restart; not executed further"),
                              now_ms)
             except AgentError as e:  # disk full: the agent must still start
@@ -138,7 +140,7 @@ class CommandService:
             elif isinstance(out, Snapshot):
                 values = self.state_values()
                 self.publisher.state(values, now_ms)
-                self._status(Status(out.id, C.SUCCEEDED, result=values), now_ms)
+                self._status(Status(out.id, proto.SUCCEEDED, result=values), now_ms)
             else:
                 self._status(out, now_ms)
 
@@ -153,12 +155,12 @@ class CommandService:
             self.updates.mark_reported(statuses)
 
     def _status(self, s: Status, now_ms: int, remember: bool = True) -> None:
-        payload = C.status_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,
+        payload = proto.response_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,
                                    progress=s.progress, result=s.result)
         signed = self.publisher.response(payload)
         if s.id is not None and remember:
             self.replay.set_status(s.id, signed)
-        if s.status in C.TERMINAL_STATUSES:
+        if s.status in proto.TERMINAL_STATUSES:
             self.counters[f"terminal.{s.status}"] += 1
 
     # -- control --------------------------------------------------------------------------
@@ -192,4 +194,4 @@ class CommandService:
 def _is_terminal(stored: bytes | None) -> bool:
     """Is this stored (signed) status of a command a terminal one?"""
     return stored is not None and \
-        decode_unverified(stored)[2].get("status") in C.TERMINAL_STATUSES
+        decode_unverified(stored)[2].get("status") in proto.TERMINAL_STATUSES

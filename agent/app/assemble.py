@@ -7,13 +7,13 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from .adapters.dbc import load_database
-from .config import ActionConfig, Config, TelemetryConfig
-from .core.conditions import Param, parse_condition
-from .core.executor import ActionPlan, FramePlan
-from .core.selection import BusPlan, can_key, resolve
-from .core.telemetry import TelemetryCore
-from .errors import ConfigError, DbcError
+from ..adapters.dbc import load_database
+from ..config import ActionConfig, Config, TelemetryConfig
+from ..core.conditions import Param, parse_condition
+from ..core.executor import ActionPlan, FramePlan
+from ..core.selection import BusPlan, can_key, resolve
+from ..core.telemetry import TelemetryCore
+from ..errors import ConfigError, DbcError
 
 _PARAM = re.compile(r"^\{(\w+)\}$")
 
