@@ -91,15 +91,16 @@ class Agent:
             self.commands = CommandService(config, self.plans, self.core, self.publisher,
                                            self.readers, self.state_values, self.updates)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
-        self.serial = []  # modem and GNSS services: values into the core via the queue
+        self.serial = []  # the modem poller and GNSS reader: values into the core via the queue
         if config.modem is not None:
-            from ..adapters.modem import ModemService
+            from ..adapters.modem import ModemPoller, deadbands
 
-            self.serial.append(ModemService(config.modem, self._on_values))
+            self.core.value_deadbands.update(deadbands(config.modem))
+            self.serial.append(ModemPoller(config.modem, self._on_values))
         if config.gnss is not None:
-            from ..adapters.gnss import GnssService
+            from ..adapters.gnss import GnssReader
 
-            self.serial.append(GnssService(config.gnss, self._on_values))
+            self.serial.append(GnssReader(config.gnss, self._on_values))
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
         self.watchdog = Watchdog.from_env(self.notifier)
         self.batches_closed = 0
@@ -385,5 +386,5 @@ class Agent:
         if self.commands:
             out.update(self.commands.status())
         for service in self.serial:
-            out[type(service).__name__.replace("Service", "").lower()] = service.status()
+            out[service.thread_name] = service.status()  # "modem", "gnss"
         return out

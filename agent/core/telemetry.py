@@ -11,7 +11,7 @@ A live bus, a log replay, the tests and the benchmarks all drive this same objec
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from cantools.database.namedsignalvalue import NamedSignalValue
 
@@ -125,8 +125,12 @@ class TelemetryCore:
     """Decode -> sample -> batch for any number of buses."""
 
     def __init__(self, plans: Sequence[BusPlan], max_batch_age_ms: int = 1000,
-                 max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000):
+                 max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000,
+                 value_deadbands: Mapping[str, float] | None = None):
         self.external_heartbeat_ms = external_heartbeat_ms
+        # Deadbands of named values from other sources (feed_values), e.g. the modem's signal
+        # strength; set before the first value of that name arrives.
+        self.value_deadbands: dict[str, float] = dict(value_deadbands or {})
         self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
         self.counters: list[BusCounters] = []
         self.state_changed = False  # set when a signal marked `state` changes; caller resets
@@ -281,8 +285,8 @@ class TelemetryCore:
         if not s.emit:
             return MISSING  # watched for command conditions only
         last = s.sent
-        if s.deadband and last is not MISSING and last is not None and type(v) is not str \
-                and type(last) is not str and abs(v - last) <= s.deadband:
+        if s.deadband and last is not MISSING and last is not None and v is not None \
+                and type(v) is not str and type(last) is not str and abs(v - last) <= s.deadband:
             return MISSING
         if s.min_interval and s.sent_ms >= 0 and t_ms - s.sent_ms < s.min_interval:
             if s.pending is MISSING:
@@ -345,7 +349,7 @@ class TelemetryCore:
 
     def feed_values(self, t: float, values: dict) -> None:
         """Take named values observed at `t` (UTC s) from a non-CAN source: sampled on change
-        (plus heartbeats) like signals, under their own names."""
+        (plus heartbeats) like signals, under their own names, with `value_deadbands`."""
         if t >= self._next_tick:
             self.tick(t)
         t_ms = int(t * 1000)
@@ -358,7 +362,8 @@ class TelemetryCore:
 
     def _external(self, name: str) -> SignalState:
         spec = SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0, map=None,
-                          deadband=0.0, min_interval_ms=0, heartbeat_ms=self.external_heartbeat_ms,
+                          deadband=self.value_deadbands.get(name, 0.0), min_interval_ms=0,
+                          heartbeat_ms=self.external_heartbeat_ms,
                           timeout_ms=0, state=False, multiplexed=False)
         s = SignalState(spec)
         MessageState(_NoFrame(name), [s])
