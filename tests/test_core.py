@@ -252,3 +252,64 @@ def test_feed_many_counts_a_frame_that_raises_and_takes_the_rest(test_dbc):
     core.feed_many(frames)
     assert core.internal_errors == 1 and "IndexError" in core.last_internal_error
     assert core.counters[0].frames == 10  # the other frames all arrived
+
+
+# -- freshness cannot be faked from the CAN side (hardening) ----------------------------------
+
+def test_short_frame_refreshes_only_the_signals_it_carries(test_dbc):
+    core, db = make_core(test_dbc, timeout_ms=500)
+    k, d = frame(db, "VCU_Drive", Speed=10.0, Gear=0)
+    core.feed(0, T0, k, d)
+    # Speed is bytes 0-1 (Motorola), Gear byte 2: a DLC-2 frame carries Speed only, and DLC 0
+    # carries nothing.
+    for i in range(1, 20):
+        core.feed(0, T0 + i * 0.1, k, d[:2])
+        core.feed(0, T0 + i * 0.1 + 0.01, k, b"")
+        core.tick(T0 + i * 0.1 + 0.02)
+    speed, t_speed = core.lookup("VCU_Drive.Speed")
+    gear, t_gear = core.lookup("VCU_Drive.Gear")
+    assert speed == 10.0 and t_speed == int((T0 + 1.9) * 1000)
+    assert gear is None  # timed out: no frame since T0 carried it completely
+    assert t_gear == int(T0 * 1000)
+    assert core.counters[0].bad_length == 38
+
+
+def test_same_short_frame_again_still_refreshes_its_signals(test_dbc):
+    core, db = make_core(test_dbc)
+    k, d = frame(db, "VCU_Drive", Speed=10.0)
+    core.feed(0, T0, k, d[:2])
+    core.feed(0, T0 + 1, k, d[:2])
+    assert core.counters[0].unchanged == 1
+    assert core.lookup("VCU_Drive.Speed") == (10.0, int((T0 + 1) * 1000))
+    assert core.lookup("VCU_Drive.Gear") is None  # never carried: never seen
+
+
+def live_core(test_dbc, **defaults):
+    tc = TelemetryConfig(messages=("*",), defaults=SamplingConfig(**{"heartbeat_s": 0, **defaults}))
+    db = load_database(test_dbc)
+    return TelemetryCore(resolve(tc, [("can0", [db])]), max_batch_age_ms=1000,
+                         frame_skew_s=1.0), db
+
+
+def test_live_frame_from_the_future_is_taken_at_the_agent_clock(test_dbc):
+    core, db = live_core(test_dbc, timeout_ms=500)
+    core.tick(T0)
+    k, d = frame(db, "VCU_Drive", Speed=10.0)
+    core.feed(0, T0 + 1800, k, d)  # stamped 30 minutes ahead
+    assert core.future_frames == 1
+    assert core.lookup("VCU_Drive.Speed")[1] == int((T0 + 1.0) * 1000)  # clock + skew
+    # The signal still times out on the agent's clock, and the batch still closes on time.
+    core.tick(T0 + 2.0)
+    assert core.take_batches()  # 1 s after the clamped sample: closed, not 30 minutes later
+    assert core.lookup("VCU_Drive.Speed")[0] is None
+
+
+def test_live_frames_do_not_move_the_clock(test_dbc):
+    core, db = live_core(test_dbc)
+    core.tick(T0)
+    k, d = frame(db, "VCU_Drive", Speed=10.0)
+    for i in range(5):  # each frame stamped just inside the skew must not creep the clock on
+        k, d = frame(db, "VCU_Drive", Speed=10.0 + i)
+        core.feed(0, T0 + 0.99 * (i + 1), k, d)
+    assert core.clock == T0
+    assert core.lookup("VCU_Drive.Speed")[1] == int((T0 + 1.0) * 1000)

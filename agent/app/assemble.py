@@ -117,5 +117,11 @@ def plans_for_dbc(paths: Sequence[str | Path], telemetry: TelemetryConfig | None
     return resolve(telemetry, [("can0", [load_database(p) for p in paths])])
 
 
-def telemetry_core(plans: list[BusPlan], telemetry: TelemetryConfig) -> TelemetryCore:
-    return TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes)
+FRAME_SKEW_S = 1.0  # live: a frame may be stamped at most this far past the agent's clock
+
+
+def telemetry_core(plans: list[BusPlan], telemetry: TelemetryConfig,
+                   live: bool = False) -> TelemetryCore:
+    """The core for these plans; `live` (the agent, not a replay) runs on the agent's clock."""
+    return TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes,
+                         frame_skew_s=FRAME_SKEW_S if live else None)

@@ -59,7 +59,7 @@ class Agent:
         for i, bus in enumerate(config.bus):
             check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
         self.plans = bus_plans(config)
-        self.core = telemetry_core(self.plans, config.telemetry)
+        self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
             from ..adapters.keys import load_private_key
@@ -132,6 +132,7 @@ class Agent:
 
     def start(self) -> None:
         self.started_at = time.time()
+        self.core.tick(self.started_at)  # the agent's clock, before the first frame arrives
         sim = self.config.simulator
         if sim is not None and sim.enabled:
             from ..sim import from_config
@@ -380,7 +381,8 @@ class Agent:
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
                "batches": self.batches_closed, "samples": self.core.samples,
                "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures),
-               "internal_errors": self.core.internal_errors}
+               "internal_errors": self.core.internal_errors,
+               "future_frames": self.core.future_frames}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:
