@@ -283,7 +283,7 @@ def test_same_short_frame_again_still_refreshes_its_signals(test_dbc):
 
 
 def live_core(test_dbc, **defaults):
-    tc = TelemetryConfig(messages=("*",), defaults=SamplingConfig(**{"heartbeat_s": 0, **defaults}))
+    tc = Selection(messages=("*",), defaults=Sampling(**{"heartbeat_s": 0, **defaults}))
     db = load_database(test_dbc)
     return TelemetryCore(resolve(tc, [("can0", [db])]), max_batch_age_ms=1000,
                          frame_skew_s=1.0), db

@@ -251,9 +251,9 @@ def test_loss_refuses_a_recorded_command_in_the_gate(tmp_path):
     """End to end in the core: the replay of a recorded doors.unlock after replay.db was deleted
     is REPLAYED, not executed again."""
     key = Ed25519PrivateKey.generate()
-    limits = CommandsConfig(trust_store=Path("unused"))
+    limits, registry = GateLimits(), Registry([actions_family()])
     trust = TrustStore([TrustedKey("ops", key.public_key(), ("*",))])
-    gate = CommandGate(trust, "VIN1", limits)
+    gate = CommandGate(trust, "VIN1", limits, registry)
     msg = Signer(key).sign({"v": 1, "id": "c-1", "vin": "VIN1", "name": "doors.unlock",
                             "params": {}, "iat": NOW, "exp": NOW + 60_000})
     with ReplayStore(tmp_path, on_loss=gate.note_replay_loss) as store:
@@ -261,7 +261,7 @@ def test_loss_refuses_a_recorded_command_in_the_gate(tmp_path):
         assert isinstance(out, Accepted)
         store.record(out.command.id, out.command.digest, out.command.exp, NOW)
     _unlink_db(tmp_path)
-    fresh = CommandGate(trust, "VIN1", limits)  # a restarted agent
+    fresh = CommandGate(trust, "VIN1", limits, registry)  # a restarted agent
     with ReplayStore(tmp_path, on_loss=fresh.note_replay_loss, wall_ms=lambda: NOW + 2000) as store:
         out = fresh.check(msg, NOW + 2000, store.seen)
         assert isinstance(out, Rejected) and out.reason == "REPLAYED"
