@@ -1,12 +1,17 @@
 """Software updates (PROTOCOL.md §6 update.stage / update.activate / update.cancel). Sans-I/O.
 
-Everything that decides about an update lives here; the adapters (`adapters/tuf.py`,
-`adapters/slots.py`, `adapters/updatestate.py`) only move bytes.
+Every decision about an update lives here; app/updateservice.py runs the actions this module
+returns and feeds their results back as events, and the adapters (`adapters/tuf.py`,
+`adapters/slots.py`, `adapters/updatestate.py`) only move bytes. Where each decision is:
 
-- `parse_version` / `is_newer`: dotted numeric versions, compared numerically.
-- `accept_target`: the TUF target's custom fields against this vehicle.
-- `UpdateState` and `TRANSITIONS`: the update state machine, one lookup table; an illegal
-  transition raises `IllegalTransition` (h11 style: nothing else changes the state).
+- `parse_version` / `is_newer` (core/protocol.py): dotted numeric versions, compared
+  numerically. `accept_target`: the TUF target's custom fields against this vehicle (called by
+  the worker inside the fetch, before the artifact is downloaded, with the hardware id and the
+  floor that `StartDownload` carries). `floor`: the anti-rollback floor (configured, last
+  committed, or the confirmed active slot's metadata). `check_repository`: allowed prefixes.
+- `UpdateState` and `TRANSITIONS`: the persisted record and its state machine, one lookup
+  table; an illegal transition raises `IllegalTransition` (h11 style: nothing else changes
+  the state).
 
       IDLE -stage-> DOWNLOADING -downloaded-> VERIFYING -verified-> STAGED -activate-> ACTIVATING
       DOWNLOADING, VERIFYING, STAGED  -stage->  DOWNLOADING   (a new update.stage supersedes)
@@ -17,8 +22,20 @@ Everything that decides about an update lives here; the adapters (`adapters/tuf.
   COMMITTED, FAILED and ROLLED_BACK are final for their command; a new stage starts from them
   as from IDLE. `cancel` is allowed up to STAGED and returns to IDLE.
 
-- `on_restart`: given the state found on disk at start and the slot backend's report, what the
-  runtime must do (resume, clean up, report which status for which command id).
+- The live machine (`Machine`: the record, the job generation, the progress step, the
+  confirmation deadline, "marked good"): `on_command` (typed Stage / Activate / Cancel:
+  repository, BUSY, what is staged, updates.preconditions), `on_event` (typed worker results:
+  progress every 10 %, install after the download, the hash and the preconditions checked
+  again after hashing, the switch, failures REJECTED when the vehicle refuses the target; and
+  the executor's own: a failed save -> FAILED/INTERNAL_ERROR and the switch undone, a commit
+  retried), `poll` (health within updates.health_timeout_s -> mark good and COMMITTED, else
+  roll back and restart; a confirmed slot is never rolled back over a failed save) and
+  `on_reported` (the terminal status reached the outbox: never sent again). Each returns the
+  new machine and a list of actions (Save, Report, StartDownload, Install, Verify, Switch,
+  Abort, Discard, Confirm, MarkGood, RollBackSlot, UndoSwitch, RequestRestart).
+- `on_restart`: given the record found on disk at start and the slot backend's report, what to
+  do (resume, clean up, confirm with max_boot_attempts, report which status for which command
+  id, the terminal status kept once across restarts); `start` makes that executable.
 
 Choices where the protocol is silent (documented here, to copy into the issue note):
 - A new update.stage while DOWNLOADING or VERIFYING supersedes the one in flight: that command
@@ -33,7 +50,8 @@ Choices where the protocol is silent (documented here, to copy into the issue no
 from __future__ import annotations
 
 import json
-import re
+import types
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -400,46 +418,64 @@ def roll_back(current: UpdateState, detail: str) -> UpdateState:
 # - StartDownload, Install, Verify, Switch and Discard run on the worker thread, in order;
 #   their results come back through the core thread's queue as `UpdateEvent(gen, event)`.
 
-def _need(cls: str, name: str, value: Any, kind: type | tuple, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is int:
-        raise ValueError(f"{cls}.{name}: {value!r} is not a {getattr(kind, '__name__', kind)}")
+_HINTS: dict[type, list[tuple[str, tuple[type, ...], bool]]] = {}
 
 
-def _need_id(cls: str, value: Any) -> None:
-    if type(value) is not str or not value:
-        raise ValueError(f"{cls}.command_id: {value!r} is not a command id")
+def _kinds(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """(types, None allowed) for a field annotation: a class, `X | Y`, `X | None`."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+    return (kinds + (int,) if float in kinds else kinds), type(None) in args
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+def _check_fields(self: Any) -> None:
+    cls = type(self)
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = [(f.name, *_kinds(hints[f.name])) for f in fields(cls)]
+    for name, kinds, optional in _HINTS[cls]:
+        value = getattr(self, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{cls.__name__}.{name}: {value!r} is not "
+                             f"{' or '.join(k.__name__ for k in kinds)}")
+    validate = getattr(self, "_validate", None)
+    if validate is not None:
+        validate()
+
+
+def typed(cls: type) -> type:
+    """A frozen, slotted, keyword-only dataclass that checks its fields' types on creation
+    (and runs its `_validate` for the values a type does not say)."""
+    cls.__post_init__ = _check_fields
+    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+def _need_id(self: Any) -> None:
+    if not self.command_id:
+        raise ValueError(f"{type(self).__name__}.command_id: empty")
+
+
+@typed
 class Stage:
     command_id: str
     target: str
     repository: str
-
-    def __post_init__(self) -> None:
-        _need_id("Stage", self.command_id)
-        _need("Stage", "target", self.target, str)
-        _need("Stage", "repository", self.repository, str)
+    _validate = _need_id
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Activate:
     command_id: str
     target: str
-
-    def __post_init__(self) -> None:
-        _need_id("Activate", self.command_id)
-        _need("Activate", "target", self.target, str)
+    _validate = _need_id
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Cancel:
     command_id: str
-
-    def __post_init__(self) -> None:
-        _need_id("Cancel", self.command_id)
+    _validate = _need_id
 
 
 Command = Stage | Activate | Cancel
@@ -460,17 +496,16 @@ def parse_command(name: str, command_id: str, params: Mapping) -> Command | None
 
 # events from the worker thread
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class DownloadProgress:
     pct: int
 
-    def __post_init__(self) -> None:
-        _need("DownloadProgress", "pct", self.pct, int)
+    def _validate(self) -> None:
         if not 0 <= self.pct <= 100:
             raise ValueError(f"DownloadProgress.pct: {self.pct} is not 0..100")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Downloaded:
     """Fetched and verified by TUF, its custom fields accepted (`version`)."""
 
@@ -479,35 +514,25 @@ class Downloaded:
     sha256: str
     version: str
 
-    def __post_init__(self) -> None:
-        for f in ("path", "name", "sha256", "version"):
-            _need("Downloaded", f, getattr(self, f), str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Installed:
     slot: str
 
-    def __post_init__(self) -> None:
-        _need("Installed", "slot", self.slot, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Hashed:
     """The staged artifact hashed again (before a switch)."""
 
     sha256: str
 
-    def __post_init__(self) -> None:
-        _need("Hashed", "sha256", self.sha256, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Switched:
     """The slot backend made the staged slot active on trial."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Failed:
     """A worker job failed; `refused`: this vehicle refuses the target (REJECTED)."""
 
@@ -515,44 +540,30 @@ class Failed:
     detail: str
     refused: bool = False
 
-    def __post_init__(self) -> None:
-        _need("Failed", "reason", self.reason, str)
-        _need("Failed", "detail", self.detail, str)
-        _need("Failed", "refused", self.refused, bool)
-
 
 # results of the actions run on the core thread
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class SaveFailed:
     state: UpdateState
     detail: str
 
-    def __post_init__(self) -> None:
-        _need("SaveFailed", "state", self.state, UpdateState)
-        _need("SaveFailed", "detail", self.detail, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class MarkedGood:
     """mark_good went through: the new slot stays, whatever happens next."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class SlotFailed:
     detail: str
-
-    def __post_init__(self) -> None:
-        _need("SlotFailed", "detail", self.detail, str)
 
 
 Event = (DownloadProgress | Downloaded | Installed | Hashed | Switched | Failed | SaveFailed
          | MarkedGood | SlotFailed)
-_EVENTS = (DownloadProgress, Downloaded, Installed, Hashed, Switched, Failed, SaveFailed,
-           MarkedGood, SlotFailed)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class UpdateEvent:
     """An event tagged with the job generation it belongs to: the worker's through the core
     thread's queue, the executor's own at once. Another generation's is stale and ignored."""
@@ -560,26 +571,18 @@ class UpdateEvent:
     gen: int
     event: Event
 
-    def __post_init__(self) -> None:
-        _need("UpdateEvent", "gen", self.gen, int)
-        _need("UpdateEvent", "event", self.event, _EVENTS)
-
 
 # actions
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Save:
     """Persist this record (write, fsync, rename) before the rest of the list happens."""
 
     state: UpdateState
     keep_going: bool = False
 
-    def __post_init__(self) -> None:
-        _need("Save", "state", self.state, UpdateState)
-        _need("Save", "keep_going", self.keep_going, bool)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Report:
     """Send this status for this command id."""
 
@@ -590,18 +593,15 @@ class Report:
     result: Mapping | None = None
     progress: int | None = None
 
-    def __post_init__(self) -> None:
-        _need_id("Report", self.command_id)
+    def _validate(self) -> None:
+        _need_id(self)
         if self.status not in STATUSES:
             raise ValueError(f"Report.status: {self.status!r} is not a §7 status")
         if self.reason is not None and self.reason not in REASONS:
             raise ValueError(f"Report.reason: {self.reason!r} is not a §7 reason")
-        _need("Report", "detail", self.detail, str, optional=True)
-        _need("Report", "result", self.result, Mapping, optional=True)
-        _need("Report", "progress", self.progress, int, optional=True)
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class StartDownload:
     """Worker: fetch `target` through TUF, accepting it only for `hardware_id` and newer than
     `floor` (accept_target, before any byte of it is downloaded); then `Downloaded`."""
@@ -611,14 +611,8 @@ class StartDownload:
     hardware_id: str
     floor: str
 
-    def __post_init__(self) -> None:
-        _need("StartDownload", "gen", self.gen, int)
-        _need("StartDownload", "state", self.state, UpdateState)
-        _need("StartDownload", "hardware_id", self.hardware_id, str)
-        _need("StartDownload", "floor", self.floor, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Install:
     """Worker: install the downloaded file into the inactive slot; then `Installed`."""
 
@@ -626,80 +620,61 @@ class Install:
     path: str
     meta: Mapping
 
-    def __post_init__(self) -> None:
-        _need("Install", "gen", self.gen, int)
-        _need("Install", "path", self.path, str)
-        _need("Install", "meta", self.meta, Mapping)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Verify:
     """Worker: hash the staged artifact of `slot` again; then `Hashed`."""
 
     gen: int
     slot: str
 
-    def __post_init__(self) -> None:
-        _need("Verify", "gen", self.gen, int)
-        _need("Verify", "slot", self.slot, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Switch:
     """Worker: make `slot` active on trial (or leave the slots as they were); `Switched`."""
 
     gen: int
     slot: str
 
-    def __post_init__(self) -> None:
-        _need("Switch", "gen", self.gen, int)
-        _need("Switch", "slot", self.slot, str)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Abort:
     """Stop the job in flight (its later events are stale already: the generation moved)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class ResumeStage:
     """Run the stage again (download, verify, install); the TUF cache makes it cheap.
     (on_restart's answer; `start` turns it into a StartDownload.)"""
 
     state: UpdateState
 
-    def __post_init__(self) -> None:
-        _need("ResumeStage", "state", self.state, UpdateState)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Discard:
     """Worker: remove download leftovers ("downloads"), or also what the inactive slot holds
     ("inactive": a cancelled or superseded stage). Failures are logged only."""
 
     what: str
 
-    def __post_init__(self) -> None:
+    def _validate(self) -> None:
         if self.what not in ("downloads", "inactive"):
             raise ValueError(f"Discard.what: {self.what!r} is not downloads or inactive")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Confirm:
     """The new slot is running: the health check starts (`poll` decides)."""
 
     state: UpdateState
 
-    def __post_init__(self) -> None:
-        _need("Confirm", "state", self.state, UpdateState)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class MarkGood:
     """Tell the slot backend the pending activation is good."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class RollBackSlot:
     """Tell the slot backend to go back to the previous slot; `restart`: then run the
     previous slot's code (only once the roll-back went through)."""
@@ -707,22 +682,15 @@ class RollBackSlot:
     keep_going: bool = False
     restart: bool = False
 
-    def __post_init__(self) -> None:
-        _need("RollBackSlot", "keep_going", self.keep_going, bool)
-        _need("RollBackSlot", "restart", self.restart, bool)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class UndoSwitch:
     """Drop a trial switch to `slot` if one is pending (errors are logged only)."""
 
     slot: str | None
 
-    def __post_init__(self) -> None:
-        _need("UndoSwitch", "slot", self.slot, str, optional=True)
 
-
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class RequestRestart:
     """Ask the runtime to exit for a restart (RESTART_EXIT_CODE)."""
 
@@ -733,13 +701,13 @@ Action = (Save | Report | StartDownload | Install | Verify | Switch | Abort | Di
 
 # -- the live machine -----------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Policy:
     """The [updates] settings the decisions use (the core's own parameter type)."""
 
     hardware_id: str
     installed_version: str
-    allowed_repositories: tuple[str, ...]
+    allowed_repositories: tuple
     preconditions: tuple = ()  # parsed core.conditions.Condition
     stale_ms: int = 2000
     health_timeout_s: float = 60.0
@@ -747,7 +715,7 @@ class Policy:
     max_resume_age_ms: int = 6 * 3600 * 1000
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@typed
 class Machine:
     """The record plus what only lives while the process runs."""
 
@@ -757,11 +725,6 @@ class Machine:
     progress_step: int = -1  # the last 10 % step reported
     confirm_deadline_ms: int | None = None  # confirming: roll back when unhealthy by then
     marked_good: bool = False  # mark_good went through, COMMITTED not saved yet
-
-    def __post_init__(self) -> None:
-        _need("Machine", "record", self.record, UpdateState)
-        _need("Machine", "policy", self.policy, Policy)
-        _need("Machine", "gen", self.gen, int)
 
     def running(self, command_id: str) -> bool:
         """Is this command's update still in progress here (not in a final state)?"""
