@@ -56,9 +56,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from urllib.parse import urlsplit as _urlsplit
+
 from agent.errors import IllegalTransition, TargetRefused, UpdateError  # noqa: F401 - re-raised here
+from agent.errors import ParamError as _ParamError
 
 from .conditions import check_all
+from .registry import Family as _Family
+from .registry import show as _show
 from .protocol import (
     ACCEPTED,
     BAD_PARAMS,
@@ -958,3 +963,53 @@ def start(found: UpdateState, slots: Mapping, now_ms: int, policy: Policy) -> St
         else:
             out.append(a)
     return m, out
+
+# -- the "update" command family (core/registry.py): names and parameter checks -------------
+# Where the protocol is silent: `target` is 1-255 printable characters; `repository` is an
+# http(s) URL with a host and no query or fragment (`{repository}/metadata/` must stay under it).
+
+_UPDATE_PARAMS = {"update.stage": ("repository", "target"), "update.activate": ("target",),
+                  "update.cancel": ()}
+_MAX_TARGET = 255
+_MAX_URL = 2048
+
+
+def check_update_params(name: str, params: Mapping) -> None:
+    """Parameters of update.stage / update.activate / update.cancel; raises ParamError."""
+    want = _UPDATE_PARAMS[name]
+    extra = sorted(set(params) - set(want))
+    if extra:
+        raise _ParamError(f"{name} takes no parameter {_show(extra[0])}")
+    missing = [k for k in want if k not in params]
+    if missing:
+        raise _ParamError(f"{name} needs parameter {missing[0]!r}")
+    if "target" in want:
+        target = params["target"]
+        if (type(target) is not str or not 0 < len(target) <= _MAX_TARGET
+                or not target.isprintable()):
+            raise _ParamError(f"target: must be 1-{_MAX_TARGET} printable characters")
+    if "repository" in want and not _is_http_url(params["repository"]):
+        raise _ParamError("repository: must be an http:// or https:// URL with a host "
+                          "and no query or fragment")
+
+
+def _is_http_url(value: Any) -> bool:
+    if type(value) is not str or len(value) > _MAX_URL or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = _urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    # No query or fragment: `{repository}/metadata/` must still be a path under it. No dot
+    # segments or encoded dots and slashes either: ".../fleet/../evil" would leave the prefix
+    # that updates.allowed_repositories checked.
+    segments = parts.path.split("/")
+    return (parts.scheme in ("http", "https") and bool(parts.hostname)
+            and not parts.query and not parts.fragment
+            and "." not in segments and ".." not in segments
+            and not any(e in parts.path.lower() for e in ("%2e", "%2f", "%5c", "\\")))
+
+
+FAMILY = _Family("update", COMMANDS, check_update_params)
+assert set(_UPDATE_PARAMS) == COMMANDS
