@@ -724,3 +724,10 @@ def test_typed_values_validate_themselves():
         u.Report("c1", SUCCEEDED)  # keyword-only
     with pytest.raises(AttributeError):
         u.Report(command_id="c1", status=SUCCEEDED).status = FAILED  # frozen
+
+
+def test_running_means_not_in_a_final_state():
+    for state in sorted(u.STATES):
+        m = machine(rec(state))
+        assert m.running("c1") == (state not in u.FINAL_STATES)
+        assert not m.running("other")
