@@ -214,7 +214,8 @@ def test_restart_resumes_a_recent_download_and_fails_an_old_one():
 
 def test_restart_staged_rereports_success():
     assert u.on_restart(rec(u.STAGED), NO_PENDING, T0) == [u.Report(
-        command_id="c1", status=SUCCEEDED, result={"target": "fw", "version": "1.5", "sha256": "ab"})]
+        command_id="c1", status=SUCCEEDED,
+        result={"target": "fw", "version": "1.5", "sha256": "ab"})]
 
 
 def test_restart_activating_before_and_after_the_switch():
@@ -638,7 +639,8 @@ def test_a_failed_save():
 
 
 def confirming():
-    return machine(replace(rec(u.CONFIRMING), command_id="a1"), gen=1, confirm_deadline_ms=T0 + 5000)
+    return machine(replace(rec(u.CONFIRMING), command_id="a1"), gen=1,
+                   confirm_deadline_ms=T0 + 5000)
 
 
 def test_poll_confirms_when_healthy():

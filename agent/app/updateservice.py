@@ -277,7 +277,8 @@ class UpdateService:
         from ..adapters.tuf import FetchConfig, fetch_target
 
         def progress(pct: int) -> None:
-            self.post(UpdateEvent(gen=a.gen, event=U.DownloadProgress(pct=int(pct))))
+            pct = max(0, min(100, int(pct)))
+            self.post(UpdateEvent(gen=a.gen, event=U.DownloadProgress(pct=pct)))
 
         fetched = fetch_target(
             a.state.repository, a.state.target, self.cfg.trusted_root, self.tuf_cache,
