@@ -347,7 +347,7 @@ def test_falls_back_to_mqtt311_and_remembers(ob, refusal) -> None:
     t = d.now
     c = d.connect()
     assert c == u.Connect("3.1.1") and d.now == t, "retried at once with 3.1.1"
-    assert u.Log("info", "MQTT " + u.works_with_311(WHERE)) in d.of(u.Log)
+    assert u.Log("info", u.works_with_311(WHERE)) in d.of(u.Log)
     assert u.works_with_311(WHERE) == \
         f"broker {WHERE} works with MQTT 3.1.1; using it from now on"
     st = d.m.status()

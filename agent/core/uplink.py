@@ -419,7 +419,7 @@ class UplinkMachine:
         if self.state != "connecting" or self._conn is None:
             return
         if self.choice.connected():
-            out.append(Log("info", "MQTT " + works_with_311(self.p.where)))
+            out.append(Log("info", works_with_311(self.p.where)))
         self._delay = self.p.reconnect_min_s
         # The broker's Receive Maximum (MQTT 5) caps our window: exceeding it is a protocol error.
         self.window = min(self.p.max_inflight, ev.receive_maximum or 65535)
