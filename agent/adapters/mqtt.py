@@ -1,17 +1,12 @@
 """The uplink: drains the outbox to the MQTT broker (PROTOCOL.md §1, §5). The only paho user.
 
-Every decision (order, window, fallback, backoff, the will at stop) is in
-``agent/core/uplink.py``; this module feeds it paho's events and carries out its actions.
-
-* Threads: one worker thread (``tcu-uplink``) runs the machine, every outbox call and every
-  ``publish``; paho's network thread (``loop_start``, one per connection) only reads and writes
-  the socket. Paho callbacks only append an event to a deque and set an Event, so they never
-  block or deadlock against the worker (paho calls ``on_publish`` holding its message lock).
-* Wake-up: ``wake()``, paho events and ``stop()`` set one Event; the worker clears it *before*
-  looking for work, so no wake-up is lost and none waits for polling.
-* Oversized packets: paho reads a whole packet into memory. A packet announced larger than the
-  limit ends the connection before its payload is read (MQTT 5 brokers do not send one: the
-  CONNECT announces Maximum Packet Size); counted as ``oversized_refused``.
+Every decision is in ``agent/core/uplink.py`` (read its docstring); this glue feeds the machine
+paho's events and carries out its actions. One worker thread (``tcu-uplink``) runs the machine,
+every outbox call and every ``publish``; paho's network thread only reads and writes the socket,
+and its callbacks only queue an event and set the wake-up Event (paho calls ``on_publish``
+holding its own lock). The worker clears that Event *before* looking for work: no wake-up is
+lost. paho reads a whole packet into memory: one announced over the limit ends the connection
+before its body is read (on MQTT 5 the CONNECT's Maximum Packet Size stops the broker first).
 """
 
 from __future__ import annotations
@@ -19,14 +14,12 @@ from __future__ import annotations
 import collections
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
@@ -34,10 +27,10 @@ from agent.config import MqttConfig
 from agent.core import uplink as core
 from agent.errors import UplinkError
 
+from .mqttclient import describe, new_client, read_password, tls_context
 from .outbox import Outbox
 
 log = logging.getLogger("agent.mqtt")
-_UNSUPPORTED_VERSION = 0x84  # CONNACK reason (paho maps the 3.1.1 return code 1 to it too)
 
 
 class Uplink:
@@ -47,15 +40,12 @@ class Uplink:
                  will: Callable[[], tuple[str, bytes]],
                  on_connected: Callable[[], None] | None = None,
                  max_packet_size: int | None = None):
-        """Check the settings (TLS files, password file); raise UplinkError if unusable.
-
-        ``max_packet_size``: the largest packet accepted from the broker (announced on
-        MQTT 5). Nothing connects before :meth:`start`.
-        """
+        """Check the TLS and password files (UplinkError). ``max_packet_size``: the largest
+        packet taken from the broker. Nothing connects before :meth:`start`."""
         self._cfg, self._outbox, self._client_id = cfg, outbox, client_id
         self._will, self._on_connected = will, on_connected
-        self._tls_context()  # fail early on unreadable certificates or keys
-        self._password()
+        tls_context(cfg.tls)  # fail early on unreadable certificates, keys or password
+        read_password(cfg.password_file)
         self._m = core.UplinkMachine(core.UplinkParams(
             f"{cfg.host}:{cfg.port}", cfg.protocol, cfg.reconnect_min_s, cfg.reconnect_max_s,
             cfg.max_inflight, cfg.tls.ca is not None, max_packet_size))
@@ -84,22 +74,16 @@ class Uplink:
 
     def subscribe(self, topic: str, on_message: Callable[[str, bytes], None]) -> None:
         """Receive messages on ``topic`` (a filter; QoS 1) on this and every later connection.
-
-        ``on_message(topic, payload)`` runs on paho's network thread: it must be quick and must
-        not block. Its exceptions are logged, not raised. Retained messages are not delivered.
-        """
+        ``on_message(topic, payload)`` runs on paho's thread: quick, never blocking; its
+        exceptions are logged. Retained messages are not delivered."""
         with self._lock:
             self._subs[topic] = on_message
             self._m.send(core.SubscriptionAdded(topic))
         self._kick.set()
 
     def stop(self, drain_timeout_s: float = 3.0, *, will: bool = False) -> int:
-        """Publish what can be acknowledged within the timeout, disconnect, stop the thread.
-
-        ``will``: leave with the will even if no status row is left (the caller could not
-        queue its offline record). Returns the number of rows left in the outbox. Never blocks
-        much longer than the timeout, even when the broker is unreachable.
-        """
+        """Publish what is acked within the timeout, disconnect, stop; return the rows left.
+        ``will``: leave with the will (the caller could not queue its offline record)."""
         start = time.monotonic()
         with self._lock:
             thread = self._thread
@@ -119,13 +103,9 @@ class Uplink:
             return -1
 
     def status(self) -> dict:
-        """A snapshot for status displays: see ``UplinkMachine.status`` (state, broker, tls,
-        protocol, connects, disconnects, errors, last_error, published, acked, inflight,
-        last_connect_ms, reconnect_delay_s, subscribed, retained_ignored, oversized_refused)."""
+        """A snapshot for status displays (see ``UplinkMachine.status``)."""
         with self._lock:
             return self._m.status()
-
-    # ---- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -158,54 +138,29 @@ class Uplink:
                 ev = getattr(self, "_do_" + type(action).__name__)(action)
             except Exception as e:  # noqa: BLE001 - e.g. StorageError: reconnect, retry later
                 log.debug("uplink action %r failed", action, exc_info=True)
-                ev = core.OutboxFailed(_describe(e))
+                ev = core.OutboxFailed(describe(e))
             if ev is not None:
                 with self._lock:
                     todo.extend(self._m.send(ev, time.monotonic()))
 
     def _do_Connect(self, a: core.Connect):
+        self._client = self._paho_error = None
         try:
-            return self._connect(a)
-        except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake (ssl.SSLError)
-            return core.ConnectFailed(_describe(e))
+            will = self._will()  # freshly signed for every attempt
         except Exception as e:  # noqa: BLE001
             return core.ConnectFailed(repr(e), unexpected=True)
-
-    def _connect(self, a: core.Connect) -> None:
-        cfg, v5 = self._cfg, a.protocol == "5"
-        self._client = self._paho_error = None
-        topic, payload = self._will()  # freshly signed for every attempt
-        client = _Client(self, mqtt.CallbackAPIVersion.VERSION2, client_id=self._client_id,
-                         protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-                         clean_session=None if v5 else True, reconnect_on_failure=False)
-        client.suppress_exceptions = True  # a bug in a callback must not kill paho's thread
-        client.connect_timeout = core.CONNECT_TIMEOUT_S
-        client.max_inflight_messages_set(0)  # unlimited: the machine keeps the window
-        client.will_set(topic, payload, qos=1, retain=True)
-        if cfg.tls.ca is not None:
-            client.tls_set_context(self._tls_context())
-        password = self._password()
-        if cfg.username or password is not None:
-            client.username_pw_set(cfg.username, password)
-        q = self._queue
-        client.on_connect = lambda c, u, f, rc, p: q(c, core.Refused(
-            str(rc), rc.value == _UNSUPPORTED_VERSION) if rc.is_failure else core.Connected(
-            time.time_ns() // 1_000_000, getattr(p, "ReceiveMaximum", None)))
-        client.on_disconnect = lambda c, u, f, rc, p: q(c, core.Closed(str(rc)))
-        client.on_publish = lambda c, u, mid, rc, p: q(c, core.Puback(mid, not rc.is_failure,
-                                                                      str(rc)))
-        client.on_subscribe = lambda c, u, mid, rcs, p: q(c, core.Suback(
-            mid, tuple(r.is_failure for r in rcs), tuple(str(r) for r in rcs)))
+        self._client = client = new_client(
+            self._cfg, self._client_id, a.protocol, will, a.maximum_packet_size, self._queue,
+            self._too_big, tls_context(self._cfg.tls), read_password(self._cfg.password_file))
         client.on_message = self._on_message
         client.on_log = self._on_paho_log
-        client.on_socket_open = _no_delay
-        props = None
-        if v5 and a.maximum_packet_size:
-            props = Properties(PacketTypes.CONNECT)
-            props.MaximumPacketSize = a.maximum_packet_size
-        self._client = client
-        client.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, properties=props,
-                       clean_start=True if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+        try:
+            client.connect(self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive,
+                           properties=client.connect_properties,
+                           clean_start=True if a.protocol == "5" else
+                           mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+        except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake (ssl.SSLError)
+            return core.ConnectFailed(describe(e))
         client.loop_start()
 
     def _do_Publish(self, a: core.Publish):
@@ -221,7 +176,7 @@ class Uplink:
         return core.Rows(self._outbox.peek(a.limit, a.after_id, a.urgent))
 
     def _do_Ack(self, a: core.Ack) -> None:
-        self._outbox.ack_many(a.row_ids)
+        self._outbox.ack_many(a.row_ids)  # an error ends the connection (OutboxFailed)
 
     def _do_Inspect(self, a: core.Inspect):
         try:
@@ -238,8 +193,6 @@ class Uplink:
 
     def _do_Close(self, a: core.Close) -> None:
         client, self._client = self._client, None
-        if client is None:
-            return
         try:
             if a.with_will and a.protocol == "5":
                 client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
@@ -250,20 +203,17 @@ class Uplink:
             else:
                 client.disconnect()  # a no-op if the connection is already gone
             client.loop_stop()  # its thread ends once the socket is closed
-        except Exception as e:  # noqa: BLE001 - best effort: the connection is over anyway
+        except Exception as e:  # noqa: BLE001 - best effort (or None: nothing to close)
             log.debug("closing the MQTT client: %r", e)
 
     def _do_NotifyConnected(self, a) -> None:
-        if self._on_connected is not None:
-            try:
-                self._on_connected()  # on this thread, not paho's: it may append and wake()
-            except Exception:
-                log.exception("on_connected callback failed")
+        try:  # on this thread, not paho's: it may append and wake()
+            self._on_connected and self._on_connected()
+        except Exception:
+            log.exception("on_connected callback failed")
 
     def _do_Log(self, a: core.Log) -> None:
         log.log(logging.getLevelName(a.level.upper()), "%s", a.message)
-
-    # ---- paho's thread ------------------------------------------------------------------
 
     def _queue(self, client: mqtt.Client, ev) -> None:
         self._events.append((client, ev))
@@ -290,55 +240,3 @@ class Uplink:
         with self._lock:
             return self._m.oversized(size)
 
-    def _tls_context(self) -> ssl.SSLContext | None:
-        tls = self._cfg.tls
-        if tls.ca is None:
-            return None
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if tls.cert is not None:
-                ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-        except (OSError, ssl.SSLError, ValueError) as e:
-            raise UplinkError(f"mqtt.tls: cannot load the CA/certificate/key: {_describe(e)}") \
-                from None
-        return ctx
-
-    def _password(self) -> str | None:
-        path = self._cfg.password_file
-        if path is None:
-            return None
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UplinkError(f"mqtt.password_file: cannot read {path}: {e}") from None
-        return lines[0] if lines else ""
-
-
-class _Client(mqtt.Client):
-    """paho's client, refusing a packet announced over the limit before reading its body.
-    paho has no public hook between a packet's length and its body, so this one reads
-    paho's own parse state (paho-mqtt 2.x) at the first read of the body."""
-
-    def __init__(self, owner: Uplink, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self._owner = owner
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        packet = self._in_packet
-        if packet["have_remaining"] and packet["to_process"] == packet["remaining_length"] \
-                and self._owner._too_big(packet["remaining_length"]):
-            raise OSError(f"a {packet['remaining_length']}-byte packet is over the limit")
-        return super()._sock_recv(bufsize)
-
-
-def _no_delay(client, userdata, sock) -> None:
-    """Disable Nagle: a PUBLISH held back by delayed ACKs (up to 40 ms) would ruin latency."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass  # not a TCP socket (e.g. a proxy or unix socket): nothing to tune
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
