@@ -504,7 +504,7 @@ def test_stop_with_a_backlog_but_the_offline_record_delivered_sends_no_will(ob,
                                                                          protocol) -> None:
     d = Driver(ob, params(protocol=protocol))
     d.connect(receive_maximum=20)
-    add(ob, 3000)
+    add(ob, 600)
     ob.append("status", STATUS, b"offline (clean shutdown)", 0)
     stop(d, 1.0)
     run_until_stopped(d, step=0.1)  # slow acks: the backlog cannot drain in time
