@@ -299,6 +299,13 @@ class UplinkMachine:
     # ---- queries ---------------------------------------------------------------------------
 
     def status(self) -> dict:
+        """state ("connecting", "connected", "disconnected" while backing off, "stopped"),
+        broker "host:port", tls, protocol (in use or being tried: "5"/"3.1.1"), connects,
+        disconnects (of established connections), errors (failed attempts, lost connections,
+        refusals), last_error, published (PUBLISH packets sent, re-sends included), acked (rows
+        deleted on PUBACK), inflight, last_connect_ms (Unix ms of the last successful connect),
+        reconnect_delay_s (the current backoff wait; 0 while connected), subscribed (the broker
+        granted every filter on this connection), retained_ignored, oversized_refused."""
         inflight = len(self._conn.sent) if self._conn and self.state == "connected" else 0
         return {"state": self.state, "broker": self.p.where, "tls": self.p.tls,
                 "protocol": self.protocol, **self.counts, "last_error": self.last_error,
