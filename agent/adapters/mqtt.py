@@ -202,7 +202,10 @@ class Uplink:
                     sock.shutdown(socket.SHUT_RDWR)
             else:
                 client.disconnect()  # a no-op if the connection is already gone
-            client.loop_stop()  # its thread ends once the socket is closed
+                end = time.monotonic() + 0.2  # paho closes the socket once DISCONNECT is out;
+                while client.socket() is not None and time.monotonic() < end:  # not before
+                    time.sleep(0.002)  # loop_stop, or the broker would publish the will
+            client.loop_stop()
         except Exception as e:  # noqa: BLE001 - best effort (or None: nothing to close)
             log.debug("closing the MQTT client: %r", e)
 
