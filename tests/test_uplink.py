@@ -978,7 +978,7 @@ def test_a_200_mb_command_is_refused_and_rss_stays_bounded(make_broker, tmp_path
     def status() -> dict:
         child.stdin.write("\n")
         child.stdin.flush()
-        while not (line := lines.get(timeout=10)).startswith("{"):
+        while not (line := lines.get(timeout=30)).startswith("{"):  # a loaded machine
             got.append(line)
         return json.loads(line)
 
