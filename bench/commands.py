@@ -129,7 +129,7 @@ def main(argv=None) -> int:
         cloud.loop_start()
         subscribed.wait(5)
         deadline = time.monotonic() + 10
-        while agent.app.publisher.uplink.status()["state"] != "connected" or \
+        while agent.publisher.uplink.status()["state"] != "connected" or \
                 not agent.core.lookup("OBC_Status.ChargeLimit"):
             if time.monotonic() > deadline:
                 raise SystemExit("agent not ready")

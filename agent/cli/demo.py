@@ -122,7 +122,7 @@ class Demo:
             agent = Agent(config)
             agent.start()
             self.say(f"agent: vin {vin}, simulated EV on virtual CAN, signing key "
-                     f"{agent.app.publisher.signer.kid.hex()}")
+                     f"{agent.publisher.signer.kid.hex()}")
             ok = self._script(agent, cloud, vin)
         finally:
             if cloud:
@@ -223,7 +223,7 @@ class Demo:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not self.seqs:
             time.sleep(0.05)
-        up = agent.app.publisher.uplink.status()
+        up = agent.publisher.uplink.status()
         self.say(f"agent: uplink {up['state']} to {up['broker']} with MQTT {up['protocol']}")
         self.results = {}
         start = self._send(cloud, vin, "charge.start")
