@@ -122,6 +122,20 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The local control socket (agent/adapters/control.py): `status` and `monitor` read the
+    running agent through it. Under systemd's RuntimeDirectory=tcu-agent by default."""
+    socket: Path = Path("/run/tcu-agent/control.sock")
+    enabled: bool = True
+    group: str = "tcu-agent"  # may connect besides root and the agent's own user
+
+    def validate(self, where: str) -> None:
+        if len(os.fsencode(self.socket)) > 107:  # sun_path
+            raise ConfigError(f"{where}.socket: {self.socket}: longer than a Unix socket path "
+                              "may be (107 bytes)")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     ca: Path | None = None  # CA bundle that signed the broker's certificate; enables TLS
     cert: Path | None = None  # client certificate (mutual TLS)
@@ -373,6 +387,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    control: ControlConfig = ControlConfig()
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
