@@ -101,7 +101,7 @@ class _Direct:
         self.agent.start()
         sim = config.simulator is not None and config.simulator.enabled
         self.label = ("DIRECT: this monitor opened the buses itself, not the running agent's "
-                      "view" + ("; its own simulated EV runs on them" if sim else ""))
+                      "view" + ("\n(and started its own simulated EV on them)" if sim else ""))
 
     def read(self):
         now_ms = int(time.time() * 1000)
@@ -149,17 +149,17 @@ def render(header: str, buses: list, signals: dict, width: int = 120,
     lines.append("")
     shown = {n: s for n, s in signals.items() if show_all or not s.get("hidden")}
     unit_w = max((len(s.get("unit") or "") for s in shown.values()), default=0)
+    values = {n: protocol_value(s.get("value")) for n, s in shown.items()}
+    value_w = max(5, min(VALUE_W, max((len(v) for v in values.values()), default=0)))
     longest = max((len(n) for n in shown), default=6)
-    name_w = max(8, min(longest, width - VALUE_W - unit_w - AGE_W - 4))
+    name_w = max(8, min(longest, width - value_w - unit_w - AGE_W - 4))
     names = elide_all(sorted(shown), name_w)
-    lines.append(f"{'signal':<{name_w}}  {'value':>{VALUE_W}} {'':<{unit_w}} {'age':>{AGE_W - 1}}")
+    lines.append(f"{'signal':<{name_w}}  {'value':>{value_w}} {'':<{unit_w}} {'age':>{AGE_W - 1}}")
     for name in sorted(shown):
         s = shown[name]
-        value = protocol_value(s.get("value"))
-        if len(value) > VALUE_W:
-            value = elide(value, VALUE_W)
+        value = elide(values[name], value_w)
         age = f"{s['age_s']:.1f}s" if s.get("age_s") is not None else "-"
-        lines.append(f"{names[name]:<{name_w}}  {value:>{VALUE_W}} "
+        lines.append(f"{names[name]:<{name_w}}  {value:>{value_w}} "
                      f"{s.get('unit') or '':<{unit_w}} {age:>{AGE_W - 1}}".rstrip())
     hidden = len(signals) - len(shown)
     if hidden:
