@@ -113,7 +113,7 @@ class ControlServer:
                 return
             if not self._clients.acquire(blocking=False):
                 _send(conn, {"v": VERSION, "error": f"busy: {MAX_CLIENTS} clients connected"})
-                conn.close()
+                conn.close()  # not lingering here: the accept thread must not wait
                 continue
             threading.Thread(target=self._serve, args=(conn,), name="control-client",
                              daemon=True).start()
@@ -124,6 +124,7 @@ class ControlServer:
             why = self._refused(conn)
             if why:
                 _send(conn, {"v": VERSION, "error": why})
+                _linger(conn)
                 return
             reader = conn.makefile("rb")
             while not self._stop.is_set():
@@ -189,6 +190,18 @@ def _send(conn: socket.socket, obj: dict) -> bool:
         return True
     except OSError:
         return False
+
+
+def _linger(conn: socket.socket) -> None:
+    """Close after the last line was read: closing with the client's request unread would
+    reset the connection and lose that line."""
+    try:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        while conn.recv(4096):
+            pass
+    except OSError:
+        pass
 
 
 def _gid(group: str) -> int | None:
