@@ -91,6 +91,8 @@ class ControlServer:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._sock:
+            _answers(self.path)  # a connection wakes accept() now, not at its next timeout
         if self._thread:
             self._thread.join(2)
         if self._sock:
@@ -110,6 +112,9 @@ class ControlServer:
             except socket.timeout:
                 continue
             except OSError:
+                return
+            if self._stop.is_set():
+                conn.close()
                 return
             if not self._clients.acquire(blocking=False):
                 _send(conn, {"v": VERSION, "error": f"busy: {MAX_CLIENTS} clients connected"})
