@@ -22,6 +22,7 @@ import pytest
 from agent.app.runtime import Agent
 from agent.config import load_config
 from conftest import ROOT
+from test_commands_e2e import rig as cmd_rig  # noqa: F401  (a fixture)
 
 SOC = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
 
@@ -276,3 +277,22 @@ def test_a_stale_socket_is_replaced_and_a_live_one_left_alone(config_file, test_
     finally:
         first.close()
     assert not sock.exists()
+
+
+@pytest.mark.mqtt
+def test_commands_topic_lists_recent_commands_and_statuses(cmd_rig):
+    r = cmd_rig  # broker, agent with commands, cloud (tests/test_commands_e2e.py)
+    assert r.agent.control is not None, "the agent could not open its control socket"
+    cid, _ = r.cloud.command("charge.turbo")  # not configured: REJECTED
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(r.agent.config.control.socket))
+            s.sendall(b'{"v":1,"topic":"commands"}\n')
+            data = json.loads(s.makefile().readline())["data"]
+        recent = [c for c in data["recent"] if c["id"] == cid]
+        if recent and recent[0].get("status") == "REJECTED":
+            break
+        assert time.monotonic() < deadline, data
+        time.sleep(0.1)
+    assert recent[0]["reason"] == "UNKNOWN_COMMAND" and recent[0]["received_ms"] > 0

@@ -43,6 +43,9 @@ def run(args) -> int:
     if not args.interval > 0:
         raise ConfigError(f"--interval {args.interval}: must be a positive number of seconds")
     config = load_config(args.config, args.set)
+    from ..adapters.canbus import check_interface
+    for i, bus in enumerate(config.bus):  # a config no agent could run is the first error
+        check_interface(bus, f"{config.path}: bus.{i}")
     source = _Direct(config) if args.direct else _Socket(config)
     tty = sys.stdout.isatty()
     try:
