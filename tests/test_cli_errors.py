@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import ROOT
@@ -154,3 +156,17 @@ def test_dbc_of_a_file_that_is_no_database(tmp_path, name, content, message):
     assert_one_line_error(proc)
     assert proc.stderr == f"tcu-agent: error: {path}: {message}\n"
     assert "expected database format" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("dbc", "nosuch.dbc", "--json"),
+    ("replay", "nosuch.log", "--dbc", "x.dbc", "--json"),
+    ("status", "-c", "nosuch.toml", "--json"),
+    ("update", "status", "-c", "nosuch.toml", "--json"),
+])
+def test_json_errors_are_json(args):
+    proc = cli(*args)
+    assert proc.returncode == 2, proc
+    body = json.loads(proc.stdout)
+    assert list(body) == ["error"] and "nosuch" in body["error"]
+    assert proc.stderr == f"tcu-agent: error: {body['error']}\n"

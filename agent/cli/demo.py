@@ -115,6 +115,7 @@ class Demo:
             f"modem.port={modem.path!r}", "modem.poll_interval_s=5",
             f"gnss.port={gnss.path!r}",
             f"storage.dir={str(self.dir / 'state')!r}",
+            f"control.socket={str(self.dir / 'control.sock')!r}",  # no /run/tcu-agent needed
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
