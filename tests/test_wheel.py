@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp / "dist"),
-                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    # sdist, then the wheel from it (as CI does): no build/ folder in the checkout whose
+    # leftovers could slip into the wheel
+    subprocess.run([sys.executable, "-m", "build", "--outdir", str(tmp / "dist"), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
     wheel = next((tmp / "dist").glob("tcu_agent-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "agent/data/configs/demo.toml" in names and "agent/data/dbc/demo_ev.dbc" in names
