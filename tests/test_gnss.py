@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from agent.adapters.gnss import GnssService
+from agent.adapters.gnss import GnssReader
 from agent.config import GnssConfig
 from agent.sim.gnss import SimulatedGnss
 
@@ -51,7 +51,7 @@ def rig(tmp_path):
         gnss = SimulatedGnss(ROUTE, link=tmp_path / "ttyGNSS", rate_hz=kw.pop("rate_hz", 10),
                              **kw).start()
         sink = Sink()
-        svc = GnssService(GnssConfig(port=gnss.path), sink, backoff_s=0.05, silent_s=silent_s)
+        svc = GnssReader(GnssConfig(port=gnss.path), sink, backoff_s=0.05, silent_s=silent_s)
         made.append((gnss, svc))
         svc.start()
         return gnss, svc, sink

@@ -16,7 +16,7 @@ import time
 import pytest
 from conftest import ROOT
 
-from agent.adapters.modem import ModemService
+from agent.adapters.modem import ModemPoller
 from agent.config import ModemConfig
 from agent.errors import BusError
 from agent.sim.modem import PARTIAL, SimulatedModem
@@ -72,7 +72,7 @@ def service():
     made = []
 
     def make(port, sink=None, timeout=0.3, poll=0.4, **kw):
-        svc = ModemService(ModemConfig(port=str(port), command_timeout_s=timeout,
+        svc = ModemPoller(ModemConfig(port=str(port), command_timeout_s=timeout,
                                        poll_interval_s=poll), sink or Sink(), backoff_s=0.05, **kw)
         made.append(svc)
         return svc
@@ -453,18 +453,72 @@ def test_agent_takes_modem_and_gnss_values(modem, tmp_path, test_dbc):
         gnss.stop()
 
 
-def test_signal_strength_has_hysteresis(modem, service):
+def test_adapter_reports_every_signal_reading(modem, service):
+    """The hysteresis is the core's (below): the adapter passes one-step flicker on."""
     m = modem(rssi=20)  # -73 dBm
     sink = Sink()
     svc = service(m.path, sink, poll=0.4)
     svc.start()
     wait_until(lambda: sink.last(P + "SignalStrength") == -73, what="first signal")
-    polls = m.received.count("AT+CSQ")
-    m.rssi = 21  # -71 dBm: one 2 dB step, within the 3 dB hysteresis
-    wait_until(lambda: m.received.count("AT+CSQ") >= polls + 3, timeout=5, what="three polls")
-    assert sink.all(P + "SignalStrength") == [-73]
-    m.rssi = 23  # -67 dBm: 6 dB away from the last reported value
-    wait_until(lambda: sink.last(P + "SignalStrength") == -67, what="the bigger change")
-    m.rssi = 99  # unknown: always reported
-    wait_until(lambda: sink.last(P + "SignalStrength") is None
-               and len(sink.all(P + "SignalStrength")) == 3, what="unknown signal")
+    m.rssi = 21  # -71 dBm: one 2 dB step
+    wait_until(lambda: sink.last(P + "SignalStrength") == -71, what="the flicker")
+    assert svc.status()["values"][P + "SignalStrength"] == -71
+
+
+def signal_samples(core) -> list:
+    core.flush()
+    return [v for b in core.take_batches() for _, v in b.sig.get(P + "SignalStrength", [])]
+
+
+@pytest.mark.parametrize("hysteresis, readings, sent", [
+    (3.0, [-73, -71, -73, -71, -67, -69, None, -69], [-73, -67, None, -69]),
+    (4.0, [-73, -71, -69, -71], [-73, -69]),  # 4 dB or more: sent
+    (0.0, [-73, -71, -73], [-73, -71, -73]),  # 0: every change
+])
+def test_signal_hysteresis_is_the_cores_deadband(test_dbc, hysteresis, readings, sent):
+    from agent.adapters.modem import deadbands
+    from agent.app.assemble import plans_for_dbc
+    from agent.core.telemetry import TelemetryCore
+
+    cfg = ModemConfig(port="/dev/null", signal_hysteresis_db=hysteresis)
+    core = TelemetryCore(plans_for_dbc([test_dbc]), value_deadbands=deadbands(cfg))
+    for i, dbm in enumerate(readings):
+        core.feed_values(1_700_000_000.0 + i, {P + "SignalStrength": dbm})
+    assert signal_samples(core) == sent
+    assert core.lookup(P + "SignalStrength")[0] == readings[-1]  # the last reading is known
+
+
+def test_signal_strength_has_hysteresis(modem, tmp_path, test_dbc):
+    """Through the agent: one-step RSSI flicker makes no samples, a real change does."""
+    from agent.app.runtime import Agent
+    from agent.config import config_from_dict
+
+    m = modem(rssi=20)  # -73 dBm
+    cfg = config_from_dict({
+        "vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path)},
+        "bus": [{"name": "pt", "interface": "virtual", "channel": "hysteresis-test",
+                 "dbc": [str(test_dbc)]}],
+        "telemetry": {"max_batch_age_ms": 200},
+        "modem": {"port": m.path, "poll_interval_s": 1.0, "command_timeout_s": 0.5}},
+        base=tmp_path)  # signal_hysteresis_db: 3 dB by default
+    batches = []
+    agent = Agent(cfg, on_batch=batches.append)
+
+    def sent():
+        return [v for b in list(batches) for _, v in b.sig.get(P + "SignalStrength", [])]
+
+    agent.start()
+    try:
+        wait_until(lambda: sent() == [-73], what="first signal")
+        polls = m.received.count("AT+CSQ")
+        m.rssi = 21  # -71 dBm: one 2 dB step, within the 3 dB hysteresis
+        wait_until(lambda: m.received.count("AT+CSQ") >= polls + 3, timeout=8, what="three polls")
+        wait_until(lambda: agent.snapshot()[P + "SignalStrength"][1] == -71,
+                   what="the core took the reading")
+        m.rssi = 23  # -67 dBm: 6 dB away from the last value sent
+        wait_until(lambda: -67 in sent(), what="the bigger change")
+        assert sent() == [-73, -67]  # the flicker, read before the change, was never sampled
+        m.rssi = 99  # unknown: always sent
+        wait_until(lambda: sent() == [-73, -67, None], what="unknown signal")
+    finally:
+        agent.stop()

@@ -155,6 +155,61 @@ def test_lost_database_continues_above_reserve(tmp_path):
         assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 31
 
 
+def _remove_db(path):
+    for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
+        (path / name).unlink(missing_ok=True)
+
+
+def test_unreadable_reserve_and_lost_database_continue_from_the_mirror(tmp_path):
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(25):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    (tmp_path / "seq.reserve").write_text("{not json")
+    _remove_db(tmp_path)
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 31  # from seq.mirror
+        assert not ob.stats()["seq_from_clock"]
+
+
+def test_both_marks_and_database_gone_continue_from_the_clock(tmp_path, caplog):
+    """The double storage fault: no seq of an earlier run is ever reused."""
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(25):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    (tmp_path / "seq.reserve").write_text("{not json")
+    (tmp_path / "seq.mirror").unlink()
+    (tmp_path / "status.json").write_text("{}")  # the agent ran here
+    _remove_db(tmp_path)
+    before = time.time_ns() // 1_000_000
+    with caplog.at_level(logging.ERROR, logger="agent.outbox"):
+        with Outbox(tmp_path, reserve_block=10) as ob:
+            seq = ob.append_telemetry(Builder(), 1, 0, TOPIC)
+            assert seq >= before and ob.stats()["seq_from_clock"]
+    assert any("continues from the clock" in r.getMessage() for r in caplog.records)
+    with Outbox(tmp_path, reserve_block=10) as ob:  # and it is a mark again from then on
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == seq + 1
+
+
+def test_corrupt_database_without_marks_continues_from_the_clock(tmp_path):
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        for _ in range(5):
+            ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    (tmp_path / "seq.reserve").unlink()
+    (tmp_path / "seq.mirror").unlink()
+    for name in ("outbox.db-wal", "outbox.db-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    (tmp_path / "outbox.db").write_bytes(b"garbage" * 1000)
+    before = time.time_ns() // 1_000_000
+    with Outbox(tmp_path, reserve_block=10) as ob:
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) >= before
+
+
+def test_empty_directory_is_a_first_start(tmp_path):
+    with Outbox(tmp_path / "new") as ob:
+        assert ob.append_telemetry(Builder(), 1, 0, TOPIC) == 1
+        assert not ob.stats()["seq_from_clock"]
+
+
 def test_reserve_is_written_once_per_block(tmp_path):
     reserve = tmp_path / "seq.reserve"
     writes, last_inode = 0, None
@@ -367,7 +422,8 @@ def test_stats_values(tmp_path):
         assert s == {"messages": 0, "bytes": 0, "max_bytes": 5000, "oldest_ms": None,
                      "by_kind": {"telemetry": 0, "state": 0, "status": 0, "response": 0},
                      "next_seq": 1, "last_acked_seq": 0, "pending_drop": 0, "evicted_batches": 0,
-                     "dropped_samples": 0, "recovered_corruptions": 0}
+                     "dropped_samples": 0, "recovered_corruptions": 0,
+                     "seq_from_clock": False}
         ob.append_telemetry(Builder(size=100), 7, 2_000, TOPIC)
         ob.append_telemetry(Builder(size=150), 7, 3_000, TOPIC)
         ob.append("state", "s", b"s" * 10, 1_500)

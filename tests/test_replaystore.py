@@ -6,22 +6,23 @@ import logging
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.replaystore import PURGE_INTERVAL_MS, ReplayStore
-from agent.config import CommandsConfig
 from agent.core.commands import (
     Accepted,
     CommandGate,
+    GateLimits,
     Redelivery,
     Rejected,
     TrustedKey,
     TrustStore,
 )
 from agent.core.cose import Signer
+from agent.core.executor import actions_family
+from agent.core.registry import Registry
 from agent.errors import StorageError
 
 NOW = 1_700_000_000_000
@@ -72,21 +73,34 @@ def test_record_is_committed_durably_when_it_returns(tmp_path):
         assert store._conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
 
 
+class FakeMonotonic:
+    def __init__(self):
+        self.s = 1000.0
+
+    def __call__(self) -> float:
+        return self.s
+
+
 def test_purge_forgets_expired_ids(tmp_path):
-    with ReplayStore(tmp_path) as store:
+    mono = FakeMonotonic()
+    with ReplayStore(tmp_path, monotonic=mono) as store:
         store.record("old", D1, NOW - 1, NOW - 10_000)
         store.record("edge", D1, NOW, NOW - 10_000)
         store.record("live", D2, NOW + 1, NOW - 10_000)
+        mono.s += 10.0  # the agent ran for the 10 s between recording and NOW
         assert store.purge(NOW) == 2
         assert store.seen("old") is None and store.seen("edge") is None
         assert store.seen("live") == D2 and store.count() == 1
 
 
 def test_record_purges_at_most_once_per_interval(tmp_path):
-    with ReplayStore(tmp_path) as store:
+    mono = FakeMonotonic()
+    with ReplayStore(tmp_path, monotonic=mono) as store:
         store.record("a", D1, NOW + 1000, NOW)  # first record purges (nothing yet)
+        mono.s += 2.0
         store.record("b", D1, NOW + 60_000_000, NOW + 2000)  # a is expired, but too soon to purge
         assert store.seen("a") == D1
+        mono.s += PURGE_INTERVAL_MS / 1000
         store.record("c", D1, NOW + 60_000_000, NOW + PURGE_INTERVAL_MS)
         assert store.seen("a") is None and store.count() == 2
 
@@ -160,8 +174,9 @@ def test_unusable_directory_is_a_storage_error(tmp_path):
 
 def test_gate_and_store_across_restart_and_corruption(tmp_path):
     key = Ed25519PrivateKey.generate()
-    limits = CommandsConfig(trust_store=Path("unused"))
-    gate = CommandGate(TrustStore([TrustedKey("ops", key.public_key(), ("*",))]), "VIN1", limits)
+    limits, registry = GateLimits(), Registry([actions_family()])
+    gate = CommandGate(TrustStore([TrustedKey("ops", key.public_key(), ("*",))]), "VIN1", limits,
+                       registry)
     message = Signer(key).sign({"v": 1, "id": "c-1", "vin": "VIN1", "name": "doors.lock",
                                 "params": {}, "iat": NOW, "exp": NOW + 60_000})
 
@@ -173,14 +188,112 @@ def test_gate_and_store_across_restart_and_corruption(tmp_path):
         assert gate.check(message, NOW + 1000, store.seen) == Redelivery("c-1")
 
     (tmp_path / "replay.db").write_bytes(b"garbage" * 1000)
-    fresh_gate = CommandGate(gate.trust, "VIN1", limits)  # a restarted agent
+    fresh_gate = CommandGate(gate.trust, "VIN1", limits, registry)  # a restarted agent
     with ReplayStore(tmp_path, on_loss=fresh_gate.note_replay_loss) as store:
         assert store.seen("c-1") is None
         # The id is forgotten, but the command was issued before the loss: still refused.
         outcome = fresh_gate.check(message, NOW + 1000, store.seen)
         assert isinstance(outcome, Rejected) and outcome.reason == "REPLAYED"
-    restarted = CommandGate(gate.trust, "VIN1", limits)  # and again, from the persisted loss time
+    restarted = CommandGate(gate.trust, "VIN1", limits, registry)  # and again, from the persisted loss time
     with ReplayStore(tmp_path) as store:
         restarted.note_replay_loss(store.lost_at_ms)
         outcome = restarted.check(message, NOW + 1000, store.seen)
         assert isinstance(outcome, Rejected) and outcome.reason == "REPLAYED"
+
+
+# -- loss, rollback and clock steps (the replay floor must survive them) -----------------------
+
+def _unlink_db(path):
+    for suffix in ("", "-wal", "-shm"):
+        (path / f"replay.db{suffix}").unlink(missing_ok=True)
+
+
+def test_deleted_database_is_a_loss(tmp_path):
+    with ReplayStore(tmp_path) as store:
+        store.record("a", D1, NOW + 1000, NOW)
+    _unlink_db(tmp_path)
+    losses = []
+    with ReplayStore(tmp_path, on_loss=losses.append, wall_ms=lambda: NOW + 5) as store:
+        assert losses == [NOW + 5] and store.lost_at_ms == NOW + 5
+    with ReplayStore(tmp_path, on_loss=losses.append) as store:  # remembered, not lost again
+        assert store.lost_at_ms == NOW + 5 and losses == [NOW + 5]
+
+
+def test_truncated_database_is_a_loss(tmp_path):
+    with ReplayStore(tmp_path) as store:
+        store.record("a", D1, NOW + 1000, NOW)
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / f"replay.db{suffix}").unlink(missing_ok=True)
+    (tmp_path / "replay.db").write_bytes(b"")
+    losses = []
+    with ReplayStore(tmp_path, on_loss=losses.append, wall_ms=lambda: NOW + 7):
+        assert losses == [NOW + 7]
+
+
+def test_restored_older_copy_is_a_loss(tmp_path):
+    import shutil
+    with ReplayStore(tmp_path) as store:
+        store.record("a", D1, NOW + 1000, NOW)
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    shutil.copy(tmp_path / "replay.db", backup / "replay.db")
+    with ReplayStore(tmp_path) as store:  # one more command after the backup
+        store.record("b", D2, NOW + 1000, NOW + 1)
+    _unlink_db(tmp_path)
+    shutil.copy(backup / "replay.db", tmp_path / "replay.db")
+    losses = []
+    with ReplayStore(tmp_path, on_loss=losses.append, wall_ms=lambda: NOW + 9) as store:
+        assert losses == [NOW + 9]
+        assert store.seen("a") == D1 and store.seen("b") is None  # what it still knows, it keeps
+
+
+def test_loss_refuses_a_recorded_command_in_the_gate(tmp_path):
+    """End to end in the core: the replay of a recorded doors.unlock after replay.db was deleted
+    is REPLAYED, not executed again."""
+    key = Ed25519PrivateKey.generate()
+    limits, registry = GateLimits(), Registry([actions_family()])
+    trust = TrustStore([TrustedKey("ops", key.public_key(), ("*",))])
+    gate = CommandGate(trust, "VIN1", limits, registry)
+    msg = Signer(key).sign({"v": 1, "id": "c-1", "vin": "VIN1", "name": "doors.unlock",
+                            "params": {}, "iat": NOW, "exp": NOW + 60_000})
+    with ReplayStore(tmp_path, on_loss=gate.note_replay_loss) as store:
+        out = gate.check(msg, NOW, store.seen)
+        assert isinstance(out, Accepted)
+        store.record(out.command.id, out.command.digest, out.command.exp, NOW)
+    _unlink_db(tmp_path)
+    fresh = CommandGate(trust, "VIN1", limits, registry)  # a restarted agent
+    with ReplayStore(tmp_path, on_loss=fresh.note_replay_loss, wall_ms=lambda: NOW + 2000) as store:
+        out = fresh.check(msg, NOW + 2000, store.seen)
+        assert isinstance(out, Rejected) and out.reason == "REPLAYED"
+
+
+def test_first_start_is_not_a_loss(tmp_path):
+    losses = []
+    with ReplayStore(tmp_path, on_loss=losses.append) as store:
+        assert store.lost_at_ms is None
+    assert (tmp_path / "replay.mark").exists() and losses == []
+
+
+def test_clock_stepped_forward_does_not_purge_early(tmp_path):
+    mono = FakeMonotonic()
+    with ReplayStore(tmp_path, monotonic=mono) as store:
+        store.record("a", D1, NOW + 60_000, NOW)
+        # The wall clock jumps a day ahead, but only a second of running time passed.
+        mono.s += 1.0
+        assert store.purge(NOW + 86_400_000) == 0 and store.seen("a") == D1
+        mono.s += 60.0  # now the lifetime has passed on both clocks
+        assert store.purge(NOW + 86_400_000) == 1
+
+
+def test_running_time_accumulates_across_restarts(tmp_path):
+    mono = FakeMonotonic()
+    with ReplayStore(tmp_path, monotonic=mono) as store:
+        store.record("a", D1, NOW + 60_000, NOW)
+        mono.s += 40.0
+        store.purge(NOW + 40_000)  # persists 40 s of running time
+    mono.s = 5.0  # a reboot: the monotonic clock starts again
+    with ReplayStore(tmp_path, monotonic=mono) as store:
+        mono.s += 15.0
+        assert store.purge(NOW + 70_000) == 0  # 55 s run so far
+        mono.s += 5.0
+        assert store.purge(NOW + 70_000) == 1  # 60 s run

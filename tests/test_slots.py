@@ -129,5 +129,6 @@ def test_power_cut_between_marker_and_pointer_is_undone_at_start(tmp_path, slots
         if isinstance(action, u.RollBackSlot):
             slots.roll_back()
     assert slots.report()["active"] == "a" and slots.report()["pending"] is None
-    assert actions[-1] == u.Report("act-1", "FAILED", INSTALL_FAILED, actions[-1].detail)
+    assert actions[-1] == u.Report(command_id="act-1", status="FAILED", reason=INSTALL_FAILED,
+                                   detail=actions[-1].detail)
     assert [a.state.state for a in actions if isinstance(a, u.Save)] == [u.FAILED_STATE]

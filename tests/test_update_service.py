@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+from dataclasses import replace
 
 from agent.adapters.slots import DirectorySlots
 from agent.adapters.updatestate import UpdateStateStore
@@ -36,17 +37,21 @@ def statuses(out):
 
 
 def test_preconditions_are_checked_again_after_hashing(tmp_path, test_dbc):
+    """The executor's side of it (the decision itself: test_update_core): the worker hashes
+    the real slot, a refusal leaves the record STAGED on disk and the slots untouched, and an
+    accepted one switches the slot, saves CONFIRMING and asks for the restart."""
     vehicle = {"gear": 0, "t": 1_000}
     svc, events, slots = make(tmp_path, test_dbc, vehicle)
     try:
         out = svc.handle("a1", "update.activate", {"target": "fw.bin"}, 1_000)
         assert statuses(out)[0] == ("a1", "ACCEPTED", None)
-        verified = events.get(timeout=10)
-        assert verified.kind == "verified"
+        hashed = events.get(timeout=10)
+        assert hashed.event == U.Hashed(sha256=svc.state.sha256)  # the slot's real hash
         vehicle.update(gear=3, t=1_500)  # shifted to D while the artifact was hashed
-        out = svc.on_event(verified, 1_500)
+        out = svc.on_event(hashed, 1_500)
         assert statuses(out) == [("a1", "FAILED", "PRECONDITION_FAILED")]
         assert svc.state.state == U.STAGED  # still staged: it can be activated later
+        assert UpdateStateStore(tmp_path / "state" / "update").load().state == U.STAGED
         assert slots.report()["active"] == "a" and slots.report()["pending"] is None
         assert events.empty() and not svc.restart_requested
 
@@ -54,11 +59,105 @@ def test_preconditions_are_checked_again_after_hashing(tmp_path, test_dbc):
         svc.handle("a2", "update.activate", {"target": "fw.bin"}, 2_000)
         assert svc.on_event(events.get(timeout=10), 2_000) == []  # checks hold: switch
         switched = events.get(timeout=10)
-        assert switched.kind == "switched"
+        assert switched.event == U.Switched()
         out = svc.on_event(switched, 2_100)
         assert statuses(out) == [("a2", "IN_PROGRESS", None)] and svc.restart_requested
         assert slots.report()["active"] == "b" and slots.report()["pending"]["slot"] == "b"
         assert UpdateStateStore(tmp_path / "state" / "update").load().state == U.CONFIRMING
+    finally:
+        svc.close()
+
+
+def break_saves(tmp_path):
+    """A real write failure: the record's path is a directory, so the rename onto it fails."""
+    path = tmp_path / "state" / "update" / "update-state.json"
+    kept = path.read_bytes()
+    path.unlink()
+    path.mkdir()
+    return lambda: (path.rmdir(), path.write_bytes(kept))
+
+
+def test_a_switch_that_cannot_be_recorded_is_undone(tmp_path, test_dbc):
+    svc, events, slots = make(tmp_path, test_dbc, {"gear": 0, "t": 1_000})
+    try:
+        svc.handle("a1", "update.activate", {"target": "fw.bin"}, 1_000)
+        assert svc.on_event(events.get(timeout=10), 1_000) == []
+        switched = events.get(timeout=10)
+        assert slots.report()["pending"]["slot"] == "b"  # the worker switched
+        break_saves(tmp_path)
+        out = svc.on_event(switched, 1_100)
+        assert statuses(out) == [("a1", "FAILED", "INTERNAL_ERROR")]
+        assert slots.report()["active"] == "a" and slots.report()["pending"] is None
+        assert svc.state.state == U.ACTIVATING and not svc.restart_requested
+    finally:
+        svc.close()
+
+
+def test_a_command_whose_record_cannot_be_saved_ends_internal_error(tmp_path, test_dbc):
+    svc, events, slots = make(tmp_path, test_dbc, {"gear": 0, "t": 1_000})
+    try:
+        break_saves(tmp_path)
+        out = svc.handle("a1", "update.activate", {"target": "fw.bin"}, 1_000)
+        assert statuses(out) == [("a1", "FAILED", "INTERNAL_ERROR")]  # no ACCEPTED, no job
+        assert svc.state.state == U.STAGED and svc.state.command_id == "s1"
+    finally:
+        svc.close()
+    assert events.empty()  # the worker is stopped: no job was queued
+
+
+def confirming(tmp_path, test_dbc):
+    """The agent restarted after the switch: slot b on trial, the record CONFIRMING."""
+    svc, _, slots = make(tmp_path, test_dbc, {"gear": 0, "t": 1_000})
+    svc.close()
+    slots.switch_active("b")
+    store = UpdateStateStore(tmp_path / "state" / "update")
+    store.save(replace(store.load(), state=U.CONFIRMING, command_id="a1", final_status=None,
+                       reported=False))
+    svc = UpdateService(svc_config(tmp_path, test_dbc), lambda name: None, lambda ev: None)
+    assert statuses(svc.start(10_000)) == [("a1", "IN_PROGRESS", None)]
+    assert slots.report()["pending"]["boots"] == 1  # the start was counted
+    return svc, slots, store
+
+
+def test_confirming_marks_the_slot_good_and_saves_committed(tmp_path, test_dbc):
+    svc, slots, store = confirming(tmp_path, test_dbc)
+    try:
+        out = svc.poll(10_000, lambda: (True, ""))
+        assert [(s.id, s.status, s.result) for s in out] == [
+            ("a1", "SUCCEEDED", {"target": "fw.bin", "version": "2.0.0"})]
+        assert (slots.report()["active"], slots.report()["pending"]) == ("b", None)
+        assert store.load().state == U.COMMITTED and store.load().installed == "2.0.0"
+        assert not svc.restart_requested
+    finally:
+        svc.close()
+
+
+def test_a_commit_that_cannot_be_saved_is_retried_and_never_rolled_back(tmp_path, test_dbc):
+    svc, slots, store = confirming(tmp_path, test_dbc)
+    try:
+        repair = break_saves(tmp_path)
+        assert svc.poll(10_000, lambda: (True, "")) == []  # marked good, not yet recorded
+        assert slots.report()["pending"] is None and slots.report()["active"] == "b"
+        # past the health timeout and unhealthy: still no roll-back over a failed save
+        assert svc.poll(10**9, lambda: (False, "broker not reached")) == []
+        assert slots.report()["active"] == "b" and not svc.restart_requested
+        repair()
+        out = svc.poll(10**9, lambda: (False, "broker not reached"))
+        assert [(s.id, s.status) for s in out] == [("a1", "SUCCEEDED")]
+        assert store.load().state == U.COMMITTED
+    finally:
+        svc.close()
+
+
+def test_an_unhealthy_slot_is_rolled_back_on_disk(tmp_path, test_dbc):
+    svc, slots, store = confirming(tmp_path, test_dbc)
+    try:
+        timeout_ms = int(svc.cfg.health_timeout_s * 1000)
+        assert svc.poll(10_000 + timeout_ms - 1, lambda: (False, "bus down")) == []
+        out = svc.poll(10_000 + timeout_ms, lambda: (False, "bus down"))
+        assert [(s.id, s.status, s.reason) for s in out] == [("a1", "FAILED", "INSTALL_FAILED")]
+        assert (slots.report()["active"], slots.report()["pending"]) == ("a", None)
+        assert store.load().state == U.ROLLED_BACK and svc.restart_requested
     finally:
         svc.close()
 

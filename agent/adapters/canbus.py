@@ -49,22 +49,19 @@ def check_interface(cfg: BusConfig, where: str) -> None:
 class BusReader(DeviceThread):
     """Reads one bus in a daemon thread. Thread-safe counters for status displays."""
 
+    log = log
+
     def __init__(self, index: int, cfg: BusConfig, sink: Sink, filters: list[dict] | None = None,
                  backoff_s: float = 0.5, backoff_cap_s: float = 30.0):
+        super().__init__(f"bus {cfg.name}", f"{cfg.interface} {cfg.channel}", backoff_s,
+                         backoff_cap_s)
         self.index = index
         self.cfg = cfg
         self.sink = sink
         self.filters = filters
-        self.backoff_s = backoff_s
-        self.backoff_cap_s = backoff_cap_s
-        self.bus_errors = 0
         self.error_frames = 0
-        self.reopens = 0
-        self.opens = 0
-        self.last_error = ""
         self._bus: can.BusABC | None = None
         self.thread_name = f"can-{cfg.name}"
-        self._init_thread()
         self._send_lock = threading.Lock()
 
     # -- I/O ------------------------------------------------------------------------------
@@ -91,62 +88,29 @@ class BusReader(DeviceThread):
             with self._send_lock:
                 bus.send(msg, timeout=timeout)
         except (can.CanError, OSError, ValueError) as e:
-            self.bus_errors += 1
+            self.errors += 1
             raise BusError(f"bus {self.cfg.name}: write failed: {e}") from e
 
-    def _run(self) -> None:
-        delay = self.backoff_s
-        failed = False
-        while not self._stop.is_set():
-            if self._bus is None:
-                try:
-                    self._bus = self.open()
-                except Exception as e:  # drivers raise CanError, OSError, ValueError, ImportError...
-                    self._fault("open", e)
-                    failed = True
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, self.backoff_cap_s)
-                    continue
-                self.opens += 1
-                if failed:
-                    self.reopens += 1
-                    log.info("bus %s: reopened on %s", self.cfg.name, self.cfg.channel)
-                failed = False
-                self.state = "open"
-            try:
-                msg = self._bus.recv(timeout=0.2)
-            except Exception as e:
-                self._fault("read", e)
-                self._close()
-                failed = True
-                # A down SocketCAN interface opens fine and then fails the first read: back
-                # off here too, or the loop spins at hundreds of errors a second.
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.backoff_cap_s)
-                continue
-            delay = self.backoff_s  # a read worked (a frame or a quiet timeout): healthy
-            if msg is None:
-                continue
-            if msg.is_error_frame:
-                self.error_frames += 1
-                continue
-            if msg.is_remote_frame:
-                continue
-            now = time.time()
-            t = msg.timestamp
-            if not (now - CLOCK_SKEW_S < t < now + CLOCK_SKEW_S):
-                t = now
-            can_id = msg.arbitration_id | EFF_FLAG if msg.is_extended_id else msg.arbitration_id
-            self.sink(self.index, t, can_id, bytes(msg.data))
+    # Drivers raise CanError, OSError, ValueError, ImportError...: every fault is retried.
+    def _open(self) -> None:
+        self._bus = self.open()
 
-    def _fault(self, what: str, e: Exception) -> None:
-        self.bus_errors += 1
-        self.state = "down"
-        text = f"{type(e).__name__}: {e}"
-        if text != self.last_error:  # log each distinct fault once, not every retry
-            log.warning("bus %s: %s failed on %s %s: %s", self.cfg.name, what,
-                        self.cfg.interface, self.cfg.channel, text)
-        self.last_error = text
+    def _read_once(self) -> bool:
+        msg = self._bus.recv(timeout=0.2)
+        if msg is None:
+            return True  # a quiet timeout is a working read too
+        if msg.is_error_frame:
+            self.error_frames += 1
+            return True
+        if msg.is_remote_frame:
+            return True
+        now = time.time()
+        t = msg.timestamp
+        if not (now - CLOCK_SKEW_S < t < now + CLOCK_SKEW_S):
+            t = now
+        can_id = msg.arbitration_id | EFF_FLAG if msg.is_extended_id else msg.arbitration_id
+        self.sink(self.index, t, can_id, bytes(msg.data))
+        return True
 
     def _close(self) -> None:
         bus, self._bus = self._bus, None
@@ -155,10 +119,8 @@ class BusReader(DeviceThread):
                 bus.shutdown()
             except Exception as e:  # shutting down a vanished device may fail too
                 log.debug("bus %s: shutdown: %s", self.cfg.name, e)
-        if self.state == "open":
-            self.state = "down"
 
     def status(self) -> dict:
-        return {"state": self.state, "bus_errors": self.bus_errors, "reopens": self.reopens,
+        return {"state": self.state, "bus_errors": self.errors, "reopens": self.reopens,
                 "error_frames": self.error_frames, "last_error": self.last_error,
                 "interface": self.cfg.interface, "channel": self.cfg.channel}

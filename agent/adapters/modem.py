@@ -1,11 +1,12 @@
 """The cellular modem's AT port over pyserial: identity, signal, registration, operator.
 
-`ModemService` owns the port. In the agent, `start()` runs a daemon thread that opens the
+`ModemPoller` owns the port. In the agent, `start()` runs a daemon thread that opens the
 port (reopening with backoff when a USB modem re-enumerates), switches echo off, reads the
 identity once and then polls, one command at a time spread across `poll_interval_s`, so the
-modem (which also serves PPP/QMI and URCs) never sees a burst. Values go to
-`on_values(t_unix_s, {name: value})` from that thread. For the CLI, `query_once()` and
-`raw(command)` do the same synchronously, without a thread.
+modem (which also serves PPP/QMI and URCs) never sees a burst. Every reading goes to
+`on_values(t_unix_s, {name: value})` from that thread; what becomes telemetry is the core's
+decision (the signal strength's hysteresis is a deadband there: `deadbands()`). For the CLI,
+`query_once()` and `raw(command)` do the same synchronously, without a thread.
 
 Values (VSS-style names; Vehicle.Connectivity.IsConnectivityAvailable is standard VSS, the
 others extend the Vehicle.Connectivity branch):
@@ -36,6 +37,7 @@ so a change of state, area or cell arrives at once rather than at the next poll.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -47,7 +49,7 @@ import serial
 from ..config import ModemConfig
 from ..core import at
 from ..errors import BusError
-from .devicethread import DeviceThread
+from .devicethread import DeviceThread, Stopped, Unresponsive, describe
 
 log = logging.getLogger("agent.modem")
 
@@ -63,46 +65,51 @@ SETUP = ("AT+CMEE=1",  # numeric +CME ERROR codes rather than plain ERROR
          "AT+CEREG=2", "AT+CREG=2")  # registration URCs with area and cell (ship as n=0)
 
 
+def deadbands(cfg: ModemConfig) -> dict[str, float]:
+    """The core's deadband for the modem's values (TelemetryCore.value_deadbands).
+
+    Hysteresis, as OVMS has it: RSSI flickers by one 2 dB step at the edge of a cell, and
+    every flicker would be telemetry noise. The setting means "moves by this much or more";
+    a deadband means "moves by more than this"; dBm readings are whole numbers."""
+    band = math.ceil(cfg.signal_hysteresis_db) - 1
+    return {P + "SignalStrength": float(band)} if band > 0 else {}
+
+
 class _Timeout(Exception):
     pass
 
 
-class _Stopped(Exception):
-    pass
-
-
-class ModemService(DeviceThread):
+class ModemPoller(DeviceThread):
     """One modem AT port. Thread-safe counters; one command at a time (an internal lock)."""
 
     thread_name = "modem"
-    ready_states = ("open",)
+    faults = (serial.SerialException, OSError, ValueError)
+    log = log
 
     def __init__(self, cfg: ModemConfig, on_values: OnValues, backoff_s: float = 0.5,
                  backoff_cap_s: float = 30.0):
+        super().__init__("modem", cfg.port, backoff_s, backoff_cap_s)
         self.cfg = cfg
         self.on_values = on_values
-        self.backoff_s = backoff_s
-        self.backoff_cap_s = backoff_cap_s
-        self.state = "closed"
         self.counters = {name: 0 for name in (
             "commands", "timeouts", "errors", "garbage_lines", "urcs", "late_answers",
-            "parse_errors", "port_errors", "opens", "reopens")}
-        self.last_error = ""
+            "parse_errors")}
         self.values: dict[str, Any] = {}  # last value of each name, for status displays
         self._port: serial.Serial | None = None
         self._channel = at.AtChannel()
         self._silent = 0
-        self._answered = False  # the current session got past ATE0
         self._regs: dict[str, at.Registration | None] = {"+CEREG": None, "+CREG": None}
         self._io = threading.RLock()
-        self._init_thread()
+        self._plan: list[tuple[float, str]] = []  # this poll cycle: (monotonic due, command)
+        self._cycle_end = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
 
     def status(self) -> dict:
         """State, counters and `values`: the last value delivered for each name."""
         return {"state": self.state, "port": self.cfg.port, "last_error": self.last_error,
-                **self.counters, "values": dict(self.values)}
+                **self.counters, "port_errors": self.errors, "opens": self.opens,
+                "reopens": self.reopens, "values": dict(self.values)}
 
     # -- synchronous use (CLI) ------------------------------------------------------------
 
@@ -120,7 +127,7 @@ class ModemService(DeviceThread):
                 for cmd in IDENTITY + POLL:
                     values.update(self._poll_one(cmd))
                 return values
-            except _Timeout:
+            except (_Timeout, Unresponsive):
                 raise BusError(f"modem on {self.cfg.port}: no answer within "
                                f"{self.cfg.command_timeout_s} s; is this the AT port?") from None
             except (serial.SerialException, OSError) as e:
@@ -150,75 +157,44 @@ class ModemService(DeviceThread):
                 if own:
                     self._close()
 
-    # -- the thread -----------------------------------------------------------------------
+    # -- the thread (DeviceThread's loop) --------------------------------------------------
 
-    def _run(self) -> None:
-        delay = self.backoff_s
-        failed = False
-        while not self._stop.is_set():
-            try:
-                with self._io:
-                    self._port = self._open()
-            except (serial.SerialException, OSError, ValueError) as e:
-                self._fault("open", e)
-                failed = True
-                self._stop.wait(delay)
-                delay = min(delay * 2, self.backoff_cap_s)
-                continue
-            self.counters["opens"] += 1
-            if failed:
-                self.counters["reopens"] += 1
-                log.info("modem: reopened %s", self.cfg.port)
-            try:
-                self._session()
-                return  # stopped
-            except _Stopped:
-                return
-            except (serial.SerialException, OSError) as e:
-                self._fault("read", e)
-            except _Timeout:
-                self.state = "unresponsive"
-                self.last_error = f"{SILENT_LIMIT} commands without an answer"
-                log.warning("modem on %s: not answering; reopening", self.cfg.port)
-            self._close()
-            failed = True
-            if self._answered:  # it worked for a while: start the backoff afresh
-                delay = self.backoff_s
-            self._stop.wait(delay)
-            delay = min(delay * 2, self.backoff_cap_s)
-
-    def _session(self) -> None:
-        """Poll on an open port until stopped; raises on a port fault or a silent modem."""
-        self._silent = 0
-        self._answered = False
+    def _open(self) -> None:
+        """Open the port and set the modem up: "open" means it answers, with echo off."""
         with self._io:
-            self._init()
-        self._answered = True
-        self.state = "open"
-        first = True
-        while not self._stop.is_set():
-            cycle = [c for c, name in zip(IDENTITY, ("Model", "Imei", "Iccid"))
-                     if P + name not in self.values] + list(POLL)
-            # The first cycle after an open runs back to back so values appear at once;
-            # later ones are spread over the interval, one command per slot.
-            gap = 0.0 if first else self.cfg.poll_interval_s / len(cycle)
-            start = time.monotonic()
-            for i, cmd in enumerate(cycle):
-                self._pump_until(start + i * gap)
-                if self._stop.is_set():
-                    return
-                with self._io:
-                    values = self._poll_one(cmd)
-                if values:
-                    self._emit(values)
-            self._pump_until(start + self.cfg.poll_interval_s)
-            first = False
+            self._port = self._serial()
+            self._silent = 0
+            try:
+                self._init()
+            except _Timeout as e:
+                raise Unresponsive(f"no answer to {e.args[0]}") from None
+        self._plan_cycle(first=True)
 
-    def _pump_until(self, deadline: float) -> None:
-        """Read URCs and stray bytes until `deadline` (monotonic) or stop."""
-        while not self._stop.is_set() and time.monotonic() < deadline:
+    def _read_once(self) -> bool:
+        """One step of the poll cycle: the command that is due, else one read slice for URCs.
+        True when the modem answered."""
+        now = time.monotonic()
+        if not self._plan and now >= self._cycle_end:
+            self._plan_cycle(first=False)
+        if self._plan and now >= self._plan[0][0]:
             with self._io:
-                self._read_events()
+                values = self._poll_one(self._plan.pop(0)[1])
+            if values:
+                self._emit(values)
+            return self._silent == 0
+        with self._io:
+            self._read_events()  # blocks at most READ_SLICE_S
+        return False
+
+    def _plan_cycle(self, first: bool) -> None:
+        cycle = [c for c, name in zip(IDENTITY, ("Model", "Imei", "Iccid"))
+                 if P + name not in self.values] + list(POLL)
+        # The first cycle after an open runs back to back so values appear at once;
+        # later ones are spread over the interval, one command per slot.
+        gap = 0.0 if first else self.cfg.poll_interval_s / len(cycle)
+        start = time.monotonic()
+        self._plan = [(start + i * gap, cmd) for i, cmd in enumerate(cycle)]
+        self._cycle_end = start + self.cfg.poll_interval_s
 
     # -- commands -------------------------------------------------------------------------
 
@@ -247,7 +223,7 @@ class ModemService(DeviceThread):
         dropped = 0
         while time.monotonic() < min(quiet, end):
             if self._stop.is_set():
-                raise _Stopped
+                raise Stopped
             data = port.read(max(1, port.in_waiting))
             if data:
                 dropped += len(data)
@@ -259,7 +235,7 @@ class ModemService(DeviceThread):
     def _poll_one(self, cmd: str) -> dict[str, Any]:
         """Run one identity/poll command and return the values it yields (maybe none).
 
-        Raises _Timeout only once SILENT_LIMIT commands in a row went unanswered."""
+        Raises Unresponsive once SILENT_LIMIT commands in a row went unanswered."""
         try:
             result = self._command(cmd)
             if cmd == "AT+CCID" and not result.ok:
@@ -269,7 +245,7 @@ class ModemService(DeviceThread):
             return self._values(cmd, result)
         except _Timeout:
             if self._silent >= SILENT_LIMIT:
-                raise
+                raise Unresponsive(f"{SILENT_LIMIT} commands without an answer") from None
             return {}
         except at.AtParseError as e:
             self.counters["parse_errors"] += 1
@@ -327,7 +303,7 @@ class ModemService(DeviceThread):
         deadline = time.monotonic() + self.cfg.command_timeout_s
         while time.monotonic() < deadline:
             if self._stop.is_set():
-                raise _Stopped
+                raise Stopped
             for result in self._read_events(port):
                 if result.command == command and not result.late:
                     self._silent = 0
@@ -346,7 +322,7 @@ class ModemService(DeviceThread):
         """Before a new command, give an abandoned one's late answer its chance to arrive."""
         while not self._channel.settle(time.monotonic()):
             if self._stop.is_set():
-                raise _Stopped
+                raise Stopped
             self._read_events(port)
 
     def _read_events(self, port: serial.Serial | None = None) -> list[at.AtResult]:
@@ -386,7 +362,7 @@ class ModemService(DeviceThread):
 
     # -- port -----------------------------------------------------------------------------
 
-    def _open(self) -> serial.Serial:
+    def _serial(self) -> serial.Serial:
         self._channel = at.AtChannel()  # a new port starts with nothing in flight
         # exclusive: a second user of the AT port (the CLI beside the agent) would steal
         # half of each answer; with a lock it gets a clear "in use" instead.
@@ -395,12 +371,12 @@ class ModemService(DeviceThread):
 
     def _open_or_raise(self) -> None:
         try:
-            self._port = self._open()
+            self._port = self._serial()
         except (serial.SerialException, OSError, ValueError) as e:
             if "lock" in str(e).lower():
                 raise BusError(f"modem: {self.cfg.port} is in use by another process (the "
                                "agent?); stop it first") from None
-            why = os.strerror(e.errno) if getattr(e, "errno", None) else _short(e)
+            why = os.strerror(e.errno) if getattr(e, "errno", None) else describe(e)
             raise BusError(f"modem: cannot open {self.cfg.port}: {why}; check [modem] port "
                            "in the config") from None
 
@@ -414,30 +390,8 @@ class ModemService(DeviceThread):
                 log.debug("modem: close: %s", e)
 
     def _emit(self, values: dict[str, Any]) -> None:
-        # Hysteresis (as OVMS does): RSSI flickers by one 2 dB step at the edge of a cell;
-        # reporting every flicker would be telemetry noise. Unknown (None) always goes out.
-        key = P + "SignalStrength"
-        new, old = values.get(key), self.values.get(key)
-        if (isinstance(new, int) and isinstance(old, int)
-                and abs(new - old) < self.cfg.signal_hysteresis_db):
-            values = {k: v for k, v in values.items() if k != key}
-            if not values:
-                return
         self.values.update(values)
         try:
             self.on_values(time.time(), values)
         except Exception:  # a sink bug must not stop polling
             log.exception("modem: on_values failed")
-
-    def _fault(self, what: str, e: Exception) -> None:
-        self.counters["port_errors"] += 1
-        self.state = "down"
-        text = _short(e)
-        if text != self.last_error:  # log each distinct fault once, not every retry
-            log.warning("modem: %s failed on %s: %s", what, self.cfg.port, text)
-        self.last_error = text
-
-
-def _short(e: Exception) -> str:
-    text = str(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

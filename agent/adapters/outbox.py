@@ -10,9 +10,14 @@ Decisions worth knowing:
   nothing and would make the in-memory counters (bytes, meta mirror) harder to keep exact.
 * Telemetry ``seq``: assigned inside the insert transaction, so a crash before commit consumes no
   seq. To survive losing the database, a high-water mark is kept in ``seq.reserve`` beside it
-  (JSON, written atomically, one block of ``reserve_block`` seqs ahead, before the commit that
-  needs it). A fresh or recovered database continues at the high-water mark: the gap is truthful.
+  and in a second, independent copy ``seq.mirror`` (JSON, each written atomically, one block of
+  ``reserve_block`` seqs ahead, before the commit that needs it); the larger readable one wins.
+  A fresh or recovered database continues at the high-water mark: the gap is truthful.
   The file also counts corruption recoveries, because that count must outlive the database.
+  When the database AND both marks are gone but the directory shows an earlier run (files the
+  agent writes there: replay.db, status.json, ...), seq continues from the wall clock in ms,
+  a value no earlier run can have reached at 1 batch/ms; logged, and ``seq_from_clock`` in
+  ``stats()``. An empty directory is a first start: seq 1.
 * ``state`` / ``status`` rows (retained topics, only the newest matters) REPLACE any unsent row of
   the same kind and topic; the new row goes to the back of the queue. Replaced rows are not
   counted as dropped.
@@ -38,6 +43,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +58,10 @@ log = logging.getLogger("agent.outbox")
 
 DB_NAME = "outbox.db"
 RESERVE_NAME = "seq.reserve"
+MIRROR_NAME = "seq.mirror"
+# Files the agent itself writes beside the outbox: any of them means "not a first start".
+EARLIER_RUN_FILES = ("replay.db", "replay.mark", "status.json", "update", RESERVE_NAME,
+                     MIRROR_NAME, DB_NAME + "-wal")
 KINDS = ("telemetry", "state", "status", "response")
 _REPLACEABLE = ("state", "status")
 _META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
@@ -96,6 +106,8 @@ class Outbox(GuardedDb):
             raise ValueError("max_bytes and reserve_block must be positive")
         self._init_db(Path(directory), DB_NAME)
         self._reserve_path = self._dir / RESERVE_NAME
+        self._mirror_path = self._dir / MIRROR_NAME
+        self.seq_from_clock = False
         self._max_bytes = max_bytes
         self._block = reserve_block
         self._carry: dict[str, int] = {}  # counters that outlive a corrupt database
@@ -108,7 +120,12 @@ class Outbox(GuardedDb):
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise StorageError(f"outbox directory {self._dir} cannot be created: {e}") from e
+        earlier_run = any((self._dir / n).exists() for n in EARLIER_RUN_FILES) or \
+            any(self._dir.glob(DB_NAME + ".corrupt-*"))
+        db_found = self._db_path.exists() and self._db_path.stat().st_size > 0
         self._seq_high, self._recovered = self._read_reserve()
+        if not db_found and self._seq_high == 0 and earlier_run:
+            self._start_seq_from_clock("is gone")
         self._open_or_recover()
 
     # ---- public API -------------------------------------------------------------------------
@@ -244,7 +261,8 @@ class Outbox(GuardedDb):
                     "pending_drop": self._meta["pending_drop"],
                     "evicted_batches": self._meta["evicted_batches"],
                     "dropped_samples": self._meta["dropped_samples"],
-                    "recovered_corruptions": self._recovered}
+                    "recovered_corruptions": self._recovered,
+                    "seq_from_clock": self.seq_from_clock}
 
         return self._guarded(op)
 
@@ -372,6 +390,8 @@ class Outbox(GuardedDb):
         self._queued_samples = self._queued_drop = 0
         aside = self._move_aside(cause)
         self._recovered += 1
+        if max(self._seq_high, self._carry.get("next_seq", 0)) == 0:  # no mark, no memory
+            self._start_seq_from_clock("is corrupt")
         try:
             self._write_reserve(self._seq_high, self._recovered)
         except StorageError as e:
@@ -382,23 +402,37 @@ class Outbox(GuardedDb):
                   aside, max(self._seq_high, self._carry.get("next_seq", 0), 1))
         self._reopen_fresh()
 
+    def _start_seq_from_clock(self, what: str) -> None:
+        self._seq_high = time.time_ns() // 1_000_000
+        self.seq_from_clock = True
+        log.error("outbox %s %s and neither seq mark (%s, %s) is readable, but the agent has "
+                  "run here before: telemetry seq continues from the clock at %d so that no seq "
+                  "is reused", self._db_path, what, RESERVE_NAME, MIRROR_NAME, self._seq_high)
+
     def _read_reserve(self) -> tuple[int, int]:
-        try:
-            data = json.loads(self._reserve_path.read_text())
-            return int(data["seq_high"]), int(data.get("recovered_corruptions", 0))
-        except FileNotFoundError:
-            return 0, 0
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            # Not fatal while the database is intact: it holds next_seq itself.
-            log.error("seq reserve %s is unreadable (%s); telemetry seq continues from the "
-                      "database", self._reserve_path, e)
-            return 0, 0
+        """(seq_high, recovered_corruptions): the larger of the two marks' values."""
+        best = (0, 0)
+        for path in (self._reserve_path, self._mirror_path):
+            try:
+                data = json.loads(path.read_text())
+                found = int(data["seq_high"]), int(data.get("recovered_corruptions", 0))
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                # Not fatal while the other mark or the database is intact.
+                log.error("seq mark %s is unreadable (%s); telemetry seq continues from the "
+                          "other mark or the database", path, e)
+                continue
+            best = max(best[0], found[0]), max(best[1], found[1])
+        return best
 
     def _write_reserve(self, seq_high: int, recovered: int) -> None:
-        """Atomically persist the high-water mark: temp file, fsync, rename, fsync directory."""
+        """Atomically persist the high-water mark in both places: temp file, fsync, rename,
+        fsync directory."""
         data = json.dumps({"seq_high": seq_high, "recovered_corruptions": recovered}).encode()
-        try:
-            atomic_write(self._reserve_path, data)
-        except OSError as e:
-            raise StorageError(f"seq reserve {self._reserve_path} cannot be written: {e}") from e
+        for path in (self._reserve_path, self._mirror_path):
+            try:
+                atomic_write(path, data)
+            except OSError as e:
+                raise StorageError(f"seq reserve {path} cannot be written: {e}") from e
         self._seq_high = seq_high

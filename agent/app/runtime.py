@@ -1,8 +1,10 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
-Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; one core
-thread feeds them to the sans-I/O core, ticks it with the wall clock and hands closed
-batches to the batch sink. The core is only ever touched by the core thread.
+Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; so do the
+MQTT thread (commands), the serial devices (values) and the update worker (events): the
+queue's items are declared in messages.py. One core thread feeds them to the sans-I/O core
+and the services (CommandService, UpdateService), ticks it with the wall clock and hands
+closed batches to the batch sink. The core is only ever touched by the core thread.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
 from ..config import Config
 from ..core.batch import Batch
-from ..core.updates import UpdateEvent
+from .messages import CommandMessage, CoreMessage, Frame, UpdateEvent, Values
 
 log = logging.getLogger("agent.app.runtime")
 
@@ -31,23 +33,6 @@ STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
 RESTART_EXIT_CODE = 75  # "restart me": after an update switched slots (systemd restarts on it)
-
-
-class CommandMessage:
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes):
-        self.payload = payload
-
-
-class Values:
-    """Named values from a non-CAN source (modem, GNSS), for the core thread."""
-
-    __slots__ = ("t", "values")
-
-    def __init__(self, t: float, values: dict):
-        self.t = t
-        self.values = values
 
 
 class Agent:
@@ -60,7 +45,7 @@ class Agent:
         for i, bus in enumerate(config.bus):
             check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
         self.plans = bus_plans(config)
-        self.core = telemetry_core(self.plans, config.telemetry)
+        self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
             from ..adapters.keys import load_private_key
@@ -74,7 +59,7 @@ class Agent:
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
-        self._frames: queue.SimpleQueue = queue.SimpleQueue()
+        self._frames: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
         self.readers = [
             BusReader(i, bus, self._enqueue,
                       receive_filters(plan.selected) if bus.filters else None)
@@ -89,18 +74,24 @@ class Agent:
                 from .updateservice import UpdateService
 
                 self.updates = UpdateService(config, self.core.lookup, self._frames.put)
-            self.commands = CommandService(config, self.plans, self.core, self.publisher,
-                                           self.readers, self.state_values, self.updates)
+            from .families import handlers
+
+            family_handlers = handlers(config, self.plans, self.core, self.readers,
+                                       self.state_values, self.publisher.state, self.updates,
+                                       self.health)
+            self.commands = CommandService(config.commands, config.vehicle.vin,
+                                           config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
-        self.serial = []  # modem and GNSS services: values into the core via the queue
+        self.serial = []  # the modem poller and GNSS reader: values into the core via the queue
         if config.modem is not None:
-            from ..adapters.modem import ModemService
+            from ..adapters.modem import ModemPoller, deadbands
 
-            self.serial.append(ModemService(config.modem, self._on_values))
+            self.core.value_deadbands.update(deadbands(config.modem))
+            self.serial.append(ModemPoller(config.modem, self._on_values))
         if config.gnss is not None:
-            from ..adapters.gnss import GnssService
+            from ..adapters.gnss import GnssReader
 
-            self.serial.append(GnssService(config.gnss, self._on_values))
+            self.serial.append(GnssReader(config.gnss, self._on_values))
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
         self.watchdog = Watchdog.from_env(self.notifier)
         self.batches_closed = 0
@@ -134,6 +125,7 @@ class Agent:
 
     def start(self) -> None:
         self.started_at = time.time()
+        self.core.tick(self.started_at)  # the agent's clock, before the first frame arrives
         sim = self.config.simulator
         if sim is not None and sim.enabled:
             from ..sim import from_config
@@ -146,7 +138,7 @@ class Agent:
             self.publisher.start()
         if self.updates is not None:  # an update interrupted or waiting to be confirmed
             now_ms = int(time.time() * 1000)
-            self.commands.report(self.updates.start(now_ms), now_ms)
+            self.commands.report(self.updates.start(now_ms), now_ms, "update")
         if self.commands is not None:  # commands cut off by the last stop end FAILED
             self.commands.recover(int(time.time() * 1000))
         for r in self.readers:
@@ -177,6 +169,8 @@ class Agent:
         self._deliver()
         if self.commands:
             self.commands.close()
+        if self.updates is not None:
+            self.updates.close()
         if self.publisher:
             left = self.publisher.stop(STOP_DRAIN_S)
             if left:
@@ -242,7 +236,7 @@ class Agent:
             # A stalled loop, or one that fails every pass, stops the watchdog pings.
             if self._failing_passes < FAILING_PASSES_MAX:
                 self.watchdog.kick()
-            busy = self.commands is not None and self.commands.executor.busy
+            busy = self.commands is not None and self.commands.busy
             try:
                 item = self._frames.get(timeout=0.01 if busy else TICK_S)
             except queue.Empty:
@@ -255,9 +249,11 @@ class Agent:
                 if self._reload_trust.is_set():
                     self._reload_trust.clear()
                     self.commands.reload_trust()
-                self._step("commands", self.commands.poll, int(now * 1000))
+                for handler in self.commands.handlers:
+                    self._step(handler.family.name, self.commands.poll_family, handler,
+                               int(now * 1000))
                 if self.updates is not None:
-                    self._step("updates", self._poll_updates, int(now * 1000))
+                    self._check_restart()
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
@@ -281,8 +277,7 @@ class Agent:
             if n <= 3 or n % 1000 == 0:
                 log.exception("%s failed (%d times so far); the agent keeps running", name, n)
 
-    def _poll_updates(self, now_ms: int) -> None:
-        self.commands.report(self.updates.poll(now_ms, self.health), now_ms)
+    def _check_restart(self) -> None:
         if self.updates.restart_requested and not self.restart_requested:
             self.restart_requested = True
             self._stop_requested.set()
@@ -323,7 +318,7 @@ class Agent:
 
     def _drain(self) -> None:
         get = self._frames.get_nowait
-        frames: list = []  # consecutive CAN frames go to the core in one call
+        frames: list[Frame] = []  # consecutive CAN frames go to the core in one call
         for _ in range(DRAIN_MAX):
             try:
                 item = get()
@@ -339,15 +334,15 @@ class Agent:
         if frames:
             self.core.feed_many(frames)
 
-    def _take(self, item) -> None:
+    def _take(self, item: CoreMessage) -> None:
         if type(item) is tuple:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
-            self.commands.report(self.updates.on_event(item, now_ms), now_ms)
-        elif self.commands is not None:
+            self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
+        elif type(item) is CommandMessage and self.commands is not None:
             try:
                 self.commands.handle(item.payload, int(time.time() * 1000))
             except Exception:  # a bug here must not stop ingest; the gate itself never raises
@@ -389,11 +384,12 @@ class Agent:
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
                "batches": self.batches_closed, "samples": self.core.samples,
                "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures),
-               "internal_errors": self.core.internal_errors}
+               "internal_errors": self.core.internal_errors,
+               "future_frames": self.core.future_frames}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:
             out.update(self.commands.status())
         for service in self.serial:
-            out[type(service).__name__.replace("Service", "").lower()] = service.status()
+            out[service.thread_name] = service.status()  # "modem", "gnss"
         return out

@@ -1,21 +1,23 @@
-"""update.stage / update.activate / update.cancel on the runtime (PROTOCOL.md §6).
+"""update.stage / update.activate / update.cancel on the runtime (PROTOCOL.md §6): the executor.
 
-Decisions live in core/updates.py (the state machine, the restart rule, version and target
-checks); this module owns the I/O around them:
+Every decision is in core/updates.py: the state machine and its live transitions
+(`on_command`, `on_event`, `poll`), the restart rule (`on_restart`, `start`), the anti-rollback
+floor (`floor`, also from the active slot's metadata), the target checks, the preconditions
+checked again after hashing, the health timeout and max boot attempts, when to restart, and
+what a failed save or slot operation means. This module runs the actions the core returns, in
+order, by the rules written at the top of the core's "typed commands, events and actions":
 
-- The core thread calls `handle`, `on_event`, `poll` and `start`; they return statuses to
-  sign and publish. Every state change is saved (write, fsync, rename) BEFORE its status is
-  emitted and before the slot is touched.
+- The core thread calls `handle`, `on_event`, `poll`, `start` and `mark_reported`; they
+  return statuses to sign and publish. `Save` writes the record (write, fsync, rename) and
+  comes first in every list, so a state change is durable BEFORE its status is emitted and
+  before the slot is touched.
 - One worker thread runs the slow jobs in order: TUF download and verification
-  (adapters/tuf.py), installing into the inactive slot, discarding a slot, re-hashing the
-  staged artifact and switching slots. Every slot write happens on that thread, so a
-  cancel never races an install: the discard job simply runs after the stage job stopped.
-  Jobs report back through `post` (the core thread's queue) tagged with a generation number;
-  events of a superseded or cancelled job are ignored.
-- Activation switches the slot and asks the runtime to restart (`restart_requested`); the
-  next start confirms it with a health check (`poll`): every bus open and the broker
-  reached within `updates.health_timeout_s` -> mark_good, COMMITTED, SUCCEEDED; otherwise
-  roll back, ROLLED_BACK, FAILED/INSTALL_FAILED and restart once more into the previous slot.
+  (adapters/tuf.py), installing into the inactive slot, discarding a slot, hashing the staged
+  artifact and switching slots. A cancel never races an install: the discard job simply runs
+  after the stage job stopped. Jobs report back through `post` (the core thread's queue) as
+  `UpdateEvent(gen, event)`; the core ignores another generation's.
+- mark_good and roll_back while confirming run on the core thread; their outcome goes back to
+  the core at once.
 """
 
 from __future__ import annotations
@@ -27,32 +29,21 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import replace
-from typing import Any
+from pathlib import Path
 
 from ..adapters.slots import DirectorySlots, SlotBackend
 from ..adapters.updatestate import UpdateStateStore
 from ..config import Config
 from ..core import updates as U
 from ..core.updates import UpdateEvent
-from ..core.protocol import (
-    ACCEPTED,
-    FAILED,
-    IN_PROGRESS,
-    INSTALL_FAILED,
-    INTERNAL_ERROR,
-    PRECONDITION_FAILED,
-    REJECTED,
-    SUCCEEDED,
-    VERIFICATION_FAILED,
-)
-from ..core.conditions import Lookup, check_all, parse_condition
+from ..core.protocol import INSTALL_FAILED, INTERNAL_ERROR, REJECTED
+from ..core.conditions import Lookup, parse_condition
 from ..core.executor import Status
 from ..errors import AgentError, StorageError
 
 log = logging.getLogger("agent.updates")
 
-PROGRESS_STEP = 10  # IN_PROGRESS statuses at every 10 % of the download
+_WORKER_JOBS = (U.StartDownload, U.Install, U.Verify, U.Switch, U.Discard)
 
 
 class UpdateService:
@@ -68,15 +59,17 @@ class UpdateService:
         self.downloads = base / "downloads"
         self.tuf_cache = base / "tuf"
         self.slots = slots or DirectorySlots(config.slots_dir)
-        self.preconditions = tuple(parse_condition(text, f"updates.preconditions.{i}")
-                                   for i, text in enumerate(cfg.preconditions))
-        self.state = self._load()
+        self.policy = U.Policy(
+            hardware_id=cfg.hardware_id, installed_version=cfg.installed_version,
+            allowed_repositories=tuple(cfg.allowed_repositories),
+            preconditions=tuple(parse_condition(text, f"updates.preconditions.{i}")
+                                for i, text in enumerate(cfg.preconditions)),
+            stale_ms=cfg.stale_ms, health_timeout_s=cfg.health_timeout_s,
+            max_boot_attempts=cfg.max_boot_attempts,
+            max_resume_age_ms=int(cfg.max_resume_age_s * 1000))
+        self.machine = U.Machine(record=self._load(), policy=self.policy)
         self.restart_requested = False
-        self.confirm_deadline_ms: int | None = None
-        self._marked_good = False  # mark_good done, COMMITTED not yet saved
-        self._gen = 0
         self._cancel = threading.Event()
-        self._last_progress = -1
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._work, name="updates", daemon=True)
         self._worker.start()
@@ -98,23 +91,15 @@ class UpdateService:
     # -- views ----------------------------------------------------------------------------
 
     @property
+    def state(self) -> U.UpdateState:
+        return self.machine.record
+
+    @property
     def installed_version(self) -> str:
-        """The anti-rollback floor: the newest of the configured version, the last committed
-        one and the confirmed active slot's (which survives a lost update record)."""
-        floor = U.installed_version(self.state, self.cfg.installed_version)
-        try:
-            report = self.slots.report()
-            meta = (report.get("slots") or {}).get(report["active"]) or {}
-            if not report.get("pending") and U.is_newer(meta.get("version"), floor):
-                floor = meta["version"]
-        except (AgentError, KeyError, TypeError):
-            pass  # no readable slot metadata: the record and the config decide
-        return floor
+        return U.floor(self.state, self.cfg.installed_version, self._slots_report())
 
     def running(self, command_id: str) -> bool:
-        """Is this command's update still in progress here (not in a final state)?"""
-        return (self.state.command_id == command_id
-                and self.state.state not in U.FINAL_STATES)
+        return self.machine.running(command_id)
 
     def status(self) -> dict:
         s = self.state
@@ -122,220 +107,109 @@ class UpdateService:
                 "version": s.version, "installed_version": self.installed_version,
                 "reason": s.reason, "detail": s.detail}
 
-    # -- commands (core thread) -----------------------------------------------------------
+    # -- the core thread's entry points ---------------------------------------------------
 
     def handle(self, command_id: str, name: str, params: dict, now_ms: int) -> list[Status]:
-        try:
-            if name == "update.stage":
-                return self._stage(command_id, params, now_ms)
-            if name == "update.activate":
-                return self._activate(command_id, params["target"], now_ms)
-            if name == "update.cancel":
-                return self._cancel_stage(command_id)
-        except U.UpdateError as e:
-            return [Status(command_id, REJECTED, e.reason, e.detail)]
-        except StorageError as e:
-            log.error("%s", e)
-            return [Status(command_id, FAILED, INTERNAL_ERROR, str(e)[:200])]
-        return [Status(command_id, REJECTED, "UNKNOWN_COMMAND", f"no update command {name}")]
-
-    def _stage(self, cid: str, params: dict, now_ms: int) -> list[Status]:
-        U.check_repository(params["repository"], self.cfg.allowed_repositories)
-        old = self.state
-        new, reports = U.stage(old, cid, params["target"], now_ms, params["repository"])
-        self._save(new)
-        out = [self._status(r) for r in reports]
-        if old.state in (U.DOWNLOADING, U.VERIFYING, U.STAGED):
-            self._abort_jobs()
-            self._jobs.put(("discard", self._gen))
-        out.append(Status(cid, ACCEPTED))
-        self._start_stage(new)
-        return out
-
-    def _start_stage(self, state: U.UpdateState) -> None:
-        self._gen += 1
-        self._cancel = threading.Event()
-        self._last_progress = -1
-        self._jobs.put(("stage", self._gen, state, self._cancel, self.installed_version))
-
-    def _activate(self, cid: str, target: str, now_ms: int) -> list[Status]:
-        U.check_activate(self.state, target)
-        ok, why = self._safe(now_ms)
-        if not ok:
-            raise U.UpdateError(PRECONDITION_FAILED, why)
-        self._save(U.transition(self.state, U.ACTIVATE, command_id=cid, started_ms=now_ms,
-                                detail=None, reason=None, final_status=None, reported=False))
-        self._gen += 1
-        self._jobs.put(("activate", self._gen, self.state))
-        return [Status(cid, ACCEPTED),
-                Status(cid, IN_PROGRESS, detail="checking the staged artifact again")]
-
-    def _safe(self, now_ms: int) -> tuple[bool, str]:
-        """updates.preconditions on live signals (stale or never seen: not safe)."""
-        return check_all(self.preconditions, self.lookup, now_ms, self.cfg.stale_ms, {})
-
-    def _cancel_stage(self, cid: str) -> list[Status]:
-        new, reports = U.cancel(self.state, cid)
-        self._save(new)
-        self._abort_jobs()
-        self._jobs.put(("discard", self._gen))
-        return [Status(cid, ACCEPTED)] + [self._status(r) for r in reports]
-
-    def _abort_jobs(self) -> None:
-        self._cancel.set()
-        self._gen += 1  # events of the aborted job are ignored from now on
-
-    # -- worker events (core thread) ------------------------------------------------------
+        cmd = U.parse_command(name, command_id, params)
+        if cmd is None:
+            return [Status(command_id, REJECTED, "UNKNOWN_COMMAND", f"no update command {name}")]
+        return self._run(U.on_command(self.machine, cmd, now_ms, lookup=self.lookup,
+                                      slots=self._slots_report()), now_ms)
 
     def on_event(self, ev: UpdateEvent, now_ms: int) -> list[Status]:
-        if ev.gen != self._gen:
-            return []
-        s = self.state
-        cid = s.command_id
-        try:
-            if ev.kind == "progress" and s.state == U.DOWNLOADING:
-                percent = int(ev.data)
-                step = percent // PROGRESS_STEP
-                if step == self._last_progress:
-                    return []
-                self._last_progress = step
-                return [Status(cid, IN_PROGRESS, detail="downloading", progress=percent)]
-            if ev.kind == "downloaded" and s.state == U.DOWNLOADING:
-                self._save(U.transition(s, U.DOWNLOADED))
-                return [Status(cid, IN_PROGRESS, detail="verified; installing into the "
-                                                        "inactive slot", progress=100)]
-            if ev.kind == "staged" and s.state in (U.DOWNLOADING, U.VERIFYING):
-                fetched, slot, version = ev.data
-                if s.state == U.DOWNLOADING:
-                    s = U.transition(s, U.DOWNLOADED)
-                self._save(U.transition(s, U.VERIFIED, version=version, sha256=fetched.sha256,
-                                        slot=slot, final_status=SUCCEEDED, reported=False))
-                log.info("update %s %s staged in slot %s", s.target, version, slot)
-                return [Status(cid, SUCCEEDED, result=U.staged_result(self.state))]
-            if ev.kind == "verified" and s.state == U.ACTIVATING:
-                # Checked again now: hashing a large artifact takes time, and the vehicle may
-                # have been driven off meanwhile.
-                ok, why = self._safe(now_ms)
-                if not ok:
-                    detail = f"{why}; not activated, the update stays staged"
-                    self._save(U.transition(s, U.ABORT, final_status=FAILED, reported=False,
-                                            reason=PRECONDITION_FAILED, detail=detail))
-                    return [Status(cid, FAILED, PRECONDITION_FAILED, detail)]
-                self._jobs.put(("switch", self._gen, s))
-                return []
-            if ev.kind == "switched" and s.state == U.ACTIVATING:
-                try:
-                    self._save(U.transition(s, U.SWITCHED))
-                except StorageError:
-                    self._undo_switch(s.slot)  # never run a slot the record does not know about
-                    raise
-                self.restart_requested = True
-                log.info("update %s %s: slot %s active on trial; restarting", s.target,
-                         s.version, s.slot)
-                return [Status(cid, IN_PROGRESS,
-                               detail=f"slot {s.slot} active; restarting to confirm it")]
-            if ev.kind == "failed" and s.state in (U.DOWNLOADING, U.VERIFYING, U.ACTIVATING):
-                err: U.UpdateError = ev.data
-                # A target this vehicle refuses (hardware, version) is a rejection of the
-                # command, not a failure to carry it out.
-                status = REJECTED if isinstance(err, U.TargetRefused) else FAILED
-                new, reports = U.fail(s, err.reason, err.detail, status)
-                self._save(new)
-                log.warning("update %s failed: %s %s", s.target, err.reason, err.detail)
-                return [self._status(r) for r in reports]
-        except StorageError as e:
-            log.error("%s", e)
-            return [Status(cid, FAILED, INTERNAL_ERROR, str(e)[:200])] if cid else []
-        return []
+        return self._run(U.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms)
 
-    # -- start and confirmation -----------------------------------------------------------
+    def poll(self, now_ms: int, health: Callable[[], tuple[bool, str]]) -> list[Status]:
+        return self._run(U.poll(self.machine, now_ms, health), now_ms)
+
+    def mark_reported(self, statuses: list[Status]) -> None:
+        """The statuses are in the outbox (core: on_reported)."""
+        self._run(U.on_reported(self.machine, [(x.id, x.status) for x in statuses]), 0)
 
     def start(self, now_ms: int) -> list[Status]:
-        """What the record found on disk means now (core/updates.on_restart), carried out."""
+        """The record found on disk, carried out (core: start / on_restart). The boot of a
+        pending activation is counted first: the core's max_boot_attempts reads it."""
         try:
-            report = self.slots.report()
-            if report.get("pending"):
+            if self.slots.report().get("pending"):
                 self.slots.note_boot()
-            active_before = report["active"]
-            actions = U.on_restart(self.state, self.slots.report(), now_ms,
-                                   int(self.cfg.max_resume_age_s * 1000),
-                                   self.cfg.max_boot_attempts)
+            step = U.start(self.state, self.slots.report(), now_ms, self.policy)
         except AgentError as e:
             log.error("update state at start: %s", e)
             return []
-        out: list[Status] = []
+        return self._run(step, now_ms)
+
+    def close(self) -> None:
+        self._cancel.set()
+        self._jobs.put(None)
+        self._worker.join(5)
+
+    # -- running actions ------------------------------------------------------------------
+
+    def _run(self, step: U.Step, now_ms: int, out: list[Status] | None = None) -> list[Status]:
+        out = [] if out is None else out
+        before, (machine, actions) = self.machine, step
+        self.machine = machine
         for action in actions:
             try:
-                if isinstance(action, U.Save):
-                    self._save(action.state)
-                elif isinstance(action, U.Report):
-                    out.append(self._status(action))
-                elif isinstance(action, U.ResumeStage):
-                    log.info("resuming the staging of %s", action.state.target)
-                    self._start_stage(action.state)
-                elif isinstance(action, U.Discard):
-                    self._jobs.put(("discard_downloads", self._gen))
-                elif isinstance(action, U.Confirm):
-                    self.confirm_deadline_ms = now_ms + int(self.cfg.health_timeout_s * 1000)
-                    log.info("update %s %s: confirming (health check, up to %.0f s)",
-                             self.state.target, self.state.version, self.cfg.health_timeout_s)
-                elif isinstance(action, U.RollBackSlot):
-                    self.slots.roll_back()
+                feedback = self._do(action, out)
             except AgentError as e:
-                log.error("update start action %s failed: %s", type(action).__name__, e)
-        try:
-            if self.slots.report()["active"] != active_before:
-                self.restart_requested = True  # rolled back: run the previous slot's code
-        except AgentError as e:
-            log.error("slots after start: %s", e)
+                log.error("update %s failed: %s", type(action).__name__, e)
+                if getattr(action, "keep_going", False):
+                    continue
+                self.machine = before  # the rest is dropped; the core decides what it means
+                failed = (U.SaveFailed(state=action.state, detail=str(e))
+                          if isinstance(action, U.Save) else U.SlotFailed(detail=str(e)))
+                ev = UpdateEvent(gen=before.gen, event=failed)
+                return self._run(U.on_event(before, ev, now_ms, lookup=self.lookup), now_ms, out)
+            if feedback is not None:
+                ev = UpdateEvent(gen=self.machine.gen, event=feedback)
+                self._run(U.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms, out)
         return out
 
-    def poll(self, now_ms: int, health: Callable[[], tuple[bool, str]]) -> list[Status]:
-        """While confirming: commit when healthy, roll back when the time is up."""
-        if self.confirm_deadline_ms is None or self.state.state != U.CONFIRMING:
-            return []
-        s = self.state
-        if not self._marked_good:
-            ok, why = health()
-            if not ok and now_ms < self.confirm_deadline_ms:
-                return []
-            detail = ""
-            try:
-                if ok:
-                    self.slots.mark_good()
-                    self._marked_good = True
-                else:
-                    detail = (f"health check failed after {self.cfg.health_timeout_s:g} s: "
-                              f"{why}; rolled back")
-                    self.slots.roll_back()
-            except AgentError as e:  # the slot backend failed: the old slot is the safe one
-                log.error("confirming the update failed: %s", e)
-                detail = f"confirming failed: {e}"[:200]
-                self._undo_switch(s.slot)
-            if not self._marked_good:
-                self._rolled_back(s, detail)
-                return [Status(s.command_id, FAILED, INSTALL_FAILED, detail)]
-        # Marked good: from here on the new slot stays, whatever happens. A failed save is
-        # retried at the next poll (and a restart reads "confirming, marker gone" as committed).
-        try:
-            self._save(U.commit(s))
-        except StorageError as e:
-            log.error("update %s %s confirmed but not yet recorded: %s", s.target, s.version, e)
-            return []
-        self.confirm_deadline_ms = None
-        self._marked_good = False
-        log.info("update %s %s committed", s.target, s.version)
-        return [Status(s.command_id, SUCCEEDED, result={"target": s.target, "version": s.version})]
+    def _do(self, a, out: list[Status]) -> U.Event | None:
+        if isinstance(a, U.Save):
+            self.store.save(a.state)
+            log.info("update %s: %s (command %s)", a.state.target, a.state.state,
+                     a.state.command_id)
+            _test_crash_point(a.state.state)
+        elif isinstance(a, U.Report):
+            out.append(Status(a.command_id, a.status, a.reason, a.detail,
+                              dict(a.result) if a.result is not None else None, a.progress))
+            if a.status in (U.FAILED, REJECTED) and a.reason != INTERNAL_ERROR:
+                log.warning("update command %s: %s %s %s", a.command_id, a.status, a.reason,
+                            a.detail)
+        elif isinstance(a, U.StartDownload):
+            self._cancel = threading.Event()
+            self._jobs.put((a, self._cancel))
+        elif isinstance(a, _WORKER_JOBS):
+            self._jobs.put((a, self._cancel))
+        elif isinstance(a, U.Abort):
+            self._cancel.set()
+        elif isinstance(a, U.Confirm):
+            log.info("update %s %s: confirming (health check, up to %.0f s)", a.state.target,
+                     a.state.version, self.cfg.health_timeout_s)
+        elif isinstance(a, U.MarkGood):
+            self.slots.mark_good()
+            return U.MarkedGood()
+        elif isinstance(a, U.RollBackSlot):
+            self.slots.roll_back()
+            if a.restart:
+                self.restart_requested = True
+        elif isinstance(a, U.UndoSwitch):
+            self._undo_switch(a.slot)
+        elif isinstance(a, U.RequestRestart):
+            log.info("update %s %s: restart requested", self.state.target, self.state.version)
+            self.restart_requested = True
+        else:
+            raise TypeError(f"not an update action: {a!r}")
+        return None
 
-    def _rolled_back(self, s: U.UpdateState, detail: str) -> None:
-        self.confirm_deadline_ms = None
-        self.restart_requested = True  # back into the previous slot's code
-        log.error("update %s %s: %s", s.target, s.version, detail)
+    def _slots_report(self) -> dict | None:
         try:
-            self._save(U.roll_back(s, detail))
-        except StorageError as e:  # the restart rule sees "previous slot active": rolled back
-            log.error("%s", e)
-            self.state = U.roll_back(s, detail)
+            return self.slots.report()
+        except AgentError as e:
+            log.warning("slot report: %s", e)
+            return None
 
     def _undo_switch(self, slot: str | None) -> None:
         """Drop a trial switch to `slot` (marker and pointer); errors are logged, not raised."""
@@ -345,35 +219,6 @@ class UpdateService:
         except AgentError as e:
             log.error("cannot undo the slot switch: %s", e)
 
-    def mark_reported(self, statuses: list[Status]) -> None:
-        """The statuses are in the outbox: a terminal one of the record's command need not be
-        sent again after a restart."""
-        s = self.state
-        if s.reported or s.final_status is None:
-            return
-        if any(x.id == s.command_id and x.status == s.final_status for x in statuses):
-            try:
-                self._save(replace(s, reported=True))
-            except StorageError as e:  # sent again after a restart at worst
-                log.warning("%s", e)
-
-    def close(self) -> None:
-        self._abort_jobs()
-        self._jobs.put(None)
-        self._worker.join(5)
-
-    # -- helpers --------------------------------------------------------------------------
-
-    def _save(self, state: U.UpdateState) -> None:
-        self.store.save(state)
-        self.state = state
-        _test_crash_point(state.state)
-
-    @staticmethod
-    def _status(r: U.Report) -> Status:
-        return Status(r.command_id, r.status, r.reason, r.detail,
-                      dict(r.result) if r.result is not None else None)
-
     # -- the worker thread ----------------------------------------------------------------
 
     def _work(self) -> None:
@@ -381,82 +226,79 @@ class UpdateService:
             job = self._jobs.get()
             if job is None:
                 return
-            kind, gen = job[0], job[1]
+            action, cancel = job
             try:
-                if kind == "stage":
-                    self._do_stage(gen, *job[2:])
-                elif kind == "activate":
-                    self._do_verify(gen, job[2])
-                elif kind == "switch":
-                    self._do_switch(gen, job[2])
-                elif kind == "discard":
-                    self.slots.discard_inactive()
-                    self._discard_downloads()
-                elif kind == "discard_downloads":
-                    self._discard_downloads()
+                ev = self._job(action, cancel)
             except U.UpdateError as e:
-                log.warning("update job %s: %s %s", kind, e.reason, e.detail)
-                self.post(UpdateEvent(gen, "failed", e))
+                log.warning("update job %s: %s %s", type(action).__name__, e.reason, e.detail)
+                ev = U.Failed(reason=e.reason, detail=e.detail,
+                              refused=isinstance(e, U.TargetRefused))
             except Exception as e:  # a bug must not kill the worker; the command still ends
-                log.exception("update job %s failed", kind)
-                self.post(UpdateEvent(gen, "failed", U.UpdateError(
-                    INTERNAL_ERROR, f"{type(e).__name__}: {e}"[:200])))
+                log.exception("update job %s failed", type(action).__name__)
+                ev = U.Failed(reason=INTERNAL_ERROR, detail=f"{type(e).__name__}: {e}"[:200])
+            if ev is not None and not isinstance(action, U.Discard):
+                self.post(UpdateEvent(gen=action.gen, event=ev))
 
-    def _do_stage(self, gen: int, state: U.UpdateState, cancel: threading.Event,
-                  installed: str) -> None:
+    def _job(self, a, cancel: threading.Event) -> U.Event | None:
+        if isinstance(a, U.StartDownload):
+            return self._download(a, cancel)
+        if isinstance(a, U.Install):
+            if cancel.is_set():
+                return None
+            slot = self.slots.install_inactive(Path(a.path), dict(a.meta))
+            Path(a.path).unlink(missing_ok=True)  # the slot holds it now; spare the disk
+            return None if cancel.is_set() else U.Installed(slot=slot)
+        if isinstance(a, U.Verify):
+            return U.Hashed(sha256=self._hash(a.slot))
+        if isinstance(a, U.Switch):
+            try:
+                self.slots.switch_active(a.slot)
+            except U.UpdateError:
+                self._undo_switch(a.slot)  # the marker may be down without the pointer
+                raise
+            return U.Switched()
+        if isinstance(a, U.Discard):
+            if a.what == "inactive":
+                self.slots.discard_inactive()
+            if self.downloads.exists():
+                shutil.rmtree(self.downloads, ignore_errors=True)
+        return None
+
+    def _download(self, a: U.StartDownload, cancel: threading.Event) -> U.Event | None:
         accepted: dict[str, str] = {}
 
         def accept(name: str, custom: dict) -> None:
             try:
-                accepted["version"] = U.accept_target(name, custom, self.cfg.hardware_id,
-                                                      installed)
+                accepted["version"] = U.accept_target(name, custom, a.hardware_id, a.floor)
             except U.UpdateError as e:  # this vehicle refuses it: REJECTED, not FAILED
                 raise U.TargetRefused(e.reason, e.detail) from e
 
         # python-tuf and urllib3 (~3 MB) are loaded only when an update is actually fetched.
         from ..adapters.tuf import FetchConfig, fetch_target
 
+        def progress(pct: int) -> None:
+            pct = max(0, min(100, int(pct)))
+            self.post(UpdateEvent(gen=a.gen, event=U.DownloadProgress(pct=pct)))
+
         fetched = fetch_target(
-            state.repository, state.target, self.cfg.trusted_root, self.tuf_cache,
-            self.downloads, progress=lambda p: self.post(UpdateEvent(gen, "progress", p)),
+            a.state.repository, a.state.target, self.cfg.trusted_root, self.tuf_cache,
+            self.downloads, progress=progress,
             config=FetchConfig(free_margin_bytes=self.cfg.min_free_bytes),
             cancelled=cancel.is_set, accept=accept)
-        self.post(UpdateEvent(gen, "downloaded"))
         if cancel.is_set():
-            return
-        meta = {"target": fetched.name, "version": accepted["version"], "sha256": fetched.sha256}
-        slot = self.slots.install_inactive(fetched.path, meta)
-        fetched.path.unlink(missing_ok=True)  # the slot holds it now; spare the disk
-        if cancel.is_set():  # cancelled while installing: the discard job runs next
-            return
-        self.post(UpdateEvent(gen, "staged", (fetched, slot, accepted["version"])))
+            return None
+        return U.Downloaded(path=str(fetched.path), name=fetched.name, sha256=fetched.sha256,
+                            version=accepted["version"])
 
-    def _do_verify(self, gen: int, state: U.UpdateState) -> None:
-        path = self.slots.payload(state.slot)
+    def _hash(self, slot: str) -> str:
         digest = hashlib.sha256()
         try:
-            with open(path, "rb") as f:
+            with open(self.slots.payload(slot), "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     digest.update(chunk)
         except OSError as e:
             raise U.UpdateError(INSTALL_FAILED, f"staged artifact unreadable: {e}") from e
-        if digest.hexdigest() != state.sha256:
-            raise U.UpdateError(VERIFICATION_FAILED,
-                                f"staged artifact in slot {state.slot} changed since it was "
-                                "verified (sha256 mismatch); not activated")
-        self.post(UpdateEvent(gen, "verified"))
-
-    def _do_switch(self, gen: int, state: U.UpdateState) -> None:
-        try:
-            self.slots.switch_active(state.slot)
-        except U.UpdateError:
-            self._undo_switch(state.slot)  # the marker may be down without the pointer
-            raise
-        self.post(UpdateEvent(gen, "switched"))
-
-    def _discard_downloads(self) -> None:
-        if self.downloads.exists():
-            shutil.rmtree(self.downloads, ignore_errors=True)
+        return digest.hexdigest()
 
 
 def _test_crash_point(state: str) -> None:

@@ -30,7 +30,7 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from ..adapters.modem import ModemService
+    from ..adapters.modem import ModemPoller
     from ..config import load_config
     from ..errors import ConfigError
 
@@ -38,9 +38,9 @@ def run(args) -> int:
     if config.modem is None:
         raise ConfigError(f"{args.config}: no [modem] section (add [modem] port = "
                           "\"/dev/ttyUSB2\", the modem's AT port)")
-    service = ModemService(config.modem, on_values=lambda t, v: None)
+    modem = ModemPoller(config.modem, on_values=lambda t, v: None)
     if args.at:
-        result = service.raw(args.at)
+        result = modem.raw(args.at)
         if args.json:
             print(json.dumps({"command": result.command, "lines": list(result.lines),
                               "result": result.final, "error": result.error}, indent=1))
@@ -49,7 +49,7 @@ def run(args) -> int:
                 print(line)
             print(result.describe())
         return 0 if result.ok else 1
-    values = service.query_once()
+    values = modem.query_once()
     info = {key: values.get("Vehicle.Connectivity." + name) for key, name in FIELDS}
     if args.json:
         print(json.dumps({**info, "port": config.modem.port, "values": values}, indent=1))

@@ -87,7 +87,9 @@ def render(s: dict) -> str:
         age = f", oldest {_dur((now - oldest) / 1000)} old" if oldest else ""
         lines.append(_row("outbox", f"{ob.get('messages')} messages, {ob.get('bytes') or 0:,} "
                           f"bytes{age}; last acked seq {ob.get('last_acked_seq')}, next seq "
-                          f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"))
+                          f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"
+                          + (" (seq restarted from the clock: the outbox and its seq marks "
+                             "were lost)" if ob.get("seq_from_clock") else "")))
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):

@@ -7,11 +7,20 @@ A live bus, a log replay, the tests and the benchmarks all drive this same objec
     core.feed(bus_index, t, can_id, data)   # per frame
     core.tick(t)                            # periodically, for heartbeats/timeouts/age
     for batch in core.take_batches(): ...
+
+Two rules keep a sender on the bus from faking freshness:
+- A signal is observed only when a frame carried it completely: a frame shorter than the DBC
+  says (DLC 1, DLC 0 with the right id) refreshes just the signals that fit in its bytes
+  (per-signal `seen_ms`); a frame of full length refreshes its whole message (`seen`).
+- Live (`frame_skew_s` set), time is the agent's own: only tick(now) from the runtime moves the
+  core's clock, frames never do, and a frame stamped later than that clock plus the skew is
+  taken at clock + skew. So a frame stamped 30 minutes ahead neither keeps a signal fresh nor
+  holds back timeouts and batch deadlines. Replays (no skew) keep running on frame time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from cantools.database.namedsignalvalue import NamedSignalValue
 
@@ -65,7 +74,7 @@ class SignalState(Column):
 
 class MessageState:
     __slots__ = ("message", "decode", "fast", "prev", "length", "signals", "seen", "last",
-                 "timeout", "mux", "present")
+                 "timeout", "mux", "present", "carried")
 
     def __init__(self, message, signals: list[SignalState]):
         self.message = message
@@ -79,6 +88,7 @@ class MessageState:
         self.timeout = min((s.timeout for s in signals if s.timeout), default=0)
         self.mux = any(s.spec.multiplexed for s in signals)
         self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
+        self.carried: list[int] = []  # after a short frame: indices of the signals it carried
         for s in signals:
             s.msg = self
 
@@ -125,8 +135,16 @@ class TelemetryCore:
     """Decode -> sample -> batch for any number of buses."""
 
     def __init__(self, plans: Sequence[BusPlan], max_batch_age_ms: int = 1000,
-                 max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000):
+                 max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000,
+                 value_deadbands: Mapping[str, float] | None = None,
+                 frame_skew_s: float | None = None):
         self.external_heartbeat_ms = external_heartbeat_ms
+        # Deadbands of named values from other sources (feed_values), e.g. the modem's signal
+        # strength; set before the first value of that name arrives.
+        self.value_deadbands: dict[str, float] = dict(value_deadbands or {})
+        self.frame_skew_s = frame_skew_s  # live: frames are clamped to the tick clock + this
+        self.clock: float | None = None  # the last tick(now) when live
+        self.future_frames = 0  # live: frames stamped beyond clock + skew (clamped)
         self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
         self.counters: list[BusCounters] = []
         self.state_changed = False  # set when a signal marked `state` changes; caller resets
@@ -180,11 +198,17 @@ class TelemetryCore:
     def _feed(self, frames) -> None:
         counters = self.counters
         update = self._update
-        next_tick = self._next_tick
+        live = self.frame_skew_s is not None
+        # Live, frames never drive ticks; they are clamped to the runtime's clock instead.
+        next_tick = float("inf") if live else self._next_tick
+        latest = float("inf") if not live or self.clock is None else self.clock + self.frame_skew_s
         for bus, t, can_id, data in frames:
             if t >= next_tick:
                 self.tick(t)
                 next_tick = self._next_tick
+            elif t > latest:
+                self.future_frames += 1
+                t = latest
             c = counters[bus]
             entry = c.entries.get(can_id, MISSING)
             if entry is None:
@@ -195,10 +219,13 @@ class TelemetryCore:
                 if len(c.unknown_id_set) < 1024:
                     c.unknown_id_set.add(can_id)
                 continue
-            entry.seen = t
             size = len(data)
             if size != entry.length:
                 c.bad_length += 1
+                if size < entry.length:  # carries only some signals: only those are fresh
+                    self._short_frame(entry, c, t, data)
+                    continue
+            entry.seen = t
             if data == entry.last:
                 c.unchanged += 1
                 continue
@@ -228,6 +255,36 @@ class TelemetryCore:
             if entry.mux:
                 entry.present = set(values)
             update(entry.signals, changed, t_ms, True)
+
+    def _short_frame(self, entry: MessageState, c: BusCounters, t: float, data: bytes) -> None:
+        """A frame shorter than its DBC length: decode what it carries completely (cantools'
+        allow_truncated) and refresh only those signals."""
+        entry.prev = None  # the fast path resynchronises on the next frame of normal length
+        if data == entry.last:  # the same short frame again: the same signals, refreshed
+            c.unchanged += 1
+            t_ms = int(t * 1000)
+            for i in entry.carried:
+                entry.signals[i].seen_ms = t_ms
+            return
+        entry.last = data
+        entry.carried = []
+        try:
+            values = entry.decode(data, True, True, False, True)
+        except Exception:  # cantools raises several types on bad frames; never fatal
+            c.decode_errors += 1
+            return
+        c.decoded += 1
+        t_ms = int(t * 1000)
+        changed = []
+        for i, s in enumerate(entry.signals):
+            v = values.get(s.sig, MISSING)
+            if v is not MISSING:
+                changed.append((i, v))
+                s.seen_ms = t_ms
+                entry.carried.append(i)
+        if entry.mux:
+            entry.present = set(values)
+        self._update(entry.signals, changed, t_ms, True)
 
     def _update(self, signals: list[SignalState], changed, t_ms: int, full: bool) -> None:
         """Sample new values: changed = [(index into signals, decoded value), ...]."""
@@ -281,8 +338,8 @@ class TelemetryCore:
         if not s.emit:
             return MISSING  # watched for command conditions only
         last = s.sent
-        if s.deadband and last is not MISSING and last is not None and type(v) is not str \
-                and type(last) is not str and abs(v - last) <= s.deadband:
+        if s.deadband and last is not MISSING and last is not None and v is not None \
+                and type(v) is not str and type(last) is not str and abs(v - last) <= s.deadband:
             return MISSING
         if s.min_interval and s.sent_ms >= 0 and t_ms - s.sent_ms < s.min_interval:
             if s.pending is MISSING:
@@ -300,7 +357,10 @@ class TelemetryCore:
     # -- time-driven work -----------------------------------------------------------------
 
     def tick(self, t: float) -> None:
-        """Advance time to `t` (UTC seconds): throttled values, timeouts, heartbeats, batch age."""
+        """Advance time to `t` (UTC seconds): throttled values, timeouts, heartbeats, batch age.
+        Live, this is the agent's clock (see the module docstring)."""
+        if self.frame_skew_s is not None:
+            self.clock = t
         self._next_tick = t + TICK_S
         now = int(t * 1000)
         if self._throttled:
@@ -326,11 +386,10 @@ class TelemetryCore:
             self.batches.close()
 
     def _expire(self, entry: MessageState, now: int) -> None:
-        seen_msg = int(entry.seen * 1000)
         for s in entry.signals:
             if not s.timeout or s.raw is MISSING:
                 continue
-            seen = seen_msg if (not entry.mux or s.sig in entry.present) else s.seen_ms
+            seen = self.observed_ms(s)
             if now - seen > s.timeout:
                 # Forget the frame so that the next one is decoded in full and re-sent.
                 entry.last = entry.prev = None
@@ -345,7 +404,7 @@ class TelemetryCore:
 
     def feed_values(self, t: float, values: dict) -> None:
         """Take named values observed at `t` (UTC s) from a non-CAN source: sampled on change
-        (plus heartbeats) like signals, under their own names."""
+        (plus heartbeats) like signals, under their own names, with `value_deadbands`."""
         if t >= self._next_tick:
             self.tick(t)
         t_ms = int(t * 1000)
@@ -358,7 +417,8 @@ class TelemetryCore:
 
     def _external(self, name: str) -> SignalState:
         spec = SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0, map=None,
-                          deadband=0.0, min_interval_ms=0, heartbeat_ms=self.external_heartbeat_ms,
+                          deadband=self.value_deadbands.get(name, 0.0), min_interval_ms=0,
+                          heartbeat_ms=self.external_heartbeat_ms,
                           timeout_ms=0, state=False, multiplexed=False)
         s = SignalState(spec)
         MessageState(_NoFrame(name), [s])
@@ -384,14 +444,14 @@ class TelemetryCore:
     def snapshot(self, state_only: bool = False) -> dict[str, list]:
         """Last-known values: output name -> [t_ms last observed, value] (PROTOCOL.md §4)."""
         return {s.out: [self.observed_ms(s), s.value] for s in self.signals
-                if s.msg.seen >= 0 and s.emit and (s.state or not state_only)}
+                if self.observed_ms(s) >= 0 and s.emit and (s.state or not state_only)}
 
     def lookup(self, name: str):
         """(value, observed UTC ms) of a signal: by output name the output value, by
         Message.Signal the decoded one (value-table names as strings); None if it was never
         received or is unknown."""
         s = self._by_name.get(name)
-        if s is None or s.msg.seen < 0:
+        if s is None or self.observed_ms(s) < 0:
             return None
         if name == s.out:
             return s.value, self.observed_ms(s)
@@ -412,7 +472,8 @@ class TelemetryCore:
         m = s.msg
         if m.mux and s.sig not in m.present:
             return s.seen_ms
-        return int(m.seen * 1000) if m.seen >= 0 else -1
+        # A short frame refreshes single signals (s.seen_ms) without refreshing the message.
+        return max(int(m.seen * 1000) if m.seen >= 0 else -1, s.seen_ms)
 
     def value_of(self, name: str):
         return self._by_name[name].value

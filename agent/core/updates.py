@@ -1,12 +1,17 @@
 """Software updates (PROTOCOL.md §6 update.stage / update.activate / update.cancel). Sans-I/O.
 
-Everything that decides about an update lives here; the adapters (`adapters/tuf.py`,
-`adapters/slots.py`, `adapters/updatestate.py`) only move bytes.
+Every decision about an update lives here; app/updateservice.py runs the actions this module
+returns and feeds their results back as events, and the adapters (`adapters/tuf.py`,
+`adapters/slots.py`, `adapters/updatestate.py`) only move bytes. Where each decision is:
 
-- `parse_version` / `is_newer`: dotted numeric versions, compared numerically.
-- `accept_target`: the TUF target's custom fields against this vehicle.
-- `UpdateState` and `TRANSITIONS`: the update state machine, one lookup table; an illegal
-  transition raises `IllegalTransition` (h11 style: nothing else changes the state).
+- `parse_version` / `is_newer` (core/protocol.py): dotted numeric versions, compared
+  numerically. `accept_target`: the TUF target's custom fields against this vehicle (called by
+  the worker inside the fetch, before the artifact is downloaded, with the hardware id and the
+  floor that `StartDownload` carries). `floor`: the anti-rollback floor (configured, last
+  committed, or the confirmed active slot's metadata). `check_repository`: allowed prefixes.
+- `UpdateState` and `TRANSITIONS`: the persisted record and its state machine, one lookup
+  table; an illegal transition raises `IllegalTransition` (h11 style: nothing else changes
+  the state).
 
       IDLE -stage-> DOWNLOADING -downloaded-> VERIFYING -verified-> STAGED -activate-> ACTIVATING
       DOWNLOADING, VERIFYING, STAGED  -stage->  DOWNLOADING   (a new update.stage supersedes)
@@ -17,8 +22,20 @@ Everything that decides about an update lives here; the adapters (`adapters/tuf.
   COMMITTED, FAILED and ROLLED_BACK are final for their command; a new stage starts from them
   as from IDLE. `cancel` is allowed up to STAGED and returns to IDLE.
 
-- `on_restart`: given the state found on disk at start and the slot backend's report, what the
-  runtime must do (resume, clean up, report which status for which command id).
+- The live machine (`Machine`: the record, the job generation, the progress step, the
+  confirmation deadline, "marked good"): `on_command` (typed Stage / Activate / Cancel:
+  repository, BUSY, what is staged, updates.preconditions), `on_event` (typed worker results:
+  progress every 10 %, install after the download, the hash and the preconditions checked
+  again after hashing, the switch, failures REJECTED when the vehicle refuses the target; and
+  the executor's own: a failed save -> FAILED/INTERNAL_ERROR and the switch undone, a commit
+  retried), `poll` (health within updates.health_timeout_s -> mark good and COMMITTED, else
+  roll back and restart; a confirmed slot is never rolled back over a failed save) and
+  `on_reported` (the terminal status reached the outbox: never sent again). Each returns the
+  new machine and a list of actions (Save, Report, StartDownload, Install, Verify, Switch,
+  Abort, Discard, Confirm, MarkGood, RollBackSlot, UndoSwitch, RequestRestart).
+- `on_restart`: given the record found on disk at start and the slot backend's report, what to
+  do (resume, clean up, confirm with max_boot_attempts, report which status for which command
+  id, the terminal status kept once across restarts); `start` makes that executable.
 
 Choices where the protocol is silent (documented here, to copy into the issue note):
 - A new update.stage while DOWNLOADING or VERIFYING supersedes the one in flight: that command
@@ -33,14 +50,22 @@ Choices where the protocol is silent (documented here, to copy into the issue no
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from agent.errors import IllegalTransition, TargetRefused, UpdateError  # noqa: F401 - re-raised here
+from urllib.parse import urlsplit as _urlsplit
 
+from agent.errors import IllegalTransition, TargetRefused, UpdateError  # noqa: F401 - re-raised here
+from agent.errors import ParamError as _ParamError
+
+from .conditions import check_all
+from .registry import Family as _Family
+from .registry import show as _show
 from .protocol import (
+    ACCEPTED,
     BAD_PARAMS,
     BUSY,
     CANCELLED,
@@ -48,8 +73,11 @@ from .protocol import (
     FAILED,
     IN_PROGRESS,
     INSTALL_FAILED,
+    INTERNAL_ERROR,
     PRECONDITION_FAILED,
+    REASONS,
     REJECTED,
+    STATUSES,
     SUCCEEDED,
     SUPERSEDED,
     VERIFICATION_FAILED,
@@ -182,18 +210,6 @@ def transition(current: UpdateState, event: str, **changes: Any) -> UpdateState:
 
 # -- command-level helpers: what each update command does to the record ----------------------
 
-@dataclass(frozen=True, slots=True)
-class Report:
-    """Send this status for this command id, unless a terminal status was already stored for
-    it (statuses must stay one-terminal-per-command across restarts)."""
-
-    command_id: str
-    status: str
-    reason: str | None = None
-    detail: str | None = None
-    result: Mapping | None = None
-
-
 def installed_version(current: UpdateState | None, configured: str) -> str:
     """The version running now: the last committed one, else `updates.installed_version`."""
     return (current.installed if current is not None and current.installed else configured)
@@ -225,8 +241,8 @@ def stage(current: UpdateState, command_id: str, target: str, now_ms: int,
                      repository=repository, final_status=None, reported=False)
     reports = []
     if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
-        reports.append(Report(current.command_id, FAILED, SUPERSEDED,
-                              f"superseded by command {command_id}"))
+        reports.append(Report(command_id=current.command_id, status=FAILED, reason=SUPERSEDED,
+                              detail=f"superseded by command {command_id}"))
     return new, reports
 
 
@@ -238,9 +254,9 @@ def cancel(current: UpdateState, command_id: str) -> tuple[UpdateState, list[Rep
                      reason=None, slot=None, final_status=SUCCEEDED, reported=False)
     reports = []
     if current.state in (DOWNLOADING, VERIFYING) and current.command_id:
-        reports.append(Report(current.command_id, FAILED, CANCELLED,
-                              f"cancelled by command {command_id}"))
-    reports.append(Report(command_id, SUCCEEDED))
+        reports.append(Report(command_id=current.command_id, status=FAILED, reason=CANCELLED,
+                              detail=f"cancelled by command {command_id}"))
+    reports.append(Report(command_id=command_id, status=SUCCEEDED))
     return new, reports
 
 
@@ -250,8 +266,8 @@ def fail(current: UpdateState, reason: str, detail: str, status: str = FAILED
     (REJECTED when this vehicle refuses the target)."""
     new = transition(current, FAIL, reason=reason, detail=detail, final_status=status,
                      reported=False)
-    return new, ([Report(current.command_id, status, reason, detail)]
-                 if current.command_id else [])
+    return new, ([Report(command_id=current.command_id, status=status, reason=reason,
+                         detail=detail)] if current.command_id else [])
 
 
 def final_report(current: UpdateState) -> Report | None:
@@ -269,8 +285,9 @@ def final_report(current: UpdateState) -> Report | None:
         result = (staged_result(current) if current.state == STAGED else
                   {"target": current.target, "version": current.version}
                   if current.state == COMMITTED else None)
-        return Report(current.command_id, SUCCEEDED, result=result)
-    return Report(current.command_id, status, current.reason or INSTALL_FAILED, current.detail)
+        return Report(command_id=current.command_id, status=SUCCEEDED, result=result)
+    return Report(command_id=current.command_id, status=status,
+                  reason=current.reason or INSTALL_FAILED, detail=current.detail)
 
 
 def check_activate(current: UpdateState, target: str) -> None:
@@ -291,50 +308,7 @@ def staged_result(current: UpdateState) -> dict:
     return {"target": current.target, "version": current.version, "sha256": current.sha256}
 
 
-@dataclass(frozen=True, slots=True)
-class UpdateEvent:
-    """From the update worker thread to the core thread, tagged with the job's generation."""
-
-    gen: int
-    kind: str  # progress | downloaded | staged | switched | failed
-    data: Any = None
-
-
 # -- restart --------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Save:
-    """Persist this record (before anything else in the list happens)."""
-
-    state: UpdateState
-
-
-@dataclass(frozen=True, slots=True)
-class ResumeStage:
-    """Run the stage again (download, verify, install); the TUF cache makes it cheap."""
-
-    state: UpdateState
-
-
-@dataclass(frozen=True, slots=True)
-class Discard:
-    """Remove download leftovers (partial files, an unstaged inactive slot)."""
-
-    what: str
-
-
-@dataclass(frozen=True, slots=True)
-class Confirm:
-    """The new slot is running: run the health check, then `confirmed` (mark_good) or
-    `roll_back`."""
-
-    state: UpdateState
-
-
-@dataclass(frozen=True, slots=True)
-class RollBackSlot:
-    """Tell the slot backend to go back to the previous slot."""
-
 
 def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
                max_resume_age_ms: int = 6 * 3600 * 1000, max_boot_attempts: int = 3
@@ -366,7 +340,7 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
         # was lost or the switch was undone): go back to the slot that worked.
         if pending:
             actions.append(RollBackSlot())
-        actions.append(Discard("downloads"))
+        actions.append(Discard(what="downloads"))
         final = final_report(found) if found is not None else None
         return actions + ([final] if final else [])
     cid = found.command_id
@@ -374,18 +348,19 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
     def report(status: str, reason: str | None = None, detail: str | None = None,
                result: Mapping | None = None) -> None:
         if cid:
-            actions.append(Report(cid, status, reason, detail, result))
+            actions.append(Report(command_id=cid, status=status, reason=reason, detail=detail,
+                                  result=result))
 
     state = found.state
     if state in (DOWNLOADING, VERIFYING):
         age = now_ms - (found.started_ms or 0)
         if 0 <= age <= max_resume_age_ms:
-            actions.append(ResumeStage(found))
+            actions.append(ResumeStage(state=found))
             report(IN_PROGRESS, detail="resuming after a restart")
         else:
             new, reports = fail(found, DOWNLOAD_FAILED,
                                 "interrupted by a restart and too old to resume")
-            actions += [Save(new), Discard("downloads"), *reports]
+            actions += [Save(state=new), Discard(what="downloads"), *reports]
     elif state == STAGED:
         final = final_report(found)
         if final:
@@ -393,12 +368,12 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
     elif state == ACTIVATING:
         if pending and pending.get("slot") == found.slot and active == found.slot:
             new = transition(found, SWITCHED)
-            actions += [Save(new), Confirm(new)]
+            actions += [Save(state=new), Confirm(state=new)]
             report(IN_PROGRESS, detail="confirming the new version")
         else:
             new, reports = fail(found, INSTALL_FAILED, "activation interrupted before the "
                                 "switch; the active slot is unchanged")
-            actions.append(Save(new))
+            actions.append(Save(state=new))
             if pending:
                 actions.append(RollBackSlot())  # drop the half-written marker
             actions += reports
@@ -407,9 +382,9 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
         if active == found.slot and not pending:
             # Cut between mark_good and saving COMMITTED: the slot was confirmed.
             new = commit(found)
-            actions += [Save(new), final_report(new)]
+            actions += [Save(state=new), final_report(new)]
         elif running_ours and int(pending.get("boots", 0)) <= max_boot_attempts:
-            actions.append(Confirm(found))
+            actions.append(Confirm(state=found))
             report(IN_PROGRESS, detail="confirming the new version")
         else:
             detail = ("the new version did not come up; rolled back" if running_ours
@@ -417,7 +392,7 @@ def on_restart(found: UpdateState | None, slots: Mapping[str, Any], now_ms: int,
             new = roll_back(found, detail)
             if pending:
                 actions.append(RollBackSlot())
-            actions += [Save(new), final_report(new)]
+            actions += [Save(state=new), final_report(new)]
     return actions
 
 
@@ -431,3 +406,610 @@ def roll_back(current: UpdateState, detail: str) -> UpdateState:
     """CONFIRMING -> ROLLED_BACK, FAILED/INSTALL_FAILED."""
     return transition(current, ROLL_BACK, reason=INSTALL_FAILED, detail=detail,
                       final_status=FAILED, reported=False)
+
+
+# -- typed commands, events and actions -----------------------------------------------------
+#
+# The live machine, h11 style: `on_command`, `on_event` and `poll` take the `Machine` and
+# return the new one with a list of actions; `start` does the same with `on_restart`'s answer.
+# The executor (app/updateservice.py) runs the actions in order and feeds what happened back
+# as events. Its rules, fixed here so that it decides nothing:
+# - a Save that fails: without `keep_going` the rest of the list is dropped, the machine stays
+#   as it was before the step and `SaveFailed` comes back to `on_event`; with `keep_going`
+#   the failure is logged and the rest runs (the machine is the new one: at start and after a
+#   rollback the slots, not the record, are the truth).
+# - MarkGood / RollBackSlot that fail: the same, with `SlotFailed`.
+# - MarkGood that succeeds: `MarkedGood` comes back at once.
+# - StartDownload, Install, Verify, Switch and Discard run on the worker thread, in order;
+#   their results come back through the core thread's queue as `UpdateEvent(gen, event)`.
+
+_HINTS: dict[type, list[tuple[str, tuple[type, ...], bool]]] = {}
+
+
+def _kinds(hint: Any) -> tuple[tuple[type, ...], bool]:
+    """(types, None allowed) for a field annotation: a class, `X | Y`, `X | None`."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = tuple(typing.get_origin(a) or a for a in args if a is not type(None))
+    return (kinds + (int,) if float in kinds else kinds), type(None) in args
+
+
+def _check_fields(self: Any) -> None:
+    cls = type(self)
+    if cls not in _HINTS:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = [(f.name, *_kinds(hints[f.name])) for f in fields(cls)]
+    for name, kinds, optional in _HINTS[cls]:
+        value = getattr(self, name)
+        if value is None and optional:
+            continue
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise ValueError(f"{cls.__name__}.{name}: {value!r} is not "
+                             f"{' or '.join(k.__name__ for k in kinds)}")
+    validate = getattr(self, "_validate", None)
+    if validate is not None:
+        validate()
+
+
+def typed(cls: type) -> type:
+    """A frozen, slotted, keyword-only dataclass that checks its fields' types on creation
+    (and runs its `_validate` for the values a type does not say)."""
+    cls.__post_init__ = _check_fields
+    return dataclass(frozen=True, slots=True, kw_only=True)(cls)
+
+
+def _need_id(self: Any) -> None:
+    if not self.command_id:
+        raise ValueError(f"{type(self).__name__}.command_id: empty")
+
+
+@typed
+class Stage:
+    command_id: str
+    target: str
+    repository: str
+    _validate = _need_id
+
+
+@typed
+class Activate:
+    command_id: str
+    target: str
+    _validate = _need_id
+
+
+@typed
+class Cancel:
+    command_id: str
+    _validate = _need_id
+
+
+Command = Stage | Activate | Cancel
+COMMANDS = frozenset({"update.stage", "update.activate", "update.cancel"})
+
+
+def parse_command(name: str, command_id: str, params: Mapping) -> Command | None:
+    """The typed command for a gate-accepted update.* command; None for another name."""
+    if name == "update.stage":
+        return Stage(command_id=command_id, target=params["target"],
+                     repository=params["repository"])
+    if name == "update.activate":
+        return Activate(command_id=command_id, target=params["target"])
+    if name == "update.cancel":
+        return Cancel(command_id=command_id)
+    return None
+
+
+# events from the worker thread
+
+@typed
+class DownloadProgress:
+    pct: int
+
+    def _validate(self) -> None:
+        if not 0 <= self.pct <= 100:
+            raise ValueError(f"DownloadProgress.pct: {self.pct} is not 0..100")
+
+
+@typed
+class Downloaded:
+    """Fetched and verified by TUF, its custom fields accepted (`version`)."""
+
+    path: str
+    name: str
+    sha256: str
+    version: str
+
+
+@typed
+class Installed:
+    slot: str
+
+
+@typed
+class Hashed:
+    """The staged artifact hashed again (before a switch)."""
+
+    sha256: str
+
+
+@typed
+class Switched:
+    """The slot backend made the staged slot active on trial."""
+
+
+@typed
+class Failed:
+    """A worker job failed; `refused`: this vehicle refuses the target (REJECTED)."""
+
+    reason: str
+    detail: str
+    refused: bool = False
+
+
+# results of the actions run on the core thread
+
+@typed
+class SaveFailed:
+    state: UpdateState
+    detail: str
+
+
+@typed
+class MarkedGood:
+    """mark_good went through: the new slot stays, whatever happens next."""
+
+
+@typed
+class SlotFailed:
+    detail: str
+
+
+Event = (DownloadProgress | Downloaded | Installed | Hashed | Switched | Failed | SaveFailed
+         | MarkedGood | SlotFailed)
+
+
+@typed
+class UpdateEvent:
+    """An event tagged with the job generation it belongs to: the worker's through the core
+    thread's queue, the executor's own at once. Another generation's is stale and ignored."""
+
+    gen: int
+    event: Event
+
+
+# actions
+
+@typed
+class Save:
+    """Persist this record (write, fsync, rename) before the rest of the list happens."""
+
+    state: UpdateState
+    keep_going: bool = False
+
+
+@typed
+class Report:
+    """Send this status for this command id."""
+
+    command_id: str
+    status: str
+    reason: str | None = None
+    detail: str | None = None
+    result: Mapping | None = None
+    progress: int | None = None
+
+    def _validate(self) -> None:
+        _need_id(self)
+        if self.status not in STATUSES:
+            raise ValueError(f"Report.status: {self.status!r} is not a §7 status")
+        if self.reason is not None and self.reason not in REASONS:
+            raise ValueError(f"Report.reason: {self.reason!r} is not a §7 reason")
+
+
+@typed
+class StartDownload:
+    """Worker: fetch `target` through TUF, accepting it only for `hardware_id` and newer than
+    `floor` (accept_target, before any byte of it is downloaded); then `Downloaded`."""
+
+    gen: int
+    state: UpdateState
+    hardware_id: str
+    floor: str
+
+
+@typed
+class Install:
+    """Worker: install the downloaded file into the inactive slot; then `Installed`."""
+
+    gen: int
+    path: str
+    meta: Mapping
+
+
+@typed
+class Verify:
+    """Worker: hash the staged artifact of `slot` again; then `Hashed`."""
+
+    gen: int
+    slot: str
+
+
+@typed
+class Switch:
+    """Worker: make `slot` active on trial (or leave the slots as they were); `Switched`."""
+
+    gen: int
+    slot: str
+
+
+@typed
+class Abort:
+    """Stop the job in flight (its later events are stale already: the generation moved)."""
+
+
+@typed
+class ResumeStage:
+    """Run the stage again (download, verify, install); the TUF cache makes it cheap.
+    (on_restart's answer; `start` turns it into a StartDownload.)"""
+
+    state: UpdateState
+
+
+@typed
+class Discard:
+    """Worker: remove download leftovers ("downloads"), or also what the inactive slot holds
+    ("inactive": a cancelled or superseded stage). Failures are logged only."""
+
+    what: str
+
+    def _validate(self) -> None:
+        if self.what not in ("downloads", "inactive"):
+            raise ValueError(f"Discard.what: {self.what!r} is not downloads or inactive")
+
+
+@typed
+class Confirm:
+    """The new slot is running: the health check starts (`poll` decides)."""
+
+    state: UpdateState
+
+
+@typed
+class MarkGood:
+    """Tell the slot backend the pending activation is good."""
+
+
+@typed
+class RollBackSlot:
+    """Tell the slot backend to go back to the previous slot; `restart`: then run the
+    previous slot's code (only once the roll-back went through)."""
+
+    keep_going: bool = False
+    restart: bool = False
+
+
+@typed
+class UndoSwitch:
+    """Drop a trial switch to `slot` if one is pending (errors are logged only)."""
+
+    slot: str | None
+
+
+@typed
+class RequestRestart:
+    """Ask the runtime to exit for a restart (RESTART_EXIT_CODE)."""
+
+
+Action = (Save | Report | StartDownload | Install | Verify | Switch | Abort | Discard
+          | Confirm | MarkGood | RollBackSlot | UndoSwitch | RequestRestart)
+
+
+# -- the live machine -----------------------------------------------------------------------
+
+@typed
+class Policy:
+    """The [updates] settings the decisions use (the core's own parameter type)."""
+
+    hardware_id: str
+    installed_version: str
+    allowed_repositories: tuple
+    preconditions: tuple = ()  # parsed core.conditions.Condition
+    stale_ms: int = 2000
+    health_timeout_s: float = 60.0
+    max_boot_attempts: int = 3
+    max_resume_age_ms: int = 6 * 3600 * 1000
+
+
+@typed
+class Machine:
+    """The record plus what only lives while the process runs."""
+
+    record: UpdateState
+    policy: Policy
+    gen: int = 0  # the job generation; events of another one are stale
+    progress_step: int = -1  # the last 10 % step reported
+    confirm_deadline_ms: int | None = None  # confirming: roll back when unhealthy by then
+    marked_good: bool = False  # mark_good went through, COMMITTED not saved yet
+
+    def running(self, command_id: str) -> bool:
+        """Is this command's update still in progress here (not in a final state)?"""
+        return self.record.command_id == command_id and self.record.state not in FINAL_STATES
+
+
+PROGRESS_STEP = 10  # IN_PROGRESS statuses at every 10 % of the download
+Step = tuple[Machine, list]
+
+
+def floor(current: UpdateState | None, configured: str, slots: Mapping | None) -> str:
+    """The anti-rollback floor: the newest of the configured version, the last committed one
+    and the confirmed active slot's (which survives a lost update record). `slots` is
+    SlotBackend.report(), None when it could not be read."""
+    version = installed_version(current, configured)
+    try:
+        if slots and not slots.get("pending"):
+            meta = (slots.get("slots") or {}).get(slots["active"]) or {}
+            if is_newer(meta.get("version"), version):
+                version = meta["version"]
+    except (UpdateError, KeyError, TypeError, AttributeError):
+        pass  # no readable slot metadata: the record and the config decide
+    return version
+
+
+def _safe(m: Machine, lookup: Callable, now_ms: int) -> tuple[bool, str]:
+    """updates.preconditions on live signals (stale or never seen: not safe)."""
+    return check_all(m.policy.preconditions, lookup, now_ms, m.policy.stale_ms, {})
+
+
+def _reject(cid: str, e: UpdateError) -> list:
+    return [Report(command_id=cid, status=REJECTED, reason=e.reason, detail=e.detail)]
+
+
+def on_command(m: Machine, cmd: Command, now_ms: int, *, lookup: Callable,
+               slots: Mapping | None) -> Step:
+    """An accepted update.* command. `lookup` gives live signals (preconditions), `slots` the
+    slot backend's report (the floor). A command this vehicle refuses ends REJECTED."""
+    s = m.record
+    cid = cmd.command_id
+    try:
+        if isinstance(cmd, Stage):
+            check_repository(cmd.repository, m.policy.allowed_repositories)
+            new, reports = stage(s, cid, cmd.target, now_ms, cmd.repository)
+            actions: list = [Save(state=new), *reports]
+            if s.state in (DOWNLOADING, VERIFYING, STAGED):
+                actions += [Abort(), Discard(what="inactive")]
+            gen = m.gen + 1
+            actions += [Report(command_id=cid, status=ACCEPTED),
+                        StartDownload(gen=gen, state=new, hardware_id=m.policy.hardware_id,
+                                      floor=floor(new, m.policy.installed_version, slots))]
+            return replace(m, record=new, gen=gen, progress_step=-1), actions
+        if isinstance(cmd, Activate):
+            check_activate(s, cmd.target)
+            ok, why = _safe(m, lookup, now_ms)
+            if not ok:
+                raise UpdateError(PRECONDITION_FAILED, why)
+            new = transition(s, ACTIVATE, command_id=cid, started_ms=now_ms, detail=None,
+                             reason=None, final_status=None, reported=False)
+            gen = m.gen + 1
+            return replace(m, record=new, gen=gen), [
+                Save(state=new), Verify(gen=gen, slot=new.slot or ""),
+                Report(command_id=cid, status=ACCEPTED),
+                Report(command_id=cid, status=IN_PROGRESS,
+                       detail="checking the staged artifact again")]
+        new, reports = cancel(s, cid)
+        return replace(m, record=new, gen=m.gen + 1), [
+            Save(state=new), Abort(), Discard(what="inactive"),
+            Report(command_id=cid, status=ACCEPTED), *reports]
+    except UpdateError as e:
+        return m, _reject(cid, e)
+
+
+def _commit(m: Machine) -> Step:
+    new = commit(m.record)
+    return replace(m, record=new, confirm_deadline_ms=None, marked_good=False), [
+        Save(state=new),
+        Report(command_id=new.command_id, status=SUCCEEDED,
+               result={"target": new.target, "version": new.version})]
+
+
+def _roll_back(m: Machine, detail: str, first: list) -> Step:
+    new = roll_back(m.record, detail)
+    return replace(m, record=new, confirm_deadline_ms=None, marked_good=False), [
+        *first, RequestRestart(), Save(state=new, keep_going=True),
+        Report(command_id=new.command_id, status=FAILED, reason=INSTALL_FAILED, detail=detail)]
+
+
+def on_event(m: Machine, ev: UpdateEvent, now_ms: int, *, lookup: Callable = lambda n: None
+             ) -> Step:
+    """A worker result or an action's outcome; stale generations and events that do not fit
+    the state (a late progress, a job that finished after a cancel) change nothing."""
+    if ev.gen != m.gen:
+        return m, []
+    s, e = m.record, ev.event
+    cid = s.command_id
+    if isinstance(e, DownloadProgress) and s.state == DOWNLOADING and cid:
+        step = e.pct // PROGRESS_STEP
+        if step == m.progress_step:
+            return m, []
+        return replace(m, progress_step=step), [
+            Report(command_id=cid, status=IN_PROGRESS, detail="downloading", progress=e.pct)]
+    if isinstance(e, Downloaded) and s.state in (DOWNLOADING, VERIFYING):
+        # VERIFYING: a stage resumed after a restart; its IN_PROGRESS went out before.
+        new = (transition(s, DOWNLOADED) if s.state == DOWNLOADING else s)
+        new = replace(new, version=e.version, sha256=e.sha256)
+        install = Install(gen=m.gen, path=e.path,
+                          meta={"target": e.name, "version": e.version, "sha256": e.sha256})
+        if s.state == VERIFYING:
+            return replace(m, record=new), [Save(state=new), install]
+        return replace(m, record=new), [
+            Save(state=new),
+            Report(command_id=cid, status=IN_PROGRESS,
+                   detail="verified; installing into the inactive slot", progress=100),
+            install]
+    if isinstance(e, Installed) and s.state == VERIFYING:
+        new = transition(s, VERIFIED, slot=e.slot, final_status=SUCCEEDED, reported=False)
+        return replace(m, record=new), [
+            Save(state=new), Report(command_id=cid, status=SUCCEEDED, result=staged_result(new))]
+    if isinstance(e, Hashed) and s.state == ACTIVATING:
+        if e.sha256 != s.sha256:
+            return _failed(m, Failed(reason=VERIFICATION_FAILED,
+                                     detail=f"staged artifact in slot {s.slot} changed since "
+                                            "it was verified (sha256 mismatch); not activated"))
+        # Checked again now: hashing a large artifact takes time, and the vehicle may have
+        # been driven off meanwhile.
+        ok, why = _safe(m, lookup, now_ms)
+        if not ok:
+            detail = f"{why}; not activated, the update stays staged"
+            new = transition(s, ABORT, final_status=FAILED, reported=False,
+                             reason=PRECONDITION_FAILED, detail=detail)
+            return replace(m, record=new), [
+                Save(state=new),
+                Report(command_id=cid, status=FAILED, reason=PRECONDITION_FAILED, detail=detail)]
+        return m, [Switch(gen=m.gen, slot=s.slot or "")]
+    if isinstance(e, Switched) and s.state == ACTIVATING:
+        new = transition(s, SWITCHED)
+        return replace(m, record=new), [
+            Save(state=new), RequestRestart(),
+            Report(command_id=cid, status=IN_PROGRESS,
+                   detail=f"slot {s.slot} active; restarting to confirm it")]
+    if isinstance(e, Failed) and s.state in (DOWNLOADING, VERIFYING, ACTIVATING):
+        return _failed(m, e)
+    if isinstance(e, SaveFailed):
+        return _save_failed(m, e)
+    if isinstance(e, MarkedGood) and s.state == CONFIRMING:
+        return _commit(replace(m, marked_good=True))
+    if isinstance(e, SlotFailed) and s.state == CONFIRMING:
+        # The slot backend failed while confirming: the old slot is the safe one.
+        return _roll_back(m, f"confirming failed: {e.detail}"[:200], [UndoSwitch(slot=s.slot)])
+    return m, []
+
+
+def _failed(m: Machine, e: Failed) -> Step:
+    # A target this vehicle refuses (hardware, version) is a rejection of the command, not
+    # a failure to carry it out.
+    new, reports = fail(m.record, e.reason, e.detail, REJECTED if e.refused else FAILED)
+    return replace(m, record=new), [Save(state=new), *reports]
+
+
+def _save_failed(m: Machine, e: SaveFailed) -> Step:
+    """`m` is the machine before the step whose Save failed (the record still on disk)."""
+    s, attempted = m.record, e.state
+    if attempted == replace(s, reported=True):
+        return m, []  # sent again after a restart at worst
+    if s.state == CONFIRMING and attempted.state == COMMITTED:
+        # Marked good: the new slot stays. The save is retried at the next poll, and a
+        # restart reads "confirming, marker gone" as committed.
+        return replace(m, marked_good=True), []
+    actions: list = []
+    if s.state == ACTIVATING and attempted.state == CONFIRMING:
+        actions.append(UndoSwitch(slot=s.slot))  # never run a slot the record does not know
+    if attempted.command_id:
+        actions.append(Report(command_id=attempted.command_id, status=FAILED,
+                              reason=INTERNAL_ERROR, detail=e.detail[:200]))
+    return m, actions
+
+
+def poll(m: Machine, now_ms: int, health: Callable[[], tuple[bool, str]]) -> Step:
+    """While confirming: commit when healthy (MarkGood first), roll back when the time is
+    up (updates.health_timeout_s). `health` is asked only while confirming."""
+    if m.confirm_deadline_ms is None or m.record.state != CONFIRMING:
+        return m, []
+    if m.marked_good:
+        return _commit(m)  # retrying a save that failed
+    ok, why = health()
+    if ok:
+        return m, [MarkGood()]
+    if now_ms < m.confirm_deadline_ms:
+        return m, []
+    return _roll_back(m, f"health check failed after {m.policy.health_timeout_s:g} s: {why}; "
+                         "rolled back", [RollBackSlot()])
+
+
+def on_reported(m: Machine, sent: Iterable[tuple[str, str]]) -> Step:
+    """(command id, status) pairs now in the outbox: once the record's terminal status is
+    among them, a restart need not send it again."""
+    s = m.record
+    if s.reported or s.final_status is None:
+        return m, []
+    if (s.command_id, s.final_status) in set(sent):
+        new = replace(s, reported=True)
+        return replace(m, record=new), [Save(state=new)]
+    return m, []
+
+
+def start(found: UpdateState, slots: Mapping, now_ms: int, policy: Policy) -> Step:
+    """The machine at start and what to do first: on_restart's answer, made executable.
+
+    `slots` is the report after the boot of a pending activation was counted. Saves and
+    roll-backs keep going when they fail (the next start decides again from the slots); a
+    roll-back that moves the active slot asks for a restart into the previous slot's code."""
+    m = Machine(record=found, policy=policy)
+    pending = slots.get("pending") or None
+    out: list = []
+    for a in on_restart(found, slots, now_ms, policy.max_resume_age_ms,
+                        policy.max_boot_attempts):
+        if isinstance(a, Save):
+            m = replace(m, record=a.state)
+            out.append(replace(a, keep_going=True))
+        elif isinstance(a, ResumeStage):
+            m = replace(m, gen=m.gen + 1, progress_step=-1)
+            out.append(StartDownload(gen=m.gen, state=a.state, hardware_id=policy.hardware_id,
+                                     floor=floor(a.state, policy.installed_version, slots)))
+        elif isinstance(a, Confirm):
+            m = replace(m, confirm_deadline_ms=now_ms + int(policy.health_timeout_s * 1000))
+            out.append(a)
+        elif isinstance(a, RollBackSlot):
+            moves = bool(pending) and slots.get("active") != pending.get("previous")
+            out.append(RollBackSlot(keep_going=True, restart=moves))
+        else:
+            out.append(a)
+    return m, out
+
+# -- the "update" command family (core/registry.py): names and parameter checks -------------
+# Where the protocol is silent: `target` is 1-255 printable characters; `repository` is an
+# http(s) URL with a host and no query or fragment (`{repository}/metadata/` must stay under it).
+
+_UPDATE_PARAMS = {"update.stage": ("repository", "target"), "update.activate": ("target",),
+                  "update.cancel": ()}
+_MAX_TARGET = 255
+_MAX_URL = 2048
+
+
+def check_update_params(name: str, params: Mapping) -> None:
+    """Parameters of update.stage / update.activate / update.cancel; raises ParamError."""
+    want = _UPDATE_PARAMS[name]
+    extra = sorted(set(params) - set(want))
+    if extra:
+        raise _ParamError(f"{name} takes no parameter {_show(extra[0])}")
+    missing = [k for k in want if k not in params]
+    if missing:
+        raise _ParamError(f"{name} needs parameter {missing[0]!r}")
+    if "target" in want:
+        target = params["target"]
+        if (type(target) is not str or not 0 < len(target) <= _MAX_TARGET
+                or not target.isprintable()):
+            raise _ParamError(f"target: must be 1-{_MAX_TARGET} printable characters")
+    if "repository" in want and not _is_http_url(params["repository"]):
+        raise _ParamError("repository: must be an http:// or https:// URL with a host "
+                          "and no query or fragment")
+
+
+def _is_http_url(value: Any) -> bool:
+    if type(value) is not str or len(value) > _MAX_URL or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = _urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    # No query or fragment: `{repository}/metadata/` must still be a path under it. No dot
+    # segments or encoded dots and slashes either: ".../fleet/../evil" would leave the prefix
+    # that updates.allowed_repositories checked.
+    segments = parts.path.split("/")
+    return (parts.scheme in ("http", "https") and bool(parts.hostname)
+            and not parts.query and not parts.fragment
+            and "." not in segments and ".." not in segments
+            and not any(e in parts.path.lower() for e in ("%2e", "%2f", "%5c", "\\")))
+
+
+FAMILY = _Family("update", COMMANDS, check_update_params)
+assert set(_UPDATE_PARAMS) == COMMANDS
