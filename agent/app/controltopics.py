@@ -5,8 +5,10 @@ buses     per-bus state and rates          uplink, outbox   the MQTT link and th
 commands  recent commands and statuses     status           what the status file holds
 watch     a stream of changed values (and bus counters) every interval_s
 
-`signals` reads the core's snapshot view; the others read the status the core thread takes
-every second (agent.last_status), never the core, the outbox or the stores directly.
+`signals` reads the core's snapshot view (as `monitor --direct` always has); the others read
+the status the core thread takes every second (agent.last_status), and `commands` the replay
+store through a read-only SQLite connection of its own: never the core's objects or the
+outbox's connection.
 """
 
 from __future__ import annotations
