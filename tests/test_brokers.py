@@ -10,7 +10,9 @@ from an earlier test can pass for its own."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -24,8 +26,8 @@ from agent.core.cose import Signer
 from conftest import ROOT
 from support import certs
 from support.agentproc import VIN, AgentProcess, SlcanFeeder, Verifier, wait_for
-from support.mosquitto import (Consumer, Mosquitto, make_password_file, publish, try_connect,
-                               try_publish)
+from support.mosquitto import (Consumer, Mosquitto, _free_port, make_password_file, publish,
+                               try_connect, try_publish)
 from support.rabbitmq import RabbitMQ
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mqtt]
@@ -90,7 +92,6 @@ class MosquittoFleet(Fleet):
 
     def __init__(self, pki: FleetPki, workdir: Path):
         super().__init__(pki)
-        from support.mosquitto import _free_port
         self.port = _free_port()
         # one broker, two listeners: mutual TLS (the harness's), and logins on self.port
         self.broker = Mosquitto(
@@ -112,7 +113,6 @@ class MosquittoFleet(Fleet):
         self.broker.start()
 
     def version(self) -> str:
-        import subprocess
         out = subprocess.run([self.broker.binary, "-h"], capture_output=True, text=True)
         return out.stdout.splitlines()[0]
 
@@ -124,8 +124,6 @@ class RabbitFleet(Fleet):
     name, protocol = "rabbitmq", "3.1.1"
 
     def __init__(self, pki: FleetPki):
-        import os
-        import subprocess
         super().__init__(pki)
         self.node = RabbitMQ(cafile=pki.ca, certfile=pki.server_cert, keyfile=pki.server_key)
         self.node.start()
@@ -250,7 +248,9 @@ def status_json(agent) -> dict:
 def assert_protocol(agent, fleet):
     """The agent settled on the broker's protocol: MQTT 5, or 3.1.1 after RabbitMQ dropped
     its MQTT 5 CONNECT."""
-    wait_for(lambda: f"(MQTT {fleet.protocol}" in agent.log_text(), what="a connection")
+    wait_for(lambda: status_json(agent).get("uplink", {}).get("state") == "connected",
+             what="a connection")
+    assert status_json(agent)["uplink"]["protocol"] == fleet.protocol
     if fleet.protocol == "3.1.1":
         assert "works with MQTT 3.1.1; using it from now on" in agent.log_text()
 
@@ -530,9 +530,9 @@ def test_an_agent_on_another_vehicles_topics_gets_nothing_through_and_says_so(ag
         if fleet.name == "mosquitto":
             # MQTT 5: the PUBACK says why, and the agent says it (its SUBSCRIBE is granted:
             # Mosquitto's acl_file filters deliveries, not subscriptions)
-            assert "refused a message: Not authorized" in up["last_error"]
-            assert "refused a message: Not authorized" in agent.log_text()
+            assert "Not authorized" in up["last_error"], up
+            assert "Not authorized" in agent.log_text()
         else:
-            # RabbitMQ closes the connection on the first refused PUBLISH or SUBSCRIBE,
-            # with no reason on 3.1.1: the agent never gets its subscription
-            assert up["subscribed"] is False and "lost" in up["last_error"], up
+            # RabbitMQ closes the connection on the first refused PUBLISH or SUBSCRIBE, with
+            # no reason on 3.1.1: connections accepted, then lost, never a subscription
+            assert up["subscribed"] is False and up["disconnects"] >= 3, up
