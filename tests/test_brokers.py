@@ -268,8 +268,10 @@ def test_telemetry_has_no_seq_gap_across_a_broker_crash(agents):
         assert_protocol(agent, fleet)
         time.sleep(1.2)  # Mosquitto saves the cloud's session to its database (autosave 1 s)
         fleet.kill()  # SIGKILL: what it acknowledged must be on its disk
-        time.sleep(3.0)  # batches queue in the agent's outbox meanwhile
-        fleet.start()
+        try:
+            time.sleep(3.0)  # batches queue in the agent's outbox meanwhile
+        finally:
+            fleet.start()  # (for the next tests too)
         last = max(seqs_of(c.messages, v))
         wait_for(lambda: max(seqs_of(c.messages, v)) >= last + 15, timeout=60,
                  what="the backlog and fresh data after the restart")
