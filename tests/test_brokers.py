@@ -65,13 +65,14 @@ class FleetPki:
 class Fleet:
     """A broker with configs/brokers/ in force: ``port`` takes password logins, ``tls_port``
     client certificates. ``login(user)`` / ``cert(user)`` give the keyword arguments of the
-    test clients (support.mosquitto's Consumer, publish, try_connect)."""
+    test clients (support.mosquitto's Consumer, publish, try_connect, try_publish)."""
 
     name: str
     protocol: str  # what the test clients speak: the broker's best
     host = "127.0.0.1"
     port: int
     tls_port: int
+    broker: Mosquitto | RabbitMQ
 
     def __init__(self, pki: FleetPki):
         self.pki = pki
@@ -84,7 +85,16 @@ class Fleet:
         return {"protocol": self.protocol, "ca": self.pki.ca, "cert": cert, "key": key, **kw}
 
     def restart(self, *, kill: bool = False) -> None:
-        raise NotImplementedError
+        self.broker.restart(kill=kill)
+
+    def kill(self) -> None:
+        self.broker.kill()
+
+    def start(self) -> None:
+        self.broker.start()
+
+    def close(self) -> None:
+        self.broker.close()
 
 
 class MosquittoFleet(Fleet):
@@ -103,21 +113,9 @@ class MosquittoFleet(Fleet):
         self.broker.start()
         self.tls_port = self.broker.port
 
-    def restart(self, *, kill: bool = False) -> None:
-        self.broker.restart(kill=kill)
-
-    def kill(self) -> None:
-        self.broker.kill()
-
-    def start(self) -> None:
-        self.broker.start()
-
     def version(self) -> str:
         out = subprocess.run([self.broker.binary, "-h"], capture_output=True, text=True)
         return out.stdout.splitlines()[0]
-
-    def close(self) -> None:
-        self.broker.close()
 
 
 class RabbitFleet(Fleet):
@@ -125,10 +123,10 @@ class RabbitFleet(Fleet):
 
     def __init__(self, pki: FleetPki):
         super().__init__(pki)
-        self.node = RabbitMQ(cafile=pki.ca, certfile=pki.server_cert, keyfile=pki.server_key)
-        self.node.start()
-        self.port, self.tls_port = self.node.port, self.node.tls_port
-        env = {**os.environ, "RABBITMQCTL": str(self.node.ctl_path)}
+        self.broker = RabbitMQ(cafile=pki.ca, certfile=pki.server_cert, keyfile=pki.server_key)
+        self.broker.start()
+        self.port, self.tls_port = self.broker.port, self.broker.tls_port
+        env = {**os.environ, "RABBITMQCTL": str(self.broker.ctl_path)}
         script = CONFIGS / "rabbitmq-permissions.sh"
 
         def run(args, password):
@@ -142,20 +140,21 @@ class RabbitFleet(Fleet):
             list(pool.map(run, (["vehicle", VIN], ["vehicle", VIN_B], ["cloud"]),
                           (PASSWORDS[VIN], "", PASSWORDS[CLOUD])))
 
-    def restart(self, *, kill: bool = False) -> None:
-        self.node.restart(kill=kill)
-
-    def kill(self) -> None:
-        self.node.kill()
-
-    def start(self) -> None:
-        self.node.start()
-
     def version(self) -> str:
-        return self.node.version()
+        return self.broker.version()
 
     def close(self) -> None:
-        self.node.close()
+        pids = [self.broker.pid, self.broker.epmd_pid]
+        self.broker.close()
+        assert not [p for p in pids if p and _alive(p)], f"RabbitMQ processes left: {pids}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +199,7 @@ class Agents:
         self.started: list[AgentProcess] = []
 
     def start(self, *, tls: bool = False, port: int | None = None, extra: str = "",
-              **kw) -> AgentProcess:
+              topic_prefix: str = "", **kw) -> AgentProcess:
         f = self.fleet
         if tls:
             cert, key = f.pki.clients[VIN]
@@ -212,9 +211,12 @@ class Agents:
             pw.chmod(0o600)
             mqtt_cfg = {"port": port or f.port, "username": VIN, "password_file": str(pw)}
         agent = AgentProcess(self.tmp, self.dbc, self.feeder.link,
-                             {"host": f.host, **mqtt_cfg}, extra=extra, **kw).start()
+                             {"host": f.host, **mqtt_cfg}, extra=extra, **kw)
+        if topic_prefix:
+            agent.config.write_text(agent.config.read_text().replace(
+                f'vin = "{VIN}"', f'vin = "{VIN}"\ntopic_prefix = "{topic_prefix}"'))
         self.started.append(agent)
-        return agent
+        return agent.start()
 
     def close(self):
         for a in self.started:
@@ -255,12 +257,23 @@ def assert_protocol(agent, fleet):
         assert "works with MQTT 3.1.1; using it from now on" in agent.log_text()
 
 
+def test_every_client_logs_in(fleet):
+    """No anonymous clients, no wrong passwords, no certificate-less TLS: the permissions below
+    mean something only if every client is someone."""
+    p = fleet.protocol
+    assert not try_connect(fleet.host, fleet.port, protocol=p).ok
+    assert not try_connect(fleet.host, fleet.port, **{**fleet.login(VIN), "password": "x"}).ok
+    assert not try_connect(fleet.host, fleet.tls_port, protocol=p, ca=fleet.pki.ca).ok
+    assert try_connect(fleet.host, fleet.port, **fleet.login(VIN, client_id=f"tcu-{VIN}")).ok
+    assert try_connect(fleet.host, fleet.tls_port, **fleet.cert(VIN)).ok
+
+
 # -- the end-to-end scenarios ----------------------------------------------------------------
 
 def test_telemetry_has_no_seq_gap_across_a_broker_crash(agents):
     fleet = agents.fleet
-    c = cloud(fleet, f"vehicles/{VIN}/telemetry", session=True,
-              client_id=f"cloud-{uuid.uuid4().hex[:8]}")
+    session = f"cloud-{uuid.uuid4().hex[:8]}"  # kept by the broker, its queue on disk
+    c = cloud(fleet, f"vehicles/{VIN}/telemetry", session=True, client_id=session)
     try:
         agent = agents.start()
         v = Verifier(agent.public_key)
@@ -278,6 +291,7 @@ def test_telemetry_has_no_seq_gap_across_a_broker_crash(agents):
         assert no_gaps(seqs_of(c.messages, v)), seqs_of(c.messages, v)
     finally:
         c.stop()
+        cloud(fleet, "vehicles/none", client_id=session).stop()  # a clean session ends it
 
 
 def retained(fleet, *kinds: str) -> list:
@@ -519,11 +533,8 @@ def test_an_agent_on_another_vehicles_topics_gets_nothing_through_and_says_so(ag
                      f'public_key = "{tmp_path / "cloud-keys" / "cloud.pub"}"\n'
                      'allow = ["state.*"]\n')
     with cloud(fleet, f"vehicles/{VIN_B}/#") as c:
-        agent = agents.start(extra=f'\n[commands]\ntrust_store = "{trust}"\n')
-        agent.terminate()
-        agent.config.write_text(agent.config.read_text().replace(
-            f'vin = "{VIN}"', f'vin = "{VIN}"\ntopic_prefix = "vehicles/{VIN_B}"'))
-        agent.start()
+        agent = agents.start(extra=f'\n[commands]\ntrust_store = "{trust}"\n',
+                             topic_prefix=f"vehicles/{VIN_B}")
         wait_for(lambda: status_json(agent).get("uplink", {}).get("errors", 0) >= 5,
                  timeout=30, what="refusals")
         up, outbox = status_json(agent)["uplink"], status_json(agent)["outbox"]

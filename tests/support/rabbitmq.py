@@ -216,6 +216,10 @@ class RabbitMQ:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def epmd_pid(self) -> int | None:
+        return self._epmd_proc.pid if self._epmd_proc else None
+
     def log_text(self) -> str:
         try:
             return re.sub(r"\x1b\[[0-9;]*m", "", self.log_path.read_text(errors="replace"))
