@@ -47,6 +47,10 @@ _SCRIPTS = Path("/usr/lib/rabbitmq/bin")
 _READY = "Server startup complete"
 
 
+class _PortTaken(Exception):
+    pass
+
+
 def find_rabbitmq() -> Path:
     """Directory of RabbitMQ's own scripts (not Debian's su wrappers), or RuntimeError."""
     if (_SCRIPTS / "rabbitmq-server").is_file():
@@ -111,8 +115,7 @@ class RabbitMQ:
             tls_dir.mkdir()
             for src, dst in ((cafile, "ca.pem"), (certfile, "server.pem"), (keyfile, "server.key")):
                 shutil.copyfile(src, tls_dir / dst)  # readable by the node's user, not ours
-        self.amqp_port, self.port, self.dist_port, self.epmd_port = (_free_port() for _ in "1234")
-        self.tls_port = _free_port() if self.tls else None
+        self._pick_ports()
         self._write_files()
         self._proc: subprocess.Popen | None = None
         self._epmd_proc: subprocess.Popen | None = None
@@ -122,11 +125,17 @@ class RabbitMQ:
 
     # -- files --------------------------------------------------------------------------------
 
+    def _pick_ports(self) -> None:
+        self.amqp_port, self.port, self.dist_port, self.epmd_port = (_free_port() for _ in "1234")
+        self.tls_port = _free_port() if self.tls else None
+
     def _write_files(self) -> None:
+        """The node's directories, cookie and configuration, and a rabbitmqctl for it."""
         w = self.workdir
         for d in ("mnesia", "log", "plugins-expand"):
-            (w / d).mkdir()
-        (w / ".erlang.cookie").write_text(secrets.token_hex(20).upper())
+            (w / d).mkdir(exist_ok=True)
+        if not (w / ".erlang.cookie").exists():
+            (w / ".erlang.cookie").write_text(secrets.token_hex(20).upper())
         (w / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq/rabbitmq-env.conf
         (w / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
         lines = [
@@ -252,6 +261,20 @@ class RabbitMQ:
         with self._lock:
             if self.running:
                 return self
+            for attempt in range(3):
+                try:
+                    return self._start_once()
+                except _PortTaken:
+                    # lost the race for a freshly picked port: other ports, if never started
+                    if self._starts or attempt == 2:
+                        self._fail("a port was taken")
+                    self._stop_epmd()
+                    self._pick_ports()
+                    self._write_files()
+            raise AssertionError("unreachable")
+
+    def _start_once(self) -> "RabbitMQ":
+        with self._lock:
             with open(self.log_path, "ab") as log:
                 log.write(f"===== harness: start #{self._starts + 1} of {self.node}\n".encode())
                 log.flush()
@@ -268,7 +291,11 @@ class RabbitMQ:
             ports = [self.port] + ([self.tls_port] if self.tls else [])
             while True:
                 rc = self._proc.poll()
-                if rc is not None:
+                epmd_gone = self._epmd_proc.poll() is not None  # (its port was taken)
+                if rc is not None or epmd_gone:
+                    if epmd_gone or "eaddrinuse" in self._log_since(offset):
+                        self.kill()
+                        raise _PortTaken()
                     self._fail(f"exited (rc={rc})")
                 if _READY in self._log_since(offset) and all(
                         _port_accepts(self.host, p) for p in ports):
@@ -313,12 +340,15 @@ class RabbitMQ:
             self.kill() if kill else self.stop()
             return self.start()
 
-    def close(self) -> None:
-        """Stop the node and its epmd, remove the temp dir."""
-        self.stop()
+    def _stop_epmd(self) -> None:
         if self._epmd_proc is not None:
             _reap(self._epmd_proc)
             self._epmd_proc = None
+
+    def close(self) -> None:
+        """Stop the node and its epmd, remove the temp dir."""
+        self.stop()
+        self._stop_epmd()
         self._dir_finalizer()
 
     def __enter__(self) -> "RabbitMQ":
