@@ -53,8 +53,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.config import CommandsConfig
 from agent.errors import VerificationError
 
@@ -80,10 +78,12 @@ V1_COMMANDS = frozenset(NO_PARAMS + ("charge.set_limit", "update.stage", "update
 
 @dataclass(frozen=True, slots=True)
 class TrustedKey:
-    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs)."""
+    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs).
+
+    The key is Ed25519 or P-256 (TypeError otherwise); its type fixes the alg it signs with."""
 
     name: str
-    public_key: Ed25519PublicKey
+    public_key: cose.PublicKey
     allow: tuple[str, ...]
     kid: bytes = field(init=False)
 
@@ -118,7 +118,7 @@ class TrustStore:
         return self._by_kid.get(kid)
 
     @property
-    def public_keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+    def public_keys(self) -> Mapping[bytes, cose.PublicKey]:
         """kid -> public key, as cose.verify wants it."""
         return self._public
 
