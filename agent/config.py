@@ -168,8 +168,31 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    module: Path  # the token's PKCS#11 library (.so)
+    token: str  # token label
+    key_label: str  # label of the key pair (tcu-agent keys generate --pkcs11 ...)
+    pin_file: Path  # user PIN, first line, mode 0600
+
+    def validate(self, where: str) -> None:
+        if not self.module.is_file():
+            raise ConfigError(f"{where}.module: no such file: {self.module}")
+        for name in ("token", "key_label"):
+            value = getattr(self, name)
+            if not value or len(value) > 32 or not value.isprintable():
+                raise ConfigError(f"{where}.{name}: must be 1-32 printable characters")
+        if not self.pin_file.is_file():
+            raise ConfigError(f"{where}.pin_file: no such file: {self.pin_file}")
+
+
+@dataclass(frozen=True)
 class SigningConfig:
-    key_file: Path  # Ed25519 private key, PKCS#8 PEM, mode 0600 (tcu-agent keys generate)
+    key_file: Path | None = None  # Ed25519 or P-256 private key, PKCS#8 PEM, mode 0600
+    pkcs11: Pkcs11Config | None = None  # or a key in a PKCS#11 token (never leaves it)
+
+    def validate(self, where: str) -> None:
+        if (self.key_file is None) == (self.pkcs11 is None):
+            raise ConfigError(f"{where}: set exactly one of key_file and pkcs11")
 
 
 @dataclass(frozen=True)

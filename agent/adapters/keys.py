@@ -157,3 +157,13 @@ def generate_keypair(
     except OSError as exc:
         raise SigningError(f"cannot write key files in {directory}: {exc.strerror or exc}") from None
     return private_path, public_path, kid_of(key.public_key()).hex()
+
+
+def load_signing_key(signing):
+    """The vehicle's key from a [signing] section: a key file or a PKCS#11 token key."""
+    if signing.pkcs11 is not None:
+        from .pkcs11 import open_key, read_pin
+
+        p = signing.pkcs11
+        return open_key(p.module, p.token, p.key_label, read_pin(p.pin_file))
+    return load_private_key(signing.key_file)

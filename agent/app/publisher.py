@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 
-from ..adapters.keys import load_private_key
+from ..adapters.keys import load_signing_key
 from ..adapters.mqtt import Uplink
 from ..adapters.outbox import Outbox
 from ..config import Config
@@ -39,7 +39,7 @@ class Publisher:
                               "create a key with `tcu-agent keys generate --dir DIR`)")
         self.vin = config.vehicle.vin
         self.topics = Topics(config.vehicle.prefix)
-        self.signer = Signer(load_private_key(config.signing.key_file))
+        self.signer = Signer(load_signing_key(config.signing))
         self.outbox = outbox or Outbox(config.storage.dir, config.storage.max_bytes)
         client_id = config.mqtt.client_id or f"tcu-{self.vin}"
         self.uplink = Uplink(config.mqtt, self.outbox, client_id, will=self._will,

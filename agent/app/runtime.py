@@ -62,9 +62,9 @@ class Agent:
         self.core = telemetry_core(self.plans, config.telemetry)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
-            from ..adapters.keys import load_private_key
+            from ..adapters.keys import load_signing_key
 
-            load_private_key(config.signing.key_file)  # refuse to start on a bad key all the same
+            load_signing_key(config.signing)  # refuse to start on a bad key all the same
         if publish and config.mqtt is not None:
             from .publisher import Publisher  # paho and SQLite only where they are used
 
