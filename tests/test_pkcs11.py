@@ -50,6 +50,12 @@ def test_generate_sign_verify(hsm, alg, want):
     again = open_key(hsm["module"], "tcu", name, hsm["pin"])
     assert again.kid == signer.kid and again.alg == want
     assert verify(Signer(again).sign(PAYLOAD), {signer.kid: key.public_key}).payload == PAYLOAD
+    # Two keys open at once (login is per token, not per session), each still signing.
+    other = generate(hsm["module"], "tcu", label(), hsm["pin"], alg="eddsa")
+    assert verify(Signer(again).sign(PAYLOAD), {signer.kid: key.public_key}).payload == PAYLOAD
+    assert verify(Signer(other).sign(PAYLOAD), {other.kid: other.public_key}).payload == PAYLOAD
+    other.close()
+    assert verify(Signer(again).sign(PAYLOAD), {signer.kid: key.public_key}).payload == PAYLOAD
     again.close()
 
 

@@ -87,6 +87,9 @@ def _session(module: Path, token_label: str, pin: str, rw: bool = False):
         raise SigningError(f"more than one PKCS#11 token labelled {token_label!r}") from None
     try:
         return token.open(rw=rw, user_pin=pin)
+    except pkcs11.UserAlreadyLoggedIn:
+        # Login is per process and token, not per session: another session of ours is open.
+        return token.open(rw=rw)
     except pkcs11.PinIncorrect:
         raise SigningError(f"wrong PIN for the PKCS#11 token {token_label!r}") from None
     except pkcs11.PKCS11Error as e:
