@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         print(f"payloads: {source} ({len(payloads)} batches)")
         for name, r in results.items():
             print(f"{name:18} {r['messages_per_s']:>7} messages/s  {r['signatures_per_s']:>7} "
-                  f"signatures/s  one hour of batches: {r["sign_3600_batches_s"]} s")
+                  f"signatures/s  one hour of batches: {r['sign_3600_batches_s']} s")
     return 0
 
 
