@@ -263,3 +263,38 @@ def test_set_addresses_an_entry_whose_name_has_dots(tmp_path, test_dbc):
     assert cfg.telemetry.signal[0].deadband == 1.5 and cfg.bus[1].bitrate == 125000
     with pytest.raises(ConfigError, match="no entry named 'Vehicle'"):
         load_config(path, [sig, "telemetry.signal.Vehicle.Speeds.deadband=2.5"])
+
+
+def test_an_action_named_like_another_familys_command_is_refused():
+    """[[commands.action]] name = "state.snapshot" would shadow the state family."""
+    from agent.app.assemble import telemetry_core
+    from agent.app.families import handlers
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["commands.action.0.name='state.snapshot'"])
+    plans = bus_plans(cfg)
+    core = telemetry_core(plans, cfg.telemetry)
+    with pytest.raises(ConfigError, match=r"demo.toml: commands.action: command 'state.snapshot' "
+                                          r"is claimed by families 'actions' and 'state'"):
+        handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
+    assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
+                        lambda values, t: None, None, lambda: (True, ""))) == 3
+
+
+def test_the_cores_selection_types_mirror_the_config():
+    """assemble.selection copies [telemetry] field by field: a key added to one side only
+    would be silently dropped."""
+    from dataclasses import fields
+
+    from agent.app.assemble import selection
+    from agent.config import SamplingConfig, SignalConfig, TelemetryConfig
+    from agent.core.selection import Sampling, SignalChoice
+
+    names = lambda cls: {f.name for f in fields(cls)}  # noqa: E731
+    assert names(SignalConfig) == names(SignalChoice)
+    assert names(SamplingConfig) == names(Sampling)
+    sel = selection(TelemetryConfig(messages=("A",), signal=(SignalConfig(select="A.B", state=True,
+                                                                          timeout_ms=5),),
+                                    defaults=SamplingConfig(deadband=2.0)))
+    assert sel.messages == ("A",) and sel.defaults == Sampling(deadband=2.0)
+    assert sel.signals == (SignalChoice(select="A.B", state=True, timeout_ms=5),)

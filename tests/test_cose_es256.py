@@ -7,7 +7,6 @@ signs pass our command gate. Hostile messages are built with cbor2 + cryptograph
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import cbor2
 import pytest
@@ -22,8 +21,8 @@ from pycose.keys import EC2Key, OKPKey
 from pycose.keys.curves import P256, Ed25519
 from pycose.messages import Sign1Message
 
-from agent.config import CommandsConfig
-from agent.core.commands import Accepted, CommandGate, Rejected, TrustedKey, TrustStore
+from agent.core import updates
+from agent.core.commands import Accepted, CommandGate, GateLimits, Rejected, TrustedKey, TrustStore
 from agent.core.cose import (
     ALG_ES256,
     CT_CBOR,
@@ -32,12 +31,14 @@ from agent.core.cose import (
     kid_of,
     verify,
 )
+from agent.core.executor import STATE_FAMILY, actions_family
+from agent.core.registry import Registry
 from agent.errors import VerificationError
 
 VIN = "WVWZZZ1JZXW000001"
 NOW = 1_700_000_000_000
-LIMITS = CommandsConfig(trust_store=Path("unused.toml"), max_skew_ms=30_000,
-                        max_lifetime_ms=600_000, max_message_bytes=4096)
+LIMITS = GateLimits(max_skew_ms=30_000, max_lifetime_ms=600_000, max_message_bytes=4096)
+REGISTRY = Registry([actions_family(), STATE_FAMILY, updates.FAMILY])
 PAYLOAD = {"v": 1, "vin": VIN, "seq": 3, "t0": NOW, "sig": {"Vehicle.Speed": [[0, 12.5]]}}
 # A fixed P-256 key (RFC 6979 A.2.5's private scalar), so the kid is a known answer.
 RFC6979_X = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
@@ -117,7 +118,7 @@ def test_pycose_signed_es256_command_is_accepted_by_the_gate():
     cloud = ec.generate_private_key(ec.SECP256R1())
     kid = hashlib.sha256(point(cloud)).digest()[:8]
     gate = CommandGate(TrustStore([TrustedKey("p256-cloud", cloud.public_key(), ("charge.*",))]),
-                       VIN, LIMITS)
+                       VIN, LIMITS, REGISTRY)
     body = {"v": 1, "id": "c-es256", "vin": VIN, "name": "charge.set_limit",
             "params": {"percent": 80}, "iat": NOW - 1000, "exp": NOW + 60_000}
     msg = Sign1Message(phdr={Algorithm: Es256, KID: kid, ContentType: CT_CBOR},
