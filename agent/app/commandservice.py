@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapters.clockstore import mono_ms
 from ..adapters.replaystore import ReplayStore
 from ..adapters.truststore import load_trust_store
 from ..config import CommandsConfig
@@ -50,7 +51,8 @@ class CommandService:
         self.registry = Registry(h.family for h in self.handlers)
         self._by_family = {h.family.name: h for h in self.handlers}
         self.gate = C.CommandGate(load_trust_store(cfg.trust_store, self.registry.names), vin,
-                                  gate_limits(cfg), self.registry)
+                                  gate_limits(cfg), self.registry,
+                                  clock=getattr(publisher, "clock", None))
         self.replay = ReplayStore(storage_dir, on_loss=self.gate.note_replay_loss)
         self.gate.note_replay_loss(self.replay.lost_at_ms)
         self.bucket = TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
@@ -80,7 +82,7 @@ class CommandService:
                 self.counters["flood_dropped"] += 1
                 return
             self.flooding = False
-        outcome = self.gate.check(message, now_ms, self.replay.seen)
+        outcome = self.gate.check(message, now_ms, self.replay.seen, mono_ms())
         if isinstance(outcome, C.Accepted):
             self._accepted(outcome.command, now_ms)
         elif isinstance(outcome, C.Redelivery):

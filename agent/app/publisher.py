@@ -11,11 +11,13 @@ import logging
 import threading
 import time
 
+from ..adapters.clockstore import ClockStore, mono_ms
 from ..adapters.keys import load_signing_key
 from ..adapters.mqtt import Uplink
 from ..adapters.outbox import Outbox
 from ..config import Config
 from ..core.batch import Batch
+from ..core.clock import rmc_time_ms
 from ..core.cose import Signer
 from ..core.protocol import Topics, state_payload, status_record
 from ..core.ratelimit import RateLimit
@@ -45,6 +47,11 @@ class Publisher:
         self.uplink = Uplink(config.mqtt, self.outbox, client_id, will=self._will,
                              on_connected=self._connected)
         self.state_limit = RateLimit(STATE_MIN_INTERVAL_MS)
+        # The time floor (core/clock.py): the command gate reads it, GNSS fixes raise it, the
+        # status records say whether the system clock is behind it.
+        self.clockstore = ClockStore(config.storage.dir)
+        self.clock = self.clockstore.clock
+        self.gnss_max_skew_ms = config.commands.max_skew_ms if config.commands else 30_000
         self._just_connected = threading.Event()
         self._final: dict | None = None
         self._lost = 0  # samples of batches the outbox could not store (disk full)
@@ -58,12 +65,13 @@ class Publisher:
         If the offline record cannot be queued (disk full), the uplink still stops, leaving
         with the will, and the outbox is closed."""
         try:
-            self._append("status", self.topics.status, status_record(self.vin, now_ms(), False))
+            self._append("status", self.topics.status, self._status_record(False))
             queued = True
         except Exception as e:  # noqa: BLE001 - e.g. disk full: stopping must go on
             log.error("cannot queue the offline record (%s); leaving with the MQTT will", e)
             queued = False
         left = self.uplink.stop(drain_timeout_s, will=not queued)
+        self.clockstore.save()
         self._final = self.status()  # what `tcu-agent status` shows after the stop
         self.outbox.close()
         return left
@@ -85,6 +93,7 @@ class Publisher:
             raise
         self._lost = 0
         self.uplink.wake()
+        self.clockstore.tick()
         return seq
 
     def state(self, values: dict, t_ms: int | None = None) -> dict:
@@ -95,6 +104,7 @@ class Publisher:
 
     def response(self, payload: dict) -> bytes:
         """Sign and queue a command status (§7); returns the signed message."""
+        self.clockstore.tick()  # an accepted command may have raised the floor
         return self._append("response", self.topics.responses, payload)
 
     def response_signed(self, message: bytes) -> None:
@@ -112,7 +122,7 @@ class Publisher:
 
     def _will(self) -> tuple[str, bytes]:
         # Built and signed at each connect (§5): its `t` says when the vehicle went online.
-        return self.topics.status, self.signer.sign(status_record(self.vin, now_ms(), False))
+        return self.topics.status, self.signer.sign(self._status_record(False))
 
     def _connected(self) -> None:
         self._just_connected.set()  # the core thread publishes online + state (it owns the core)
@@ -124,10 +134,34 @@ class Publisher:
         return False
 
     def online(self) -> None:
-        self._append("status", self.topics.status, status_record(self.vin, now_ms(), True))
+        self._append("status", self.topics.status, self._status_record(True))
+
+    def _status_record(self, online: bool) -> dict:
+        system = now_ms()
+        self.clock.now_ms(system, mono_ms())  # refreshes `behind`
+        return status_record(self.vin, system, online,
+                             clock="behind" if self.clock.behind else "ok")
+
+    # -- the clock ------------------------------------------------------------------------
+
+    def gnss_values(self, values: dict, system_ms: int) -> None:
+        """GNSS values (core thread): a valid RMC fix raises the time floor and measures the
+        system clock against GNSS time."""
+        gnss = rmc_time_ms(values)
+        if gnss is None:
+            return
+        was = self.clock.skew_warning
+        raised = self.clock.gnss_fix(gnss, system_ms, mono_ms(), self.gnss_max_skew_ms)
+        if self.clock.skew_warning and not was:
+            log.warning("the system clock is %+d ms off GNSS time (more than %d ms)",
+                        self.clock.gnss_skew_ms, self.gnss_max_skew_ms)
+        elif was and not self.clock.skew_warning:
+            log.info("the system clock agrees with GNSS time again")
+        self.clockstore.observed(raised)
 
     def status(self) -> dict:
         if self._final is not None:
             return self._final
+        self.clock.now_ms(now_ms(), mono_ms())
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
-                "kid": self.signer.kid.hex()}
+                "kid": self.signer.kid.hex(), "clock": self.clock.status()}

@@ -327,6 +327,8 @@ class Agent:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
+            if self.publisher is not None:
+                self.publisher.gnss_values(item.values, int(item.t * 1000))
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")

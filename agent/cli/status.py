@@ -60,6 +60,7 @@ def render(s: dict) -> str:
         lines.append(_row("outbox", f"{ob.get('messages')} messages, {ob.get('bytes') or 0:,} "
                           f"bytes{age}; last acked seq {ob.get('last_acked_seq')}, next seq "
                           f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"))
+    lines += _clock(s.get("clock"))
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
@@ -90,6 +91,23 @@ def _commands(s: dict) -> list[str]:
         for name in ESSENTIAL_COUNTERS:
             counters.setdefault(name, 0)
     return lines + _table(dict(sorted(counters.items())))
+
+
+def _clock(c) -> list[str]:
+    if not isinstance(c, dict):
+        return []
+    floor = c.get("floor_ms") or 0
+    when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor / 1000)) if floor else "none yet")
+    text = f"{c.get('clock')}"
+    if c.get("clock") == "behind":
+        text += (f": the system clock is {_dur((c.get('behind_ms') or 0) / 1000)} behind the "
+                 f"time floor; checks use the floor")
+    text += f", floor {when}" + (f" (from {c['floor_source']})" if floor else "")
+    if c.get("gnss_skew_ms") is not None:
+        text += f", system - GNSS {c['gnss_skew_ms']:+d} ms"
+        if c.get("gnss_skew_warning"):
+            text += " (OFF BY MORE THAN THE ALLOWED SKEW)"
+    return [_row("clock", text)]
 
 
 def _update(u) -> list[str]:
