@@ -384,6 +384,23 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class TrustRefreshConfig:
+    """The trust store as a TUF target of the update repository (trust.refresh, periodic)."""
+
+    repository: str = ""  # refresh from here every interval_s; "" = only on trust.refresh
+    target: str = "trust.toml"  # the target name in that repository
+    interval_s: float = 3600.0  # 0 = no periodic refresh
+
+    def validate(self, where: str) -> None:
+        if self.interval_s < 0:
+            raise ConfigError(f"{where}.interval_s: must be >= 0")
+        if self.repository and not self.repository.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.repository: must be an http:// or https:// URL")
+        if not self.target:
+            raise ConfigError(f"{where}.target: must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -396,6 +413,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -407,6 +425,9 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+        if self.trust is not None and self.updates is None:
+            raise ConfigError("trust: needs an [updates] section (its trusted_root, "
+                              "allowed_repositories and hardware_id)")
 
     @property
     def slots_dir(self) -> Path:

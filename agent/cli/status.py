@@ -61,6 +61,7 @@ def render(s: dict) -> str:
                           f"bytes{age}; last acked seq {ob.get('last_acked_seq')}, next seq "
                           f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"))
     lines += _clock(s.get("clock"))
+    lines += _trust(s.get("trust"))
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
@@ -108,6 +109,21 @@ def _clock(c) -> list[str]:
         if c.get("gnss_skew_warning"):
             text += " (OFF BY MORE THAN THE ALLOWED SKEW)"
     return [_row("clock", text)]
+
+
+def _trust(t) -> list[str]:
+    if not isinstance(t, dict) or not t:
+        return []
+    source = t.get("source")
+    text = (f"version {t.get('version')} from {source}" if source == "tuf" or t.get("version")
+            else f"factory store {source}")
+    if t.get("target"):
+        text += f" (target {t['target']})"
+    if t.get("refreshing"):
+        text += ", refreshing"
+    if t.get("last_error"):
+        text += f", last refresh failed: {t['last_error']}"
+    return [_row("trust", text)]
 
 
 def _update(u) -> list[str]:
