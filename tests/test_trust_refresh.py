@@ -129,6 +129,9 @@ def test_revoked_key_accepted_before_the_refresh_and_unknown_after(world):
     [done] = refresh(handler, gate, world, "r-1")
     assert (done.status, done.result) == ("SUCCEEDED", {"version": 2, "changed": True, "keys": 2})
     assert gate.trust is not old_store
+    # The vehicle shipped with root v1 and followed the rotation to v2 (signed by both keys).
+    cached = world["config"].storage.dir / "trust" / "tuf" / "root.json"
+    assert json.loads(cached.read_text())["signed"]["version"] == 2
     after = gate.check(signed(LEAKED, "doors.unlock", "c-after"), NOW.ms, lambda c: None)
     assert isinstance(after, Rejected) and after.reason == "UNKNOWN_KEY"
     assert isinstance(gate.check(signed(NEW_OPS, "doors.lock", "c-new"), NOW.ms, lambda c: None),

@@ -167,3 +167,39 @@ def load_signing_key(signing):
         p = signing.pkcs11
         return open_key(p.module, p.token, p.key_label, read_pin(p.pin_file))
     return load_private_key(signing.key_file)
+
+
+# -- rotation -----------------------------------------------------------------------------------
+
+def next_key_paths(key_file: Path) -> tuple[Path, Path]:
+    """Where `keys rotate` puts the next key pair: {stem}.next.key / {stem}.next.pub."""
+    key_file = Path(key_file)
+    return (key_file.with_name(f"{key_file.stem}.next.key"),
+            key_file.with_name(f"{key_file.stem}.next.pub"))
+
+
+def prepare_rotation(key_file: Path, alg: str | None = None, force: bool = False) -> str:
+    """Generate the next key pair beside `key_file` (same algorithm unless `alg`); the agent
+    switches to it at its next start. Returns the new kid (hex)."""
+    key_file = Path(key_file)
+    current = load_private_key(key_file)
+    if alg is None:
+        alg = "eddsa" if isinstance(current, Ed25519PrivateKey) else "es256"
+    next_key, _ = next_key_paths(key_file)
+    _, _, kid = generate_keypair(key_file.parent, force=force, stem=next_key.stem, alg=alg)
+    return kid
+
+
+def commit_rotation(key_file: Path) -> None:
+    """Move the next key pair over the current one (rename, then fsync of the directory)."""
+    from .atomic import fsync_dir
+
+    key_file = Path(key_file)
+    next_key, next_pub = next_key_paths(key_file)
+    try:
+        os.replace(next_key, key_file)
+        if next_pub.exists():
+            os.replace(next_pub, key_file.with_suffix(".pub"))
+        fsync_dir(key_file.parent)
+    except OSError as exc:
+        raise SigningError(f"cannot switch to the rotated key {next_key}: {exc.strerror or exc}") from None

@@ -7,12 +7,16 @@ core thread, except `on_connected`, which only raises a flag for that thread.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import threading
 import time
+from pathlib import Path
 
 from ..adapters.clockstore import ClockStore, mono_ms
-from ..adapters.keys import load_signing_key
+from ..adapters.atomic import atomic_write
+from ..adapters.keys import commit_rotation, load_private_key, load_signing_key, next_key_paths
 from ..adapters.mqtt import Uplink
 from ..adapters.outbox import Outbox
 from ..config import Config
@@ -42,6 +46,9 @@ class Publisher:
         self.vin = config.vehicle.vin
         self.topics = Topics(config.vehicle.prefix)
         self.signer = Signer(load_signing_key(config.signing))
+        self.storage_dir = Path(config.storage.dir)
+        # After `tcu-agent keys rotate`: {"kid", "prev", "proof"} in every status record.
+        self.key_record = self._rotate_if_pending(config)
         self.outbox = outbox or Outbox(config.storage.dir, config.storage.max_bytes)
         client_id = config.mqtt.client_id or f"tcu-{self.vin}"
         self.uplink = Uplink(config.mqtt, self.outbox, client_id, will=self._will,
@@ -140,7 +147,47 @@ class Publisher:
         system = now_ms()
         self.clock.now_ms(system, mono_ms())  # refreshes `behind`
         return status_record(self.vin, system, online,
-                             clock="behind" if self.clock.behind else "ok")
+                             clock="behind" if self.clock.behind else "ok", key=self.key_record)
+
+    # -- key rotation ---------------------------------------------------------------------
+
+    def _rotate_if_pending(self, config: Config) -> dict | None:
+        """Switch to the key `keys rotate` prepared, with a proof signed by the old key:
+
+            proof = COSE_Sign1 by the old key of {"v": 1, "vin", "t", "kid": new kid,
+                                                  "prev": old kid, "public_key": new SPKI DER}
+
+        key.json is written before the key files are switched, so a crash in between only
+        repeats the switch (with a fresh proof) at the next start."""
+        path = self.storage_dir / "key.json"
+        key_file = config.signing.key_file
+        if key_file is not None and next_key_paths(key_file)[0].exists():
+            from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+            old, new = self.signer, Signer(load_private_key(next_key_paths(key_file)[0]))
+            der = new.public_key.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+            proof = old.sign({"v": 1, "vin": self.vin, "t": now_ms(), "kid": new.kid,
+                              "prev": old.kid, "public_key": der}, compress=False)
+            record = {"kid": new.kid, "prev": old.kid, "proof": proof}
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps({"kid": new.kid.hex(), "prev": old.kid.hex(),
+                                           "proof": base64.b64encode(proof).decode()}).encode(),
+                         0o600)
+            commit_rotation(key_file)
+            self.signer = new
+            log.warning("signing key rotated: kid %s replaces %s", new.kid.hex(), old.kid.hex())
+            return record
+        try:
+            saved = json.loads(path.read_text())
+            if saved["kid"] != self.signer.kid.hex():
+                return None  # an older rotation, or the key was replaced by hand
+            return {"kid": bytes.fromhex(saved["kid"]), "prev": bytes.fromhex(saved["prev"]),
+                    "proof": base64.b64decode(saved["proof"])}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("%s unreadable (%s): status records carry no key rotation", path, e)
+            return None
 
     # -- the clock ------------------------------------------------------------------------
 
@@ -164,4 +211,6 @@ class Publisher:
             return self._final
         self.clock.now_ms(now_ms(), mono_ms())
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
-                "kid": self.signer.kid.hex(), "clock": self.clock.status()}
+                "kid": self.signer.kid.hex(), "clock": self.clock.status(),
+                "key": {"kid": self.signer.kid.hex(), "alg": self.signer.alg,
+                        "prev": self.key_record["prev"].hex() if self.key_record else None}}

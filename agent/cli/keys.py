@@ -36,6 +36,36 @@ def add_parser(sub, common) -> None:
     common(g)
     g.set_defaults(func=run_generate)
 
+    r = ksub.add_parser("rotate", help="prepare a new key; the agent switches at its next start",
+                        description="Write the next key pair beside signing.key_file "
+                                    "({stem}.next.key/.pub) and print its kid. At its next start "
+                                    "the agent switches to it and announces it in every status "
+                                    "record: key {kid, prev, proof}, the proof signed by the old "
+                                    "key. Key files only (not [signing] pkcs11).")
+    r.add_argument("-c", "--config", required=True, help="agent config file (TOML)")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--alg", choices=("eddsa", "es256"), default=None,
+                   help="algorithm of the new key (default: the current key's)")
+    r.add_argument("--force", action="store_true", help="replace a prepared next key")
+    common(r)
+    r.set_defaults(func=run_rotate)
+
+
+def run_rotate(args) -> int:
+    from ..adapters.keys import next_key_paths, prepare_rotation
+    from ..config import load_config
+    from ..errors import ConfigError
+
+    config = load_config(args.config, args.set)
+    if config.signing is None or config.signing.key_file is None:
+        raise ConfigError("keys rotate needs [signing] key_file (a token key is rotated in the "
+                          "token: generate a new label and change key_label)")
+    kid = prepare_rotation(config.signing.key_file, args.alg, force=args.force)
+    print(kid)
+    print(f"wrote {next_key_paths(config.signing.key_file)[0]}; the agent switches to it at "
+          f"its next start (systemctl restart tcu-agent)", file=sys.stderr)
+    return 0
+
 
 def run_generate(args) -> int:
     from ..errors import ConfigError

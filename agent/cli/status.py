@@ -60,6 +60,11 @@ def render(s: dict) -> str:
         lines.append(_row("outbox", f"{ob.get('messages')} messages, {ob.get('bytes') or 0:,} "
                           f"bytes{age}; last acked seq {ob.get('last_acked_seq')}, next seq "
                           f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"))
+    key = s.get("key")
+    if isinstance(key, dict) and key.get("kid"):
+        alg = {-8: "EdDSA", -7: "ES256"}.get(key.get("alg"), key.get("alg"))
+        lines.append(_row("key", f"kid {key['kid']} ({alg})"
+                          + (f", rotated from {key['prev']}" if key.get("prev") else "")))
     lines += _clock(s.get("clock"))
     lines += _trust(s.get("trust"))
     lines += _commands(s)
