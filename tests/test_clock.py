@@ -226,3 +226,31 @@ def test_agent_behind_its_floor_says_so_on_the_wire_and_in_status(tmp_path, test
                 agent.close()
     finally:
         feeder.close()
+
+
+def test_publisher_takes_gnss_time_into_the_floor(tmp_path, test_dbc, caplog):
+    from agent.adapters.keys import generate_keypair
+    from agent.app.publisher import Publisher
+    from agent.config import config_from_dict
+
+    generate_keypair(tmp_path / "keys")
+    config = config_from_dict(
+        {"vehicle": {"vin": VIN}, "storage": {"dir": str(tmp_path / "state")},
+         "bus": [{"name": "a", "interface": "virtual", "channel": "x", "dbc": [str(test_dbc)]}],
+         "signing": {"key_file": str(tmp_path / "keys" / "vehicle.key")},
+         "mqtt": {"host": "127.0.0.1", "port": 1}}, base=tmp_path)
+    pub = Publisher(config)
+    try:
+        assert pub._status_record(True)["clock"] == "ok"
+        fix = location_values(parse_sentence(
+            "$GPRMC,000000.00,A,5230.0000,N,01322.0000,E,0.0,0.0,010126,,,A*5C"))
+        with caplog.at_level(logging.WARNING, logger="agent.app.publisher"):
+            pub.gnss_values(fix, BOOT_1970)  # received when the system clock said 1970
+        assert "off GNSS time" in caplog.text
+        saved = json.loads((tmp_path / "state" / "clock.json").read_text())
+        assert saved["source"] == "gnss" and saved["floor_ms"] >= NOW
+        # The real system clock (2026 or later, as this test runs) is not behind 2026-01-01.
+        assert pub._status_record(True)["clock"] == "ok"
+        assert pub.status()["clock"]["gnss_skew_warning"] is True
+    finally:
+        pub.outbox.close()
