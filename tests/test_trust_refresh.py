@@ -298,3 +298,22 @@ def test_end_to_end_through_the_agent(tmp_path):
 
 
 VIN_E2E = "DEMO0EV0000000001"
+
+
+def test_cloud_cli_publishes_a_trust_target_and_rotates_the_root(tmp_path):
+    from agent.cloud.main import main
+
+    repo.init_repo(tmp_path / "r")
+    store = tmp_path / "trust-v4.toml"
+    store.write_text(REVOKED)
+    assert main(["repo", "add-trust", str(tmp_path / "r"), str(store), "--trust-version", "4",
+                 "--vin", VIN, "--hardware-id", "hw-1"]) == 0
+    targets = json.loads((tmp_path / "r" / "metadata" / "targets.json").read_text())
+    assert targets["signed"]["targets"]["trust.toml"]["custom"] == {
+        "trust_version": 4, "vins": [VIN], "hardware_ids": ["hw-1"]}
+    assert main(["repo", "rotate-root", str(tmp_path / "r")]) == 0
+    root2 = json.loads((tmp_path / "r" / "metadata" / "2.root.json").read_text())
+    assert len(root2["signatures"]) == 2  # the old and the new root key
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[key]]\nname = "x"\npublic_key = "k.pub"\nallow = ["*"]\n')
+    assert main(["repo", "add-trust", str(tmp_path / "r"), str(bad), "--trust-version", "5"]) == 2
