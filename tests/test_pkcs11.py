@@ -198,3 +198,28 @@ def test_agent_signs_with_the_token_key(tmp_path, test_dbc, monkeypatch):
             assert v.check(c.messages)["status"][-1]["online"] is False
     finally:
         feeder.close()
+
+
+MDWE_SCRIPT = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+# PR_SET_MDWE / PR_MDWE_REFUSE_EXEC_GAIN: what MemoryDenyWriteExecute=yes enforces
+if libc.prctl(65, 1, 0, 0, 0) != 0:
+    sys.exit("PR_SET_MDWE refused: " + os.strerror(ctypes.get_errno()))
+from agent.adapters.pkcs11 import generate
+from agent.core.cose import Signer, verify
+key = generate(sys.argv[1], "tcu", "mdwe", sys.argv[2], alg=sys.argv[3])
+signer = Signer(key)
+print(verify(signer.sign({"v": 1}), {signer.kid: signer.public_key}).payload)
+"""
+
+
+@pytest.mark.parametrize("alg", ["es256", "eddsa"])
+def test_the_token_works_under_memory_deny_write_execute(tmp_path, alg):
+    """The unit's MemoryDenyWriteExecute=yes, as the kernel's PR_SET_MDWE: the PKCS#11 module
+    loads and signs (no writable-executable mappings needed)."""
+    token = softhsm.make_token(tmp_path)
+    run = subprocess.run([sys.executable, "-c", MDWE_SCRIPT, str(token["module"]), token["pin"], alg],
+                         capture_output=True, text=True, env=dict(token["env"], PYTHONPATH=str(ROOT)),
+                         cwd=ROOT, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "{'v': 1}", run.stderr
