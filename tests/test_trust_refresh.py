@@ -317,3 +317,26 @@ def test_cloud_cli_publishes_a_trust_target_and_rotates_the_root(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text('[[key]]\nname = "x"\npublic_key = "k.pub"\nallow = ["*"]\n')
     assert main(["repo", "add-trust", str(tmp_path / "r"), str(bad), "--trust-version", "5"]) == 2
+
+
+def test_tuf_expiry_is_checked_against_the_time_floor(world):
+    """The system clock is behind the floor (a floor two days ahead): metadata that expires
+    tomorrow is expired for the vehicle, though the system clock says it is still valid."""
+    from agent.adapters.clockstore import mono_ms
+    from agent.core.clock import TrustedClock
+
+    store = world["tmp"] / "short.toml"
+    store.write_text(REVOKED)
+    repo.add_trust_target(world["repo"], store, 2, expires_days=1)
+    handler, gate = vehicle(world)
+    system = NOW.ms
+    NOW.ms = system + 2 * 86_400_000  # the cloud signs with the true time, ahead of ours
+    try:
+        gate.clock = TrustedClock(NOW.ms, "stored", mono_ms())
+        [done] = refresh(handler, gate, world, "r-floor")
+    finally:
+        NOW.ms = system
+    assert (done.status, done.reason) == ("FAILED", "VERIFICATION_FAILED")
+    assert "expired" in done.detail
+    gate.clock = TrustedClock()  # no floor: the system clock alone, and it is still valid
+    assert refresh(handler, gate, world, "r-system")[0].status == "SUCCEEDED"

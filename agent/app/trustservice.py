@@ -157,19 +157,26 @@ class TrustHandler:
         job = _Job(command_id, repository, target, threading.Event())
         self._job = job
         installed = int(self.in_force.get("version", 0))
-        threading.Thread(target=self._run, args=(job, installed), name="trust-refresh",
+        # TUF expiry is checked against the gate's clock: never earlier than the time floor.
+        clock = getattr(self.gate, "clock", None)
+        reference = None
+        if clock is not None:
+            from ..adapters.clockstore import mono_ms, system_ms
+
+            reference = clock.now_ms(system_ms(), mono_ms())
+        threading.Thread(target=self._run, args=(job, installed, reference), name="trust-refresh",
                          daemon=True).start()
 
-    def _run(self, job: _Job, installed: int) -> None:
+    def _run(self, job: _Job, installed: int, reference_ms: int | None) -> None:
         try:
-            job.outcome = self._refresh(job, installed)
+            job.outcome = self._refresh(job, installed, reference_ms)
         except Exception as e:  # noqa: BLE001 - a bug must still end the command
             log.exception("trust store refresh failed")
             job.outcome = ("failed", "INTERNAL_ERROR", f"{type(e).__name__}: {e}"[:200])
         finally:
             job.done.set()
 
-    def _refresh(self, job: _Job, installed: int) -> tuple:
+    def _refresh(self, job: _Job, installed: int, reference_ms: int | None) -> tuple:
         from ..adapters.tuf import FetchConfig, fetch_target
 
         fetch = self._fetch or fetch_target
@@ -184,7 +191,7 @@ class TrustHandler:
 
         try:
             fetched = fetch(job.repository, job.target, self.updates.trusted_root, self.cache,
-                            self.downloads, accept=accept,
+                            self.downloads, accept=accept, reference_ms=reference_ms,
                             config=FetchConfig(max_target_bytes=1 << 20, free_margin_bytes=0))
         except _Same:
             return ("same", installed)
