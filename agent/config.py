@@ -182,8 +182,31 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    module: Path  # the token's PKCS#11 library (.so)
+    token: str  # token label
+    key_label: str  # label of the key pair (tcu-agent keys generate --pkcs11 ...)
+    pin_file: Path  # user PIN, first line, mode 0600
+
+    def validate(self, where: str) -> None:
+        if not self.module.is_file():
+            raise ConfigError(f"{where}.module: no such file: {self.module}")
+        for name in ("token", "key_label"):
+            value = getattr(self, name)
+            if not value or len(value) > 32 or not value.isprintable():
+                raise ConfigError(f"{where}.{name}: must be 1-32 printable characters")
+        if not self.pin_file.is_file():
+            raise ConfigError(f"{where}.pin_file: no such file: {self.pin_file}")
+
+
+@dataclass(frozen=True)
 class SigningConfig:
-    key_file: Path  # Ed25519 private key, PKCS#8 PEM, mode 0600 (tcu-agent keys generate)
+    key_file: Path | None = None  # Ed25519 or P-256 private key, PKCS#8 PEM, mode 0600
+    pkcs11: Pkcs11Config | None = None  # or a key in a PKCS#11 token (never leaves it)
+
+    def validate(self, where: str) -> None:
+        if (self.key_file is None) == (self.pkcs11 is None):
+            raise ConfigError(f"{where}: set exactly one of key_file and pkcs11")
 
 
 @dataclass(frozen=True)
@@ -375,6 +398,23 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class TrustRefreshConfig:
+    """The trust store as a TUF target of the update repository (trust.refresh, periodic)."""
+
+    repository: str = ""  # refresh from here every interval_s; "" = only on trust.refresh
+    target: str = "trust.toml"  # the target name in that repository
+    interval_s: float = 3600.0  # 0 = no periodic refresh
+
+    def validate(self, where: str) -> None:
+        if self.interval_s < 0:
+            raise ConfigError(f"{where}.interval_s: must be >= 0")
+        if self.repository and not self.repository.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.repository: must be an http:// or https:// URL")
+        if not self.target:
+            raise ConfigError(f"{where}.target: must not be empty")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -388,6 +428,7 @@ class Config:
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
     control: ControlConfig = ControlConfig()
+    trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -399,6 +440,9 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+        if self.trust is not None and self.updates is None:
+            raise ConfigError("trust: needs an [updates] section (its trusted_root, "
+                              "allowed_repositories and hardware_id)")
 
     @property
     def slots_dir(self) -> Path:

@@ -163,6 +163,9 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
         StateHandler(state_values, publish_state),
         UpdateHandler(updates, health),
     ]
+    from .trustservice import TrustHandler
+
+    out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:

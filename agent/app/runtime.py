@@ -48,9 +48,9 @@ class Agent:
         self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
-            from ..adapters.keys import load_private_key
+            from ..adapters.keys import load_signing_key
 
-            load_private_key(config.signing.key_file)  # refuse to start on a bad key all the same
+            load_signing_key(config.signing)  # refuse to start on a bad key all the same
         if publish and config.mqtt is not None:
             from .publisher import Publisher  # paho and SQLite only where they are used
 
@@ -339,6 +339,8 @@ class Agent:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
+            if self.publisher is not None:
+                self.publisher.gnss_values(item.values, int(item.t * 1000))
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")

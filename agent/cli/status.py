@@ -90,6 +90,13 @@ def render(s: dict) -> str:
                           f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"
                           + (" (seq restarted from the clock: the outbox and its seq marks "
                              "were lost)" if ob.get("seq_from_clock") else "")))
+    key = s.get("key")
+    if isinstance(key, dict) and key.get("kid"):
+        alg = {-8: "EdDSA", -7: "ES256"}.get(key.get("alg"), key.get("alg"))
+        lines.append(_row("key", f"kid {key['kid']} ({alg})"
+                          + (f", rotated from {key['prev']}" if key.get("prev") else "")))
+    lines += _clock(s.get("clock"))
+    lines += _trust(s.get("trust"))
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
@@ -120,6 +127,38 @@ def _commands(s: dict) -> list[str]:
         for name in ESSENTIAL_COUNTERS:
             counters.setdefault(name, 0)
     return lines + _table(dict(sorted(counters.items())))
+
+
+def _clock(c) -> list[str]:
+    if not isinstance(c, dict):
+        return []
+    floor = c.get("floor_ms") or 0
+    when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor / 1000)) if floor else "none yet")
+    text = f"{c.get('clock')}"
+    if c.get("clock") == "behind":
+        text += (f": the system clock is {_dur((c.get('behind_ms') or 0) / 1000)} behind the "
+                 f"time floor; checks use the floor")
+    text += f", floor {when}" + (f" (from {c['floor_source']})" if floor else "")
+    if c.get("gnss_skew_ms") is not None:
+        text += f", system - GNSS {c['gnss_skew_ms']:+d} ms"
+        if c.get("gnss_skew_warning"):
+            text += " (OFF BY MORE THAN THE ALLOWED SKEW)"
+    return [_row("clock", text)]
+
+
+def _trust(t) -> list[str]:
+    if not isinstance(t, dict) or not t:
+        return []
+    source = t.get("source")
+    text = (f"version {t.get('version')} from {source}" if source == "tuf" or t.get("version")
+            else f"factory store {source}")
+    if t.get("target"):
+        text += f" (target {t['target']})"
+    if t.get("refreshing"):
+        text += ", refreshing"
+    if t.get("last_error"):
+        text += f", last refresh failed: {t['last_error']}"
+    return [_row("trust", text)]
 
 
 def _update(u) -> list[str]:

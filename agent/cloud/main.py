@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true")
     g.add_argument("--stem", default="cloud",
                    help="write STEM.key and STEM.pub (default: cloud), e.g. one key per fleet")
+    g.add_argument("--alg", choices=("eddsa", "es256"), default="eddsa",
+                   help="eddsa: Ed25519 (default); es256: ECDSA P-256")
     g.set_defaults(func=_keys_generate)
 
     c = sub.add_parser("command", help="sign and send a command; print its statuses",
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _keys_generate(args) -> int:
     from ..adapters.keys import generate_keypair
 
-    private, public, kid = generate_keypair(args.dir, force=args.force, stem=args.stem)
+    private, public, kid = generate_keypair(args.dir, force=args.force, stem=args.stem, alg=args.alg)
     print(kid)
     print(f"wrote {private} and {public}; add the public key to each vehicle's trust store",
           file=sys.stderr)

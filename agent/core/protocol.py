@@ -60,9 +60,18 @@ class Topics:
         self.diagnostics = f"{prefix}/diagnostics"
 
 
-def status_record(vin: str, t_ms: int, online: bool) -> dict:
-    """§5: the online/offline record (the offline one is the MQTT will)."""
-    return {"v": 1, "vin": vin, "t": t_ms, "online": online, "agent": __version__}
+def status_record(vin: str, t_ms: int, online: bool, clock: str | None = None,
+                  key: dict | None = None) -> dict:
+    """§5: the online/offline record (the offline one is the MQTT will). clock: "ok" or
+    "behind" (core/clock.py); key: {"kid": hex, "prev": hex} after a key rotation."""
+    out = {"v": 1, "vin": vin, "t": t_ms, "online": online, "agent": __version__}
+    if clock is not None:
+        if clock not in ("ok", "behind"):
+            raise ValueError(f"clock must be 'ok' or 'behind', not {clock!r}")
+        out["clock"] = clock
+    if key is not None:
+        out["key"] = dict(key)
+    return out
 
 
 def state_payload(vin: str, t_ms: int, values: dict) -> dict:
