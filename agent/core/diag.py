@@ -487,7 +487,7 @@ class DiagScheduler:
             if result.ok:
                 self.store.update(name, result.value, now_ms)
         elif op == SUPPORTED:
-            self._supported(e, arg, result)
+            self._supported(e, arg, result, now_ms)
         elif op == PID:
             if result.ok and arg in result.value:
                 out.append(Values(now_ms, {p.out: result.value[arg] for p in e.plan.pids
@@ -498,13 +498,14 @@ class DiagScheduler:
             out += self._job_step(job, name, op, result, now_ms)
         return out
 
-    def _supported(self, e: _Ecu, base: int, result: Result) -> None:
+    def _supported(self, e: _Ecu, base: int, result: Result, now_ms: int) -> None:
         if result.ok:
             bits = frozenset(result.value)
             e.supported = (e.supported or frozenset()) | (bits - {base + 0x20})
             e.next_bitmap = base + 0x20 if base + 0x20 in bits and base + 0x20 < 0x100 else None
             if e.next_bitmap is None:
                 e.dropped = {p.pid for p in e.plan.pids if p.pid not in e.supported}
+                e.next_pid = dict.fromkeys(e.next_pid, now_ms)  # polls start now
         elif result.error.startswith("NRC_"):
             # An old ECU's `7F 01 12` to a supported-PIDs query: no mode 01 here, cleanly.
             e.next_bitmap = None

@@ -1,0 +1,211 @@
+"""Diagnostics on the core thread: the diag.* command family's Handler and the periodic reads.
+
+The pure DiagScheduler (core/diag.py) decides what to ask which ECU; its requests run on one
+worker thread per ECU (adapters/diag.py EcuLink.execute: a slow or silent ECU never blocks the
+core thread, nor the other ECUs), and the answers come back through a queue that `poll()`
+drains on the core thread. PID values go into the telemetry core (feed_values) as signals;
+the retained `{prefix}/diagnostics` record is signed and queued whenever the DTCs changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Callable
+
+from ..config import Config
+from ..core import diag as D
+from ..core.conditions import parse_condition
+from ..core.executor import Status
+from ..core.selection import SignalSpec
+from ..errors import AgentError
+
+log = logging.getLogger("agent.diag")
+
+REOPEN_S = 5.0
+FAMILY = D.FAMILY
+
+
+def ecu_plans(config: Config) -> list[D.EcuPlan]:
+    diag = config.diagnostics
+    plans = []
+    for e in diag.ecu:
+        interval = diag.dtc_interval_s if e.dtc_interval_s is None else e.dtc_interval_s
+        spacing = diag.request_spacing_ms if e.request_spacing_ms is None else e.request_spacing_ms
+        pids = tuple(D.PidPlan(D.pid_number(p.pid), p.interval_ms, pid_signal_name(p))
+                     for p in e.pid)
+        plans.append(D.EcuPlan(e.name, e.protocol, int(interval * 1000), spacing, pids))
+    return plans
+
+
+def pid_signal_name(p) -> str:
+    return p.name or f"OBD.{D.PIDS[D.pid_number(p.pid)].name}"
+
+
+def pid_specs(config: Config) -> list[SignalSpec]:
+    """The PIDs' signals with the telemetry sampling policy (defaults from [telemetry])."""
+    d = config.telemetry.defaults
+    out = []
+    for e in config.diagnostics.ecu:
+        for p in e.pid:
+            name = pid_signal_name(p)
+            pick = lambda own, default: default if own is None else own  # noqa: E731
+            out.append(SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0,
+                                  map=None, deadband=pick(p.deadband, d.deadband),
+                                  min_interval_ms=pick(p.min_interval_ms, d.min_interval_ms),
+                                  heartbeat_ms=int(pick(p.heartbeat_s, d.heartbeat_s) * 1000),
+                                  timeout_ms=0, state=p.state, multiplexed=False))
+    return out
+
+
+def record_publisher(publisher) -> Callable[[dict], None]:
+    """Sign and queue a diagnostics record: retained, and a newer unsent one replaces an older
+    (the outbox's "state" kind does both, per topic)."""
+    topic = publisher.topics.diagnostics
+    return lambda payload: publisher._append("state", topic, payload)
+
+
+class _Worker:
+    """One ECU's requests, one at a time, on its own thread."""
+
+    def __init__(self, name: str, execute, results: queue.SimpleQueue):
+        self.name = name
+        self.execute = execute
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.results = results
+        self.thread = threading.Thread(target=self._run, name=f"diag-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            req = self.inbox.get()
+            if req is None:
+                return
+            try:
+                result = self.execute(req)
+            except Exception as e:  # noqa: BLE001 - never lose the answer (one outstanding)
+                log.exception("diag %s: %s failed", self.name, req.op)
+                result = D.Result(False, error=f"INTERNAL: {type(e).__name__}")
+            self.results.put((req.token, result))
+
+    def stop(self) -> None:
+        self.inbox.put(None)
+        self.thread.join(2)
+
+
+class DiagService:
+    """The Handler of the diag family (agent/app/families.py)."""
+
+    family = FAMILY
+
+    def __init__(self, config: Config, core, publish: Callable[[dict], None] | None,
+                 links: dict | None = None, now_ms: int | None = None):
+        diag = config.diagnostics
+        self.config = config
+        self.vin = config.vehicle.vin
+        self.core = core
+        self.publish = publish
+        conds = tuple(parse_condition(t, f"diagnostics.clear_preconditions.{i}")
+                      for i, t in enumerate(diag.clear_preconditions))
+        now = now_ms if now_ms is not None else int(time.time() * 1000)
+        self.scheduler = D.DiagScheduler(ecu_plans(config), core.lookup, conds, diag.stale_ms,
+                                         diag.queue_size, now)
+        for spec in pid_specs(config):
+            core.add_value_signal(spec)
+        from ..adapters.diag import diag_ids
+
+        names = [b.name for b in config.bus]
+        for i, name in enumerate(names):
+            ecus = [e for e in diag.ecu if (e.bus or names[0]) == name]
+            core.ignore_ids(i, diag_ids(ecus))
+        self._links = links  # given: tests and the CLI; else opened on the first poll
+        self._buses: list = []
+        self._next_open = 0.0
+        self.open_error = ""
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: dict[str, _Worker] = {}
+        self.counters: Counter[str] = Counter()
+        self.records = 0
+        self._closed = False
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.scheduler.jobs)
+
+    # -- Handler --------------------------------------------------------------------------
+
+    def handle(self, cmd, now_ms: int) -> list[Status]:
+        out = self.scheduler.submit(cmd.id, cmd.name, dict(cmd.params), now_ms)
+        self.counters[f"{cmd.name}"] += 1
+        return out + self.poll(now_ms)
+
+    def poll(self, now_ms: int) -> list[Status]:
+        if self._closed or not self._ready():
+            return []
+        statuses: list[Status] = []
+        while True:
+            try:
+                token, result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            for out in self.scheduler.done(token, result, now_ms):
+                if isinstance(out, D.Values):
+                    self.core.feed_values(out.t_ms / 1000, out.values)
+                else:
+                    statuses.append(out)
+        for out in self.scheduler.poll(now_ms):
+            if isinstance(out, D.Request):
+                self.counters["requests"] += 1
+                self._workers[out.ecu].inbox.put(out)
+            else:
+                statuses.append(out)
+        if self.scheduler.store.changed:
+            self.scheduler.store.changed = False
+            if self.publish is not None:
+                self.publish(self.scheduler.store.payload(self.vin, now_ms))
+                self.records += 1
+        return statuses
+
+    def running(self, command_id: str) -> bool:
+        return self.scheduler.running(command_id)
+
+    def status(self) -> dict:
+        out = {"ecus": self.scheduler.status(), "records": self.records,
+               "counters": {f"diag.{k}": v for k, v in sorted(self.counters.items())}}
+        if self.open_error:
+            out["error"] = self.open_error
+        return out
+
+    def close(self) -> None:
+        self._closed = True
+        for w in self._workers.values():
+            w.stop()
+        for b in self._buses:
+            b.close()
+
+    # -- the transport --------------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        if self._workers:
+            return True
+        if self._links is None:
+            if time.monotonic() < self._next_open:
+                return False
+            from ..adapters.diag import open_buses
+
+            try:
+                opened = open_buses(self.config)
+            except AgentError as e:
+                self._next_open = time.monotonic() + REOPEN_S
+                if str(e) != self.open_error:
+                    log.error("diagnostics: %s (retrying every %.0f s)", e, REOPEN_S)
+                self.open_error = str(e)
+                return False
+            self._links, self._buses = opened["links"], opened["buses"]
+            self.open_error = ""
+        for name, link in self._links.items():
+            self._workers[name] = _Worker(name, link.execute, self._results)
+        return True
