@@ -7,6 +7,7 @@
     ├── BusError               a CAN bus or serial device could not be opened, read, written
     ├── SigningError           a key missing, unreadable, too widely readable, malformed
     ├── VerificationError      a COSE message failed verification (.reason: §7 reason)
+    ├── ParamError             a command's parameters are invalid (BAD_PARAMS; .detail)
     ├── StorageError           the outbox or another durable store could not be used
     ├── UplinkError            the MQTT connection could not be configured or established
     ├── ParseError (ValueError) a device line with the wrong format
@@ -54,6 +55,14 @@ class VerificationError(AgentError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class ParamError(AgentError):
+    """A verified command's parameters fail its family's checks: REJECTED BAD_PARAMS."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
 
 
 class StorageError(AgentError):

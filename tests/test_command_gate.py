@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from pathlib import Path
 
 import cbor2
 import pytest
@@ -16,12 +15,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.config import CommandsConfig
-from agent.core import commands as c
 from agent.core import protocol as p
+from agent.core import updates
 from agent.core.commands import (
     Accepted,
     CommandGate,
+    GateLimits,
     Redelivery,
     Rejected,
     TrustedKey,
@@ -30,11 +29,15 @@ from agent.core.commands import (
 from agent.core.protocol import response_payload
 from agent.core.ratelimit import TokenBucket
 from agent.core.cose import Signer, kid_of
+from agent.core.executor import STATE_FAMILY, actions_family
+from agent.core.registry import Registry
 
 VIN = "WVWZZZ1JZXW000001"
 NOW = 1_700_000_000_000
-LIMITS = CommandsConfig(trust_store=Path("unused.toml"), max_skew_ms=30_000,
-                        max_lifetime_ms=600_000, max_message_bytes=4096)
+LIMITS = GateLimits(max_skew_ms=30_000, max_lifetime_ms=600_000, max_message_bytes=4096)
+REGISTRY = Registry([actions_family(), STATE_FAMILY, updates.FAMILY])  # the v1 families
+NO_PARAMS = ("charge.start", "charge.stop", "doors.lock", "doors.unlock", "state.snapshot",
+             "update.cancel")
 
 OPS = Ed25519PrivateKey.generate()  # charge.*, doors.*, state.snapshot, update.*
 VIEWER = Ed25519PrivateKey.generate()  # state.snapshot only
@@ -85,7 +88,7 @@ class Memory:
 
 @pytest.fixture
 def gate() -> CommandGate:
-    return CommandGate(STORE, VIN, LIMITS)
+    return CommandGate(STORE, VIN, LIMITS, REGISTRY)
 
 
 @pytest.fixture
@@ -124,7 +127,7 @@ def test_accepted_command_carries_everything(gate):
 
 
 @pytest.mark.parametrize("name,params", [
-    *[(n, {}) for n in c.NO_PARAMS],
+    *[(n, {}) for n in NO_PARAMS],
     ("charge.set_limit", {"percent": 50}),
     ("charge.set_limit", {"percent": 100}),
     ("update.stage", {"target": "tcu-fw-2.1.0.img", "repository": "https://tuf.example.com/repo"}),
@@ -156,7 +159,7 @@ def test_oversized_message_is_bad_envelope(gate):
     big = signed(params={"pad": "x" * 4096})
     rejected(check(gate, big), p.BAD_ENVELOPE, cid=None, detail="over the 4096-byte limit")
     # The same message fits a gate allowing more: the bound is the configured one.
-    roomy = CommandGate(STORE, VIN, CommandsConfig(trust_store=Path("x"), max_message_bytes=65536))
+    roomy = CommandGate(STORE, VIN, GateLimits(max_message_bytes=65536), REGISTRY)
     rejected(check(roomy, big), p.BAD_PARAMS)
 
 
@@ -369,7 +372,7 @@ def test_unknown_command(gate):
     ("update.activate", {}),
     ("update.activate", {"target": None}),
     ("update.activate", {"target": "fw", "force": True}),
-    *[(n, {"x": 1}) for n in c.NO_PARAMS],
+    *[(n, {"x": 1}) for n in NO_PARAMS],
 ])
 def test_bad_params(gate, name, params):
     outcome = rejected(check(gate, signed(ADMIN, name=name, params=params)), p.BAD_PARAMS)
@@ -517,3 +520,58 @@ def test_trust_store_lookup_and_duplicates():
         TrustStore([TrustedKey("a", OPS.public_key(), ("*",)), TrustedKey("b", OPS.public_key(), ("*",))])
     with pytest.raises(ValueError, match="duplicate"):
         TrustStore([TrustedKey("a", OPS.public_key(), ("*",)), TrustedKey("a", ADMIN.public_key(), ("*",))])
+
+
+# -- the registry the gate consults -------------------------------------------------------------
+
+def test_a_name_claimed_twice_is_refused():
+    from agent.core.registry import Family, no_params
+
+    with pytest.raises(ValueError, match="state.snapshot"):
+        Registry([STATE_FAMILY, Family("other", frozenset({"state.snapshot"}), no_params)])
+    with pytest.raises(ValueError, match="registered twice"):
+        Registry([STATE_FAMILY, STATE_FAMILY])
+    assert REGISTRY.family_of("update.stage") is updates.FAMILY
+    assert REGISTRY.family_of("horn.honk") is None
+    assert "charge.set_limit" in REGISTRY.names and "horn.honk" not in REGISTRY.names
+
+
+def test_a_new_family_is_a_registry_entry_not_a_gate_edit():
+    from agent.core.registry import Family
+    from agent.errors import ParamError
+
+    def ecu_only(name, params):
+        if params.get("ecu") not in ("bms", "vcu"):
+            raise ParamError("ecu: must be bms or vcu")
+
+    diag = Family("diag", frozenset({"diag.read_dtcs"}), ecu_only)
+    with_diag = CommandGate(STORE, VIN, LIMITS, Registry([*REGISTRY.families, diag]))
+    message = signed(ADMIN, name="diag.read_dtcs", params={"ecu": "bms"})
+    assert isinstance(check(with_diag, message), Accepted)
+    outcome = rejected(check(with_diag, signed(ADMIN, name="diag.read_dtcs",
+                                               params={"ecu": "abs"})),
+                       p.BAD_PARAMS, detail="ecu: must be bms or vcu")
+    assert outcome.digest is not None
+    rejected(check(CommandGate(STORE, VIN, LIMITS, REGISTRY), message), p.UNKNOWN_COMMAND)
+
+
+def test_configured_action_names_join_the_actions_family():
+    """An action configured beyond the v1 names is known; it takes exactly its placeholders."""
+    from agent.core.conditions import Param, parse_condition
+    from agent.core.executor import ActionPlan, FramePlan
+
+    frame = FramePlan(0, 0x100, None, {"Level": Param("level")}, {}, 1, 0)
+    plan = ActionPlan("horn.honk", "horn", (), (), (parse_condition("M.S == 1", "x"),), 1000,
+                      1000, (frame,))
+    gate = CommandGate(STORE, VIN, LIMITS,
+                       Registry([actions_family({"horn.honk": plan}), STATE_FAMILY]))
+    assert isinstance(check(gate, signed(ADMIN, name="horn.honk", params={"level": 3})),
+                      Accepted)
+    rejected(check(gate, signed(ADMIN, name="horn.honk")), p.BAD_PARAMS,
+             detail="needs parameter 'level'")
+    rejected(check(gate, signed(ADMIN, name="horn.honk", params={"level": 3, "x": 1})),
+             p.BAD_PARAMS, detail="takes no parameter 'x'")
+    rejected(check(gate, signed(ADMIN, name="horn.honk", params={"level": [3]})), p.BAD_PARAMS)
+    # the v1 names stay with their own parameters, configured or not
+    rejected(check(gate, signed(ADMIN, name="charge.set_limit", params={"percent": 10})),
+             p.BAD_PARAMS)

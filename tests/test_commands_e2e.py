@@ -146,12 +146,12 @@ def wait_ready(agent, timeout=10.0):
     """Connected to the broker, subscribed, and the simulated EV heard from."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        up = agent.app.publisher.uplink.status()
+        up = agent.publisher.uplink.status()
         if up["state"] == "connected" and agent.core.lookup("OBC_Status.ChargeState"):
             time.sleep(0.2)  # the subscription is acknowledged right after the CONNACK
             return
         time.sleep(0.05)
-    raise AssertionError(f"agent not ready: {agent.app.publisher.uplink.status()}")
+    raise AssertionError(f"agent not ready: {agent.publisher.uplink.status()}")
 
 
 def assert_rejected_without_frames(r, reason, **command):
@@ -300,8 +300,8 @@ def test_a_command_cut_off_by_a_restart_ends_failed(rig):
     r.agent = Agent(config)
     r.agent.start()
     deadline = time.monotonic() + 10
-    while not r.agent.app.publisher.uplink.status()["subscribed"]:
-        assert time.monotonic() < deadline, r.agent.app.publisher.uplink.status()
+    while not r.agent.publisher.uplink.status()["subscribed"]:
+        assert time.monotonic() < deadline, r.agent.publisher.uplink.status()
         time.sleep(0.05)
     cid, _ = r.cloud.command("charge.set_limit", {"percent": 70})
     deadline = time.monotonic() + 5
@@ -482,7 +482,7 @@ def test_can_write_error_is_write_failed(tmp_path):
             deadline = time.monotonic() + 10
             while not (agent.core.lookup("OBC_Status.CablePlugged") and
                        agent.core.lookup("VCU_Status.Gear") and
-                       agent.app.publisher.uplink.status()["state"] == "connected"):
+                       agent.publisher.uplink.status()["state"] == "connected"):
                 assert time.monotonic() < deadline, "agent not ready"
                 time.sleep(0.05)
             time.sleep(0.3)

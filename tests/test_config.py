@@ -263,3 +263,19 @@ def test_set_addresses_an_entry_whose_name_has_dots(tmp_path, test_dbc):
     assert cfg.telemetry.signal[0].deadband == 1.5 and cfg.bus[1].bitrate == 125000
     with pytest.raises(ConfigError, match="no entry named 'Vehicle'"):
         load_config(path, [sig, "telemetry.signal.Vehicle.Speeds.deadband=2.5"])
+
+
+def test_an_action_named_like_another_familys_command_is_refused():
+    """[[commands.action]] name = "state.snapshot" would shadow the state family."""
+    from agent.app.assemble import telemetry_core
+    from agent.app.families import handlers
+    from conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["commands.action.0.name='state.snapshot'"])
+    plans = bus_plans(cfg)
+    core = telemetry_core(plans, cfg.telemetry)
+    with pytest.raises(ConfigError, match=r"demo.toml: commands.action: command 'state.snapshot' "
+                                          r"is claimed by families 'actions' and 'state'"):
+        handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
+    assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
+                        lambda values, t: None, None, lambda: (True, ""))) == 3

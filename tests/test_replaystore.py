@@ -6,22 +6,23 @@ import logging
 import sqlite3
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.replaystore import PURGE_INTERVAL_MS, ReplayStore
-from agent.config import CommandsConfig
 from agent.core.commands import (
     Accepted,
     CommandGate,
+    GateLimits,
     Redelivery,
     Rejected,
     TrustedKey,
     TrustStore,
 )
 from agent.core.cose import Signer
+from agent.core.executor import actions_family
+from agent.core.registry import Registry
 from agent.errors import StorageError
 
 NOW = 1_700_000_000_000
@@ -160,8 +161,9 @@ def test_unusable_directory_is_a_storage_error(tmp_path):
 
 def test_gate_and_store_across_restart_and_corruption(tmp_path):
     key = Ed25519PrivateKey.generate()
-    limits = CommandsConfig(trust_store=Path("unused"))
-    gate = CommandGate(TrustStore([TrustedKey("ops", key.public_key(), ("*",))]), "VIN1", limits)
+    limits, registry = GateLimits(), Registry([actions_family()])
+    gate = CommandGate(TrustStore([TrustedKey("ops", key.public_key(), ("*",))]), "VIN1", limits,
+                       registry)
     message = Signer(key).sign({"v": 1, "id": "c-1", "vin": "VIN1", "name": "doors.lock",
                                 "params": {}, "iat": NOW, "exp": NOW + 60_000})
 
@@ -173,13 +175,13 @@ def test_gate_and_store_across_restart_and_corruption(tmp_path):
         assert gate.check(message, NOW + 1000, store.seen) == Redelivery("c-1")
 
     (tmp_path / "replay.db").write_bytes(b"garbage" * 1000)
-    fresh_gate = CommandGate(gate.trust, "VIN1", limits)  # a restarted agent
+    fresh_gate = CommandGate(gate.trust, "VIN1", limits, registry)  # a restarted agent
     with ReplayStore(tmp_path, on_loss=fresh_gate.note_replay_loss) as store:
         assert store.seen("c-1") is None
         # The id is forgotten, but the command was issued before the loss: still refused.
         outcome = fresh_gate.check(message, NOW + 1000, store.seen)
         assert isinstance(outcome, Rejected) and outcome.reason == "REPLAYED"
-    restarted = CommandGate(gate.trust, "VIN1", limits)  # and again, from the persisted loss time
+    restarted = CommandGate(gate.trust, "VIN1", limits, registry)  # and again, from the persisted loss time
     with ReplayStore(tmp_path) as store:
         restarted.note_replay_loss(store.lost_at_ms)
         outcome = restarted.check(message, NOW + 1000, store.seen)

@@ -14,6 +14,11 @@ from agent.adapters.truststore import load_trust_store
 from agent.core.cose import kid_of
 from agent.errors import ConfigError
 
+# The names of the v1 families, as the registry gives them (Registry.names).
+NAMES = frozenset({"charge.start", "charge.stop", "charge.set_limit", "doors.lock",
+                   "doors.unlock", "state.snapshot", "update.stage", "update.activate",
+                   "update.cancel"})
+
 
 def pem(key) -> str:
     return key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
@@ -49,7 +54,7 @@ public_key = """
 {pem(fleet)}"""
 allow = ["state.snapshot"]
 ''')
-    store = load_trust_store(path)
+    store = load_trust_store(path, NAMES)
     assert len(store) == 2
     entry = store.get(kid_of(ops.public_key()))
     assert entry.name == "ops" and entry.allow == ("charge.*", "doors.lock")
@@ -61,18 +66,18 @@ allow = ["state.snapshot"]
 def test_relative_paths_are_relative_to_the_trust_store_file(tmp_path, keys, monkeypatch):
     path = write(tmp_path, '[[key]]\nname = "ops"\npublic_key = "keys/ops.pub"\nallow = ["*"]\n')
     monkeypatch.chdir(tmp_path / "keys")  # would break a path resolved against the cwd
-    assert len(load_trust_store(path)) == 1
+    assert len(load_trust_store(path, NAMES)) == 1
 
 
 def test_absolute_path(tmp_path, keys):
     path = write(tmp_path, f'[[key]]\nname = "ops"\npublic_key = "{tmp_path}/keys/ops.pub"\n'
                            'allow = ["*"]\n')
-    assert load_trust_store(path).get(kid_of(keys[0].public_key())).name == "ops"
+    assert load_trust_store(path, NAMES).get(kid_of(keys[0].public_key())).name == "ops"
 
 
 def test_empty_store_is_allowed_with_a_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="agent.truststore"):
-        store = load_trust_store(write(tmp_path, "# no keys yet\n"))
+        store = load_trust_store(write(tmp_path, "# no keys yet\n"), NAMES)
     assert len(store) == 0
     assert "UNKNOWN_KEY" in caplog.text
 
@@ -81,9 +86,22 @@ def test_pattern_matching_no_command_is_a_warning(tmp_path, keys, caplog):
     path = write(tmp_path, '[[key]]\nname = "ops"\npublic_key = "keys/ops.pub"\n'
                            'allow = ["charge.strat", "doors.*"]\n')
     with caplog.at_level(logging.WARNING, logger="agent.truststore"):
-        load_trust_store(path)
+        load_trust_store(path, NAMES)
     assert "key.0.allow.0" in caplog.text and "charge.strat" in caplog.text
     assert "allow.1" not in caplog.text
+
+
+def test_patterns_are_checked_against_the_names_given(tmp_path, keys, caplog):
+    """A configured action (say horn.honk) is a name the vehicle knows: no warning for it."""
+    path = write(tmp_path, '[[key]]\nname = "ops"\npublic_key = "keys/ops.pub"\n'
+                           'allow = ["horn.*"]\n')
+    with caplog.at_level(logging.WARNING, logger="agent.truststore"):
+        load_trust_store(path, NAMES)
+    assert "key.0.allow.0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="agent.truststore"):
+        load_trust_store(path, NAMES | {"horn.honk"})
+    assert "allow" not in caplog.text
 
 
 BAD_PEM = "-----BEGIN PUBLIC KEY-----\\nAAAA\\n-----END PUBLIC KEY-----"
@@ -117,7 +135,7 @@ def test_invalid_store_names_file_entry_and_problem(tmp_path, keys, text, where,
     (tmp_path / "keys" / "other.pub").write_text(pem(Ed25519PrivateKey.generate()))
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_trust_store(path)
+        load_trust_store(path, NAMES)
     message = str(info.value)
     assert message.startswith(f"{path}: {where}"), message
     assert problem in message and "\n" not in message
@@ -127,20 +145,20 @@ def test_non_ed25519_key_is_refused(tmp_path):
     (tmp_path / "ec.pub").write_text(pem(generate_private_key(SECP256R1())))
     path = write(tmp_path, '[[key]]\nname = "ec"\npublic_key = "ec.pub"\nallow = ["*"]\n')
     with pytest.raises(ConfigError, match=r"key\.0\.public_key: .*not an Ed25519 key"):
-        load_trust_store(path)
+        load_trust_store(path, NAMES)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="no such trust store file"):
-        load_trust_store(tmp_path / "absent.toml")
+        load_trust_store(tmp_path / "absent.toml", NAMES)
 
 
 def test_world_writable_store_is_refused_group_writable_warned(tmp_path, keys, caplog):
     path = write(tmp_path, f"[[key]]\n{ENTRY}")
     os.chmod(path, 0o666)
     with pytest.raises(ConfigError, match="writable by anyone"):
-        load_trust_store(path)
+        load_trust_store(path, NAMES)
     os.chmod(path, 0o664)
     with caplog.at_level(logging.WARNING, logger="agent.truststore"):
-        assert len(load_trust_store(path)) == 1
+        assert len(load_trust_store(path, NAMES)) == 1
     assert "group-writable" in caplog.text

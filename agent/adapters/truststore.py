@@ -18,10 +18,11 @@ import logging
 import os
 import stat
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.core.commands import V1_COMMANDS, TrustedKey, TrustStore
+from agent.core.commands import TrustedKey, TrustStore
 from agent.errors import ConfigError, SigningError
 
 from .keys import load_public_key
@@ -31,9 +32,11 @@ log = logging.getLogger("agent.truststore")
 _ENTRY_KEYS = ("name", "public_key", "allow")
 
 
-def load_trust_store(path: str | os.PathLike[str]) -> TrustStore:
-    """Read and validate a trust store TOML file. Raises ConfigError (one line)."""
+def load_trust_store(path: str | os.PathLike[str], names: Iterable[str]) -> TrustStore:
+    """Read and validate a trust store TOML file. `names`: the command names this vehicle
+    knows (Registry.names), to warn about patterns matching none. Raises ConfigError."""
     path = Path(path)
+    commands = frozenset(names)
     try:
         with open(path, "rb") as f:
             mode = os.fstat(f.fileno()).st_mode
@@ -61,7 +64,7 @@ def load_trust_store(path: str | os.PathLike[str]) -> TrustStore:
     names: dict[str, int] = {}
     kids: dict[bytes, int] = {}
     for i, entry in enumerate(entries):
-        key = _entry(path, i, entry)
+        key = _entry(path, i, entry, commands)
         if key.name in names:
             raise ConfigError(f"{path}: key.{i}.name: {key.name!r} is already the name of "
                               f"key.{names[key.name]}")
@@ -76,7 +79,7 @@ def load_trust_store(path: str | os.PathLike[str]) -> TrustStore:
     return TrustStore(keys)
 
 
-def _entry(path: Path, i: int, entry: Any) -> TrustedKey:
+def _entry(path: Path, i: int, entry: Any, commands: frozenset[str]) -> TrustedKey:
     where = f"{path}: key.{i}"
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected a table")
@@ -97,10 +100,11 @@ def _entry(path: Path, i: int, entry: Any) -> TrustedKey:
         raise ConfigError(f"{where}.allow: must be a non-empty array of glob patterns "
                           "such as \"charge.*\"")
     for j, pattern in enumerate(allow):
-        # A typo would silently authorise nothing; a later protocol version may add names,
-        # so this is a warning, not an error.
-        if not any(fnmatch.fnmatchcase(c, pattern) for c in V1_COMMANDS):
-            log.warning("%s.allow.%d: %r matches no version 1 command name", where, j, pattern)
+        # A typo would silently authorise nothing; a later version or another vehicle may
+        # know more names, so this is a warning, not an error.
+        if not any(fnmatch.fnmatchcase(c, pattern) for c in commands):
+            log.warning("%s.allow.%d: %r matches no command name this vehicle knows", where, j,
+                        pattern)
 
     source = entry["public_key"]
     if not isinstance(source, str) or not source.strip():

@@ -1,48 +1,71 @@
 """Remote commands on the runtime's core thread: verify, remember, execute, answer.
 
 Every message from `{prefix}/commands` goes through the CommandGate (core/commands.py) before
-anything else; only an Accepted command reaches the Executor, and only the Executor's Send
-outputs reach the bus. Statuses are signed and committed to the outbox (and the latest one
-to the replay store, for re-deliveries) before they are published.
+anything else; only an Accepted command reaches the handler of its family (families.py).
+Statuses are signed and committed to the outbox (and the latest one to the replay store, for
+re-deliveries) before they are published.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..adapters.replaystore import ReplayStore
 from ..adapters.truststore import load_trust_store
-from .assemble import action_plans
+from ..config import CommandsConfig
 from ..core import commands as C
 from ..core import protocol as proto
-from ..core.ratelimit import TokenBucket
 from ..core.cose import decode_unverified
-from ..core.executor import Executor, Send, Snapshot, Status
-from ..errors import AgentError, BusError
+from ..core.executor import Status
+from ..core.ratelimit import TokenBucket
+from ..core.registry import Registry
+from ..errors import AgentError
+from .families import Handler
+
+if TYPE_CHECKING:
+    from .publisher import Publisher
 
 log = logging.getLogger("agent.commands")
 
 
+def gate_limits(cfg: CommandsConfig) -> C.GateLimits:
+    return C.GateLimits(max_skew_ms=cfg.max_skew_ms, max_lifetime_ms=cfg.max_lifetime_ms,
+                        max_message_bytes=cfg.max_message_bytes)
+
+
 class CommandService:
-    def __init__(self, config, plans, core, publisher, readers, state_values, updates=None):
-        cfg = config.commands
+    """The commands topic on the core thread: gate, replay store, dispatch to the handler of
+    each command's family, and every status signed, stored and published."""
+
+    def __init__(self, cfg: CommandsConfig, vin: str, storage_dir: Path, publisher: Publisher,
+                 handlers: Sequence[Handler]):
         self.cfg = cfg
-        self.vin = config.vehicle.vin
+        self.vin = vin
         self.publisher = publisher
-        self.readers = readers
-        self.state_values = state_values
-        self.gate = C.CommandGate(load_trust_store(cfg.trust_store), self.vin, cfg)
-        self.replay = ReplayStore(config.storage.dir, on_loss=self.gate.note_replay_loss)
+        self.handlers: tuple[Handler, ...] = tuple(handlers)
+        self.registry = Registry(h.family for h in self.handlers)
+        self._by_family = {h.family.name: h for h in self.handlers}
+        self.gate = C.CommandGate(load_trust_store(cfg.trust_store, self.registry.names), vin,
+                                  gate_limits(cfg), self.registry)
+        self.replay = ReplayStore(storage_dir, on_loss=self.gate.note_replay_loss)
         self.gate.note_replay_loss(self.replay.lost_at_ms)
-        self.executor = Executor(action_plans(config, plans), core.lookup, core.last_frame,
-                                 cfg.queue_size)
         self.bucket = TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
         self.flooding = False
-        self.updates = updates  # UpdateService, when [updates] is configured
         self.counters: Counter = Counter()
         self.last_activity_ms = 0
         self._final: dict | None = None
+
+    def handler(self, family: str) -> Handler:
+        return self._by_family[family]
+
+    @property
+    def busy(self) -> bool:
+        """A handler wants polling every few ms (actions waiting for confirmation)."""
+        return any(getattr(h, "busy", False) for h in self.handlers)
 
     # -- incoming -------------------------------------------------------------------------
 
@@ -71,10 +94,8 @@ class CommandService:
             return
         self.counters["accepted"] += 1
         log.info("command %s %s from %s", cmd.id, cmd.name, cmd.key_name)
-        if self.updates is not None and cmd.name.startswith("update."):
-            self.report(self.updates.handle(cmd.id, cmd.name, dict(cmd.params), now_ms), now_ms)
-            return
-        self._apply(self.executor.submit(cmd.id, cmd.name, cmd.params, now_ms), now_ms)
+        handler = self._by_family[self.registry.family_of(cmd.name).name]
+        self._emit(handler, handler.handle(cmd, now_ms), now_ms)
 
     def _rejected(self, r: C.Rejected, now_ms: int) -> None:
         self.counters["rejected"] += 1
@@ -93,8 +114,7 @@ class CommandService:
         self.counters["redelivered"] += 1
         latest = self.replay.latest_status(command_id)
         if latest is not None:
-            if _is_terminal(latest) or self.executor.running(command_id) or (
-                    self.updates is not None and self.updates.running(command_id)):
+            if _is_terminal(latest) or self._running(command_id):
                 self.publisher.response_signed(latest)
                 return
         # Recorded but not finished, and no longer running here: the agent restarted mid-way.
@@ -111,7 +131,7 @@ class CommandService:
             log.error("cannot look for interrupted commands: %s", e)
             return
         for cid, latest in rows:
-            if _is_terminal(latest) or (self.updates is not None and self.updates.running(cid)):
+            if _is_terminal(latest) or self._running(cid):
                 continue
             self.counters["interrupted"] += 1
             log.warning("command %s was interrupted by an agent restart", cid)
@@ -122,37 +142,36 @@ class CommandService:
             except AgentError as e:  # disk full: the agent must still start
                 log.error("cannot answer interrupted command %s: %s", cid, e)
 
+    def _running(self, command_id: str) -> bool:
+        return any(h.running(command_id) for h in self.handlers)
+
     # -- execution ------------------------------------------------------------------------
 
     def poll(self, now_ms: int) -> None:
-        if self.executor.busy:
-            self._apply(self.executor.poll(now_ms), now_ms)
+        for h in self.handlers:
+            self.poll_family(h, now_ms)
 
-    def _apply(self, outputs: list, now_ms: int) -> None:
-        for out in outputs:
-            if isinstance(out, Send):
-                try:
-                    self.readers[out.bus].send(out.can_id, out.data)
-                    self.counters["frames_sent"] += 1
-                except BusError as e:
-                    self.counters["write_failed"] += 1
-                    self._apply(self.executor.send_failed(out.command_id, str(e), now_ms), now_ms)
-            elif isinstance(out, Snapshot):
-                values = self.state_values()
-                self.publisher.state(values, now_ms)
-                self._status(Status(out.id, proto.SUCCEEDED, result=values), now_ms)
-            else:
-                self._status(out, now_ms)
+    def poll_family(self, handler: Handler, now_ms: int) -> None:
+        """One handler's poll (the runtime runs each as its own guarded step)."""
+        statuses = handler.poll(now_ms)
+        if statuses:
+            self._emit(handler, statuses, now_ms)
 
-    def report(self, statuses: list[Status], now_ms: int) -> None:
-        """Statuses from the update service. One terminal status per command, also across
-        restarts: a status for an id whose stored latest status is terminal is not sent."""
+    def report(self, statuses: list[Status], now_ms: int, family: str) -> None:
+        """Statuses a family produced outside handle/poll (the update service's start and
+        worker events)."""
+        self._emit(self._by_family[family], statuses, now_ms)
+
+    def _emit(self, handler: Handler, statuses: list[Status], now_ms: int) -> None:
+        """Sign, store and publish. One terminal status per command, also across restarts:
+        a status for an id whose stored latest status is terminal is not sent."""
         for s in statuses:
             if s.id is not None and _is_terminal(self.replay.latest_status(s.id)):
                 continue
             self._status(s, now_ms)
-        if self.updates is not None:
-            self.updates.mark_reported(statuses)
+        reported = getattr(handler, "reported", None)
+        if reported is not None:
+            reported(statuses)
 
     def _status(self, s: Status, now_ms: int, remember: bool = True) -> None:
         payload = proto.response_payload(self.vin, s.id, now_ms, s.status, s.reason, s.detail,
@@ -168,7 +187,7 @@ class CommandService:
     def reload_trust(self) -> None:
         """SIGHUP: re-read the trust store; a broken file keeps the old one."""
         try:
-            store = load_trust_store(self.cfg.trust_store)
+            store = load_trust_store(self.cfg.trust_store, self.registry.names)
         except AgentError as e:
             log.error("trust store not reloaded, keeping the previous one: %s", e)
             return
@@ -178,16 +197,18 @@ class CommandService:
     def status(self) -> dict:
         if self._final is not None:
             return self._final
-        out = {"counters": {f"commands.{k}": v for k, v in sorted(self.counters.items())},
-               "trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
-        if self.updates is not None:
-            out["update"] = self.updates.status()
+        counters = Counter(self.counters)
+        out: dict = {"trusted_keys": len(self.gate.trust), "replay_ids": self.replay.count()}
+        for h in self.handlers:
+            view = dict(h.status())
+            counters.update(view.pop("counters", {}))
+            if view:
+                out[h.family.name] = view
+        out["counters"] = {f"commands.{k}": v for k, v in sorted(counters.items())}
         return out
 
     def close(self) -> None:
         self._final = self.status()
-        if self.updates is not None:
-            self.updates.close()
         self.replay.close()
 
 

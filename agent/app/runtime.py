@@ -88,8 +88,13 @@ class Agent:
                 from .updateservice import UpdateService
 
                 self.updates = UpdateService(config, self.core.lookup, self._frames.put)
-            self.commands = CommandService(config, self.plans, self.core, self.publisher,
-                                           self.readers, self.state_values, self.updates)
+            from .families import handlers
+
+            family_handlers = handlers(config, self.plans, self.core, self.readers,
+                                       self.state_values, self.publisher.state, self.updates,
+                                       self.health)
+            self.commands = CommandService(config.commands, config.vehicle.vin,
+                                           config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
         self.serial = []  # modem and GNSS services: values into the core via the queue
         if config.modem is not None:
@@ -143,7 +148,7 @@ class Agent:
             self.publisher.start()
         if self.updates is not None:  # an update interrupted or waiting to be confirmed
             now_ms = int(time.time() * 1000)
-            self.commands.report(self.updates.start(now_ms), now_ms)
+            self.commands.report(self.updates.start(now_ms), now_ms, "update")
         if self.commands is not None:  # commands cut off by the last stop end FAILED
             self.commands.recover(int(time.time() * 1000))
         for r in self.readers:
@@ -169,6 +174,8 @@ class Agent:
         self._deliver()
         if self.commands:
             self.commands.close()
+        if self.updates is not None:
+            self.updates.close()
         if self.publisher:
             left = self.publisher.stop(STOP_DRAIN_S)
             if left:
@@ -234,7 +241,7 @@ class Agent:
             # A stalled loop, or one that fails every pass, stops the watchdog pings.
             if self._failing_passes < FAILING_PASSES_MAX:
                 self.watchdog.kick()
-            busy = self.commands is not None and self.commands.executor.busy
+            busy = self.commands is not None and self.commands.busy
             try:
                 item = self._frames.get(timeout=0.01 if busy else TICK_S)
             except queue.Empty:
@@ -247,9 +254,11 @@ class Agent:
                 if self._reload_trust.is_set():
                     self._reload_trust.clear()
                     self.commands.reload_trust()
-                self._step("commands", self.commands.poll, int(now * 1000))
+                for handler in self.commands.handlers:
+                    self._step(handler.family.name, self.commands.poll_family, handler,
+                               int(now * 1000))
                 if self.updates is not None:
-                    self._step("updates", self._poll_updates, int(now * 1000))
+                    self._check_restart()
             if now >= next_tick:
                 self.core.tick(now)
                 next_tick = now + TICK_S
@@ -273,8 +282,7 @@ class Agent:
             if n <= 3 or n % 1000 == 0:
                 log.exception("%s failed (%d times so far); the agent keeps running", name, n)
 
-    def _poll_updates(self, now_ms: int) -> None:
-        self.commands.report(self.updates.poll(now_ms, self.health), now_ms)
+    def _check_restart(self) -> None:
         if self.updates.restart_requested and not self.restart_requested:
             self.restart_requested = True
             self._stop_requested.set()
@@ -336,7 +344,7 @@ class Agent:
             self.core.feed_values(item.t, item.values)
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
-            self.commands.report(self.updates.on_event(item, now_ms), now_ms)
+            self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
         elif self.commands is not None:
             try:
                 self.commands.handle(item.payload, int(time.time() * 1000))

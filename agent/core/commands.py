@@ -13,8 +13,8 @@ is the answer and nothing after it runs:
   8. replay: id seen with other bytes, or possibly seen before the replay
      memory was lost                                                            REPLAYED
   9. authorisation: the key's `allow` globs against the name                    UNAUTHORIZED
- 10. the name is a v1 command                                                   UNKNOWN_COMMAND
- 11. parameters                                                                 BAD_PARAMS
+ 10. the name is in the command registry (core/registry.py)                    UNKNOWN_COMMAND
+ 11. parameters: the name's family's check_params raised ParamError            BAD_PARAMS
 
 Choices where the protocol is silent:
 - The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
@@ -35,8 +35,8 @@ Choices where the protocol is silent:
   for this vehicle, so the runtime should record its id like an accepted one. Then a
   re-delivery gets the same REJECTED again, never a second, different terminal status.
 - A failure of the `seen` callable (replay store unavailable) is INTERNAL_ERROR: fail closed.
-- Parameters: update.* `target` is 1-255 printable characters; `repository` is an http(s)
-  URL with a host and no query or fragment (`{repository}/metadata/` must stay under it).
+- Parameters are each family's own (core/executor.py for actions and state, core/updates.py
+  for update, ...); a family decides nothing about the other steps.
 
 The runtime's part: record an Accepted command's id (ReplayStore.record) BEFORE executing it,
 store every status it signs (set_status) and re-send the latest one on a Redelivery.
@@ -51,12 +51,10 @@ import types
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from agent.config import CommandsConfig
-from agent.errors import VerificationError
+from agent.errors import ParamError, VerificationError
 
 from . import cose
 from .protocol import (
@@ -70,10 +68,17 @@ from .protocol import (
     UNKNOWN_COMMAND,
     WRONG_VEHICLE,
 )
+from .registry import Registry
+from .registry import show as _show
 
-NO_PARAMS = ("charge.start", "charge.stop", "doors.lock", "doors.unlock", "state.snapshot",
-             "update.cancel")
-V1_COMMANDS = frozenset(NO_PARAMS + ("charge.set_limit", "update.stage", "update.activate"))
+
+@dataclass(frozen=True, slots=True)
+class GateLimits:
+    """The gate's bounds (config [commands] carries the same names)."""
+
+    max_skew_ms: int = 30_000  # how far in the future `iat` may be (clock skew)
+    max_lifetime_ms: int = 600_000  # longest accepted exp - iat
+    max_message_bytes: int = 65_536  # larger messages: BAD_ENVELOPE
 
 
 # -- trust store ---------------------------------------------------------------------------
@@ -182,19 +187,11 @@ Seen = Callable[[str], "bytes | None"]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
 _FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
-_MAX_TARGET = 255
-_MAX_URL = 2048
 
 
 class _Reject(Exception):
     def __init__(self, reason: str, detail: str):
         self.reason, self.detail = reason, detail
-
-
-def _show(value: Any, limit: int = 48) -> str:
-    """repr() cut short: details echo untrusted values, keep responses small."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_uint(value: Any) -> bool:
@@ -204,9 +201,10 @@ def _is_uint(value: Any) -> bool:
 class CommandGate:
     """Decides what to do with one message from the commands topic. See the module docstring."""
 
-    def __init__(self, trust: TrustStore, vin: str, limits: CommandsConfig):
+    def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry):
         self._trust = trust
         self.vin = vin
+        self.registry = registry
         self.max_message_bytes = limits.max_message_bytes
         self.max_skew_ms = limits.max_skew_ms
         self.max_lifetime_ms = limits.max_lifetime_ms
@@ -286,9 +284,13 @@ class CommandGate:
         try:
             if not key.allows(name):
                 raise _Reject(UNAUTHORIZED, f"key {key.name!r} may not issue {_show(name)}")
-            if name not in V1_COMMANDS:
-                raise _Reject(UNKNOWN_COMMAND, f"no command {_show(name)} in protocol version 1")
-            _check_params(name, params)
+            family = self.registry.family_of(name)
+            if family is None:
+                raise _Reject(UNKNOWN_COMMAND, f"no command {_show(name)} on this vehicle")
+            try:
+                family.check_params(name, params)
+            except ParamError as e:
+                raise _Reject(BAD_PARAMS, e.detail) from None
         except _Reject as r:
             return Rejected(cid, r.reason, r.detail, digest=digest, exp=exp)
         return Accepted(Command(id=cid, vin=payload["vin"], name=name,
@@ -321,45 +323,3 @@ def _check_schema(p: dict) -> None:
             raise bad(name, "must be an unsigned integer (ms since the epoch)")
     if p["exp"] <= p["iat"]:
         raise bad("exp", "must be later than iat")
-
-
-def _check_params(name: str, params: dict) -> None:
-    """Per-command parameters (§6 table); raises _Reject(BAD_PARAMS, ...)."""
-    want = {"charge.set_limit": ("percent",), "update.stage": ("repository", "target"),
-            "update.activate": ("target",)}.get(name, ())
-    missing = [k for k in want if k not in params]
-    extra = sorted(set(params) - set(want))
-    if extra:
-        raise _Reject(BAD_PARAMS, f"{name} takes no parameter {_show(extra[0])}")
-    if missing:
-        raise _Reject(BAD_PARAMS, f"{name} needs parameter {missing[0]!r}")
-    if name == "charge.set_limit":
-        percent = params["percent"]
-        if type(percent) is not int or not 50 <= percent <= 100:  # bool is not an int here
-            raise _Reject(BAD_PARAMS, f"percent: must be an integer 50..100, got {_show(percent)}")
-    if "target" in want:
-        target = params["target"]
-        if (type(target) is not str or not 0 < len(target) <= _MAX_TARGET
-                or not target.isprintable()):
-            raise _Reject(BAD_PARAMS, f"target: must be 1-{_MAX_TARGET} printable characters")
-    if "repository" in want and not _is_http_url(params["repository"]):
-        raise _Reject(BAD_PARAMS, "repository: must be an http:// or https:// URL with a host "
-                                  "and no query or fragment")
-
-
-def _is_http_url(value: Any) -> bool:
-    if type(value) is not str or len(value) > _MAX_URL or not value.isprintable() or " " in value:
-        return False
-    try:
-        parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        return False
-    # No query or fragment: `{repository}/metadata/` must still be a path under it. No dot
-    # segments or encoded dots and slashes either: ".../fleet/../evil" would leave the prefix
-    # that updates.allowed_repositories checked.
-    segments = parts.path.split("/")
-    return (parts.scheme in ("http", "https") and bool(parts.hostname)
-            and not parts.query and not parts.fragment
-            and "." not in segments and ".." not in segments
-            and not any(e in parts.path.lower() for e in ("%2e", "%2f", "%5c", "\\")))

@@ -21,8 +21,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from agent.errors import ParamError
+
 from .protocol import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
 from .conditions import Condition, Lookup, Param, check_all
+from .registry import Family, no_params, show
 
 
 @dataclass(frozen=True)
@@ -247,3 +250,55 @@ class Executor:
             if seen is not None:
                 result[c.signal] = seen[0]
         return result
+
+
+# -- the "actions" and "state" command families (core/registry.py) ---------------------------
+
+V1_ACTIONS = ("charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock")
+
+
+def _check_set_limit(name: str, params: Mapping[str, Any]) -> None:
+    extra = sorted(set(params) - {"percent"})
+    if extra:
+        raise ParamError(f"{name} takes no parameter {show(extra[0])}")
+    if "percent" not in params:
+        raise ParamError(f"{name} needs parameter 'percent'")
+    percent = params["percent"]
+    if type(percent) is not int or not 50 <= percent <= 100:  # bool is not an int here
+        raise ParamError(f"percent: must be an integer 50..100, got {show(percent)}")
+
+
+def _placeholders(plan: ActionPlan) -> tuple[str, ...]:
+    """The `{name}` parameters a configured action's frames and conditions read."""
+    names = [v.name for fp in plan.frames for v in fp.signals.values() if isinstance(v, Param)]
+    names += [c.literal.name for c in (*plan.preconditions, *plan.already, *plan.confirm)
+              if isinstance(c.literal, Param)]
+    return tuple(dict.fromkeys(names))
+
+
+def actions_family(plans: Mapping[str, ActionPlan] = {}) -> Family:  # noqa: B006 - read only
+    """The v1 charge/doors names plus every configured action. A v1 name keeps its §6
+    parameters; another configured action takes exactly the `{name}` placeholders it uses,
+    each a number or a text string (the frame encoding checks the range)."""
+    wants = {name: _placeholders(plan) for name, plan in plans.items() if name not in V1_ACTIONS}
+
+    def check(name: str, params: Mapping[str, Any]) -> None:
+        if name == "charge.set_limit":
+            return _check_set_limit(name, params)
+        if name not in wants:
+            return no_params(name, params)
+        want = wants[name]
+        extra = sorted(set(params) - set(want))
+        if extra:
+            raise ParamError(f"{name} takes no parameter {show(extra[0])}")
+        for key in want:
+            if key not in params:
+                raise ParamError(f"{name} needs parameter {key!r}")
+            if type(params[key]) not in (int, float, str):
+                raise ParamError(f"{key}: must be a number or a text string, "
+                                 f"got {show(params[key])}")
+
+    return Family("actions", frozenset(V1_ACTIONS) | frozenset(plans), check)
+
+
+STATE_FAMILY = Family("state", frozenset({"state.snapshot"}), no_params)

@@ -431,3 +431,60 @@ def roll_back(current: UpdateState, detail: str) -> UpdateState:
     """CONFIRMING -> ROLLED_BACK, FAILED/INSTALL_FAILED."""
     return transition(current, ROLL_BACK, reason=INSTALL_FAILED, detail=detail,
                       final_status=FAILED, reported=False)
+
+
+# -- the "update" command family (core/registry.py): names and parameter checks -------------
+# Where the protocol is silent: `target` is 1-255 printable characters; `repository` is an
+# http(s) URL with a host and no query or fragment (`{repository}/metadata/` must stay under it).
+
+from urllib.parse import urlsplit as _urlsplit  # noqa: E402 - this block is kept apart
+
+from agent.errors import ParamError as _ParamError  # noqa: E402
+
+from .registry import Family as _Family  # noqa: E402
+from .registry import show as _show  # noqa: E402
+
+_UPDATE_PARAMS = {"update.stage": ("repository", "target"), "update.activate": ("target",),
+                  "update.cancel": ()}
+_MAX_TARGET = 255
+_MAX_URL = 2048
+
+
+def check_update_params(name: str, params: Mapping) -> None:
+    """Parameters of update.stage / update.activate / update.cancel; raises ParamError."""
+    want = _UPDATE_PARAMS[name]
+    extra = sorted(set(params) - set(want))
+    if extra:
+        raise _ParamError(f"{name} takes no parameter {_show(extra[0])}")
+    missing = [k for k in want if k not in params]
+    if missing:
+        raise _ParamError(f"{name} needs parameter {missing[0]!r}")
+    if "target" in want:
+        target = params["target"]
+        if (type(target) is not str or not 0 < len(target) <= _MAX_TARGET
+                or not target.isprintable()):
+            raise _ParamError(f"target: must be 1-{_MAX_TARGET} printable characters")
+    if "repository" in want and not _is_http_url(params["repository"]):
+        raise _ParamError("repository: must be an http:// or https:// URL with a host "
+                          "and no query or fragment")
+
+
+def _is_http_url(value: Any) -> bool:
+    if type(value) is not str or len(value) > _MAX_URL or not value.isprintable() or " " in value:
+        return False
+    try:
+        parts = _urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return False
+    # No query or fragment: `{repository}/metadata/` must still be a path under it. No dot
+    # segments or encoded dots and slashes either: ".../fleet/../evil" would leave the prefix
+    # that updates.allowed_repositories checked.
+    segments = parts.path.split("/")
+    return (parts.scheme in ("http", "https") and bool(parts.hostname)
+            and not parts.query and not parts.fragment
+            and "." not in segments and ".." not in segments
+            and not any(e in parts.path.lower() for e in ("%2e", "%2f", "%5c", "\\")))
+
+
+FAMILY = _Family("update", frozenset(_UPDATE_PARAMS), check_update_params)
