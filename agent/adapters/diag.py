@@ -34,6 +34,7 @@ log = logging.getLogger("agent.diag")
 SHAREABLE = frozenset({"virtual", "socketcan", "udp_multicast"})  # open twice on one channel
 OBD_FUNCTIONAL_ID = 0x7DF
 OBD_RESPONSE_IDS = range(0x7E8, 0x7F0)
+PING = "ping"  # the CLI's scan: any answer
 
 
 class _Failed(Exception):
@@ -149,6 +150,14 @@ class EcuLink:
                       exception_on_unexpected_response=True, tolerate_zero_padding=True,
                       ignore_all_zero_dtc=True, data_identifiers={})
         self.client = Client(self.conn, config=config)
+        # udsoncan logs every request (and every timeout as an error): ours count them.
+        quiet = logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
+        self.client.logger.setLevel(quiet)
+        self.conn.logger.setLevel(quiet)
+        for sub in ("subconn",):
+            inner = getattr(self.conn, sub, None)
+            if inner is not None:
+                inner.logger.setLevel(quiet)
         self.opened = False
         self.isotp_errors = 0
 
@@ -197,6 +206,17 @@ class EcuLink:
             return None
         if op == D.DID:
             return self._uds(lambda: self._did(arg))
+        if op == PING:  # does it answer at all? a negative response is an answer
+            try:
+                if obd:
+                    self._obd(b"\x01\x00")
+                else:
+                    self._uds(lambda: self.client.tester_present())
+            except _Failed as e:
+                if not e.error.startswith("NRC_"):
+                    raise
+                return e.error
+            return "ok"
         if op in (D.PID, D.SUPPORTED):
             values = D.decode_mode01(self._obd(bytes([0x01, arg])))
             if op == D.SUPPORTED:
@@ -320,25 +340,36 @@ class DiagBus:
         self.bus = self.notifier = None
 
 
+def ecus_by_bus(config, ecus) -> dict[str, list[EcuConfig]]:
+    by_bus: dict[str, list[EcuConfig]] = {}
+    for e in ecus:
+        by_bus.setdefault(e.bus or config.bus[0].name, []).append(e)
+    return by_bus
+
+
+def check_shareable(config) -> None:
+    """ConfigError when a bus with diagnostics cannot be opened beside the telemetry reader."""
+    for name, items in ecus_by_bus(config, config.diagnostics.ecu).items():
+        bus_cfg = config.bus_named(name)
+        if bus_cfg.interface not in SHAREABLE and any(e.transport == "python" for e in items):
+            raise ConfigError(f"diagnostics: bus {name} ({bus_cfg.interface}) cannot be "
+                              "opened a second time beside telemetry; diagnostics in the "
+                              f"agent need {', '.join(sorted(SHAREABLE))} (or use "
+                              "`tcu-agent diag --direct` with the agent stopped)")
+
+
 def open_buses(config, ecus: list[EcuConfig] | None = None, for_agent: bool = True) -> dict:
     """DiagBus per bus that has ECUs; {ecu name: EcuLink} and the buses to close.
     In the agent an interface that cannot be opened a second time is a ConfigError."""
     diag = config.diagnostics
     ecus = list(diag.ecu) if ecus is None else ecus
-    by_bus: dict[str, list[EcuConfig]] = {}
-    for e in ecus:
-        by_bus.setdefault(e.bus or config.bus[0].name, []).append(e)
+    by_bus = ecus_by_bus(config, ecus)
+    if for_agent:
+        check_shareable(config)
     buses = []
     try:
         for name, items in by_bus.items():
-            bus_cfg = config.bus_named(name)
-            if for_agent and bus_cfg.interface not in SHAREABLE and \
-                    any(e.transport == "python" for e in items):
-                raise ConfigError(f"diagnostics: bus {name} ({bus_cfg.interface}) cannot be "
-                                  "opened a second time beside telemetry; diagnostics in the "
-                                  f"agent need {', '.join(sorted(SHAREABLE))} (or use "
-                                  "`tcu-agent diag --direct` with the agent stopped)")
-            buses.append(DiagBus(bus_cfg, items, diag))
+            buses.append(DiagBus(config.bus_named(name), items, diag))
     except Exception:
         for b in buses:
             b.close()

@@ -68,6 +68,13 @@ def record_publisher(publisher) -> Callable[[dict], None]:
     return lambda payload: publisher._append("state", topic, payload)
 
 
+def diag_handlers(config: Config, core, publisher) -> list:
+    """The diag family's handler when [diagnostics] is configured (families.handlers)."""
+    if config.diagnostics is None:
+        return []
+    return [DiagService(config, core, record_publisher(publisher) if publisher else None)]
+
+
 class _Worker:
     """One ECU's requests, one at a time, on its own thread."""
 
@@ -121,6 +128,10 @@ class DiagService:
         for i, name in enumerate(names):
             ecus = [e for e in diag.ecu if (e.bus or names[0]) == name]
             core.ignore_ids(i, diag_ids(ecus))
+        if links is None:
+            from ..adapters.diag import check_shareable
+
+            check_shareable(config)  # at start, not on the first poll
         self._links = links  # given: tests and the CLI; else opened on the first poll
         self._buses: list = []
         self._next_open = 0.0

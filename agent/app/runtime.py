@@ -92,7 +92,7 @@ class Agent:
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
                                        self.state_values, self.publisher.state, self.updates,
-                                       self.health)
+                                       self.health, publisher=self.publisher)
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)

@@ -19,17 +19,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-try:
-    from ..errors import ParamError
-except ImportError:  # pragma: no cover - before the registry is merged
-    from ..errors import AgentError
-
-    class ParamError(AgentError):  # type: ignore[no-redef]
-        def __init__(self, detail: str):
-            super().__init__(detail)
-            self.detail = detail
+from ..errors import ParamError
 from .conditions import Condition, Lookup, check_all
 from .executor import Status
+from .registry import Family, show as _show
 from .protocol import (ACCEPTED, BAD_PARAMS, BUSY, FAILED, NO_RESPONSE, PRECONDITION_FAILED,
                        REJECTED, SUCCEEDED)
 
@@ -227,11 +220,6 @@ class DtcStore:
 # -- the command family's parameters --------------------------------------------------------
 
 
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 48 else text[:45] + "..."
-
-
 def check_params(name: str, params: Mapping) -> None:
     """§9 parameter checks of diag.*; raises ParamError(detail) -> BAD_PARAMS."""
     if name in (READ_DTCS, CLEAR_DTCS):
@@ -260,12 +248,7 @@ def check_params(name: str, params: Mapping) -> None:
         raise ParamError(f"{name} is not a diag command")
 
 
-try:  # the command-family registry (agent/core/registry.py)
-    from .registry import Family
-except ImportError:  # pragma: no cover - before the registry is merged
-    FAMILY = None
-else:
-    FAMILY = Family("diag", COMMANDS, check_params)
+FAMILY = Family("diag", COMMANDS, check_params)
 
 
 # -- the scheduler --------------------------------------------------------------------------

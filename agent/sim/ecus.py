@@ -229,6 +229,8 @@ class BmsModel:
             data = {0xF190: VIN.encode(), 0xF18C: b"BMS-000123",
                     0x0101: int(self.vehicle.state.soc * 10).to_bytes(2, "big")}.get(did)
             return [(0.005, b"\x62" + p[1:3] + data)] if data else [(0.005, _neg(0x22, 0x31))]
+        if sid == 0x3E and len(p) == 2:
+            return [(0.002, b"\x7e\x00")]
         if sid == 0x01:
             soc = lambda: bytes([round(self.vehicle.state.soc * 255 / 100)])  # noqa: E731
             return _mode01({0x5B: soc}, p)
