@@ -278,4 +278,4 @@ def test_an_action_named_like_another_familys_command_is_refused():
                                           r"is claimed by families 'actions' and 'state'"):
         handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
     assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
-                        lambda values, t: None, None, lambda: (True, ""))) == 3
+                        lambda values, t: None, None, lambda: (True, ""))) == 4  # + diag

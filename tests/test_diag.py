@@ -300,12 +300,22 @@ def test_service_polls_pids_publishes_record_and_runs_commands(tmp_path):
         sim.stop()
 
 
-def test_slcan_is_refused_for_the_agent(tmp_path):
+def test_a_bus_that_cannot_be_shared_turns_diagnostics_off(tmp_path):
+    """slcan on one serial port cannot be opened beside telemetry: the agent keeps running,
+    diagnostics say why, and a command ends at once instead of waiting."""
     config = load_config(ROOT / "configs" / "demo.toml", [
         "bus.0.interface='slcan'", "bus.0.channel='/dev/null'", f"storage.dir={str(tmp_path)!r}"])
     core = telemetry_core(bus_plans(config), config.telemetry)
-    with pytest.raises(ConfigError, match="cannot be opened a second time"):
-        DiagService(config, core, None)
+    service = DiagService(config, core, None)
+    try:
+        cmd = Command("c1", config.vehicle.vin, D.READ_DTCS, {"ecus": ["vcu"]}, 0, 0, b"k",
+                      "test", b"d")
+        out = service.handle(cmd, int(time.time() * 1000))
+        assert [s.status for s in out] == ["ACCEPTED", "FAILED"]
+        assert out[1].result == {"ecus": {"vcu": {"error": "BUS_DOWN"}}}
+        assert "cannot be opened a second time" in service.status()["error"]
+    finally:
+        service.close()
 
 
 # -- the CLI --------------------------------------------------------------------------------

@@ -20,12 +20,15 @@ from ..config import Config
 from ..core import diag as D
 from ..core.conditions import parse_condition
 from ..core.executor import Status
+from ..core.ratelimit import RateLimit
 from ..core.selection import SignalSpec
-from ..errors import AgentError
+from ..errors import AgentError, ConfigError
 
 log = logging.getLogger("agent.diag")
 
 REOPEN_S = 5.0
+BUS_DOWN = "BUS_DOWN"  # the §9 error of an ECU whose bus could not be opened
+RECORD_MIN_INTERVAL_MS = 1000  # diagnostics records: at most one a second
 FAMILY = D.FAMILY
 
 
@@ -128,10 +131,6 @@ class DiagService:
         for i, name in enumerate(names):
             ecus = [e for e in diag.ecu if (e.bus or names[0]) == name]
             core.ignore_ids(i, diag_ids(ecus))
-        if links is None:
-            from ..adapters.diag import check_shareable
-
-            check_shareable(config)  # at start, not on the first poll
         self._links = links  # given: tests and the CLI; else opened on the first poll
         self._buses: list = []
         self._next_open = 0.0
@@ -140,6 +139,7 @@ class DiagService:
         self._workers: dict[str, _Worker] = {}
         self.counters: Counter[str] = Counter()
         self.records = 0
+        self._record_limit = RateLimit(RECORD_MIN_INTERVAL_MS)  # ECUs answering one by one
         self._closed = False
 
     @property
@@ -154,9 +154,20 @@ class DiagService:
         return out + self.poll(now_ms)
 
     def poll(self, now_ms: int) -> list[Status]:
-        if self._closed or not self._ready():
+        if self._closed:
             return []
-        statuses: list[Status] = []
+        if not self._ready():
+            # No transport (a bus that cannot be opened): every request fails at once, so
+            # commands end and periodic work backs off.
+            statuses: list[Status] = []
+            for out in self.scheduler.poll(now_ms):
+                if isinstance(out, D.Request):
+                    out = self.scheduler.done(out.token, D.Result(False, error=BUS_DOWN), now_ms)
+                    statuses += [s for s in out if isinstance(s, Status)]
+                else:
+                    statuses.append(out)
+            return statuses
+        statuses = []
         while True:
             try:
                 token, result = self._results.get_nowait()
@@ -175,9 +186,10 @@ class DiagService:
                 statuses.append(out)
         if self.scheduler.store.changed:
             self.scheduler.store.changed = False
-            if self.publish is not None:
-                self.publish(self.scheduler.store.payload(self.vin, now_ms))
-                self.records += 1
+            self._record_limit.want()
+        if self._record_limit.due(now_ms) and self.publish is not None:
+            self.publish(self.scheduler.store.payload(self.vin, now_ms))
+            self.records += 1
         return statuses
 
     def running(self, command_id: str) -> bool:
@@ -210,9 +222,11 @@ class DiagService:
             try:
                 opened = open_buses(self.config)
             except AgentError as e:
-                self._next_open = time.monotonic() + REOPEN_S
+                # A configuration that cannot work is not retried; a bus that is down is.
+                self._next_open = float("inf") if isinstance(e, ConfigError) else \
+                    time.monotonic() + REOPEN_S
                 if str(e) != self.open_error:
-                    log.error("diagnostics: %s (retrying every %.0f s)", e, REOPEN_S)
+                    log.error("diagnostics off: %s", e)
                 self.open_error = str(e)
                 return False
             self._links, self._buses = opened["links"], opened["buses"]

@@ -461,7 +461,7 @@ class DiagScheduler:
         else:
             e.failed += 1
             e.last_error = result.error
-            if result.error == NOT_ANSWERED:
+            if not result.error.startswith("NRC_"):  # no answer, bus down: back off
                 e.backoff_ms = min(BACKOFF_MAX_MS, max(BACKOFF_MIN_MS, 2 * e.backoff_ms))
                 e.retry_at = now_ms + e.backoff_ms
         if op == DTCS:
