@@ -265,6 +265,8 @@ class VcuModel:
             0x0C: lambda: int(s.speed_kph * 40 * 4).to_bytes(2, "big"),
             0x0D: lambda: bytes([min(255, round(s.speed_kph))]),
             0x1F: lambda: min(run, 0xFFFF).to_bytes(2, "big"),
+            0x21: lambda: (0).to_bytes(2, "big"),  # km driven with the MIL on
+            0x31: lambda: min(round(s.odometer_km) % 4000, 0xFFFF).to_bytes(2, "big"),
             0x42: lambda: (14200).to_bytes(2, "big"),
             0x46: lambda: bytes([18 + 40]),
             0xA6: lambda: round(s.odometer_km * 10).to_bytes(4, "big"),
