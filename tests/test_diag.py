@@ -318,6 +318,55 @@ def test_a_bus_that_cannot_be_shared_turns_diagnostics_off(tmp_path):
         service.close()
 
 
+# -- configuration ----------------------------------------------------------------------
+
+ECU = {"name": "bms", "request_id": 0x7E4, "response_id": 0x7EC}
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"protocol": "kwp"}, "diagnostics.ecu.0.protocol: must be \"uds\" or \"obd\""),
+    ({"colour": 1}, "diagnostics.ecu.0.colour: unknown key"),
+    ({"request_id": 0x800}, "diagnostics.ecu.0.request_id: must be 0..0x7ff (or set extended"),
+    ({"response_id": 0x7E4}, "request_id and response_id must differ"),
+    ({"padding": 300}, "diagnostics.ecu.0.padding: a byte 0..255, or false"),
+    ({"transport": "usb"}, "diagnostics.ecu.0.transport"),
+    ({"bus": "body"}, "diagnostics.ecu.0.bus: no bus named 'body'"),
+    ({"pid": [{"pid": "VehicleSpeed"}]}, "diagnostics.ecu.0.pid: PIDs are OBD-II"),
+    ({"protocol": "obd", "pid": [{"pid": "Warp"}]}, "diagnostics.ecu.0.pid.0.pid: unknown PID name"),
+    ({"protocol": "obd", "pid": [{"pid": 13, "interval_ms": 10}]}, "pid.0.interval_ms: must be 50"),
+    ({"did": [{"did": 1, "codec": "utf9"}]}, "diagnostics.ecu.0.did.0.codec: 'utf9' is not"),
+    ({"did": [{"did": 1, "codec": "ascii"}]}, "did.0.length: an ascii codec needs length"),
+    ({"did": [{"did": 70000}]}, "diagnostics.ecu.0.did.0.did: must be 0..65535"),
+])
+def test_config_errors_name_the_key(change, needle, tmp_path):
+    from agent.config import config_from_dict
+
+    raw = {"vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path)},
+           "bus": [{"name": "pt", "interface": "virtual", "channel": "x",
+                    "dbc": [str(ROOT / "dbc" / "demo_ev.dbc")]}],
+           "diagnostics": {"ecu": [{**ECU, **change}]}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, base=tmp_path)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("section, needle", [
+    ({"ecu": []}, "diagnostics.ecu: at least one"),
+    ({"ecu": [ECU, ECU]}, "duplicate ECU name 'bms'"),
+    ({"ecu": [ECU], "p2_ms": 6000}, "need 10 <= p2_ms <= p2_star_ms"),
+    ({"ecu": [ECU], "clear_preconditions": ["Gear is P"]},
+     "diagnostics.clear_preconditions.0: 'Gear is P' is not"),
+])
+def test_section_errors(section, needle, tmp_path):
+    from agent.config import config_from_dict
+
+    raw = {"vehicle": {"vin": "V1"}, "storage": {"dir": str(tmp_path)},
+           "bus": [{"name": "pt", "interface": "virtual", "channel": "x",
+                    "dbc": [str(ROOT / "dbc" / "demo_ev.dbc")]}], "diagnostics": section}
+    with pytest.raises(ConfigError, match=needle):
+        config_from_dict(raw, base=tmp_path)
+
+
 # -- the CLI --------------------------------------------------------------------------------
 
 def test_cli_direct(rig, capsys):

@@ -208,7 +208,8 @@ def test_clear_rechecked_when_its_turn_comes():
     out = s.poll(200)
     assert not any(isinstance(o, D.Request) for o in out)
     [st] = out
-    assert st.status == "FAILED" and "PRECONDITION_FAILED" in st.result["ecus"]["bms"]["error"]
+    assert (st.status, st.reason) == ("FAILED", "PRECONDITION_FAILED")
+    assert st.result["ecus"]["bms"]["error"].startswith("PRECONDITION_FAILED: VCU_Status.Gear")
 
 
 def test_busy_beyond_queue_size():

@@ -523,6 +523,10 @@ class DiagScheduler:
         result_map = {"ecus": {n: job.results[n] for n in job.ecus}}
         if any("dtcs" in r for r in job.results.values()):
             return [Status(job.id, SUCCEEDED, result=result_map)]
+        refused = [r["error"] for r in job.results.values()
+                   if r["error"].startswith(PRECONDITION_FAILED)]
+        if len(refused) == len(job.results):
+            return [Status(job.id, FAILED, PRECONDITION_FAILED, refused[0], result=result_map)]
         return [Status(job.id, FAILED, NO_RESPONSE, "no ECU answered", result=result_map)]
 
     def recheck_clear(self, now_ms: int) -> tuple[bool, str]:
