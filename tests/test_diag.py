@@ -379,6 +379,7 @@ def test_cli_direct(rig, capsys):
     assert "bms      UDS  answers" in out and "tpms     NO_RESPONSE" in out
     assert "abs      OBD  answers (NRC_0x12), PIDs: not supported (NRC_0x12)" in out
     assert "0D" in out.splitlines()[1]
+    assert "0x7DF@pt: 0x7E8 (vcu)" in out  # functional discovery: only the VCU listens
     assert main(base + ["--json", "dtcs"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert len(got["bms"]["dtcs"]) == 40 and got["tpms"] == {"error": "NO_RESPONSE"}

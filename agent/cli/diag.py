@@ -102,8 +102,36 @@ class Direct:
         finally:
             for b in opened["buses"]:
                 b.close()
+        if a.action == "scan":
+            results.update(self._functional(targets))
         print(json.dumps(results, indent=1, sort_keys=True) if a.json else render(a.action, results))
-        return 0 if any("error" not in r for r in results.values()) else 1
+        return 0 if any("error" not in r and "functional" not in r
+                        for r in results.values()) else 1
+
+    def _functional(self, targets) -> dict:
+        """OBD-II discovery on each bus with an 11-bit OBD ECU: who answers 0x7DF `01 00`."""
+        import can
+
+        from ..adapters import diag as A
+
+        out = {}
+        names = {e.response_id: e.name for e in targets if e.protocol == "obd"}
+        for bus_name, ecus in A.ecus_by_bus(self.config, targets).items():
+            if not any(e.protocol == "obd" and not e.extended for e in ecus):
+                continue
+            cfg = self.config.bus_named(bus_name)
+            filters = [{"can_id": 0x7E8, "can_mask": 0x7F8, "extended": False}]
+            bus = can.Bus(interface=cfg.interface, channel=cfg.channel, can_filters=filters,
+                          **dict(cfg.options))
+            try:
+                found = A.scan_functional(bus, self.config.diagnostics.p2_ms / 1000)
+            finally:
+                bus.shutdown()
+            out[f"0x7DF@{bus_name}"] = {"functional": {
+                f"0x{rid:03X}": {"ecu": names.get(rid, ""),
+                                 "pids": v if isinstance(v, str) else sorted(v)}
+                for rid, v in sorted(found.items())}}
+        return out
 
     def _ask(self, links, targets, op, arg) -> dict:
         from ..adapters import diag as A
@@ -160,6 +188,12 @@ def render(action: str, results: dict) -> str:
     for name, r in results.items():
         if "error" in r and action != "clear":
             lines.append(f"{name:<8} {r['error']}")
+            continue
+        if action == "scan" and "functional" in r:
+            found = r["functional"]
+            lines.append(f"{name}: " + (", ".join(
+                f"{rid} ({v['ecu'] or 'not configured'})" for rid, v in found.items())
+                or "no OBD-II ECU answered"))
             continue
         if action == "scan":
             pids = r.get("pids")
