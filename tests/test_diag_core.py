@@ -41,6 +41,7 @@ def test_mode01_standard_pids():
     assert d(bytes.fromhex("41a60001e240")) == {0xA6: 12345.6}
     assert d(bytes.fromhex("415b80")) == {0x5B: 50.2}
     assert d(bytes.fromhex("411f0e10")) == {0x1F: 3600}
+    assert d(bytes.fromhex("410183076500")) == {0x01: 3}  # MIL on, 3 DTCs: a plain number
     # several PIDs in one answer, then padding
     assert d(bytes.fromhex("410d3c0c1af8aaaa")) == {0x0D: 60, 0x0C: 1726.0}
 
@@ -72,6 +73,7 @@ def test_obd_dtc_answers():
     assert D.decode_obd_dtcs(bytes.fromhex("4700"), 7) == []
     assert D.decode_obd_dtcs(bytes.fromhex("4a010d27"), 0x0A) == ["P0D27"]
     assert D.decode_obd_dtcs(bytes.fromhex("43" "0a80" "0000"), 3) == ["P0A80"]  # no count byte
+    assert D.decode_obd_dtcs(bytes.fromhex("43" "01" "0a80" "c100"), 3) == ["P0A80"]  # count wins
     with pytest.raises(ValueError):
         D.decode_obd_dtcs(bytes.fromhex("4700"), 3)
     merged = D.merge_obd(["P0A80"], ["P0A80", "P0300"], ["P0D27"])

@@ -257,6 +257,10 @@ class Demo:
                                                ", ".join(codes[:3]) + (f" +{len(codes) - 3} more"
                                                                        if len(codes) > 3 else "")
                                                or "no DTCs"))
+            vcu = read["result"]["ecus"].get("vcu", {}).get("dtcs", [])
+            if not any(d["code"] == "P0D27" for d in vcu):  # the demo must show it remotely
+                self.say("cloud: the VCU did not report P0D27")
+                self.results["diag.read_dtcs"] = {**read, "status": "FAILED"}
         state.fault = False
         self.say("vehicle: fault repaired")
         self.results["diag.clear_dtcs"] = self._wait(

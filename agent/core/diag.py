@@ -75,10 +75,8 @@ def decode_obd_dtcs(payload: bytes, mode: int) -> list[str]:
     if not payload or payload[0] != mode + 0x40:
         raise ValueError(f"not a mode {mode:02X} answer: {payload[:4].hex()}")
     body = payload[1:]
-    if body and body[0] * 2 == len(body) - 1:
-        body = body[1:]  # the count byte
-    elif len(body) % 2:
-        body = body[1:len(body) - (len(body) - 1) % 2]
+    if len(body) % 2:  # the count byte, then that many codes
+        body = body[1:1 + 2 * body[0]]
     codes = []
     for i in range(0, len(body) - 1, 2):
         value = body[i] << 8 | body[i + 1]
@@ -114,12 +112,8 @@ def _bitmap(base: int) -> Callable[[bytes], frozenset]:
     return lambda b: frozenset(base + 1 + i for i in range(32) if _u(b) >> (31 - i) & 1)
 
 
-def _monitor(b: bytes) -> dict:
-    return {"mil": bool(b[0] & 0x80), "dtc_count": b[0] & 0x7F}
-
-
 _TABLE = [
-    (0x01, "MonitorStatus", 4, "", _monitor),
+    (0x01, "DtcCount", 4, "", lambda b: b[0] & 0x7F),  # emission DTCs stored (MIL: bit 7)
     (0x04, "EngineLoad", 1, "%", lambda b: round(b[0] * 100 / 255, 1)),
     (0x05, "CoolantTemp", 1, "degC", lambda b: b[0] - 40),
     (0x0C, "EngineSpeed", 2, "rpm", lambda b: _u(b) / 4),
