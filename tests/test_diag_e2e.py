@@ -27,6 +27,14 @@ TESTER_IDS = {0x7E0, 0x7E1, 0x7E2, 0x7E4}  # the agent's requests (physical addr
 
 @pytest.fixture
 def rig(tmp_path):
+    # No periodic work: every diagnostic frame on the bus is then a command's.
+    r = make_rig(tmp_path, ["diagnostics.dtc_interval_s=0", "diagnostics.ecu.vcu.pid=[]",
+                            "diagnostics.ecu.abs.pid=[]"])
+    yield r
+    r.close()
+
+
+def make_rig(tmp_path, extra):
     broker = Mosquitto().start()
     keys = tmp_path / "keys"
     for stem in ("vehicle", "cloud", "reader"):
@@ -44,12 +52,9 @@ public_key = "{keys / 'reader.pub'}"
 allow = ["diag.read_dtcs", "diag.read_data"]
 """)
     channel = f"diag-e2e-{uuid.uuid4().hex}"
-    # No periodic work: every diagnostic frame on the bus is then a command's.
     overrides = [f"bus.0.channel={channel!r}", f"storage.dir={str(tmp_path / 'state')!r}",
                  f"signing.key_file={str(keys / 'vehicle.key')!r}", f"mqtt.port={broker.port}",
-                 f"commands.trust_store={str(trust)!r}", "mqtt.reconnect_min_s=0.1",
-                 "diagnostics.dtc_interval_s=0", "diagnostics.ecu.vcu.pid=[]",
-                 "diagnostics.ecu.abs.pid=[]"]
+                 f"commands.trust_store={str(trust)!r}", "mqtt.reconnect_min_s=0.1", *extra]
 
     class Rig:
         pass
@@ -63,11 +68,15 @@ allow = ["diag.read_dtcs", "diag.read_data"]
     r.cloud = Cloud(broker, keys / "cloud.key", keys / "vehicle.pub")
     wait_ready(r.agent)
     r.vehicle = r.agent.simulator.vehicle.state
-    yield r
-    r.cloud.close()
-    r.agent.stop()
-    r.watch.close()
-    broker.close()
+
+    def close():
+        r.cloud.close()
+        r.agent.stop()
+        r.watch.close()
+        broker.close()
+
+    r.close = close
+    return r
 
 
 def frames_from_tester(watch, since: float) -> list:
@@ -100,8 +109,7 @@ def retained_record(broker, keys, pred, timeout=8.0) -> dict:
             first = c.messages[0] if c.messages else None
         finally:
             c.stop()
-        if first is not None:
-            assert first.retain
+        if first is not None and first.retain:  # (a live one: none was retained yet)
             body = verify(first.payload, keys).payload
             if pred(body) or time.monotonic() > deadline:
                 return body
@@ -189,3 +197,30 @@ def test_clear_needs_a_key_that_allows_it(rig):
     cid, _ = rig.cloud.command("diag.read_dtcs", {"ecus": ["abs"]}, signer=reader)
     assert rig.cloud.wait_terminal(cid)["status"] == "SUCCEEDED"
     assert all(f[1] != 0x7E0 for f in frames_from_tester(rig.watch, t))  # nothing to the VCU
+
+
+def test_polled_pids_are_telemetry_signals(tmp_path):
+    """The demo's PIDs (VehicleSpeed 1 s, Odometer as Vehicle.TraveledDistance 5 s, ...) in
+    signed telemetry batches; the periodic DTC reads in the retained record."""
+    r = make_rig(tmp_path, ["diagnostics.dtc_interval_s=2"])
+    telemetry = Consumer(r.broker.host, r.broker.port, f"vehicles/{VIN}/telemetry").start()
+    try:
+        r.vehicle.speed_kph = 30
+        seen: dict = {}
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not {"OBD.VehicleSpeed",
+                                                    "Vehicle.TraveledDistance"} <= set(seen):
+            for m in telemetry.messages:
+                for name, samples in verify(m.payload, r.cloud.vehicle_keys).payload["sig"].items():
+                    seen[name] = samples[-1][1]
+            time.sleep(0.1)
+        assert seen.get("OBD.VehicleSpeed") == 30
+        assert seen["Vehicle.TraveledDistance"] == pytest.approx(r.vehicle.odometer_km, abs=0.5)
+        assert "OBD.FuelLevel" not in seen  # not supported by the EV: never polled
+        rec = retained_record(r.broker, r.cloud.vehicle_keys, lambda x: len(x["ecus"]) == 3)
+        assert len(rec["ecus"]["bms"]["dtcs"]) == 40
+        status = r.agent.status()["diag"]["ecus"]
+        assert status["tpms"]["last_error"] == "NO_RESPONSE" and status["bms"]["answered"] >= 1
+    finally:
+        telemetry.stop()
+        r.close()
