@@ -142,7 +142,7 @@ def test_command_over_mutual_tls(tmp_path):
         agent.start()
         try:
             wait_ready(agent)
-            assert agent.app.publisher.uplink.status()["tls"]
+            assert agent.publisher.uplink.status()["tls"]
             base = ["--broker", f"{broker.host}:{broker.port}", "--vin", VIN, "--tls-ca",
                     str(pki.ca), "--tls-cert", str(pki.client_cert), "--tls-key",
                     str(pki.client_key)]

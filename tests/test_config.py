@@ -279,3 +279,22 @@ def test_an_action_named_like_another_familys_command_is_refused():
         handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
     assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
                         lambda values, t: None, None, lambda: (True, ""))) == 4  # + diag
+
+
+def test_the_cores_selection_types_mirror_the_config():
+    """assemble.selection copies [telemetry] field by field: a key added to one side only
+    would be silently dropped."""
+    from dataclasses import fields
+
+    from agent.app.assemble import selection
+    from agent.config import SamplingConfig, SignalConfig, TelemetryConfig
+    from agent.core.selection import Sampling, SignalChoice
+
+    names = lambda cls: {f.name for f in fields(cls)}  # noqa: E731
+    assert names(SignalConfig) == names(SignalChoice)
+    assert names(SamplingConfig) == names(Sampling)
+    sel = selection(TelemetryConfig(messages=("A",), signal=(SignalConfig(select="A.B", state=True,
+                                                                          timeout_ms=5),),
+                                    defaults=SamplingConfig(deadband=2.0)))
+    assert sel.messages == ("A",) and sel.defaults == Sampling(deadband=2.0)
+    assert sel.signals == (SignalChoice(select="A.B", state=True, timeout_ms=5),)

@@ -9,17 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.adapters.dbc import load_database
-from agent.config import SamplingConfig, SignalConfig, TelemetryConfig
 from agent.core.batch import encode_payload
-from agent.core.selection import EFF_FLAG, resolve
+from agent.core.selection import EFF_FLAG, Sampling, Selection, SignalChoice, resolve
 from agent.core.telemetry import TelemetryCore
 
 T0 = 1_700_000_000.0  # UTC seconds
 
 
 def make_core(test_dbc, messages=("*",), signals=(), **defaults):
-    tc = TelemetryConfig(messages=tuple(messages), signal=tuple(signals),
-                         defaults=SamplingConfig(**{"heartbeat_s": 0, **defaults}))
+    tc = Selection(messages=tuple(messages), signals=tuple(signals),
+                   defaults=Sampling(**{"heartbeat_s": 0, **defaults}))
     db = load_database(test_dbc)
     return TelemetryCore(resolve(tc, [("can0", [db])])), db
 
@@ -102,7 +101,7 @@ def test_multiplexed_signals(test_dbc):
 
 
 def test_deadband(test_dbc):
-    core, db = make_core(test_dbc, signals=[SignalConfig(select="SOC", deadband=0.5)],
+    core, db = make_core(test_dbc, signals=[SignalChoice(select="SOC", deadband=0.5)],
                          messages=())
     for i, soc in enumerate([50.0, 50.2, 50.4, 50.6, 50.7, 49.9]):
         core.feed(0, T0 + i * 0.1, *frame(db, "BMS_Status", SOC=soc))
@@ -111,7 +110,7 @@ def test_deadband(test_dbc):
 
 def test_throttle_keeps_latest_value(test_dbc):
     core, db = make_core(test_dbc, messages=(),
-                         signals=[SignalConfig(select="Speed", min_interval_ms=100)])
+                         signals=[SignalChoice(select="Speed", min_interval_ms=100)])
     for i in range(10):  # every 30 ms for 270 ms
         core.feed(0, T0 + i * 0.03, *frame(db, "VCU_Drive", Speed=float(i)))
     core.tick(T0 + 0.5)
@@ -125,7 +124,7 @@ def test_throttle_keeps_latest_value(test_dbc):
 
 def test_heartbeat_resends_unchanged_value(test_dbc):
     core, db = make_core(test_dbc, messages=(), signals=[
-        SignalConfig(select="Gear", heartbeat_s=1.0, timeout_ms=0)])
+        SignalChoice(select="Gear", heartbeat_s=1.0, timeout_ms=0)])
     k, d = frame(db, "VCU_Drive", Gear=0)
     for i in range(31):  # 3 s of identical frames every 100 ms
         core.feed(0, T0 + i * 0.1, k, d)
@@ -155,9 +154,9 @@ def test_timeout_auto_is_off_without_cycle_time(test_dbc):
 
 def test_mapping_scaling_and_output_names(test_dbc):
     core, db = make_core(test_dbc, messages=(), signals=[
-        SignalConfig(select="VCU_Drive.Speed", name="Vehicle.Speed", scale=0.5, offset=1),
-        SignalConfig(select="Ready", name="Vehicle.IsReady", map={"0": False, "1": True}),
-        SignalConfig(select="Gear", name="Vehicle.Gear", map={"D": "DRIVE", "7": "SEVEN"}),
+        SignalChoice(select="VCU_Drive.Speed", name="Vehicle.Speed", scale=0.5, offset=1),
+        SignalChoice(select="Ready", name="Vehicle.IsReady", map={"0": False, "1": True}),
+        SignalChoice(select="Gear", name="Vehicle.Gear", map={"D": "DRIVE", "7": "SEVEN"}),
     ])
     core.feed(0, T0, *frame(db, "VCU_Drive", Speed=100.0, Ready=1, Gear=3))
     snap = core.snapshot()
@@ -175,7 +174,7 @@ def test_batch_closes_by_age_and_size(test_dbc):
     batches = core.take_batches()
     assert len(batches) >= 2
     assert all(b.t_end - b.t0 <= 1000 for b in batches)
-    small = TelemetryCore(resolve(TelemetryConfig(messages=("BMS_Status",), max_batch_bytes=256),
+    small = TelemetryCore(resolve(Selection(messages=("BMS_Status",)),
                                   [("can0", [db])]), max_batch_bytes=256)
     for i in range(20):
         small.feed(0, T0 + i * 0.001, *frame(db, "BMS_Status", Counter=i % 16, SOC=i))
@@ -210,8 +209,7 @@ def test_time_never_goes_backwards_in_a_batch(test_dbc):
 def test_fast_path_agrees_with_cantools(frames):
     """Any sequence of frames: the compiled change-detecting decoder ends in cantools' values."""
     db = cantools.database.load_string(TEST_DBC_TEXT, "dbc", strict=False)
-    core = TelemetryCore(resolve(TelemetryConfig(messages=("*",),
-                                                 defaults=SamplingConfig(heartbeat_s=0)),
+    core = TelemetryCore(resolve(Selection(messages=("*",), defaults=Sampling(heartbeat_s=0)),
                                  [("can0", [db])]))
     for i, data in enumerate(frames):
         for key in (0x100, 0x200):

@@ -7,7 +7,10 @@ import pytest
 
 from agent.app.assemble import action_plans, bus_plans, telemetry_core
 from agent.config import config_from_dict
-from agent.core.executor import Executor, Send, Snapshot, Status
+from agent.app.families import ActionsHandler, StateHandler, UpdateHandler
+from agent.core.commands import Command
+from agent.core.executor import Executor, Send, Status, actions_family
+from agent.errors import BusError
 from conftest import ROOT
 
 DBC = ROOT / "dbc" / "demo_ev.dbc"
@@ -167,11 +170,53 @@ def test_write_failed_starts_the_next(rig):
     assert any(isinstance(o, Send) and o.command_id == "c2" for o in out)
 
 
+def command(cid, name, **params):
+    return Command(id=cid, vin="V1", name=name, params=params, iat=T0, exp=T0 + 60_000,
+                   kid=b"k", key_name="ops", digest=b"d")
+
+
 def test_unconfigured_and_snapshot(rig):
     core, ex, db = rig
     assert statuses(ex.submit("c1", "doors.lock", {}, T0)) == [
         ("c1", "REJECTED", "UNKNOWN_COMMAND")]
-    assert ex.submit("c2", "state.snapshot", {}, T0) == [Snapshot("c2")]
+    # state.snapshot is the state family's: the record is published, the values answered
+    published = []
+    handler = StateHandler(lambda: {"Vehicle.Speed": [T0, 0.0]},
+                           lambda values, t: published.append((values, t)))
+    assert handler.handle(command("c2", "state.snapshot"), T0) == [
+        Status("c2", "SUCCEEDED", result={"Vehicle.Speed": [T0, 0.0]})]
+    assert published == [({"Vehicle.Speed": [T0, 0.0]}, T0)]
+    assert not handler.running("c2")
+
+
+def test_update_commands_without_updates_configured_are_unknown():
+    handler = UpdateHandler(None, lambda: (True, ""))
+    assert statuses(handler.handle(command("u1", "update.stage", target="fw",
+                                           repository="https://x"), T0)) == [
+        ("u1", "REJECTED", "UNKNOWN_COMMAND")]
+    assert handler.poll(T0) == [] and not handler.running("u1") and handler.status() == {}
+
+
+def test_actions_handler_sends_frames_and_turns_write_errors_into_statuses(rig):
+    core, ex, db = rig
+    state(core, db, T0)
+    sent = []
+    handler = ActionsHandler(actions_family(ex.actions), ex,
+                             lambda bus, can_id, data: sent.append((bus, can_id, data)))
+    out = handler.handle(command("c1", "charge.start"), T0)
+    assert statuses(out) == [("c1", "ACCEPTED", None)] and len(sent) == 1  # repeat 3, 50 ms
+    assert handler.busy and handler.running("c1")
+    handler.poll(T0 + 100)
+    assert len(sent) == 3 and handler.status() == {"counters": {"frames_sent": 3}}
+
+    def broken(bus, can_id, data):
+        raise BusError("bus down")
+
+    failing = ActionsHandler(actions_family(ex.actions), ex, broken)
+    out = failing.handle(command("c2", "charge.stop"), T0 + 200)  # supersedes c1
+    assert statuses(out) == [("c1", "FAILED", "SUPERSEDED"), ("c2", "ACCEPTED", None),
+                             ("c2", "FAILED", "WRITE_FAILED")]
+    assert failing.status() == {"counters": {"write_failed": 1}} and not failing.busy
 
 
 def test_out_of_range_parameter_is_rejected_before_sending(rig):

@@ -8,15 +8,14 @@ from cantools.database.namedsignalvalue import NamedSignalValue
 
 from agent.adapters.canlog import read_frames
 from agent.adapters.dbc import load_database
-from agent.config import SamplingConfig, TelemetryConfig
-from agent.core.selection import EFF_FLAG, resolve
+from agent.core.selection import EFF_FLAG, Sampling, Selection, resolve
 from agent.core.telemetry import TelemetryCore
 from conftest import shared
 
 
 def replay(log, dbc):
     db = load_database(dbc)
-    tc = TelemetryConfig(messages=("*",), defaults=SamplingConfig(heartbeat_s=0, timeout_ms=0))
+    tc = Selection(messages=("*",), defaults=Sampling(heartbeat_s=0, timeout_ms=0))
     core = TelemetryCore(resolve(tc, [("can0", [db])]))
     frames = list(read_frames(log))
     for t, _, key, data in frames:
@@ -129,7 +128,7 @@ def test_core_decodes_every_changed_frame_as_cantools(log, dbc, values):
     the core knows it (what its decoders reported, the rest unchanged bits) equals cantools'
     decode of that frame, with value-table names as the core asks for them."""
     db = load_database(shared(dbc))
-    tc = TelemetryConfig(messages=("*",), defaults=SamplingConfig(heartbeat_s=0, timeout_ms=0))
+    tc = Selection(messages=("*",), defaults=Sampling(heartbeat_s=0, timeout_ms=0))
     core = TelemetryCore(resolve(tc, [("can0", [db])]))
     reports = spy_on_decodes(core)
     counters = core.counters[0]

@@ -4,14 +4,15 @@ compile the command actions."""
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
 from ..adapters.dbc import load_database
-from ..config import ActionConfig, Config, TelemetryConfig
+from ..config import ActionConfig, Config, SamplingConfig, SignalConfig, TelemetryConfig
 from ..core.conditions import Param, parse_condition
 from ..core.executor import ActionPlan, FramePlan
-from ..core.selection import BusPlan, can_key, resolve
+from ..core.selection import BusPlan, Sampling, Selection, SignalChoice, can_key, resolve
 from ..core.telemetry import TelemetryCore
 from ..errors import ConfigError, DbcError
 
@@ -36,9 +37,20 @@ def bus_plans(config: Config) -> list[BusPlan]:
         buses.append((bus.name, dbs))
     try:
         watch = [(c.signal, where) for where, c in _conditions(config)]
-        return resolve(config.telemetry, buses, watch)
+        return resolve(selection(config.telemetry), buses, watch)
     except ConfigError as e:
         raise _in_file(config, e) from None
+
+
+def selection(telemetry: TelemetryConfig) -> Selection:
+    """[telemetry]'s selection keys as the core's Selection (same names, same meaning)."""
+    return Selection(messages=tuple(telemetry.messages),
+                     signals=tuple(_copy(SignalChoice, s) for s in telemetry.signal),
+                     defaults=_copy(Sampling, telemetry.defaults))
+
+
+def _copy(cls, source: SignalConfig | SamplingConfig):
+    return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
 
 
 def action_plans(config: Config, plans: list[BusPlan]) -> dict[str, ActionPlan]:
@@ -118,7 +130,7 @@ def _in_file(config: Config, e: ConfigError) -> ConfigError:
 def plans_for_dbc(paths: Sequence[str | Path], telemetry: TelemetryConfig | None = None) -> list[BusPlan]:
     """One bus with every signal of the given databases (for `replay --dbc`)."""
     telemetry = telemetry or TelemetryConfig(messages=("*",))
-    return resolve(telemetry, [("can0", [load_database(p) for p in paths])])
+    return resolve(selection(telemetry), [("can0", [load_database(p) for p in paths])])
 
 
 def telemetry_core(plans: list[BusPlan], telemetry: TelemetryConfig) -> TelemetryCore:

@@ -1,8 +1,10 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
-Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; one core
-thread feeds them to the sans-I/O core, ticks it with the wall clock and hands closed
-batches to the batch sink. The core is only ever touched by the core thread.
+Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; so do the
+MQTT thread (commands), the serial devices (values) and the update worker (events): the
+queue's items are declared in messages.py. One core thread feeds them to the sans-I/O core
+and the services (CommandService, UpdateService), ticks it with the wall clock and hands
+closed batches to the batch sink. The core is only ever touched by the core thread.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
 from ..config import Config
 from ..core.batch import Batch
-from ..core.updates import UpdateEvent
+from .messages import CommandMessage, CoreMessage, Frame, UpdateEvent, Values
 
 log = logging.getLogger("agent.app.runtime")
 
@@ -30,23 +32,6 @@ STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
 RESTART_EXIT_CODE = 75  # "restart me": after an update switched slots (systemd restarts on it)
-
-
-class CommandMessage:
-    __slots__ = ("payload",)
-
-    def __init__(self, payload: bytes):
-        self.payload = payload
-
-
-class Values:
-    """Named values from a non-CAN source (modem, GNSS), for the core thread."""
-
-    __slots__ = ("t", "values")
-
-    def __init__(self, t: float, values: dict):
-        self.t = t
-        self.values = values
 
 
 class Agent:
@@ -73,7 +58,7 @@ class Agent:
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
-        self._frames: queue.SimpleQueue = queue.SimpleQueue()
+        self._frames: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
         self.readers = [
             BusReader(i, bus, self._enqueue,
                       receive_filters(plan.selected) if bus.filters else None)
@@ -96,7 +81,7 @@ class Agent:
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
-        self.serial = []  # modem and GNSS services: values into the core via the queue
+        self.serial = []  # modem and GNSS device threads: values into the core via the queue
         if config.modem is not None:
             from ..adapters.modem import ModemService
 
@@ -321,7 +306,7 @@ class Agent:
 
     def _drain(self) -> None:
         get = self._frames.get_nowait
-        frames: list = []  # consecutive CAN frames go to the core in one call
+        frames: list[Frame] = []  # consecutive CAN frames go to the core in one call
         for _ in range(DRAIN_MAX):
             try:
                 item = get()
@@ -337,7 +322,7 @@ class Agent:
         if frames:
             self.core.feed_many(frames)
 
-    def _take(self, item) -> None:
+    def _take(self, item: CoreMessage) -> None:
         if type(item) is tuple:
             self.core.feed(*item)
         elif type(item) is Values:
@@ -345,7 +330,7 @@ class Agent:
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
-        elif self.commands is not None:
+        elif type(item) is CommandMessage and self.commands is not None:
             try:
                 self.commands.handle(item.payload, int(time.time() * 1000))
             except Exception:  # a bug here must not stop ingest; the gate itself never raises

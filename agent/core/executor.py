@@ -53,13 +53,6 @@ class Status:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """state.snapshot: publish the state record and answer with its values."""
-
-    id: str
-
-
-@dataclass(frozen=True)
 class FramePlan:
     bus: int
     can_id: int
@@ -114,9 +107,7 @@ class Executor:
             r.id == command_id for q in self._queued.values() for r in q)
 
     def submit(self, command_id: str, name: str, params: Mapping[str, Any], now_ms: int) -> list:
-        """A verified, authorised command with valid parameters."""
-        if name == "state.snapshot":
-            return [Snapshot(command_id)]
+        """A verified, authorised command of the actions family with valid parameters."""
         plan = self.actions.get(name)
         if plan is None:
             return [Status(command_id, REJECTED, "UNKNOWN_COMMAND",

@@ -1,19 +1,56 @@
 """Resolve the configured signal selection against loaded CAN databases.
 
-Pure: takes cantools Database objects and the telemetry config, returns plain specs or
-raises ConfigError naming the config key. Output name default: "Message.Signal".
+Pure: takes cantools Database objects and a Selection (app/assemble.py builds it from the
+[telemetry] config), returns plain specs or raises ConfigError naming the config key. Output
+name default: "Message.Signal".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from dataclasses import replace as _replace
 from typing import Any, Mapping, Sequence
 
-from ..config import AUTO, SamplingConfig, SignalConfig, TelemetryConfig
 from ..errors import ConfigError
 
 EFF_FLAG = 0x80000000  # SocketCAN's marker for 29-bit ids; keeps 0x100 and 0x100x apart
+AUTO = "auto"  # timeout_ms: 5 x the DBC cycle time, at least 500 ms
+
+
+# -- what to select (the core's own copy of [telemetry]'s selection keys) ---------------------
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Per-signal sampling policy."""
+
+    deadband: float = 0.0  # a number must move more than this to be sent
+    min_interval_ms: int = 0  # at most one sample per interval (latest wins)
+    heartbeat_s: float = 60.0  # re-send an unchanged value this often; 0 = off
+    timeout_ms: int | str = AUTO  # null after this silence; 0 = never
+
+
+@dataclass(frozen=True, slots=True)
+class SignalChoice:
+    """One selected signal; None sampling fields take the Selection's defaults."""
+
+    select: str  # "Message.Signal", or a signal name unique across the bus's databases
+    name: str = ""  # output name; default "Message.Signal"
+    bus: str = ""  # restrict to one bus
+    scale: float = 1.0
+    offset: float = 0.0
+    map: Mapping[str, Any] = field(default_factory=dict)
+    state: bool = False
+    deadband: float | None = None
+    min_interval_ms: int | None = None
+    heartbeat_s: float | None = None
+    timeout_ms: int | str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    messages: tuple[str, ...] = ()  # names or ids, "*" for all, "bus:Message" picks the bus
+    signals: tuple[SignalChoice, ...] = ()
+    defaults: Sampling = Sampling()
 
 
 def can_key(frame_id: int, extended: bool) -> int:
@@ -51,7 +88,7 @@ class BusPlan:
     selected: Mapping[int, MessagePlan]
 
 
-def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]]],
+def resolve(selection: Selection, buses: Sequence[tuple[str, Sequence[Any]]],
             watch: Sequence[tuple[str, str]] = ()) -> list[BusPlan]:
     """Map the selection onto the buses. `buses` is [(bus name, [cantools Database, ...]), ...].
 
@@ -64,7 +101,7 @@ def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]
     # A message reference picks the message on the first bus that has it ("bus:Message" picks
     # the bus); "*" (or "bus:*") is every message, each on the first bus that has its name.
     bus_names = [name for name, _ in catalogs]
-    for i, ref in enumerate(telemetry.messages):
+    for i, ref in enumerate(selection.messages):
         where = f"telemetry.messages.{i}"
         bus_name, colon, ref = ref.rpartition(":") if ":" in ref else ("", "", ref)
         if colon and bus_name not in bus_names:
@@ -78,22 +115,22 @@ def resolve(telemetry: TelemetryConfig, buses: Sequence[tuple[str, Sequence[Any]
                     continue
                 taken.add(msg.name)
                 for sig in msg.signals:
-                    _add(chosen[b], msg, sig, SignalConfig(select=f"{msg.name}.{sig.name}"),
-                         telemetry.defaults, where)
+                    _add(chosen[b], msg, sig, SignalChoice(select=f"{msg.name}.{sig.name}"),
+                         selection.defaults, where)
         if not taken:
             raise ConfigError(f"{where}: no message {ref!r} in the databases of "
                               f"{bus_name or 'any bus'}")
 
-    for i, sc in enumerate(telemetry.signal):
+    for i, sc in enumerate(selection.signals):
         where = f"telemetry.signal.{i}"
         b, msg, sig = _find_signal(sc, catalogs, where)
-        _add(chosen[b], msg, sig, sc, telemetry.defaults, where)
+        _add(chosen[b], msg, sig, sc, selection.defaults, where)
 
     for ref, where in watch:
         if _find_output(ref, chosen):
             continue
-        b, msg, sig = _find_signal(SignalConfig(select=ref), catalogs, where)
-        spec = _spec(msg, sig, SignalConfig(select=ref), telemetry.defaults, where)
+        b, msg, sig = _find_signal(SignalChoice(select=ref), catalogs, where)
+        spec = _spec(msg, sig, SignalChoice(select=ref), selection.defaults, where)
         chosen[b].setdefault(can_key(msg.frame_id, msg.is_extended_frame), {}).setdefault(
             sig.name, _replace(spec, emit=False))
 
@@ -130,7 +167,7 @@ def _match_messages(ref: str, messages, by_name):
     return [m for m in messages.values() if m.frame_id == frame_id]
 
 
-def _find_signal(sc: SignalConfig, catalogs, where: str):
+def _find_signal(sc: SignalChoice, catalogs, where: str):
     bus_names = [name for name, _ in catalogs]
     if sc.bus and sc.bus not in bus_names:
         raise ConfigError(f"{where}.bus: no bus named {sc.bus!r}")
@@ -168,13 +205,13 @@ def _find_output(ref: str, chosen) -> bool:
     return False
 
 
-def _add(picked, msg, sig, sc: SignalConfig, defaults: SamplingConfig, where: str) -> None:
+def _add(picked, msg, sig, sc: SignalChoice, defaults: Sampling, where: str) -> None:
     spec = _spec(msg, sig, sc, defaults, where)
     # An explicit [[telemetry.signal]] entry overrides the same signal picked by `messages`.
     picked.setdefault(can_key(msg.frame_id, msg.is_extended_frame), {})[sig.name] = spec
 
 
-def _spec(msg, sig, sc: SignalConfig, defaults: SamplingConfig, where: str) -> SignalSpec:
+def _spec(msg, sig, sc: SignalChoice, defaults: Sampling, where: str) -> SignalSpec:
     timeout = sc.timeout_ms if sc.timeout_ms is not None else defaults.timeout_ms
     if timeout == AUTO:
         timeout = max(5 * msg.cycle_time, 500) if msg.cycle_time else 0
