@@ -300,6 +300,57 @@ def test_service_polls_pids_publishes_record_and_runs_commands(tmp_path):
         sim.stop()
 
 
+def test_local_requests_share_the_scheduler_and_are_not_published(tmp_path):
+    """ask() from another thread (the control socket's): same preconditions, answer to the
+    caller only."""
+    channel = f"local-{uuid.uuid4().hex}"
+    config = load_config(ROOT / "configs" / "demo.toml", [
+        f"bus.0.channel={channel!r}", f"storage.dir={str(tmp_path)!r}",
+        "diagnostics.dtc_interval_s=0", "diagnostics.ecu.vcu.pid=[]",
+        "diagnostics.ecu.abs.pid=[]"])
+    vehicle = from_config(config.simulator)
+    sim = SimulatorThread(vehicle, "virtual", channel).start()
+    core = telemetry_core(bus_plans(config), config.telemetry)
+    records: list = []
+    service = DiagService(config, core, records.append)
+    tester = can.Bus(interface="virtual", channel=channel)
+    stop = threading.Event()
+    emitted: list = []
+
+    def core_thread():  # what the runtime's core loop does, frames included
+        while not stop.is_set():
+            m = tester.recv(0.002)
+            while m is not None:
+                core.feed(0, time.time(), m.arbitration_id, bytes(m.data))
+                m = tester.recv(0)
+            emitted.extend(service.poll(int(time.time() * 1000)))
+
+    t = threading.Thread(target=core_thread, daemon=True)
+    t.start()
+    try:
+        got = service.ask(D.READ_DATA, {"ecu": "bms", "did": 0xF190}, 10)
+        assert got == {"status": "SUCCEEDED", "result": {
+            "ecu": "bms", "did": 0xF190, "hex": b"DEMO0EV0000000001".hex(),
+            "value": "DEMO0EV0000000001"}}
+        assert service.ask(D.READ_DTCS, {"ecus": [1]})["reason"] == "BAD_PARAMS"
+        deadline = time.monotonic() + 5
+        while not core.lookup("VCU_Status.Gear") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert service.ask(D.CLEAR_DTCS, {"ecus": ["vcu"]}, 10)["status"] == "SUCCEEDED"
+        vehicle.state.drive = True
+        while core.lookup("VCU_Status.Gear")[0] != "D" and time.monotonic() < deadline + 5:
+            time.sleep(0.02)
+        got = service.ask(D.CLEAR_DTCS, {"ecus": ["vcu"]}, 10)
+        assert (got["status"], got["reason"]) == ("REJECTED", "PRECONDITION_FAILED")
+        assert emitted == []  # nothing for the command service to sign and publish
+    finally:
+        stop.set()
+        t.join(2)
+        service.close()
+        tester.shutdown()
+        sim.stop()
+
+
 def test_a_bus_that_cannot_be_shared_turns_diagnostics_off(tmp_path):
     """slcan on one serial port cannot be opened beside telemetry: the agent keeps running,
     diagnostics say why, and a command ends at once instead of waiting."""

@@ -106,6 +106,16 @@ class _Worker:
         self.thread.join(2)
 
 
+class _Local:
+    """A diag.* request from another thread (the control socket): answered, never published."""
+
+    def __init__(self, name: str, params: dict):
+        self.name = name
+        self.params = params
+        self.done = threading.Event()
+        self.status: Status | None = None
+
+
 class DiagService:
     """The Handler of the diag family (agent/app/families.py)."""
 
@@ -141,10 +151,61 @@ class DiagService:
         self.records = 0
         self._record_limit = RateLimit(RECORD_MIN_INTERVAL_MS)  # ECUs answering one by one
         self._closed = False
+        self._local_in: queue.SimpleQueue[_Local] = queue.SimpleQueue()
+        self._local: dict[str, _Local] = {}
+        self._local_n = 0
 
     @property
     def busy(self) -> bool:
-        return bool(self.scheduler.jobs)
+        return bool(self.scheduler.jobs) or not self._local_in.empty()
+
+    def ask(self, name: str, params: dict, timeout_s: float = 30.0) -> dict:
+        """Run diag.read_dtcs / clear_dtcs / read_data for a local tool (any thread, e.g. the
+        control socket's): the same scheduler, preconditions and spacing as a remote command,
+        but the answer goes back to the caller only. Returns the §7-like status as a dict."""
+        local = _Local(name, dict(params))
+        self._local_in.put(local)
+        if not local.done.wait(timeout_s):
+            return {"status": "TIMED_OUT", "reason": "NO_RESPONSE",
+                    "detail": f"no answer within {timeout_s:.0f} s"}
+        st = local.status
+        out = {"status": st.status}
+        for key in ("reason", "detail", "result"):
+            if getattr(st, key) is not None:
+                out[key] = getattr(st, key)
+        return out
+
+    def _take_local(self, now_ms: int) -> list[Status]:
+        out = []
+        while True:
+            try:
+                local = self._local_in.get_nowait()
+            except queue.Empty:
+                return out
+            self._local_n += 1
+            cid = f"local-{self._local_n}"
+            self._local[cid] = local
+            try:
+                D.check_params(local.name, local.params)
+            except AgentError as e:
+                out.append(Status(cid, "REJECTED", "BAD_PARAMS", str(e)))
+                continue
+            out += self.scheduler.submit(cid, local.name, local.params, now_ms)
+
+    def _answer_local(self, statuses: list[Status]) -> list[Status]:
+        """Local statuses go to their caller; the rest to the command service."""
+        if not self._local:
+            return statuses
+        out = []
+        for st in statuses:
+            local = self._local.get(st.id)
+            if local is None:
+                out.append(st)
+            elif st.terminal:
+                del self._local[st.id]
+                local.status = st
+                local.done.set()
+        return out
 
     # -- Handler --------------------------------------------------------------------------
 
@@ -156,6 +217,9 @@ class DiagService:
     def poll(self, now_ms: int) -> list[Status]:
         if self._closed:
             return []
+        return self._answer_local(self._take_local(now_ms) + self._poll(now_ms))
+
+    def _poll(self, now_ms: int) -> list[Status]:
         if not self._ready():
             # No transport (a bus that cannot be opened): every request fails at once, so
             # commands end and periodic work backs off.
@@ -204,6 +268,13 @@ class DiagService:
 
     def close(self) -> None:
         self._closed = True
+        while not self._local_in.empty():
+            local = self._local_in.get_nowait()
+            self._local[f"closed-{id(local)}"] = local
+        for cid, local in self._local.items():  # nobody waits for an answer that cannot come
+            local.status = Status(cid, "FAILED", "INTERNAL_ERROR", "the agent is stopping")
+            local.done.set()
+        self._local.clear()
         for w in self._workers.values():
             w.stop()
         for b in self._buses:
