@@ -5,8 +5,8 @@
     this thread, with the diag service polled in between as the core loop does; once with
     no diagnostics and once with 10 PIDs polled at 1 Hz from the simulated VCU over ISO-TP
     on python-can's virtual bus (its worker thread and can-isotp's threads share the CPU
-    with ingest, as on the vehicle; the simulator thread runs in both). Frames/s of each, alternated --repeat
-    times, best kept.
+    with ingest, as on the vehicle; the simulator thread runs in both). Frames/s of each,
+    alternated --repeat times, best kept, and the CPU the other threads took.
   * latency: diag.read_dtcs over 4 ECUs that each answer 40 DTCs (163 bytes, 24 CAN frames)
     at once; from handle() to the terminal status, --reads times; p50/p99.
 

@@ -351,6 +351,39 @@ def test_local_requests_share_the_scheduler_and_are_not_published(tmp_path):
         sim.stop()
 
 
+def test_a_bus_without_ecus_never_sees_a_diagnostic_frame(tmp_path):
+    """Two buses; the ECUs are all on `pt`: `body` gets no frame at all from diagnostics."""
+    import tomllib
+
+    from agent.config import config_from_dict
+
+    pt, body = f"pt-{uuid.uuid4().hex}", f"body-{uuid.uuid4().hex}"
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    raw["bus"][0]["channel"] = pt
+    raw["bus"].append({**raw["bus"][0], "name": "body", "channel": body})
+    raw["storage"]["dir"] = str(tmp_path)
+    raw["diagnostics"]["dtc_interval_s"] = 1
+    config = config_from_dict(raw, base=ROOT / "configs")
+    vehicle = from_config(config.simulator)
+    sim = SimulatorThread(vehicle, "virtual", pt).start()
+    watch_body, watch_pt = Watch(body), Watch(pt)
+    core = telemetry_core(bus_plans(config), config.telemetry)
+    service = DiagService(config, core, None, now_ms=int(time.time() * 1000) - 2000)
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            service.poll(int(time.time() * 1000))
+            time.sleep(0.005)
+        assert service.status()["ecus"]["bms"]["answered"] >= 1
+        assert {m.arbitration_id for m in watch_pt.frames} & DIAG_IDS  # asked on pt
+        assert watch_body.frames == []
+    finally:
+        service.close()
+        watch_body.close()
+        watch_pt.close()
+        sim.stop()
+
+
 def test_a_bus_that_cannot_be_shared_turns_diagnostics_off(tmp_path):
     """slcan on one serial port cannot be opened beside telemetry: the agent keeps running,
     diagnostics say why, and a command ends at once instead of waiting."""
@@ -383,7 +416,8 @@ ECU = {"name": "bms", "request_id": 0x7E4, "response_id": 0x7EC}
     ({"transport": "usb"}, "diagnostics.ecu.0.transport"),
     ({"bus": "body"}, "diagnostics.ecu.0.bus: no bus named 'body'"),
     ({"pid": [{"pid": "VehicleSpeed"}]}, "diagnostics.ecu.0.pid: PIDs are OBD-II"),
-    ({"protocol": "obd", "pid": [{"pid": "Warp"}]}, "diagnostics.ecu.0.pid.0.pid: unknown PID name"),
+    ({"protocol": "obd", "pid": [{"pid": "Warp"}]},
+     "diagnostics.ecu.0.pid.0.pid: unknown PID name"),
     ({"protocol": "obd", "pid": [{"pid": 13, "interval_ms": 10}]}, "pid.0.interval_ms: must be 50"),
     ({"did": [{"did": 1, "codec": "utf9"}]}, "diagnostics.ecu.0.did.0.codec: 'utf9' is not"),
     ({"did": [{"did": 1, "codec": "ascii"}]}, "did.0.length: an ascii codec needs length"),

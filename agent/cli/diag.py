@@ -104,7 +104,8 @@ class Direct:
                 b.close()
         if a.action == "scan":
             results.update(self._functional(targets))
-        print(json.dumps(results, indent=1, sort_keys=True) if a.json else render(a.action, results))
+        print(json.dumps(results, indent=1, sort_keys=True) if a.json
+              else render(a.action, results))
         return 0 if any("error" not in r and "functional" not in r
                         for r in results.values()) else 1
 
@@ -209,12 +210,14 @@ def render(action: str, results: dict) -> str:
                 continue
             lines.append(head + f"{len(r['dtcs'])} DTC(s)")
             for d in r["dtcs"]:
-                lines.append(f"  {d['code']:<10} status 0x{d['status']:02X}  {_status_text(d['status'])}")
+                lines.append(f"  {d['code']:<10} status 0x{d['status']:02X}  "
+                             f"{_status_text(d['status'])}")
         elif action == "read":
             value = f"  {r['value']!r}" if "value" in r else ""
             lines.append(f"{name:<8} DID 0x{r['did']:04X}: {r['hex']}{value}")
         else:
-            lines.append(f"{name:<8} {r['name']} (0x{r['pid']:02X}): {r['value']} {D.PIDS[r['pid']].unit}")
+            lines.append(f"{name:<8} {r['name']} (0x{r['pid']:02X}): {r['value']} "
+                         f"{D.PIDS[r['pid']].unit}")
     return "\n".join(lines)
 
 
