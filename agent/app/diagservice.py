@@ -28,7 +28,8 @@ log = logging.getLogger("agent.diag")
 
 REOPEN_S = 5.0
 BUS_DOWN = "BUS_DOWN"  # the §9 error of an ECU whose bus could not be opened
-RECORD_MIN_INTERVAL_MS = 1000  # diagnostics records: at most one a second
+RECORD_MIN_INTERVAL_MS = 1000
+STOP_WAIT_S = 0.5  # for the workers' requests in flight, at stop  # diagnostics records: at most one a second
 FAMILY = D.FAMILY
 
 
@@ -103,7 +104,9 @@ class _Worker:
 
     def stop(self) -> None:
         self.inbox.put(None)
-        self.thread.join(2)
+
+    def join(self, until: float) -> None:
+        self.thread.join(max(0.0, until - time.monotonic()))
 
 
 class _Local:
@@ -277,6 +280,9 @@ class DiagService:
         self._local.clear()
         for w in self._workers.values():
             w.stop()
+        until = time.monotonic() + STOP_WAIT_S  # a request in flight may take P2* or longer:
+        for w in self._workers.values():  # the threads are daemons, stopping does not wait
+            w.join(until)
         for b in self._buses:
             b.close()
 
