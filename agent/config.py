@@ -412,6 +412,136 @@ class TrustRefreshConfig:
             raise ConfigError(f"{where}.repository: must be an http:// or https:// URL")
         if not self.target:
             raise ConfigError(f"{where}.target: must not be empty")
+class PidConfig:
+    """One OBD-II mode 01 PID polled as a telemetry signal (default name `OBD.<PID name>`)."""
+
+    pid: int | str  # number (0x0D) or its name in the PID table ("VehicleSpeed")
+    interval_ms: int = 1000
+    name: str = ""  # output name (e.g. a VSS path); default "OBD.<PID name>"
+    state: bool = False
+    deadband: float | None = None
+    min_interval_ms: int | None = None
+    heartbeat_s: float | None = None
+
+    def validate(self, where: str) -> None:
+        from .core.diag import pid_number
+
+        try:
+            pid_number(self.pid)
+        except ValueError as e:
+            raise ConfigError(f"{where}.pid: {e}") from None
+        if not 50 <= self.interval_ms <= 86_400_000:
+            raise ConfigError(f"{where}.interval_ms: must be 50..86400000")
+
+
+@dataclass(frozen=True)
+class DidConfig:
+    """A UDS data identifier that diag.read_data decodes (udsoncan codec)."""
+
+    did: int  # 0..0xFFFF
+    codec: str = "hex"  # "hex" (raw), "ascii" (needs length), or a struct format (">H", ">hB")
+    length: int = 0  # bytes, for "ascii"
+    scale: float = 1.0  # one-number codecs: value * scale + offset
+    offset: float = 0.0
+    name: str = ""
+
+    def validate(self, where: str) -> None:
+        import struct
+
+        if not 0 <= self.did <= 0xFFFF:
+            raise ConfigError(f"{where}.did: must be 0..65535")
+        if self.codec == "ascii":
+            if not 1 <= self.length <= 4000:
+                raise ConfigError(f"{where}.length: an ascii codec needs length 1..4000")
+        elif self.codec != "hex":
+            try:
+                struct.calcsize(self.codec)
+            except struct.error:
+                raise ConfigError(f"{where}.codec: {self.codec!r} is not \"hex\", \"ascii\" or "
+                                  "a struct format such as \">H\"") from None
+
+
+@dataclass(frozen=True)
+class EcuConfig:
+    name: str
+    request_id: int  # physical request id (0x7E0); 29-bit with extended = true
+    response_id: int  # its answers (0x7E8)
+    protocol: str = "uds"  # "uds" (ISO 14229) or "obd" (SAE J1979)
+    bus: str = ""  # default: the first [[bus]]
+    extended: bool = False  # 29-bit identifiers
+    padding: int | bool = 0xCC  # fill byte of short frames; false: no padding
+    transport: str = "python"  # "python" (can-isotp on python-can) or "kernel" (CAN_ISOTP)
+    p2_ms: int | None = None
+    p2_star_ms: int | None = None
+    request_spacing_ms: int | None = None
+    dtc_interval_s: float | None = None
+    pid: tuple[PidConfig, ...] = ()
+    did: tuple[DidConfig, ...] = ()
+
+    def validate(self, where: str) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum() \
+                or len(self.name) > 32:
+            raise ConfigError(f"{where}.name: 1-32 letters, digits, '-' or '_'")
+        if self.protocol not in ("uds", "obd"):
+            raise ConfigError(f"{where}.protocol: must be \"uds\" or \"obd\"")
+        top = 0x1FFFFFFF if self.extended else 0x7FF
+        for key in ("request_id", "response_id"):
+            if not 0 <= getattr(self, key) <= top:
+                raise ConfigError(f"{where}.{key}: must be 0..{top:#x}"
+                                  f"{'' if self.extended else ' (or set extended = true)'}")
+        if self.request_id == self.response_id:
+            raise ConfigError(f"{where}: request_id and response_id must differ")
+        if self.padding is True or (type(self.padding) is int and not 0 <= self.padding <= 255):
+            raise ConfigError(f"{where}.padding: a byte 0..255, or false for none")
+        if self.transport not in ("python", "kernel"):
+            raise ConfigError(f"{where}.transport: must be \"python\" or \"kernel\"")
+        for key in ("p2_ms", "p2_star_ms", "request_spacing_ms"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v <= 60_000:
+                raise ConfigError(f"{where}.{key}: must be 0..60000")
+        if self.dtc_interval_s is not None and self.dtc_interval_s < 0:
+            raise ConfigError(f"{where}.dtc_interval_s: must be >= 0 (0: on command only)")
+        if self.pid and self.protocol != "obd":
+            raise ConfigError(f"{where}.pid: PIDs are OBD-II; set protocol = \"obd\"")
+        dids = [d.did for d in self.did]
+        if len(set(dids)) != len(dids):
+            raise ConfigError(f"{where}.did: a DID is declared twice")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Remote diagnostics over ISO-TP (README "Diagnostics"). Defaults for every ECU."""
+
+    ecu: tuple[EcuConfig, ...] = ()
+    p2_ms: int = 200  # first answer (or 0x78 response pending) within this; J1979: 50 + margin
+    p2_star_ms: int = 5000  # after each 0x78 response pending
+    request_timeout_ms: int = 10_000  # a whole request, however many 0x78 came
+    request_spacing_ms: int = 50  # quiet time between two requests to one ECU
+    dtc_interval_s: float = 300.0  # periodic DTC read; 0: on command only
+    dtc_status_mask: int = 0xFF  # UDS 0x19 0x02 status mask
+    clear_preconditions: tuple[str, ...] = ('VCU_Status.Gear == "P"',)  # for diag.clear_dtcs
+    stale_ms: int = 2000  # a signal older than this fails a precondition
+    queue_size: int = 8  # diag commands waiting; more: REJECTED BUSY
+
+    def validate(self, where: str) -> None:
+        if not self.ecu:
+            raise ConfigError(f"{where}.ecu: at least one [[diagnostics.ecu]]")
+        names = [e.name for e in self.ecu]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{where}.ecu: duplicate ECU name {dupes[0]!r}")
+        if not 10 <= self.p2_ms <= 60_000 or not self.p2_ms <= self.p2_star_ms <= 60_000:
+            raise ConfigError(f"{where}: need 10 <= p2_ms <= p2_star_ms <= 60000")
+        if not self.p2_star_ms <= self.request_timeout_ms <= 600_000:
+            raise ConfigError(f"{where}.request_timeout_ms: must be p2_star_ms..600000")
+        if not 0 <= self.request_spacing_ms <= 60_000 or self.dtc_interval_s < 0:
+            raise ConfigError(f"{where}: request_spacing_ms 0..60000 and dtc_interval_s >= 0")
+        if not 0 <= self.dtc_status_mask <= 255 or self.stale_ms <= 0 or self.queue_size < 1:
+            raise ConfigError(f"{where}: dtc_status_mask 0..255, stale_ms > 0, queue_size > 0")
+        from .core.conditions import parse_condition
+
+        for i, text in enumerate(self.clear_preconditions):
+            parse_condition(text, f"{where}.clear_preconditions.{i}")
 
 
 @dataclass(frozen=True)
@@ -429,6 +559,7 @@ class Config:
     updates: UpdatesConfig | None = None
     control: ControlConfig = ControlConfig()
     trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
+    diagnostics: DiagnosticsConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -443,6 +574,10 @@ class Config:
         if self.trust is not None and self.updates is None:
             raise ConfigError("trust: needs an [updates] section (its trusted_root, "
                               "allowed_repositories and hardware_id)")
+        for i, ecu in enumerate(self.diagnostics.ecu if self.diagnostics else ()):
+            if ecu.bus and ecu.bus not in names:
+                raise ConfigError(f"diagnostics.ecu.{i}.bus: no bus named {ecu.bus!r} "
+                                  f"(buses: {', '.join(names)})")
 
     @property
     def slots_dir(self) -> Path:

@@ -108,6 +108,10 @@ def _conditions(config: Config):
         for j, text in enumerate(config.updates.preconditions):
             where = f"updates.preconditions.{j}"
             yield where, parse_condition(text, where)
+    if config.diagnostics is not None:
+        for j, text in enumerate(config.diagnostics.clear_preconditions):
+            where = f"diagnostics.clear_preconditions.{j}"
+            yield where, parse_condition(text, where)
     if config.commands is None:
         return
     for i, action in enumerate(config.commands.action):

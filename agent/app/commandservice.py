@@ -216,6 +216,8 @@ class CommandService:
 
     def close(self) -> None:
         self._final = self.status()
+        for h in self.handlers:  # handlers with threads or connections of their own
+            getattr(h, "close", lambda: None)()
         self.replay.close()
 
 

@@ -78,10 +78,13 @@ class Agent:
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
                                        self.state_values, self.publisher.state, self.updates,
-                                       self.health)
+                                       self.health, publisher=self.publisher)
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
+        elif config.diagnostics is not None:  # its service is the diag command family's handler
+            log.warning("[diagnostics] needs [mqtt] and [commands] to run in the agent; "
+                        "`tcu-agent diag --direct` works without them")
         self.serial = []  # the modem poller and GNSS reader: values into the core via the queue
         if config.modem is not None:
             from ..adapters.modem import ModemPoller, deadbands

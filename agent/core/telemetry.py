@@ -415,11 +415,11 @@ class TelemetryCore:
             s.msg.seen = t
             self._update([s], [(0, value)], t_ms, True)
 
-    def _external(self, name: str) -> SignalState:
-        spec = SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0, map=None,
-                          deadband=self.value_deadbands.get(name, 0.0), min_interval_ms=0,
-                          heartbeat_ms=self.external_heartbeat_ms,
-                          timeout_ms=0, state=False, multiplexed=False)
+    def _external(self, name: str, spec: SignalSpec | None = None) -> SignalState:
+        spec = spec or SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0,
+                                  map=None, deadband=self.value_deadbands.get(name, 0.0),
+                                  min_interval_ms=0, heartbeat_ms=self.external_heartbeat_ms,
+                                  timeout_ms=0, state=False, multiplexed=False)
         s = SignalState(spec)
         MessageState(_NoFrame(name), [s])
         self.signals.append(s)
@@ -427,6 +427,19 @@ class TelemetryCore:
         if s.heartbeat:
             self._heartbeats.append(s)
         return s
+
+    def add_value_signal(self, spec: SignalSpec) -> None:
+        """Declare a non-CAN value (an OBD-II PID) with its own sampling policy, before its
+        first feed_values(); spec.out is its name."""
+        if spec.out not in self._by_name:
+            self._external(spec.out, spec)
+
+    def ignore_ids(self, bus: int, can_keys) -> None:
+        """Frames with these ids on this bus are known non-telemetry (diagnostic requests and
+        responses): counted as unselected, never as unknown ids. DBC messages keep theirs."""
+        entries = self.counters[bus].entries
+        for key in can_keys:
+            entries.setdefault(key, None)
 
     def flush(self) -> None:
         """Close the open batch now (shutdown, end of a replay)."""

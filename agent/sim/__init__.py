@@ -14,4 +14,8 @@ def from_config(sim) -> SimulatedVehicle:
     for entry in sim.timeline:
         changes = {k: v for k, v in entry.items() if k != "at_s"}
         timeline.append((entry["at_s"], changes))
-    return SimulatedVehicle(state, timeline, sim.charge_rate_pct_per_s or None)
+    vehicle = SimulatedVehicle(state, timeline, sim.charge_rate_pct_per_s or None)
+    from .ecus import standard_ecus
+
+    vehicle.ecus = standard_ecus(vehicle)  # silent unless asked over ISO-TP
+    return vehicle

@@ -115,6 +115,7 @@ class SimulatedVehicle:
         self._periodic = [(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
         self._next_send = {m.name: 0.0 for m, _ in self._periodic}
         self._requests = {m.frame_id: m for m in self.db.messages if m.senders == ["TCU"]}
+        self.ecus: list = []  # diagnosable ECUs (sim/ecus.py), answering ISO-TP requests
 
     # -- time -----------------------------------------------------------------------------
 
@@ -131,7 +132,9 @@ class SimulatedVehicle:
             heapq.heappop(self._events).action()
         self._drive(now, dt)
         self._physics(dt)
-        frames = []
+        frames: list[tuple[int, bytes]] = []
+        for ecu in self.ecus:
+            frames += ecu.step(now)
         for msg, period in self._periodic:
             if now >= self._next_send[msg.name]:
                 self._next_send[msg.name] = max(self._next_send[msg.name] + period, now)
@@ -197,6 +200,8 @@ class SimulatedVehicle:
     # -- requests from the telematics unit ------------------------------------------------
 
     def receive(self, can_id: int, data: bytes) -> None:
+        for ecu in self.ecus:
+            ecu.receive(can_id, data, self.now or 0.0)
         msg = self._requests.get(can_id)
         if msg is None:
             return
