@@ -412,6 +412,9 @@ class TrustRefreshConfig:
             raise ConfigError(f"{where}.repository: must be an http:// or https:// URL")
         if not self.target:
             raise ConfigError(f"{where}.target: must not be empty")
+
+
+@dataclass(frozen=True)
 class PidConfig:
     """One OBD-II mode 01 PID polled as a telemetry signal (default name `OBD.<PID name>`)."""
 
