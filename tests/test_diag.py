@@ -483,7 +483,9 @@ def test_cli_direct(rig, capsys):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["dtcs"], "no running agent control socket; use --direct"),
+    (["--set", "control.socket='/nonexistent/tcu.sock'", "dtcs"],
+     "no agent is running: no control socket at /nonexistent/tcu.sock; or use --direct"),
+    (["scan"], "diag scan opens the bus itself: add --direct"),
     (["--direct", "read", "bms"], "usage: tcu-agent diag -c CONFIG read ECU DID"),
     (["--direct", "read", "vcu", "1"], "vcu speaks OBD-II"),
     (["--direct", "read", "bms", "0x10000"], "a number 0..65535"),

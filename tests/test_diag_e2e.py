@@ -224,3 +224,34 @@ def test_polled_pids_are_telemetry_signals(tmp_path):
     finally:
         telemetry.stop()
         r.close()
+
+
+def test_the_cli_asks_the_running_agent_through_its_control_socket(tmp_path):
+    """`tcu-agent diag dtcs` without --direct: the running agent (which owns the bus) reads
+    the ECUs and answers through its control socket; scan still needs --direct."""
+    import json
+    import subprocess
+    import sys
+
+    sock = tmp_path / "control.sock"
+    r = make_rig(tmp_path, ["diagnostics.dtc_interval_s=0", "diagnostics.ecu.vcu.pid=[]",
+                            "diagnostics.ecu.abs.pid=[]", f"control.socket={str(sock)!r}"])
+    try:
+        r.vehicle.fault = True  # the VCU stores P0D27
+        args = [sys.executable, "-m", "agent", "diag", "-c", str(ROOT / "configs" / "demo.toml"),
+                "--set", f"storage.dir={str(tmp_path / 'state')!r}",
+                "--set", f"control.socket={str(sock)!r}"]
+        since = time.monotonic()
+        run = subprocess.run([*args, "dtcs", "vcu", "--json"], capture_output=True, text=True,
+                             timeout=90, cwd=ROOT)
+        assert run.returncode == 0, run.stderr
+        codes = [d["code"] for d in json.loads(run.stdout)["vcu"]["dtcs"]]
+        assert any(c.startswith("P0D27") for c in codes), codes
+        sent = frames_from_tester(r.watch, since)
+        assert sent and {f[1] for f in sent} <= TESTER_IDS  # the agent's ISO-TP requests only
+        scan = subprocess.run([*args, "scan"], capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert scan.returncode == 2
+        assert scan.stderr == ("tcu-agent: error: diag scan opens the bus itself: add --direct "
+                               "(the running agent answers dtcs, clear and read)\n")
+    finally:
+        r.close()

@@ -1,8 +1,10 @@
 """`tcu-agent diag -c CONFIG scan|dtcs|clear|read|obd`: the configured ECUs' diagnostics.
 
-With `--direct` the command opens the bus itself (the agent must not be running on an
-interface that cannot be shared, such as slcan); without it, it would ask the running agent
-through its local control socket.
+Without `--direct`, dtcs, clear and read ask the running agent through its local control
+socket (the agent owns the bus; its diagnostics service runs the request with the same
+spacing and preconditions as a remote command). With `--direct` the command opens the bus
+itself (the agent must not be running on an interface that cannot be shared, such as slcan);
+scan and obd are --direct only.
 """
 
 from __future__ import annotations
@@ -43,12 +45,62 @@ def run(args) -> int:
                  "read": "read ECU DID", "obd": "obd PID [ECU]"}[args.action]
         raise ConfigError(f"diag {args.action}: usage: tcu-agent diag -c CONFIG {usage}")
     if not args.direct:
-        raise AgentError("no running agent control socket; use --direct (with the agent "
-                         "stopped, or on a bus the agent shares: virtual, socketcan)")
+        return via_agent(config, args)
     if args.action == "clear" and not args.force:
         raise ConfigError("diag clear --direct does not read diagnostics.clear_preconditions; "
                           "make sure the vehicle is parked and add --force")
     return Direct(config, args).run()
+
+
+def via_agent(config, args) -> int:
+    """dtcs / clear / read through the running agent's control socket."""
+    from ..adapters.control import ControlClient
+    from ..errors import ControlError
+    from .monitor import check_identity
+
+    if args.action in ("scan", "obd"):
+        raise ConfigError(f"diag {args.action} opens the bus itself: add --direct (the running "
+                          "agent answers dtcs, clear and read)")
+    ecus = {e.name for e in config.diagnostics.ecu}
+    if args.action == "read":
+        name, params = "diag.read_data", {"ecu": args.args[0], "did": _did(args.args[1])}
+        wanted = [args.args[0]]
+    else:
+        name = "diag.read_dtcs" if args.action == "dtcs" else "diag.clear_dtcs"
+        wanted = args.args[:1]
+        params = {"ecus": wanted} if wanted else {}
+    for e in wanted:
+        if e not in ecus:
+            raise ConfigError(f"no ECU named {e!r} in [diagnostics] (ECUs: {', '.join(ecus)})")
+    try:
+        with ControlClient(config.control.socket, timeout=60.0) as client:
+            answer = client.request("diag", name=name, params=params)
+    except ControlError as e:
+        raise AgentError(f"{e}; or use --direct (with the agent stopped, or on a bus the agent "
+                         "shares: virtual, socketcan)") from None
+    check_identity(answer, config)
+    if answer.get("status") != "SUCCEEDED" and not answer.get("result"):
+        raise AgentError(f"{name}: {answer.get('status')} {answer.get('reason', '')}: "
+                         f"{answer.get('detail', '')}".rstrip(": "))
+    result = answer.get("result") or {}
+    if args.action == "read":
+        results = {result.get("ecu", wanted[0]): result}
+    else:
+        results = {n: ({"cleared": True, **r} if args.action == "clear" else r)
+                   for n, r in (result.get("ecus") or {}).items()}
+    print(json.dumps(results, indent=1, sort_keys=True) if args.json
+          else render(args.action, results))
+    return 0 if any("error" not in r for r in results.values()) else 1
+
+
+def _did(text: str) -> int:
+    try:
+        did = int(text, 0)
+    except ValueError:
+        did = -1
+    if not 0 <= did <= 0xFFFF:
+        raise ConfigError(f"DID {text!r}: a number 0..65535 (0xF190)")
+    return did
 
 
 class Direct:
@@ -78,13 +130,7 @@ class Direct:
             ecu = self.pick(a.args[0])[0]
             if ecu.protocol != "uds":
                 raise ConfigError(f"{ecu.name} speaks OBD-II; read needs a UDS ECU")
-            try:
-                did = int(a.args[1], 0)
-            except ValueError:
-                did = -1
-            if not 0 <= did <= 0xFFFF:
-                raise ConfigError(f"DID {a.args[1]!r}: a number 0..65535 (0xF190)")
-            targets, op, arg = [ecu], D.DID, did
+            targets, op, arg = [ecu], D.DID, _did(a.args[1])
         elif a.action == "obd":
             try:
                 pid = D.pid_number(int(a.args[0], 0) if a.args[0][:1].isdigit() else a.args[0])
