@@ -48,6 +48,8 @@ class Publisher:
         self._just_connected = threading.Event()
         self._final: dict | None = None
         self._lost = 0  # samples of batches the outbox could not store (disk full)
+        self.power: str | None = None  # §10 power state carried by the status records
+        self.keepalive_s: int | None = None  # asleep: the longer MQTT keepalive wanted
 
     def start(self) -> None:
         self.uplink.start()
@@ -124,7 +126,27 @@ class Publisher:
         return False
 
     def online(self) -> None:
-        self._append("status", self.topics.status, status_record(self.vin, now_ms(), True))
+        self._append("status", self.topics.status,
+                     status_record(self.vin, now_ms(), True, self.power))
+
+    # -- power (app/power.py) ---------------------------------------------------------------
+
+    def power_status(self, power: str, t_ms: int | None = None) -> None:
+        """The signed online status with `power` (§5, §10): on a change and as the slow
+        heartbeat while asleep or in protect."""
+        self.power = power
+        self._append("status", self.topics.status,
+                     status_record(self.vin, t_ms if t_ms is not None else now_ms(), True, power))
+
+    def skipped(self, samples: int) -> None:
+        """Samples of batches not published (protect): reported in the next batch's `drop`."""
+        self._lost += samples
+
+    def set_keepalive(self, seconds: int | None) -> None:
+        """The MQTT keepalive while asleep (None: the configured one)."""
+        self.keepalive_s = seconds
+        # TODO(lead): hand it to the uplink once core/uplink.py takes a keepalive change
+        # (applied at the next connect), e.g. self.uplink.set_keepalive(seconds).
 
     def status(self) -> dict:
         if self._final is not None:
