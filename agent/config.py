@@ -337,6 +337,7 @@ class PowerConfig:
     heartbeat_s: float = 3600.0  # the signed status record while asleep or in protect
     keepalive_s: int = 900  # MQTT keepalive while asleep
     first_batch_ms: int = 250  # after start and wake: the first batch closes this early
+    quiet_after_ms: int = 300  # every bus silent this long: no timeouts (keep < any timeout)
     on_sleep_command: tuple[str, ...] = ()  # argv run on entering asleep (e.g. suspend)
     on_sleep_timeout_s: float = 10.0
     battery_signal: str = ""  # "Message.Signal" or a value name: the 12 V reading (volts)
@@ -348,6 +349,8 @@ class PowerConfig:
             raise ConfigError(f"{where}: sleep_after_s >= 0 and slow_poll_s 1..86400")
         if not 10 <= self.heartbeat_s <= 86400 or not 5 <= self.keepalive_s <= 3600:
             raise ConfigError(f"{where}: heartbeat_s 10..86400 and keepalive_s 5..3600")
+        if not 50 <= self.quiet_after_ms <= 60_000:
+            raise ConfigError(f"{where}.quiet_after_ms: must be 50..60000")
         if not 0 < self.first_batch_ms <= 60_000 or self.on_sleep_timeout_s <= 0:
             raise ConfigError(f"{where}: first_batch_ms 1..60000 and on_sleep_timeout_s > 0")
         if self.protect_resume_v <= self.protect_below_v:

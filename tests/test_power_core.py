@@ -25,11 +25,16 @@ def states(changes):
     return [c.state for c in changes]
 
 
+def moves(changes):
+    """The changes of state (not the quiet/resume of a drowsy, still awake, machine)."""
+    return [c for c in changes if c.state != c.previous]
+
+
 def test_asleep_only_when_every_bus_is_silent():
     m = machine()
-    assert m.tick(T0 + 9_999) == []
+    assert moves(m.tick(T0 + 9_999)) == []
     m.frame(1, T0 + 9_000)  # bus 1 still talks
-    assert m.tick(T0 + 10_500) == []
+    assert moves(m.tick(T0 + 10_500)) == []
     [change] = m.tick(T0 + 19_000)
     assert (change.state, change.previous) == ("asleep", "awake")
     assert "every bus silent for 10 s" in change.reason
@@ -54,7 +59,8 @@ def test_slow_heartbeat_while_asleep_only():
     beats = [c for t in range(10_000, 10_000 + 3_600_000, 1000) for c in m.tick(T0 + t + 1000)]
     assert len(beats) == 60 and all(c.actions == (P.HEARTBEAT,) for c in beats)
     m.frame(0, T0 + 4_000_000)
-    assert all(not c for c in (m.tick(T0 + 4_000_000 + i * 1000) for i in range(1, 9)))
+    after = [c for i in range(1, 9) for c in m.tick(T0 + 4_000_000 + i * 1000)]
+    assert all(P.HEARTBEAT not in c.actions for c in after)
 
 
 def test_sleep_after_zero_never_sleeps():
@@ -273,3 +279,16 @@ def test_woken_but_precondition_fails(test_dbc):
     values["VCU_Drive.Ready"] = (0, T0 + 200)
     [status] = ex.poll(T0 + 1000)
     assert (status.status, status.reason) == ("REJECTED", "PRECONDITION_FAILED")
+
+
+def test_all_buses_silent_quiets_the_core_before_asleep():
+    m = machine(quiet_after_ms=300)
+    [c] = m.tick(T0 + 300)
+    assert (c.state, c.actions) == ("awake", (P.QUIET,)) and m.drowsy
+    assert m.tick(T0 + 400) == []
+    [c] = m.frame(1, T0 + 500)  # the car was not going to sleep after all
+    assert (c.state, c.actions) == ("awake", (P.RESUME,)) and not m.drowsy
+    assert m.tick(T0 + 700) == []  # bus 1 spoke at 500
+    assert m.tick(T0 + 800)[0].actions == (P.QUIET,)
+    assert states(m.tick(T0 + 10_500)) == ["asleep"]
+    assert not m.drowsy

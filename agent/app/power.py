@@ -63,7 +63,8 @@ class PowerService:
             sleep_after_ms=int(cfg.sleep_after_s * 1000), buses=buses,
             heartbeat_ms=int(cfg.heartbeat_s * 1000),
             protect_below_v=cfg.protect_below_v if cfg.battery_signal else None,
-            protect_resume_v=cfg.protect_resume_v), int(now * 1000))
+            protect_resume_v=cfg.protect_resume_v, quiet_after_ms=cfg.quiet_after_ms),
+            int(now * 1000))
         self.slow = False  # asleep or protect: modem and GNSS at cfg.slow_poll_s
         self.dropping = False  # protect: batches are not published
         self.dropped_samples = 0

@@ -282,10 +282,10 @@ class Agent:
                 if self.updates is not None:
                     self._check_restart()
             if now >= next_tick:
+                if self.power is not None:  # first: a silent car quiets the core before
+                    self._step("power", self.power.poll, now)  # its timeouts run
                 self.core.tick(now)
                 next_tick = now + TICK_S
-                if self.power is not None:
-                    self._step("power", self.power.poll, now)
                 if self.publisher:
                     self._step("records", self._publish_records, int(now * 1000))
             if self.core.batches.closed:

@@ -8,7 +8,10 @@
 
 States: "awake"; "asleep" when every bus has been silent for `sleep_after_ms`; "protect" while
 the 12 V reading is below `protect_below_v`, left only once it is back at `protect_resume_v` or
-above (hysteresis). Protect wins over asleep: a low battery is a reason to stay quiet whether
+above (hysteresis). Before asleep, once every bus has been silent for `quiet_after_ms`
+(shorter than any signal's timeout), the core is quieted while still awake: a vehicle
+going to sleep silences every ECU at once, and that is not a storm of timeouts; the first
+frame resumes it (and then a signal that stays away times out as usual). Protect wins over asleep: a low battery is a reason to stay quiet whether
 or not the buses talk. `tick` also yields a HEARTBEAT action every `heartbeat_ms` while not
 awake: the slow signed status that says the vehicle is still there.
 """
@@ -42,6 +45,7 @@ class PowerPolicy:
     heartbeat_ms: int = 3_600_000
     protect_below_v: float | None = None  # None: no protect state
     protect_resume_v: float | None = None
+    quiet_after_ms: int = 300  # every bus silent this long: quiet the core (not a state)
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,7 @@ class PowerMachine:
         self.since_ms = now_ms
         self.last_frame_ms = [now_ms] * policy.buses  # start counts as "heard": a grace period
         self.low_battery = False
+        self.drowsy = False  # awake, every bus silent for quiet_after_ms: the core is quiet
         self.volts: float | None = None
         self.changes = {s: 0 for s in STATES}  # entries into each state, for status displays
         self._next_heartbeat = 0
@@ -85,6 +90,9 @@ class PowerMachine:
             self.last_frame_ms[bus] = t_ms
         if self.state == ASLEEP:
             return self._go(AWAKE, f"frame on bus {bus}", t_ms)
+        if self.drowsy:
+            self.drowsy = False
+            return [Change(self.state, self.state, f"frame on bus {bus}", t_ms, (RESUME,))]
         return []
 
     def voltage(self, volts: float, t_ms: int) -> list[Change]:
@@ -106,6 +114,10 @@ class PowerMachine:
         if self.state == AWAKE and self._all_silent(now_ms):
             out = self._go(ASLEEP, f"every bus silent for {self.policy.sleep_after_ms // 1000} s",
                            now_ms)
+        elif self.state == AWAKE and not self.drowsy and self._all_silent(
+                now_ms, min(self.policy.quiet_after_ms, self.policy.sleep_after_ms)):
+            self.drowsy = True
+            out = [Change(AWAKE, AWAKE, "every bus silent", now_ms, (QUIET,))]
         elif self.state != AWAKE and now_ms >= self._next_heartbeat:
             self._next_heartbeat = now_ms + self.policy.heartbeat_ms
             out = [Change(self.state, self.state, "heartbeat", now_ms, (HEARTBEAT,))]
@@ -127,9 +139,11 @@ class PowerMachine:
 
     # -- internals ------------------------------------------------------------------------
 
-    def _all_silent(self, now_ms: int) -> bool:
-        return bool(self.policy.sleep_after_ms) and all(
-            self.bus_asleep(i, now_ms) for i in range(self.policy.buses))
+    def _all_silent(self, now_ms: int, for_ms: int | None = None) -> bool:
+        p = self.policy
+        after = p.sleep_after_ms if for_ms is None else for_ms
+        return bool(p.sleep_after_ms) and all(
+            now_ms - self.last_frame_ms[i] >= after for i in range(p.buses))
 
     def _go(self, state: str, reason: str, t_ms: int) -> list[Change]:
         if self.low_battery and state != PROTECT:
@@ -138,6 +152,7 @@ class PowerMachine:
         if state == previous:
             return []
         self.state, self.reason, self.since_ms = state, reason, t_ms
+        self.drowsy = False
         self.changes[state] += 1
         self._next_heartbeat = t_ms + self.policy.heartbeat_ms
         actions = _ENTER[state]

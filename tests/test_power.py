@@ -1,0 +1,241 @@
+"""The parked car end to end: the simulated EV sleeps and wakes on the virtual bus, the agent
+follows it and tells the cloud over a real Mosquitto; commands on the sleeping car; protect
+on a sagging 12 V battery; listen-only buses."""
+
+from __future__ import annotations
+
+import time
+import tomllib
+import uuid
+
+import can
+import pytest
+
+from agent.adapters.keys import generate_keypair, load_public_key
+from agent.app.runtime import Agent
+from agent.config import config_from_dict
+from agent.core.cose import kid_of, verify
+from agent.errors import BusError
+from conftest import ROOT
+from support.mosquitto import Consumer, Mosquitto
+from test_commands_e2e import BusWatch, Cloud, wait_ready
+
+pytestmark = pytest.mark.mqtt
+
+VIN = "DEMO0EV0000000001"
+NM_TCU = 0x500
+
+
+def wait_until(predicate, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class Feed:
+    """Everything the vehicle publishes, verified, with the time it arrived."""
+
+    def __init__(self, broker, vehicle_pub):
+        vk = load_public_key(str(vehicle_pub))
+        self.keys = {kid_of(vk): vk}
+        self.consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/#").start()
+
+    def records(self, kind: str) -> list[dict]:
+        return [verify(m.payload, self.keys).payload for m in self.consumer.messages
+                if m.topic.endswith("/" + kind)]
+
+    def count(self, kind: str) -> int:
+        return sum(1 for m in self.consumer.messages if m.topic.endswith("/" + kind))
+
+    def statuses(self) -> list[dict]:
+        return self.records("status")
+
+    def batches(self) -> list[dict]:
+        return self.records("telemetry")
+
+    def close(self):
+        self.consumer.stop()
+
+
+@pytest.fixture
+def car(tmp_path, request):
+    broker = Mosquitto().start()
+    keys = tmp_path / "keys"
+    generate_keypair(keys, stem="vehicle")
+    generate_keypair(keys, stem="cloud")
+    trust = tmp_path / "trust.toml"
+    trust.write_text(f"""
+[[key]]
+name = "fleet-backend"
+public_key = "{keys / 'cloud.pub'}"
+allow = ["charge.*", "doors.*", "state.*"]
+""")
+    channel = f"pwr-{uuid.uuid4().hex}"
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    raw["bus"][0]["channel"] = channel
+    raw["storage"]["dir"] = str(tmp_path / "state")
+    raw["signing"]["key_file"] = str(keys / "vehicle.key")
+    raw["mqtt"].update(port=broker.port, reconnect_min_s=0.1)
+    raw["commands"]["trust_store"] = str(trust)
+    raw["power"].update(sleep_after_s=1.0, heartbeat_s=10.0)
+    for action in raw["commands"]["action"]:
+        if action["name"] == "doors.lock":  # the one action without wake frames
+            del action["wake"]
+    config = config_from_dict(raw, base=ROOT / "configs")
+
+    class Car:
+        pass
+
+    c = Car()
+    c.broker, c.config, c.channel = broker, config, channel
+    c.watch = BusWatch(channel)
+    c.feed = Feed(broker, keys / "vehicle.pub")
+    c.agent = Agent(config)
+    c.agent.start()
+    c.cloud = Cloud(broker, keys / "cloud.key", keys / "vehicle.pub")
+    wait_ready(c.agent)
+    c.sim = c.agent.simulator.vehicle
+    yield c
+    c.cloud.close()
+    c.feed.close()
+    c.agent.stop()
+    c.watch.close()
+    broker.close()
+
+
+def power_states(car) -> list[str]:
+    return [s.get("power", "awake") for s in car.feed.statuses() if s["online"]]
+
+
+def sleep_car(car):
+    car.sim.state.asleep = True
+    wait_until(lambda: car.agent.power.state == "asleep", what="asleep")
+    wait_until(lambda: power_states(car)[-1:] == ["asleep"], what="the asleep status")
+
+
+def test_sleep_then_wake(car):
+    sleep_car(car)
+    status = car.agent.status()
+    assert status["power"]["state"] == "asleep"
+    assert "every bus silent" in status["power"]["reason"]
+    # no null storm: nothing in the batches says the signals went missing
+    nulls = [(name, v) for b in car.feed.batches() for name, samples in b["sig"].items()
+             for _, v in samples if v is None]
+    assert nulls == []
+    # while asleep: no telemetry at all (the slow heartbeat is 10 s away)
+    batches = car.feed.count("telemetry")
+    time.sleep(3.0)
+    assert car.feed.count("telemetry") == batches
+    assert car.agent.core.quiet
+    # wake: the first frame -> status without `power`, data within 2 s
+    t_wake = time.monotonic()
+    car.sim.state.asleep = False
+    wait_until(lambda: car.feed.count("telemetry") > batches, timeout=5, what="a batch")
+    assert time.monotonic() - t_wake < 2.0
+    wait_until(lambda: power_states(car)[-1:] == ["awake"], what="the awake status")
+    assert car.agent.power.state == "awake" and not car.agent.core.quiet
+    fresh = car.feed.batches()[-1]
+    assert all(v is not None for samples in fresh["sig"].values() for _, v in samples)
+
+
+def test_slow_heartbeat_while_asleep(car):
+    sleep_car(car)
+    n = len(power_states(car))
+    wait_until(lambda: len(power_states(car)) > n, timeout=15, what="a heartbeat")
+    assert power_states(car)[-1] == "asleep"
+    assert car.agent.status()["power"]["heartbeats"] >= 1
+
+
+def test_command_with_wake_frames_wakes_the_car(car):
+    sleep_car(car)
+    t = time.monotonic()
+    cid, _ = car.cloud.command("doors.unlock")
+    final = car.cloud.wait_terminal(cid)
+    assert final["status"] == "SUCCEEDED", final
+    statuses = car.cloud.statuses(cid)
+    assert statuses[0]["status"] == "ACCEPTED" and statuses[0]["detail"] == "waking the vehicle"
+    sent = [f for f in car.watch.frames if f[0] >= t]
+    wake = [f for f in sent if f[1] == NM_TCU]
+    lock = [f for f in sent if f[1] == 0x5A1]
+    assert wake and lock and wake[0][0] < lock[0][0]  # woken first, then acted
+    assert car.sim.wakes == 1 and not car.sim.state.locked
+
+
+def test_command_without_wake_frames_is_refused_while_asleep(car):
+    car.sim.state.locked = False
+    time.sleep(0.3)
+    sleep_car(car)
+    t = time.monotonic()
+    cid, _ = car.cloud.command("doors.lock")
+    final = car.cloud.wait_terminal(cid)
+    assert (final["status"], final["reason"]) == ("REJECTED", "PRECONDITION_FAILED")
+    assert "the vehicle is asleep" in final["detail"] and "bus pt" in final["detail"]
+    assert [s["status"] for s in car.cloud.statuses(cid)] == ["REJECTED"]
+    assert car.watch.requests_since(t) == [] and car.sim.state.asleep
+
+
+def test_protect_on_a_sagging_battery_with_hysteresis(car):
+    batches = car.feed.count("telemetry")
+    car.sim.state.battery_v = 11.5
+    wait_until(lambda: car.agent.power.state == "protect", what="protect")
+    wait_until(lambda: power_states(car)[-1:] == ["protect"], what="the protect status")
+    assert "below 11.8 V" in car.agent.status()["power"]["reason"]
+    time.sleep(0.5)
+    during = car.feed.count("telemetry")
+    car.sim.state.battery_v = 12.0  # above the threshold, below the resume level: stays
+    time.sleep(1.5)
+    assert car.agent.power.state == "protect"
+    assert car.feed.count("telemetry") == during  # the car talks, nothing is published
+    assert car.agent.power.dropped_samples > 0
+    car.sim.state.battery_v = 12.4
+    wait_until(lambda: car.agent.power.state == "awake", what="awake again")
+    wait_until(lambda: car.feed.count("telemetry") > during, what="telemetry again")
+    drop = car.feed.batches()[-1].get("drop", 0)
+    assert during > batches and drop > 0  # what protect held back is reported as dropped
+
+
+def test_listen_only_bus_never_carries_our_frames(tmp_path, test_dbc):
+    channel = f"lo-{uuid.uuid4().hex}"
+    raw = {"vehicle": {"vin": "VIN0001"}, "storage": {"dir": str(tmp_path / "state")},
+           "bus": [{"name": "pt", "interface": "virtual", "channel": channel,
+                    "dbc": [str(test_dbc)]}],
+           "telemetry": {"messages": ["*"]}}
+    agent = Agent(config_from_dict(raw, base=tmp_path), publish=False)
+    watch = BusWatch(channel)
+    agent.start()
+    try:
+        assert agent.readers[0].wait_open(2)
+        assert agent.readers[0].listen_only
+        with pytest.raises(BusError, match="listen-only, refusing to send"):
+            agent.readers[0].send(0x123, b"\x01\x02")
+        time.sleep(0.3)
+        assert watch.frames == []
+        assert agent.bus_status()[0]["refused_sends"] == 1
+    finally:
+        agent.stop()
+        watch.close()
+    raw["bus"][0]["listen_only"] = False  # said in the config: writable
+    agent = Agent(config_from_dict(raw, base=tmp_path), publish=False)
+    assert not agent.readers[0].listen_only
+
+
+def test_a_bus_with_actions_is_writable_and_one_without_is_not(tmp_path):
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    raw["storage"]["dir"] = str(tmp_path / "state")
+    raw["bus"].append({"name": "body", "interface": "virtual", "channel": "x",
+                       "dbc": ["../dbc/demo_ev.dbc"]})
+    raw["simulator"]["enabled"] = False
+    del raw["mqtt"], raw["commands"]
+    agent = Agent(config_from_dict(raw, base=ROOT / "configs"), publish=False)
+    assert [r.listen_only for r in agent.readers] == [True, True]  # no commands: no writing
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    raw["bus"].append({"name": "body", "interface": "virtual", "channel": "x",
+                       "dbc": ["../dbc/demo_ev.dbc"]})
+    from agent.app.runtime import _written_buses
+    from agent.app.assemble import bus_plans
+    cfg = config_from_dict(raw, base=ROOT / "configs")
+    assert _written_buses(cfg, bus_plans(cfg)) == {0}  # actions find their messages on pt
