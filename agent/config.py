@@ -314,9 +314,9 @@ class ModemConfig:
     modemmanager: bool = False  # ModemManager owns the modem: the agent only observes
 
     def validate(self, where: str) -> None:
-        if self.recovery_after_s < 0 or self.recovery_backoff_s < 1 or \
+        if self.recovery_after_s < 0 or self.recovery_backoff_s < 0.1 or \
                 not 1 <= self.recovery_max_per_hour <= 60 or self.power_cycle_timeout_s <= 0:
-            raise ConfigError(f"{where}: recovery_after_s >= 0, recovery_backoff_s >= 1, "
+            raise ConfigError(f"{where}: recovery_after_s >= 0, recovery_backoff_s >= 0.1, "
                               "recovery_max_per_hour 1..60, power_cycle_timeout_s > 0")
         if not self.port:
             raise ConfigError(f"{where}.port: must name a serial device, e.g. /dev/ttyUSB2")

@@ -113,6 +113,7 @@ class ModemPoller(DeviceThread):
         self.poll_interval_s = cfg.poll_interval_s  # set_poll_interval() while asleep
         self.bearer: bool | None = None  # a PDP context active (AT+CGACT?), None: not read
         self._steps: list[str] = []  # recovery steps waiting for the thread
+        self._step_running = False
         self.recovery = {"steps": {s: 0 for s in RECOVERY_STEPS}, "last": ""}
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -139,6 +140,11 @@ class ModemPoller(DeviceThread):
         if self.state != "open":
             return None
         return self.values.get(P + "IsConnectivityAvailable")
+
+    @property
+    def recovering(self) -> bool:
+        """A recovery step is queued or running (the next one waits for its outcome)."""
+        return bool(self._steps) or self._step_running
 
     def recover(self, step: str) -> None:
         """Queue one recovery step ("reread", "radio", "reset") for the modem thread."""
@@ -209,7 +215,11 @@ class ModemPoller(DeviceThread):
         """One step of the poll cycle: the command that is due, else one read slice for URCs.
         True when the modem answered."""
         if self._steps:
-            self._recovery_step(self._steps.pop(0))
+            self._step_running = True
+            try:
+                self._recovery_step(self._steps.pop(0))
+            finally:
+                self._step_running = False
             return self._silent == 0
         now = time.monotonic()
         if not self._plan and now >= self._cycle_end:

@@ -171,7 +171,7 @@ class LinkRecovery:
         self.taken: list[str] = []  # the steps, in order (for tests and the status)
 
     def poll(self, now_ms: int) -> str | None:
-        if not self.enabled:
+        if not self.enabled or self.modem.recovering:  # let the last step show its effect
             return None
         step = self.policy.poll(now_ms, self.link_up(), self.modem.registered(),
                                 self.modem.bearer)
