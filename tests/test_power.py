@@ -239,3 +239,53 @@ def test_a_bus_with_actions_is_writable_and_one_without_is_not(tmp_path):
     from agent.app.assemble import bus_plans
     cfg = config_from_dict(raw, base=ROOT / "configs")
     assert _written_buses(cfg, bus_plans(cfg)) == {0}  # actions find their messages on pt
+
+
+# -- the power service on a real core, a real notify socket, a real command ---------------
+
+def test_service_tells_systemd_and_runs_the_on_sleep_command(tmp_path, test_dbc, caplog):
+    import logging
+    import socket
+    import sys
+
+    import cantools
+
+    from agent.adapters.sdnotify import Notifier
+    from agent.app.assemble import plans_for_dbc, telemetry_core
+    from agent.app.power import PowerService
+    from agent.config import PowerConfig, TelemetryConfig
+
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(2)
+    marker = tmp_path / "suspended"
+    plans = plans_for_dbc([test_dbc], TelemetryConfig(messages=("VCU_Drive",)))
+    core = telemetry_core(plans, TelemetryConfig(), live=True)
+    t = time.time()
+    cfg = PowerConfig(sleep_after_s=2.0, on_sleep_command=(
+        sys.executable, "-c", f"open({str(marker)!r}, 'w').write('z')"))
+    svc = PowerService(cfg, core, 1, notifier=Notifier({"NOTIFY_SOCKET": path}), now=t)
+    drive = cantools.database.load_file(str(test_dbc)).get_message_by_name("VCU_Drive")
+    core.feed(0, t, drive.frame_id, drive.encode({"Speed": 1.0, "Gear": 0, "Ready": 0}))
+    svc.poll(t + 0.1)
+    assert svc.state == "awake"
+    svc.poll(t + 2.5)
+    assert svc.state == "asleep" and core.quiet and svc.slow
+    assert sock.recv(512) == b"STATUS=power asleep: every bus silent for 2 s"
+    wait_until(lambda: marker.exists(), what="the on-sleep command")
+    wait_until(lambda: svc.on_sleep.get("last") == "ok", what="its outcome")
+    core.feed(0, t + 3, drive.frame_id, drive.encode({"Speed": 2.0, "Gear": 0, "Ready": 0}))
+    svc.poll(t + 3.05)
+    assert svc.state == "awake" and not core.quiet
+    assert sock.recv(512) == b"STATUS=power awake: frame on bus 0"
+    # a failing or hanging command is logged, never raised
+    cfg = PowerConfig(sleep_after_s=1.0, on_sleep_timeout_s=0.3,
+                      on_sleep_command=(sys.executable, "-c", "import time; time.sleep(5)"))
+    svc = PowerService(cfg, telemetry_core(plans, TelemetryConfig(), live=True), 1, now=t)
+    with caplog.at_level(logging.ERROR, logger="agent.app.power"):
+        svc.poll(t + 1.5)
+        wait_until(lambda: svc.on_sleep.get("last"), what="the timeout")
+    assert svc.on_sleep["last"] == "timed out after 0.3 s"
+    assert "on-sleep command" in caplog.text and "timed out" in caplog.text
+    sock.close()

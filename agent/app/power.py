@@ -108,7 +108,7 @@ class PowerService:
         if change.state != change.previous:
             log.info("power: %s -> %s (%s)", change.previous, change.state, change.reason)
             if self.notifier is not None:
-                self.notifier.status(f"power {change.state}: {change.reason}")
+                self.notifier.power(change.state, change.reason)
         pub = self.publisher
         for action in change.actions:
             if action == P.CLOSE_BATCH:
