@@ -292,3 +292,24 @@ def test_all_buses_silent_quiets_the_core_before_asleep():
     assert m.tick(T0 + 800)[0].actions == (P.QUIET,)
     assert states(m.tick(T0 + 10_500)) == ["asleep"]
     assert not m.drowsy
+
+
+def test_after_a_wake_unchanged_values_are_sent_again(test_dbc):
+    import cantools
+    db = cantools.database.load_file(str(test_dbc))
+    drive = db.get_message_by_name("VCU_Drive")
+    data = drive.encode({"Speed": 10.0, "Gear": 3, "Ready": 1})
+    core = _core(test_dbc)
+    t = T0 / 1000
+    core.tick(t)
+    core.feed(0, t, drive.frame_id, data)
+    core.flush()
+    core.take_batches()
+    core.set_quiet(True, t + 1)
+    core.set_quiet(False, t + 100)
+    core.tick(t + 100)
+    core.feed(0, t + 100.1, drive.frame_id, data)  # the same frame as before the sleep
+    core.flush()
+    [batch] = core.take_batches()
+    assert batch.sig["VCU_Drive.Speed"] == [[0, 10.0]] and batch.t0 == int((t + 100.1) * 1000)
+    assert batch.sig["VCU_Drive.Gear"][0][1] == "D"

@@ -361,9 +361,18 @@ class TelemetryCore:
     def set_quiet(self, quiet: bool, t: float) -> None:
         """Asleep (power.py): a silent bus is no news, so no nulls from timeouts and no
         heartbeats. On resuming, both count from `t`: a signal times out only if its frames
-        stay away for its timeout after the wake, and no heartbeat burst re-sends old values."""
+        stay away for its timeout after the wake, and no heartbeat burst re-sends old values;
+        and every signal is sent again with its first frame."""
         if self.quiet and not quiet:
             self._resumed_ms = int(t * 1000)
+            # The first frames after the wake are news even if unchanged: decoded in full and
+            # sent, so the cloud sees the vehicle's values as they are now.
+            for c in self.counters:
+                for entry in c.entries.values():
+                    if entry is not None:
+                        entry.last = entry.prev = None
+                        for sig in entry.signals:
+                            sig.raw = sig.sent = MISSING
         self.quiet = quiet
 
     def tick(self, t: float) -> None:
