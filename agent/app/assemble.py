@@ -19,9 +19,10 @@ from ..errors import ConfigError, DbcError
 _PARAM = re.compile(r"^\{(\w+)\}$")
 
 
-def bus_plans(config: Config) -> list[BusPlan]:
+def bus_plans(config: Config, cache_dir: Path | None = None) -> list[BusPlan]:
     """Load every bus's databases and resolve the selection (plus the signals that command
-    conditions read). Raises ConfigError/DbcError naming the file and key."""
+    conditions read). Raises ConfigError/DbcError naming the file and key. `cache_dir`: keep
+    parsed databases there (the agent's fast start)."""
     cache: dict[Path, object] = {}
     buses = []
     for i, bus in enumerate(config.bus):
@@ -29,7 +30,7 @@ def bus_plans(config: Config) -> list[BusPlan]:
         for j, path in enumerate(bus.dbc):
             if path not in cache:
                 try:
-                    cache[path] = load_database(path)
+                    cache[path] = load_database(path, cache_dir)
                 except DbcError as e:  # name the config file and key as well as the DBC
                     where = f"{config.path}: " if config.path else ""
                     raise DbcError(f"{where}bus.{i}.dbc.{j}: {e}") from None

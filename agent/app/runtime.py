@@ -43,7 +43,7 @@ class Agent:
         self.publish = publish
         for i, bus in enumerate(config.bus):
             check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
-        self.plans = bus_plans(config)
+        self.plans = bus_plans(config, cache_dir=config.storage.dir / "dbc-cache")  # fast start
         self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
