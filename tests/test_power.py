@@ -289,3 +289,35 @@ def test_service_tells_systemd_and_runs_the_on_sleep_command(tmp_path, test_dbc,
     assert svc.on_sleep["last"] == "timed out after 0.3 s"
     assert "on-sleep command" in caplog.text and "timed out" in caplog.text
     sock.close()
+
+
+def test_asleep_gnss_fixes_and_modem_polls_slow_down(tmp_path, test_dbc):
+    from agent.app.messages import Values
+
+    raw = {"vehicle": {"vin": "VIN0001"}, "storage": {"dir": str(tmp_path / "state")},
+           "bus": [{"name": "pt", "interface": "virtual", "channel": f"g-{uuid.uuid4().hex}",
+                    "dbc": [str(test_dbc)]}],
+           "telemetry": {"messages": ["*"]},
+           "gnss": {"port": str(tmp_path / "no-gnss")},
+           "modem": {"port": str(tmp_path / "no-modem"), "poll_interval_s": 30},
+           "power": {"sleep_after_s": 1, "slow_poll_s": 600}}
+    agent = Agent(config_from_dict(raw, base=tmp_path), publish=False)
+    modem = agent.serial[0]
+    t = time.time()
+    fix = {"Vehicle.CurrentLocation.Latitude": 48.1}
+    for i in range(5):
+        agent._on_gnss(t + i, fix)  # awake: every fix
+    agent.power.poll(t + 2)  # every bus silent for 1 s: asleep
+    assert agent.power.state == "asleep" and modem.poll_interval_s == 600
+    for i in range(2000):
+        agent._on_gnss(t + 3 + i, fix)  # 2,000 s of fixes at 1 Hz while parked
+    taken = []
+    while True:
+        try:
+            taken.append(agent._frames.get_nowait())
+        except Exception:
+            break
+    assert sum(type(x) is Values for x in taken) == 5 + 4  # one per 600 s while asleep
+    agent.core.feed(0, t + 2100, 0x100, bytes(8))
+    agent.power.poll(t + 2100)
+    assert agent.power.state == "awake" and modem.poll_interval_s == 30
