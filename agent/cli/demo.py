@@ -29,6 +29,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds to run (20)")
     p.add_argument("--broker", metavar="HOST:PORT",
                    help="use this broker (e.g. Mosquitto) instead of the embedded one")
+    p.add_argument("--mqtt", choices=("auto", "5", "3.1.1"), default="auto",
+                   help="MQTT version (auto: 5, and 3.1.1 when the broker refuses or drops 5)")
     p.add_argument("--workdir", help="keep keys and state here (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     common(p)
@@ -94,6 +96,8 @@ class Demo:
             host, port = broker.host, str(broker.port)
             protocol = "3.1.1"  # amqtt does not answer an MQTT 5 CONNECT at all
             self.say(f"broker: embedded amqtt on {host}:{port} (MQTT 3.1.1)")
+        mqtt = getattr(self.args, "mqtt", "auto")
+        protocol = protocol if mqtt == "auto" else mqtt
         # A cellular modem and a GNSS receiver on pseudo-terminals, as on a real unit.
         from ..sim.gnss import SimulatedGnss
         from ..sim.modem import SimulatedModem
@@ -141,8 +145,12 @@ class Demo:
         import argparse
 
         from ..cloud.client import connect
+        # The agent's protocol choice; against the embedded amqtt, 3.1.1 right away.
+        mqtt = getattr(self.args, "mqtt", "auto")
+        if mqtt == "auto" and not self.args.broker:
+            mqtt = "3.1.1"
         args = argparse.Namespace(broker=f"{host}:{port}", tls_ca=None, tls_cert=None,
-                                  tls_key=None)
+                                  tls_key=None, mqtt=mqtt)
         return connect(args, [f"vehicles/{vin}/#"], self._on_message)
 
     def _on_message(self, topic: str, data: bytes) -> None:

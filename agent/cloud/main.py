@@ -109,6 +109,8 @@ def _connection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-ca", help="CA that signed the broker's certificate (enables TLS)")
     p.add_argument("--tls-cert", help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", help="client key (mutual TLS)")
+    p.add_argument("--mqtt", choices=("auto", "5", "3.1.1"), default="auto",
+                   help="MQTT version (auto: 5, and 3.1.1 when the broker refuses or drops 5)")
 
 
 def main(argv: list[str] | None = None) -> int:
