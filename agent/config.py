@@ -312,6 +312,7 @@ class ModemConfig:
     power_cycle_command: tuple[str, ...] = ()  # argv, e.g. a GPIO toggle; the last step
     power_cycle_timeout_s: float = 30.0
     modemmanager: bool = False  # ModemManager owns the modem: the agent only observes
+    read_voltage: bool = False  # poll AT+CBC: Vehicle.Connectivity.SupplyVoltage (volts)
 
     def validate(self, where: str) -> None:
         if self.recovery_after_s < 0 or self.recovery_backoff_s < 0.1 or \

@@ -607,3 +607,23 @@ def test_power_cycle_command_is_the_last_step(modem, service, tmp_path):
     wait_until(lambda: rec.poll(int(time.time() * 1000)) == "power_cycle", what="power cycle")
     wait_until(lambda: rec.power_cycle.get("last") == "ok", what="the command ran")
     assert marker.exists() and rec.status()["steps"]["power_cycle"] == 1
+
+
+@pytest.mark.parametrize("profile", ["sim7600", "ec25"])
+def test_supply_voltage_when_configured(modem, service, profile):
+    m = modem(profile)
+    m.supply_v = 3.412
+    sink = Sink()
+    svc = ModemPoller(ModemConfig(port=str(m.path), command_timeout_s=0.3, poll_interval_s=0.4,
+                                  read_voltage=True), sink, backoff_s=0.05)
+    svc.start()
+    try:
+        wait_until(lambda: sink.last(P + "SupplyVoltage") == 3.412, what="the voltage")
+        m.supply_v = 3.1
+        wait_until(lambda: sink.last(P + "SupplyVoltage") == 3.1, what="a new reading")
+    finally:
+        svc.stop()
+    plain = service(m.path)
+    plain.start()
+    wait_until(lambda: plain.values.get(P + "Operator"), what="a poll cycle")
+    assert P + "SupplyVoltage" not in plain.values  # off by default: no AT+CBC

@@ -22,6 +22,8 @@ others extend the Vehicle.Connectivity branch):
   Vehicle.Connectivity.AreaCode           str   LAC/TAC (hex, as the modem reports it)
   Vehicle.Connectivity.CellId             str   cell id (hex)
   Vehicle.Connectivity.Operator           str   AT+COPS? name (or MCC+MNC); None when none
+  Vehicle.Connectivity.SupplyVoltage      float volts from AT+CBC, with `read_voltage` (the
+                                                power.battery_signal of a board without one)
 
 Faults never raise into the agent: timeouts, ERROR answers, garbage lines, late answers, URCs
 and reopens are counted in status(). Three commands in a row without an answer close the
@@ -45,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -67,6 +70,7 @@ SILENT_LIMIT = 3  # consecutive unanswered commands before the port is reopened
 READ_SLICE_S = 0.05  # serial read timeout: the granularity of stop() and URC handling
 QUIET_S = 0.2  # after the opening AT: no byte for this long means old answers are drained
 # Set after ATE0; ERROR or no answer is fine (a modem without CS, or without EPS).
+_CBC = re.compile(r"\+CBC:\s*(?:(\d+),\s*\d+,\s*(\d+)|([\d.]+)\s*V)", re.I)
 RADIO_OFF_S = 1.0  # between AT+CFUN=0 and AT+CFUN=1: long enough for the network to notice
 RECOVERY_STEPS = ("reread", "radio", "reset")
 SETUP = ("AT+CMEE=1",  # numeric +CME ERROR codes rather than plain ERROR
@@ -237,6 +241,8 @@ class ModemPoller(DeviceThread):
     def _plan_cycle(self, first: bool) -> None:
         cycle = [c for c, name in zip(IDENTITY, ("Model", "Imei", "Iccid"))
                  if P + name not in self.values] + list(POLL)
+        if self.cfg.read_voltage:
+            cycle.append("AT+CBC")
         # The first cycle after an open runs back to back so values appear at once;
         # later ones are spread over the interval, one command per slot.
         gap = 0.0 if first else self.poll_interval_s / len(cycle)
@@ -352,6 +358,12 @@ class ModemPoller(DeviceThread):
                 raise at.AtParseError(f"no {prefix}: line in {lines!r}")
             self._regs[prefix] = at.parse_registration(line)
             return self._registration_values()
+        if cmd == "AT+CBC":  # SIMCom "+CBC: 3.805V"; Quectel "+CBC: 0,76,3805" (mV)
+            m = next((m for ln in lines if (m := _CBC.search(ln))), None)
+            if m is None:
+                raise at.AtParseError(f"no +CBC: line in {lines!r}")
+            volts = float(m.group(3)) if m.group(3) else int(m.group(2)) / 1000
+            return {P + "SupplyVoltage": round(volts, 3)}
         if cmd == "AT+COPS?":
             op = at.parse_cops(lines)
             out: dict[str, Any] = {P + "Operator": op.name}

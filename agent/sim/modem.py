@@ -70,6 +70,7 @@ class SimulatedModem(PtyDevice):
         self._queue: list[tuple[float, bytes]] = []  # (due monotonic, bytes): delayed answers
         self._qlock = threading.Lock()  # replug() (test thread) resets what _step() uses
         self.cfun = 1  # AT+CFUN: 1 full functionality, 0 radio off
+        self.supply_v = 3.8  # AT+CBC
         self.lost_until = ""  # "cfun" / "reset": registration lost until that is done
         self.cut_answers = 0  # this many answers are cut off mid-line
         self.reset_s = 0.3  # a reset (AT+CFUN=1,1): silent this long, then a fresh boot
@@ -221,6 +222,10 @@ class SimulatedModem(PtyDevice):
             self.cfun = 1
             self.eps_stat = self.cs_stat = 1
             return []
+        if cmd == "AT+CBC":
+            if self.profile == "ec25":
+                return [f"+CBC: 0,76,{int(round(self.supply_v * 1000))}"]
+            return [f"+CBC: {self.supply_v:.3f}V"]
         if cmd == "AT+CGACT?":
             return [f"+CGACT: 1,{1 if self.registered else 0}"]
         if cmd == "AT+COPS?":
