@@ -321,3 +321,37 @@ def test_asleep_gnss_fixes_and_modem_polls_slow_down(tmp_path, test_dbc):
     agent.core.feed(0, t + 2100, 0x100, bytes(8))
     agent.power.poll(t + 2100)
     assert agent.power.state == "awake" and modem.poll_interval_s == 30
+
+
+def test_simulated_ev_sleeps_by_timeline_and_wakes_on_a_wake_frame():
+    from agent.config import SimulatorConfig, build_section
+    from agent.sim import from_config
+
+    sim = build_section(SimulatorConfig, {"enabled": True, "battery_v": 12.3, "timeline": [
+        {"at_s": 1.0, "asleep": True}, {"at_s": 5.0, "battery_v": 11.2},
+        {"at_s": 8.0, "asleep": False}]}, "simulator", ROOT)
+    v = from_config(sim)
+    db = v.db
+    nm, bcm = db.get_message_by_name("NM_TCU"), db.get_message_by_name("BCM_Status")
+    t0 = 1000.0
+
+    def frames(start, end):
+        out = []
+        t = start
+        while t < end:
+            out += v.step(t)
+            t = round(t + 0.01, 2)
+        return out
+
+    assert frames(t0, t0 + 0.9)  # awake: the ECUs talk
+    volts = [bcm.decode(d)["BatteryVoltage"] for i, d in frames(t0 + 0.9, t0 + 1.0)
+             if i == bcm.frame_id]
+    assert volts == [pytest.approx(12.3, abs=0.02)]
+    assert frames(t0 + 1.0, t0 + 3.0) == []  # asleep: silence
+    v.receive(0x5A1, bytes(8))  # an application frame does not wake it
+    assert frames(t0 + 3.0, t0 + 4.0) == [] and v.ignored_requests == 1
+    v.receive(nm.frame_id, nm.encode({"NM_SourceNode": 42, "NM_RepeatMessageRequest": 1}))
+    woke = frames(t0 + 4.0, t0 + 6.0)
+    assert woke and v.wakes == 1
+    volts = [bcm.decode(d)["BatteryVoltage"] for i, d in woke if i == bcm.frame_id]
+    assert volts[-1] == pytest.approx(11.2, abs=0.02)  # the sag from the timeline
