@@ -355,3 +355,32 @@ def test_simulated_ev_sleeps_by_timeline_and_wakes_on_a_wake_frame():
     assert woke and v.wakes == 1
     volts = [bcm.decode(d)["BatteryVoltage"] for i, d in woke if i == bcm.frame_id]
     assert volts[-1] == pytest.approx(11.2, abs=0.02)  # the sag from the timeline
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("power", {"protect_below_v": 12.0, "protect_resume_v": 11.9},
+     "power: protect_resume_v must be above protect_below_v (hysteresis)"),
+    ("power", {"quiet_after_ms": 10}, "power.quiet_after_ms: must be 50..60000"),
+    ("power", {"on_sleep_command": "suspend"}, "power.on_sleep_command: expected an array"),
+    ("modem", {"port": "/dev/x", "recovery_max_per_hour": 0}, "recovery_max_per_hour 1..60"),
+])
+def test_power_config_errors_are_one_line(tmp_path, test_dbc, section, values, message):
+    from agent.errors import ConfigError
+
+    raw = {"vehicle": {"vin": "V"}, "storage": {"dir": str(tmp_path)},
+           "bus": [{"name": "pt", "interface": "virtual", "channel": "c", "dbc": [str(test_dbc)]}],
+           section: values}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(raw, base=tmp_path)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_wake_frames_name_messages_of_the_dbc(tmp_path):
+    from agent.errors import ConfigError
+
+    raw = tomllib.loads((ROOT / "configs" / "demo.toml").read_text())
+    raw["storage"]["dir"] = str(tmp_path)
+    raw["commands"]["action"][0]["wake"] = [{"message": "NM_Nope"}]
+    with pytest.raises(ConfigError, match=r"commands\.action\.0\.wake\.0\.message: no message "
+                                          r"'NM_Nope'"):
+        Agent(config_from_dict(raw, base=ROOT / "configs"), publish=False)
