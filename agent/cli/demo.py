@@ -44,11 +44,21 @@ def run(args) -> int:
     if args.duration < 8:
         from ..errors import ConfigError
         raise ConfigError("--duration: at least 8 s (the commands need a few seconds each)")
+    if args.broker:
+        broker_address(args.broker)  # a bad flag is the flag's fault, before anything starts
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         return Demo(Path(args.workdir), args).run()
     with tempfile.TemporaryDirectory(prefix="tcu-demo-") as tmp:
         return Demo(Path(tmp), args).run()
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    from ..errors import ConfigError
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--broker {text}: expected HOST:PORT (e.g. 127.0.0.1:1883)")
+    return host.strip("[]"), int(port)
 
 
 class Demo:
@@ -75,10 +85,8 @@ class Demo:
         from ..core.cose import Signer, kid_of
         from ..app.runtime import Agent
 
-        config_path = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-        if not config_path.is_file():
-            from ..errors import ConfigError
-            raise ConfigError(f"{config_path}: the demo needs the project checkout's configs/")
+        from ..resources import demo_config
+        config_path = demo_config()
         keys = self.dir / "keys"
         for stem in ("vehicle", "cloud"):
             if not (keys / f"{stem}.key").exists():
@@ -89,7 +97,7 @@ class Demo:
         broker = None
         protocol = "auto"
         if self.args.broker:
-            host, _, port = self.args.broker.rpartition(":")
+            host, port = broker_address(self.args.broker)
             self.say(f"broker: {host}:{port}")
         else:
             broker = EmbeddedBroker().start()
@@ -111,6 +119,7 @@ class Demo:
             f"modem.port={modem.path!r}", "modem.poll_interval_s=5",
             f"gnss.port={gnss.path!r}",
             f"storage.dir={str(self.dir / 'state')!r}",
+            f"control.socket={str(self.dir / 'control.sock')!r}",  # no /run/tcu-agent needed
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
