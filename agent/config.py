@@ -44,6 +44,8 @@ class BusConfig:
     bitrate: int | None = None
     fd: bool = False
     filters: bool = True  # kernel/hardware receive filters from the selected messages
+    # Never send on it. Absent: listen-only unless a command action (or diagnostics) uses it.
+    listen_only: bool | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # extra python-can kwargs
 
     def validate(self, where: str) -> None:
@@ -237,6 +239,10 @@ class ActionConfig:
     timeout_ms: int = 5000
     stale_ms: int = 2000  # a signal older than this fails every condition
     frame: tuple[FrameConfig, ...] = ()
+    # Sent first when the action's bus is asleep (network-management frames from the DBC);
+    # without them a command on a sleeping bus is REJECTED PRECONDITION_FAILED.
+    wake: tuple[FrameConfig, ...] = ()
+    wake_timeout_ms: int = 3000  # for the bus to come alive and the preconditions to hold
 
     def validate(self, where: str) -> None:
         if not self.confirm:
@@ -246,6 +252,8 @@ class ActionConfig:
             raise ConfigError(f"{where}.frame: at least one frame to send")
         if self.timeout_ms <= 0 or self.stale_ms <= 0:
             raise ConfigError(f"{where}: timeout_ms and stale_ms must be > 0")
+        if not 100 <= self.wake_timeout_ms <= 60_000:
+            raise ConfigError(f"{where}.wake_timeout_ms: must be 100..60000")
 
 
 @dataclass(frozen=True)
@@ -281,6 +289,7 @@ class SimulatorConfig:
     charge_rate_pct_per_s: float = 0.0  # 0: a 7.4 kW charger (32 A, 230 V) on 64 kWh
     drive: bool = False  # follow the built-in drive cycle (0-60 km/h, stops); overrides speed
     timeline: tuple[Mapping[str, Any], ...] = ()  # [{at_s = 5, plugged = false}, ...]
+    battery_v: float = 12.6  # the 12 V battery (BCM_Power.BatteryVoltage); a timeline may sag it
 
     def validate(self, where: str) -> None:
         if not 0 <= self.soc <= 100 or not 50 <= self.charge_limit <= 100:
@@ -297,7 +306,8 @@ class SimulatorConfig:
 # What a simulator timeline entry may change, with its type and range.
 _TIMELINE = {"soc": (float, 0, 100), "speed_kph": (float, 0, 250), "charge_limit": (int, 50, 100),
              "plugged": (bool,), "locked": (bool,), "drive": (bool,), "fault": (bool,),
-             "driver_door_open": (bool,), "gear": (str, ("P", "R", "N", "D"))}
+             "driver_door_open": (bool,), "gear": (str, ("P", "R", "N", "D")),
+             "asleep": (bool,), "battery_v": (float, 0, 20)}
 
 
 def _check_timeline_value(key: str, name: str, value: Any) -> None:
@@ -330,8 +340,22 @@ class ModemConfig:
     poll_interval_s: float = 30.0  # identity once, then signal/registration/operator polls
     command_timeout_s: float = 5.0
     signal_hysteresis_db: float = 3.0  # report a new signal strength only past this change
+    # Link recovery (README "Power"): broker unreachable this long and the modem not
+    # registered or without a data bearer -> escalate, re-read / radio off-on / reset /
+    # power cycle; 0 = off.
+    recovery_after_s: float = 120.0
+    recovery_backoff_s: float = 30.0  # before the next step; doubles with each step
+    recovery_max_per_hour: int = 6
+    power_cycle_command: tuple[str, ...] = ()  # argv, e.g. a GPIO toggle; the last step
+    power_cycle_timeout_s: float = 30.0
+    modemmanager: bool = False  # ModemManager owns the modem: the agent only observes
+    read_voltage: bool = False  # poll AT+CBC: Vehicle.Connectivity.SupplyVoltage (volts)
 
     def validate(self, where: str) -> None:
+        if self.recovery_after_s < 0 or self.recovery_backoff_s < 0.1 or \
+                not 1 <= self.recovery_max_per_hour <= 60 or self.power_cycle_timeout_s <= 0:
+            raise ConfigError(f"{where}: recovery_after_s >= 0, recovery_backoff_s >= 0.1, "
+                              "recovery_max_per_hour 1..60, power_cycle_timeout_s > 0")
         if not self.port:
             raise ConfigError(f"{where}.port: must name a serial device, e.g. /dev/ttyUSB2")
         if self.baud <= 0:
@@ -340,6 +364,36 @@ class ModemConfig:
             raise ConfigError(f"{where}: poll_interval_s 1..86400 and command_timeout_s 0.1..300")
         if not 0 <= self.signal_hysteresis_db <= 40:
             raise ConfigError(f"{where}.signal_hysteresis_db: must be 0..40")
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """Following the vehicle's power state (PROTOCOL.md §10, README "Power")."""
+
+    sleep_after_s: float = 60.0  # every bus silent this long: asleep; 0 = never
+    slow_poll_s: float = 600.0  # modem polls and GNSS fixes while asleep or in protect
+    heartbeat_s: float = 3600.0  # the signed status record while asleep or in protect
+    keepalive_s: int = 900  # MQTT keepalive while asleep
+    first_batch_ms: int = 250  # after start and wake: the first batch closes this early
+    quiet_after_ms: int = 300  # every bus silent this long: no timeouts (keep < any timeout)
+    on_sleep_command: tuple[str, ...] = ()  # argv run on entering asleep (e.g. suspend)
+    on_sleep_timeout_s: float = 10.0
+    battery_signal: str = ""  # "Message.Signal" or a value name: the 12 V reading (volts)
+    protect_below_v: float = 11.8  # protect below this ...
+    protect_resume_v: float = 12.2  # ... until back at this or above
+
+    def validate(self, where: str) -> None:
+        if self.sleep_after_s < 0 or not 1 <= self.slow_poll_s <= 86400:
+            raise ConfigError(f"{where}: sleep_after_s >= 0 and slow_poll_s 1..86400")
+        if not 10 <= self.heartbeat_s <= 86400 or not 5 <= self.keepalive_s <= 3600:
+            raise ConfigError(f"{where}: heartbeat_s 10..86400 and keepalive_s 5..3600")
+        if not 50 <= self.quiet_after_ms <= 60_000:
+            raise ConfigError(f"{where}.quiet_after_ms: must be 50..60000")
+        if not 0 < self.first_batch_ms <= 60_000 or self.on_sleep_timeout_s <= 0:
+            raise ConfigError(f"{where}: first_batch_ms 1..60000 and on_sleep_timeout_s > 0")
+        if self.protect_resume_v <= self.protect_below_v:
+            raise ConfigError(f"{where}: protect_resume_v must be above protect_below_v "
+                              "(hysteresis)")
 
 
 @dataclass(frozen=True)
@@ -560,6 +614,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    power: PowerConfig | None = None
     control: ControlConfig = ControlConfig()
     trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
     diagnostics: DiagnosticsConfig | None = None

@@ -66,6 +66,8 @@ class Publisher:
         self._just_connected = threading.Event()
         self._final: dict | None = None
         self._lost = 0  # samples of batches the outbox could not store (disk full)
+        self.power: str | None = None  # §10 power state carried by the status records
+        self.keepalive_s: int | None = None  # asleep: the longer MQTT keepalive wanted
 
     def start(self) -> None:
         self.uplink.start()
@@ -147,10 +149,10 @@ class Publisher:
     def online(self) -> None:
         self._append("status", self.topics.status, self._status_record(True))
 
-    def _status_record(self, online: bool) -> dict:
-        system = now_ms()
+    def _status_record(self, online: bool, t_ms: int | None = None) -> dict:
+        system = now_ms() if t_ms is None else t_ms
         self.clock.now_ms(system, mono_ms())  # refreshes `behind`
-        return status_record(self.vin, system, online,
+        return status_record(self.vin, system, online, self.power if online else None,
                              clock="behind" if self.clock.behind else "ok", key=self.key_record)
 
     # -- key rotation ---------------------------------------------------------------------
@@ -209,6 +211,23 @@ class Publisher:
         elif was and not self.clock.skew_warning:
             log.info("the system clock agrees with GNSS time again")
         self.clockstore.observed(raised)
+
+    # -- power (app/power.py) ---------------------------------------------------------------
+
+    def power_status(self, power: str, t_ms: int | None = None) -> None:
+        """The signed online status with `power` (§5, §10): on a change and as the slow
+        heartbeat while asleep or in protect."""
+        self.power = power
+        self._append("status", self.topics.status, self._status_record(True, t_ms))
+
+    def skipped(self, samples: int) -> None:
+        """Samples of batches not published (protect): reported in the next batch's `drop`."""
+        self._lost += samples
+
+    def set_keepalive(self, seconds: int | None) -> None:
+        """The MQTT keepalive while asleep (None: the configured one)."""
+        self.keepalive_s = seconds
+        self.uplink.set_keepalive(seconds)  # from the next connection on
 
     def status(self) -> dict:
         if self._final is not None:
