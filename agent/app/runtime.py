@@ -451,11 +451,11 @@ class Agent:
 def _written_buses(config: Config, plans) -> set[int]:
     """Bus indexes we send on: a command action's frames and wake frames, and diagnostic
     requests (sent through the diagnostics' own connection to the bus)."""
+    if config.commands is None:  # and diagnostics run in the agent only with [commands]
+        return set()
     names = [b.name for b in config.bus]
     out = {names.index(e.bus or names[0]) for e in config.diagnostics.ecu} \
-        if config.diagnostics is not None else set()
-    if config.commands is None:
-        return out
+        if config.diagnostics is not None and config.mqtt is not None else set()
     from .assemble import action_plans
 
     return out | {fp.bus for plan in action_plans(config, plans).values()
