@@ -70,8 +70,7 @@ class Uplink:
         self._thread.start()
 
     def set_keepalive(self, seconds: int | None) -> None:
-        """MQTT keepalive for the next connections (None: the configured one). A keepalive is
-        fixed per connection; the one up keeps its own."""
+        """MQTT keepalive of the next connections (None: configured); fixed per connection."""
         self._keepalive = seconds
 
     def wake(self) -> None:
