@@ -202,6 +202,9 @@ Seen = Callable[[str], "bytes | None"]
 
 # -- the gate ------------------------------------------------------------------------------
 
+# First bytes a tagged item can start with: tag 18 itself (0xd2), or a tag number in the
+# following 1-8 bytes (non-shortest 18, the 55799 self-describe prefix): cose decides those.
+_TAG_HEADS = frozenset({0xD2, 0xD8, 0xD9, 0xDA, 0xDB})
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
 _FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
 
@@ -251,6 +254,8 @@ class CommandGate:
             if size > self.max_message_bytes:
                 return Rejected(None, BAD_ENVELOPE, f"message is {size} bytes, over the "
                                                     f"{self.max_message_bytes}-byte limit")
+            if size == 0 or message[0] not in _TAG_HEADS:  # no CBOR tag at all: no decoding
+                return Rejected(None, BAD_ENVELOPE, "not a tagged COSE_Sign1 (CBOR tag 18)")
             env = cose._parse(message, self.max_message_bytes)
         except VerificationError as e:
             return Rejected(None, e.reason, str(e))
