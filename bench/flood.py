@@ -116,7 +116,9 @@ def run(args) -> dict:
     log = open(tmp / "agent.log", "wb")
     agent = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
-    consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/#").start()
+    # Not on vehicles/VIN/#: that would take the flood too, and queue the answers behind it.
+    consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/responses").start()
+    telemetry_sub = Consumer(broker.host, broker.port, f"vehicles/{VIN}/telemetry").start()
     cloud = Signer(load_private_key(keys / "cloud.key"))
     rogue = Signer(load_private_key(keys / "rogue.key"))
 
@@ -160,7 +162,7 @@ def run(args) -> dict:
         }
         flooder = Flooder(broker.port, args.rate, args.seconds, makers[args.scenario])
         responses_before = sum(m.topic.endswith("/responses") for m in consumer.messages)
-        telemetry_before = sum(m.topic.endswith("/telemetry") for m in consumer.messages)
+        telemetry_before = len(telemetry_sub.messages)
         peak, depth, latencies = out["rss_before_mb"], 0, []
         t0 = time.monotonic()
         cpu0 = cpu_s(agent.pid)
@@ -188,13 +190,14 @@ def run(args) -> dict:
             time.sleep(0.1)
         elapsed = time.monotonic() - t0
         cpu = cpu_s(agent.pid) - cpu0
-        telemetry = sum(m.topic.endswith("/telemetry") for m in consumer.messages) - telemetry_before
+        telemetry = len(telemetry_sub.messages) - telemetry_before
         if cid is not None:
             latencies.append(f">{round(time.monotonic() - first, 1)} (unanswered at the end)")
         time.sleep(5.0)
         status = json.loads((storage / "status.json").read_text())
         out.update({
             "sent": flooder.sent,
+            "flood_s": round(elapsed, 1),
             "rss_peak_mb": round(peak, 1),
             "rss_after_mb": round(rss_mb(agent.pid), 1),
             "responses": sum(m.topic.endswith("/responses") for m in consumer.messages)
@@ -212,6 +215,7 @@ def run(args) -> dict:
         sender.disconnect()
         sender.loop_stop()
         consumer.stop()
+        telemetry_sub.stop()
         agent.terminate()
         try:
             agent.wait(15)

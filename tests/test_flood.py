@@ -329,3 +329,20 @@ def test_a_full_disk_still_answers_a_command(tmp_path):
             consumer.stop()
             agent.stop()
     broker.close()
+
+
+# -- the vehicle's clock -------------------------------------------------------------------
+
+def test_a_vehicle_clock_in_1970_refuses_every_command_as_issued_in_the_future(svc):
+    """An RTC that lost its battery boots at the epoch: the window check trusts it, so every
+    genuine command is refused (README "Reliability"); nothing reaches a family."""
+    s, t0 = svc, int(time.time() * 1000)
+    boot_1970 = 42_000  # 42 s after the epoch
+    for name in ("state.snapshot", "doors.unlock", "charge.start"):
+        cid, message = command(s.signer(), t0, name=name)
+        s.commands.receive(message, boot_1970)
+        (answer,) = [r for r in responses(s) if r["id"] == cid]
+        assert (answer["status"], answer["reason"], answer["detail"]) == \
+            ("REJECTED", "EXPIRED", "issued in the future")
+        assert answer["t"] == boot_1970  # the status carries the vehicle's (wrong) time
+    assert s.commands.status()["counters"].get("commands.accepted", 0) == 0
