@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -72,28 +73,40 @@ def with_parts(message: bytes, unprotected=None, signature=None) -> bytes:
                                           payload, sig if signature is None else signature]))
 
 
-class Flooder(threading.Thread):
-    """Publishes make(i) at `rate` per second for `seconds` (QoS 0), paced every 10 ms."""
+class Flooder:
+    """Publishes make(i) at `rate` per second for `seconds` (QoS 0), paced every 10 ms, from a
+    process of its own (in this one it would starve the cloud's subscribers of the GIL)."""
 
     def __init__(self, port: int, rate: int, seconds: float, make):
-        super().__init__(daemon=True)
-        self.rate, self.seconds, self.make = rate, seconds, make
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"flood-{os.getpid()}")
-        self.client.max_queued_messages_set(0)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-        self.sent = 0
+        ctx = multiprocessing.get_context("fork")
+        self._sent = ctx.Value("q", 0)
+        self._proc = ctx.Process(target=self._run, args=(port, rate, seconds, make), daemon=True)
 
-    def run(self) -> None:
-        start = time.monotonic()
-        while (elapsed := time.monotonic() - start) < self.seconds:
-            due = int(elapsed * self.rate)
-            while self.sent < due:
-                self.client.publish(TOPIC, self.make(self.sent), qos=0)
-                self.sent += 1
+    @property
+    def sent(self) -> int:
+        return self._sent.value
+
+    def start(self) -> None:
+        self._proc.start()
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    def _run(self, port: int, rate: int, seconds: float, make) -> None:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"flood-{os.getpid()}")
+        client.max_queued_messages_set(0)
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        start, sent = time.monotonic(), 0
+        while (elapsed := time.monotonic() - start) < seconds:
+            due = int(elapsed * rate)
+            while sent < due:
+                client.publish(TOPIC, make(sent), qos=0)
+                sent += 1
+            self._sent.value = sent
             time.sleep(0.01)
-        self.client.disconnect()
-        self.client.loop_stop()
+        client.disconnect()
+        client.loop_stop()
 
 
 def run(args) -> dict:
@@ -164,6 +177,7 @@ def run(args) -> dict:
         responses_before = sum(m.topic.endswith("/responses") for m in consumer.messages)
         telemetry_before = len(telemetry_sub.messages)
         peak, depth, latencies = out["rss_before_mb"], 0, []
+        status0 = json.loads((storage / "status.json").read_text())
         t0 = time.monotonic()
         cpu0 = cpu_s(agent.pid)
         flooder.start()
@@ -193,6 +207,7 @@ def run(args) -> dict:
         telemetry = len(telemetry_sub.messages) - telemetry_before
         if cid is not None:
             latencies.append(f">{round(time.monotonic() - first, 1)} (unanswered at the end)")
+        status1 = json.loads((storage / "status.json").read_text())
         time.sleep(5.0)
         status = json.loads((storage / "status.json").read_text())
         out.update({
@@ -205,7 +220,10 @@ def run(args) -> dict:
             "max_lane_depth": depth,
             "agent_cpu_percent": round(100 * cpu / elapsed),
             "load_average": os.getloadavg()[0],
-            "telemetry_batches_per_s": round(telemetry / elapsed, 2),
+            "telemetry_batches_per_s": round(telemetry / elapsed, 2),  # received by the cloud
+            "agent_batches_per_s": round((status1["batches"] - status0["batches"]) / elapsed, 2),
+            "agent_published_per_s": round((status1["uplink"]["published"]
+                                            - status0["uplink"]["published"]) / elapsed, 2),
             "genuine_latency_s": latencies,
             "counters": {k: v for k, v in status.get("counters", {}).items()
                          if k.startswith("commands.") and not k.startswith("commands.terminal")},

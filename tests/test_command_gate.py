@@ -621,7 +621,11 @@ def test_admission_answers_garbage_at_the_global_rate_only():
     a = _admission(reject_rate_per_s=2, reject_burst=3)
     verdicts = [a.screen(None, None, NOW + i) for i in range(100)]  # 100 within 0.1 s
     assert verdicts.count(ANSWER) == 3 and verdicts.count("flood_dropped") == 97
-    assert a.screen(None, None, NOW + 600) == ANSWER  # refilled at 2/s
+    assert a.screen(None, None, NOW + 600) == "flood_dropped"  # garbage: at most 1/s
+    assert a.screen(None, None, NOW + 1100) == ANSWER
+    d = _admission()  # the defaults: 20/s for rejections, 1/s (5 saved up) for garbage
+    assert [d.screen(None, None, NOW) for _ in range(10)].count(ANSWER) == 5
+    assert d.reject.take(NOW)  # garbage did not spend the verified rejections' budget
 
 
 def test_admission_lets_one_copy_of_a_verified_command_through_per_interval():

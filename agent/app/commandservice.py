@@ -59,6 +59,7 @@ def gate_limits(cfg: CommandsConfig) -> C.GateLimits:
 def admission_limits(cfg: CommandsConfig) -> R.AdmissionLimits:
     return R.AdmissionLimits(
         reject_rate_per_s=cfg.reject_rate_per_s, reject_burst=cfg.reject_burst,
+        garbage_rate_per_s=cfg.garbage_rate_per_s, garbage_burst=cfg.garbage_burst,
         verify_rate_per_s=cfg.verify_rate_per_s, verify_burst=cfg.verify_burst,
         verify_sample=cfg.verify_sample, redelivery_interval_ms=cfg.redelivery_interval_ms)
 

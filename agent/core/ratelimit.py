@@ -80,6 +80,11 @@ class AdmissionLimits:
 
     reject_rate_per_s: float = 20.0  # answers to refused messages (any reason), per second
     reject_burst: int = 40
+    # ... and of those, answers to what the precheck refused (garbage, strangers): nobody
+    # reads them, and under a flood they would crowd the uplink (responses go first).
+    # Never more than the reject budget.
+    garbage_rate_per_s: float = 1.0
+    garbage_burst: int = 5
     verify_rate_per_s: float = 20.0  # signature checks per trusted kid, per second
     verify_burst: int = 40
     verify_sample: float = 0.05  # over budget: share of a kid's messages verified all the same
@@ -98,8 +103,9 @@ class Admission:
     """Who gets a signature check on the commands topic. Pure; time passed in.
 
     Order, for one message after CommandGate.precheck:
-      * refused by the precheck (not COSE, unknown kid): answered while the global reject
-        budget has tokens, else dropped ("flood_dropped"); no signature check either way;
+      * refused by the precheck (not COSE, unknown kid): answered while the global garbage
+        budget (`garbage_rate_per_s`, never more than the reject budget) has tokens,
+        else dropped ("flood_dropped"); no signature check either way;
       * fingerprint of a message verified before: the same command again. It goes on (to be
         answered with its latest status) at most once per `redelivery_interval_ms` per command
         id, else dropped ("redelivery_dropped") -- no signature check, no outbox row;
@@ -116,6 +122,8 @@ class Admission:
         self.limits = limits
         self._rng = rng  # uniform in [0, 1)
         self.reject = TokenBucket(limits.reject_rate_per_s, limits.reject_burst)
+        self._garbage = TokenBucket(min(limits.reject_rate_per_s, limits.garbage_rate_per_s),
+                                    min(limits.reject_burst, limits.garbage_burst))
         self._kid_buckets: dict[bytes, tuple[TokenBucket, TokenBucket]] = {}
         self._verified = Lru(limits.cache_size)  # fingerprint -> command id (or the fingerprint)
         self._forged = Lru(limits.cache_size)  # fingerprint -> True
@@ -126,7 +134,7 @@ class Admission:
         """VERIFY, REDELIVER, ANSWER or the counter name of a drop. kid None: refused by the
         precheck."""
         if kid is None:
-            return ANSWER if self.reject.take(now_ms) else "flood_dropped"
+            return ANSWER if self._garbage.take(now_ms) else "flood_dropped"
         key = self._verified.get(fingerprint)
         if key is not None:
             return REDELIVER if self.redelivery_due(key, now_ms) else "redelivery_dropped"
