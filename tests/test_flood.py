@@ -243,7 +243,8 @@ def live(tmp_path):
     overrides = _overrides(tmp_path, keys, trust, broker.port, channel,
                            ["commands.redelivery_interval_ms=0"])
     watch = BusWatch(channel)
-    agent = Agent(load_config(ROOT / "configs" / "demo.toml", overrides))
+    config = load_config(ROOT / "configs" / "demo.toml", overrides)
+    agent = Agent(config)
     agent.start()
     consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/responses").start()
     vehicle = {kid_of(k): k for k in [load_public_key(str(keys / "vehicle.pub"))]}
@@ -253,6 +254,7 @@ def live(tmp_path):
 
     r = L()
     r.agent, r.broker, r.watch, r.consumer, r.keys = agent, broker, watch, consumer, keys
+    r.config = config
     r.signer = Signer(load_private_key(keys / "cloud.key"))
     r.statuses = lambda cid: [verify(m.payload, vehicle).payload for m in consumer.messages
                               if verify(m.payload, vehicle).payload.get("id") == cid]
@@ -261,7 +263,7 @@ def live(tmp_path):
     time.sleep(0.3)
     yield r
     consumer.stop()
-    agent.stop()
+    r.agent.stop()
     watch.close()
     broker.close()
 
@@ -296,6 +298,12 @@ def test_a_failed_accepted_write_sends_nothing_and_is_answered_truthfully(live):
     assert (again["status"], again["reason"]) == ("REJECTED", "INTERNAL_ERROR")
     assert "restart" not in again.get("detail", "")
     assert r.watch.requests_since(t) == [] and r.agent.simulator.vehicle.state.locked
+    r.agent.stop()  # a restart does not contradict the answer
+    r.agent = Agent(r.config)
+    r.agent.start()
+    assert wait_until(lambda: r.agent.publisher.uplink.status()["state"] == "connected")
+    time.sleep(1.0)
+    assert len(r.statuses(cid)) == 2 and r.watch.requests_since(t) == []
 
 
 def test_a_full_disk_still_answers_a_command(tmp_path):

@@ -321,6 +321,10 @@ class CommandService:
             signed = self.publisher.response_volatile(payload)
             if s.id is not None and remember:
                 self._memory_latest.set(s.id, signed)
+                try:  # replay.db may still take it: then a restart does not contradict it
+                    self.replay.set_status(s.id, signed)
+                except AgentError:
+                    pass
         else:
             if s.id is not None and remember:
                 try:
