@@ -9,7 +9,6 @@ Mosquitto and the simulated EV on a virtual bus, and watch the bus."""
 from __future__ import annotations
 
 import random
-import sqlite3
 import time
 import uuid
 
