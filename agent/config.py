@@ -122,6 +122,20 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The local control socket (agent/adapters/control.py): `status` and `monitor` read the
+    running agent through it. Under systemd's RuntimeDirectory=tcu-agent by default."""
+    socket: Path = Path("/run/tcu-agent/control.sock")
+    enabled: bool = True
+    group: str = "tcu-agent"  # may connect besides root and the agent's own user
+
+    def validate(self, where: str) -> None:
+        if len(os.fsencode(self.socket)) > 107:  # sun_path
+            raise ConfigError(f"{where}.socket: {self.socket}: longer than a Unix socket path "
+                              "may be (107 bytes)")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     ca: Path | None = None  # CA bundle that signed the broker's certificate; enables TLS
     cert: Path | None = None  # client certificate (mutual TLS)
@@ -386,6 +400,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    control: ControlConfig = ControlConfig()
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -430,20 +445,23 @@ def config_from_dict(raw: dict, base: Path, source: Path | None = None,
                      overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Validate an already-parsed TOML document (tests and the demo build configs in code)."""
     label = str(source) if source else "config"
-    for item in overrides:
-        apply_override(raw, item)
+    keys = {apply_override(raw, item): item for item in overrides}
     try:
         cfg = _build(Config, raw, "", base)
     except ConfigError as e:
-        raise ConfigError(f"{label}: {e}") from None
+        # A key that only a --set put there (or a value it gave) is the --set's fault.
+        bad = str(e).split(":", 1)[0]
+        item = next((i for k, i in keys.items() if bad == k or bad.startswith(k + ".")), None)
+        raise ConfigError(f"--set {item!r}: {e}" if item else f"{label}: {e}") from None
     return dataclasses.replace(cfg, path=source)
 
 
-def apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> str:
     """Apply one `KEY=VALUE` override (dotted key, TOML-typed value) to a parsed document.
 
     Array-of-tables entries are addressed by index or by their `name` (bus.0 / bus.powertrain).
-    A value that is not valid TOML is taken as a plain string.
+    A value that is not valid TOML is taken as a plain string. Returns the key as the config's
+    errors name it (entries by index).
     """
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -456,6 +474,7 @@ def apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     node: Any = raw
     depth = 0
+    canon: list[str] = []
     while depth < len(parts):
         part = parts[depth]
         if isinstance(node, list):
@@ -466,17 +485,20 @@ def apply_override(raw: dict, item: str) -> None:
         depth += 1
         if isinstance(node, list):
             idx = _list_index(node, part, where, item)
+            canon.append(str(idx))
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            canon.append(part)
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"--set {item!r}: {where} is not a table")
+    return ".".join(canon)
 
 
 def _dotted_name(node: list, parts: list[str], depth: int) -> tuple[int, str]:

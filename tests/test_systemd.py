@@ -47,6 +47,10 @@ def test_unit_declares_the_service_contract():
     assert s["Restart"] == ["on-failure"]
     assert s["WatchdogSec"] and s["StateDirectory"] == ["tcu-agent"]
     assert s["ConfigurationDirectory"] == ["tcu-agent"]
+    # the control socket's folder: the config default lives there, group members may enter
+    from agent.config import ControlConfig
+    assert s["RuntimeDirectory"] == ["tcu-agent"] and s["RuntimeDirectoryMode"] == ["0750"]
+    assert ControlConfig().socket.parent == Path("/run") / s["RuntimeDirectory"][0]
     assert s.get("User") == ["tcu-agent"] or s.get("DynamicUser") == ["yes"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes",

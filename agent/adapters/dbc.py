@@ -9,6 +9,7 @@ import cantools
 
 from ..errors import DbcError
 
+FORMATS = (".dbc", ".kcd", ".arxml", ".sym", ".cdd")  # the suffixes cantools reads
 _LINE = re.compile(r"line (\d+), column (\d+)")
 
 
@@ -20,12 +21,18 @@ def load_database(path: str | Path) -> cantools.database.can.Database:
     if not path.is_file():
         raise DbcError(f"{path}: no such CAN database file")
     _check_text(path)
+    if path.suffix.lower() not in FORMATS:  # cantools' own text for this is a Python repr
+        raise DbcError(f"{path}: not a CAN database file name (supported: "
+                       f"{', '.join(FORMATS)})")
     try:
         # strict=False: real-world DBCs often have overlapping signals that cantools' strict
         # mode rejects though every decoder in the field accepts them.
         db = cantools.database.load_file(str(path), strict=False)
     except Exception as e:  # cantools raises many types (its own, textparser, lxml, ValueError)
-        raise DbcError(f"{path}: {_describe(e)}") from e
+        why = _describe(e)
+        if why.startswith("line 1, "):  # the very first line: not this format at all
+            why = f"not a valid {path.suffix[1:].upper()} file? {why}"
+        raise DbcError(f"{path}: {why}") from e
     if not isinstance(db, cantools.database.can.Database):
         raise DbcError(f"{path}: not a CAN database (cantools read it as {type(db).__name__})")
     return db

@@ -20,6 +20,7 @@ from collections import deque
 
 from ..adapters.keys import load_private_key
 from ..adapters.mqtt import Uplink
+from ..core.uplink import HEADER_ROOM
 from ..adapters.outbox import Outbox
 from ..config import Config
 from ..core.batch import Batch
@@ -51,8 +52,11 @@ class Publisher:
         self.signer = Signer(load_private_key(config.signing.key_file))
         self.outbox = outbox or Outbox(config.storage.dir, config.storage.max_bytes)
         client_id = config.mqtt.client_id or f"tcu-{self.vin}"
+        # Commands are the only subscription: nothing larger than one is worth reading.
+        limit = (config.commands.max_message_bytes + HEADER_ROOM
+                 if config.commands is not None else None)
         self.uplink = Uplink(config.mqtt, self.outbox, client_id, will=self._will,
-                             on_connected=self._connected)
+                             on_connected=self._connected, max_packet_size=limit)
         self.state_limit = RateLimit(STATE_MIN_INTERVAL_MS)
         self._just_connected = threading.Event()
         self._final: dict | None = None

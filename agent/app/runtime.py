@@ -14,6 +14,7 @@ batch sink. The core is only ever touched by the core thread.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -116,6 +117,8 @@ class Agent:
         self.restart_requested = False
         self._core_thread: threading.Thread | None = None
         self._rates: dict[int, tuple[float, int, float]] = {}
+        self.control = None  # the local control socket (app/controltopics.py), from start()
+        self.last_status: dict | None = None  # taken by the core thread, read by the socket
 
     def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
         # qsize() is O(1); with several readers the bound may be passed by a frame or two.
@@ -185,9 +188,14 @@ class Agent:
             service.start()
         self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
         self._core_thread.start()
+        if self.publish:
+            from .controltopics import start_control
+            self.control = start_control(self)
 
     def stop(self) -> None:
         """Stop reading, feed what was read, close the open batch."""
+        if self.control:
+            self.control.stop()
         for r in self.readers:
             r.stop()
         for service in self.serial:
@@ -344,7 +352,9 @@ class Agent:
         if not self.publish:
             return
         try:
-            write_status(self.config.storage.dir, self.status(running))
+            status = self.status(running)
+            self.last_status = {**status, "pid": os.getpid(), "written_ms": int(time.time() * 1000)}
+            write_status(self.config.storage.dir, status)
         except Exception as e:  # disk full, a broken outbox behind status(): never fatal
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 

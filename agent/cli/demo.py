@@ -29,6 +29,8 @@ def add_parser(sub, common) -> None:
     p.add_argument("--duration", type=float, default=20.0, help="seconds to run (20)")
     p.add_argument("--broker", metavar="HOST:PORT",
                    help="use this broker (e.g. Mosquitto) instead of the embedded one")
+    p.add_argument("--mqtt", choices=("auto", "5", "3.1.1"), default="auto",
+                   help="MQTT version (auto: 5, and 3.1.1 when the broker refuses or drops 5)")
     p.add_argument("--workdir", help="keep keys and state here (default: a temporary folder)")
     p.add_argument("--quiet", action="store_true", help="only the summary")
     common(p)
@@ -42,11 +44,21 @@ def run(args) -> int:
     if args.duration < 8:
         from ..errors import ConfigError
         raise ConfigError("--duration: at least 8 s (the commands need a few seconds each)")
+    if args.broker:
+        broker_address(args.broker)  # a bad flag is the flag's fault, before anything starts
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         return Demo(Path(args.workdir), args).run()
     with tempfile.TemporaryDirectory(prefix="tcu-demo-") as tmp:
         return Demo(Path(tmp), args).run()
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    from ..errors import ConfigError
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--broker {text}: expected HOST:PORT (e.g. 127.0.0.1:1883)")
+    return host.strip("[]"), int(port)
 
 
 class Demo:
@@ -73,10 +85,8 @@ class Demo:
         from ..core.cose import Signer, kid_of
         from ..app.runtime import Agent
 
-        config_path = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-        if not config_path.is_file():
-            from ..errors import ConfigError
-            raise ConfigError(f"{config_path}: the demo needs the project checkout's configs/")
+        from ..resources import demo_config
+        config_path = demo_config()
         keys = self.dir / "keys"
         for stem in ("vehicle", "cloud"):
             if not (keys / f"{stem}.key").exists():
@@ -87,13 +97,15 @@ class Demo:
         broker = None
         protocol = "auto"
         if self.args.broker:
-            host, _, port = self.args.broker.rpartition(":")
+            host, port = broker_address(self.args.broker)
             self.say(f"broker: {host}:{port}")
         else:
             broker = EmbeddedBroker().start()
             host, port = broker.host, str(broker.port)
             protocol = "3.1.1"  # amqtt does not answer an MQTT 5 CONNECT at all
             self.say(f"broker: embedded amqtt on {host}:{port} (MQTT 3.1.1)")
+        mqtt = getattr(self.args, "mqtt", "auto")
+        protocol = protocol if mqtt == "auto" else mqtt
         # A cellular modem and a GNSS receiver on pseudo-terminals, as on a real unit.
         from ..sim.gnss import SimulatedGnss
         from ..sim.modem import SimulatedModem
@@ -107,6 +119,7 @@ class Demo:
             f"modem.port={modem.path!r}", "modem.poll_interval_s=5",
             f"gnss.port={gnss.path!r}",
             f"storage.dir={str(self.dir / 'state')!r}",
+            f"control.socket={str(self.dir / 'control.sock')!r}",  # no /run/tcu-agent needed
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
@@ -141,8 +154,12 @@ class Demo:
         import argparse
 
         from ..cloud.client import connect
+        # The agent's protocol choice; against the embedded amqtt, 3.1.1 right away.
+        mqtt = getattr(self.args, "mqtt", "auto")
+        if mqtt == "auto" and not self.args.broker:
+            mqtt = "3.1.1"
         args = argparse.Namespace(broker=f"{host}:{port}", tls_ca=None, tls_cert=None,
-                                  tls_key=None)
+                                  tls_key=None, mqtt=mqtt)
         return connect(args, [f"vehicles/{vin}/#"], self._on_message)
 
     def _on_message(self, topic: str, data: bytes) -> None:

@@ -13,30 +13,58 @@ ESSENTIAL_COUNTERS = ("commands.received", "commands.accepted", "commands.reject
 def add_parser(sub, common) -> None:
     p = sub.add_parser("status", help="state of the running agent",
                        description="Connection, broker, outbox depth, last acknowledged seq and "
-                                   "per-bus counters of the agent running with this config "
-                                   "(from its status file under storage.dir). Exit 1 when no "
-                                   "agent is running.")
+                                   "per-bus counters of the agent running with this config: "
+                                   "asked through its control socket (control.socket), else "
+                                   "read from its status file under storage.dir. Exit 1 when "
+                                   "no agent is running.")
     p.add_argument("-c", "--config", required=True, help="agent config file (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw status as JSON (errors too: {\"error\": ...})")
     common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..adapters.statusfile import read_status
     from ..config import load_config
 
     config = load_config(args.config, args.set)
-    status, why = read_status(config.storage.dir)
+    status, source = fetch(config)
     if status is None:
-        print(f"tcu-agent status: {why}")
+        if args.json:
+            print(json.dumps({"error": source}))
+        else:
+            print(f"tcu-agent status: {source}")
         return 1
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(json.dumps({**status, "source": source}, indent=1, default=str))
         return 0
     print(render(status))
+    print(_row("source", source))
     return 0
+
+
+def fetch(config) -> tuple[dict | None, str]:
+    """(status, where it came from) from the control socket, else the status file;
+    (None, why) when no agent is running."""
+    from ..adapters.control import ControlClient
+    from ..adapters.statusfile import read_status
+    from ..errors import ControlError
+    from .monitor import check_identity
+
+    sock = config.control.socket
+    try:
+        with ControlClient(sock) as client:
+            status = client.request("status")
+            check_identity(status, config)
+            status["signals"] = client.request("signals")["signals"]  # values, for --json
+        return status, f"the agent, via its control socket {sock}"
+    except ControlError as e:
+        why = str(e)
+    status, file_why = read_status(config.storage.dir)
+    if status is None:
+        return None, file_why if "no agent is running" in file_why else f"{file_why}; {why}"
+    return status, f"the status file in {config.storage.dir} (control socket: {why})"
 
 
 def render(s: dict) -> str:

@@ -17,7 +17,8 @@ from typing import Any
 
 import cantools
 
-DBC = Path(__file__).resolve().parents[2] / "dbc" / "demo_ev.dbc"
+from ..resources import demo_dbc
+
 
 CAPACITY_KWH = 64.0
 REACTION_S = 0.3  # ECU reaction to a request
@@ -92,8 +93,8 @@ class SimulatedVehicle:
     """Feed it time (`step`) and received frames (`receive`); take the frames it sends."""
 
     def __init__(self, state: VehicleState | None = None, timeline=(), charge_rate_pct_per_s:
-                 float | None = None, dbc: Path = DBC):
-        self.db = cantools.database.load_file(str(dbc))
+                 float | None = None, dbc: Path | None = None):
+        self.db = cantools.database.load_file(str(dbc or demo_dbc()))
         self.state = state or VehicleState()
         # Default: a 7.4 kW charger (32 A at 230 V) on a 64 kWh pack; the demo speeds it up.
         self.charge_rate = charge_rate_pct_per_s
