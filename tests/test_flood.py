@@ -191,6 +191,8 @@ def test_a_forged_flood_under_a_trusted_kid_leaves_a_resent_genuine_command_a_ch
     # the key's budget (20/s, 40 burst) plus a 5 % sample: bounded, never all 50,000
     assert counters["commands.verified"] <= 40 + 10 * 25 + 0.08 * 50_000
     assert counters["commands.budget_dropped"] >= 40_000
+    anonymous = [r for r in responses(s) if r["id"] is None]  # BAD_SIGNATURE, id null
+    assert len(anonymous) <= 5 + 10 * 1 + 1  # the garbage budget, not 20/s of the reject one
     # another trusted key's budget is its own
     cid2, other = command(s.signer("other"), t0 + 10_000)
     s.commands.receive(other, t0 + 10_000)

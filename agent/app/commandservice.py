@@ -217,7 +217,7 @@ class CommandService:
         self.counters["rejected"] += 1
         self.counters[f"rejected.{r.reason}"] += 1
         with self._lock:
-            answer = self.admission.reject.take(now_ms)
+            answer = self.admission.answer_rejection(r.id is not None, now_ms)
         if not answer:
             self.counters["flood_dropped"] += 1
             return

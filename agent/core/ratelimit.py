@@ -115,7 +115,9 @@ class Admission:
         message) is verified from a second, smaller bucket of that kid's, and any message with
         probability `verify_sample`; the rest are dropped ("budget_dropped"). Forgeries must
         then be new every time, and a genuine command re-sent gets repeated chances.
-    The runtime reports back what the gate found (`verified`, `forged`, `answered`).
+    The gate's own rejections are answered within the reject budget when they carry a verified
+    id, else (a bad signature, say) within the garbage budget (`answer_rejection`).
+    The runtime reports back what the gate found (`verified`, `forged`).
     """
 
     def __init__(self, limits: AdmissionLimits, rng: Callable[[], float]):
@@ -155,6 +157,12 @@ class Admission:
             return VERIFY
         self._unverified.set(fingerprint, True)
         return "budget_dropped"
+
+    def answer_rejection(self, verified_id: bool, now_ms: int) -> bool:
+        """May the gate's rejection be answered now? One without a verified id (a bad
+        signature, a payload that does not decode) is as anonymous as garbage: it spends the
+        garbage budget; one with an id spends the reject budget."""
+        return (self.reject if verified_id else self._garbage).take(now_ms)
 
     def redelivery_due(self, key: str | bytes, now_ms: int) -> bool:
         """May command `key` (its id) be answered again now? True also notes that it is."""
