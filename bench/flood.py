@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -239,6 +240,7 @@ def run(args) -> dict:
         except subprocess.TimeoutExpired:
             agent.kill()
         broker.close()
+    shutil.rmtree(tmp, ignore_errors=True)  # kept (for agent.log) only when the run failed
     return out
 
 
