@@ -265,6 +265,13 @@ class CommandsConfig:
     queue_size: int = 8  # commands waiting per actuator; more: REJECTED BUSY
     reject_rate_per_s: float = 20.0  # garbage/rejected messages handled (and answered) per s
     reject_burst: int = 40
+    garbage_rate_per_s: float = 1.0  # of those, answers to garbage and unknown keys (at most)
+    garbage_burst: int = 5
+    verify_rate_per_s: float = 20.0  # signature checks per trusted key per s (core/ratelimit.py)
+    verify_burst: int = 40
+    verify_sample: float = 0.05  # over a key's budget: share of its messages verified anyway
+    redelivery_interval_ms: int = 5000  # one command answered at most once per interval
+    lane_size: int = 256  # commands waiting for the core thread; more are dropped and counted
     action: tuple[ActionConfig, ...] = ()
 
     def validate(self, where: str) -> None:
@@ -273,6 +280,12 @@ class CommandsConfig:
                               "max_message_bytes >= 1024")
         if self.queue_size < 1 or self.reject_rate_per_s <= 0 or self.reject_burst < 1:
             raise ConfigError(f"{where}: queue_size, reject_rate_per_s, reject_burst must be > 0")
+        if self.verify_rate_per_s <= 0 or self.verify_burst < 1 or self.lane_size < 1 \
+                or self.garbage_rate_per_s <= 0 or self.garbage_burst < 1 \
+                or not 0 <= self.verify_sample <= 1 or self.redelivery_interval_ms < 0:
+            raise ConfigError(f"{where}: verify_rate_per_s, verify_burst, garbage_rate_per_s, "
+                              "garbage_burst, lane_size must be > 0, "
+                              "verify_sample 0..1, redelivery_interval_ms >= 0")
 
 
 @dataclass(frozen=True)

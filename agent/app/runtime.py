@@ -1,10 +1,14 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
-Threads: one reader per bus (adapters/canbus.py) pushes frames into a queue; so do the
-MQTT thread (commands), the serial devices (values) and the update worker (events): the
-queue's items are declared in messages.py. One core thread feeds them to the sans-I/O core
-and the services (CommandService, UpdateService), ticks it with the wall clock and hands
-closed batches to the batch sink. The core is only ever touched by the core thread.
+Threads: one reader per bus (adapters/canbus.py) pushes frames into the frames lane; the
+MQTT thread screens each command message (CommandService.screen) and puts what passes into the
+commands lane; the serial devices (values) and the update worker (events) use the other lane.
+The items are declared in messages.py. Every lane is bounded: a full one drops what arrives and
+counts it (status `lanes`), so no producer ever blocks and a flood on one lane cannot starve
+another -- each core-loop pass takes at most DRAIN_MAX frames, COMMANDS_PER_PASS commands and
+everything on the other lane. One core thread feeds them to the sans-I/O core and the services
+(CommandService, UpdateService), ticks it with the wall clock and hands closed batches to the
+batch sink. The core is only ever touched by the core thread.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ log = logging.getLogger("agent.app.runtime")
 
 TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
+FRAME_LANE = 100_000  # frames waiting for the core thread (~0.5 s at 200,000 frames/s; ~17 MB)
+OTHER_LANE = 4096  # values waiting (update events are never dropped)
+COMMANDS_PER_PASS = 16  # commands checked per pass: each may cost a signature check
+_WAKE = None  # put on the frames lane to wake the core thread for another lane
 STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
@@ -59,7 +67,12 @@ class Agent:
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
-        self._frames: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
+        # The frames lane is also the core thread's doorbell (it blocks on it).
+        self._frames: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self._commands_lane: queue.SimpleQueue[CommandMessage] = queue.SimpleQueue()
+        self._other: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
+        self.lane_dropped = {"frames": 0, "commands": 0, "other": 0}
+        self._command_lane_size = config.commands.lane_size if config.commands else 256
         writes = _written_buses(config, self.plans)  # power: the rest are listen-only
         self.readers = [
             BusReader(i, bus, self._enqueue,
@@ -76,7 +89,7 @@ class Agent:
             if config.updates is not None:
                 from .updateservice import UpdateService
 
-                self.updates = UpdateService(config, self.core.lookup, self._frames.put)
+                self.updates = UpdateService(config, self.core.lookup, self._put_event)
             from .families import handlers
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
@@ -115,10 +128,26 @@ class Agent:
         self.last_status: dict | None = None  # taken by the core thread, read by the socket
 
     def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
-        self._frames.put((bus, t, can_id, data))
+        # qsize() is O(1); with several readers the bound may be passed by a frame or two.
+        if self._frames.qsize() < FRAME_LANE:
+            self._frames.put((bus, t, can_id, data))
+        else:
+            self.lane_dropped["frames"] += 1
+
+    def _ring(self) -> None:
+        if self._frames.qsize() < FRAME_LANE:  # a full frames lane: the core is awake anyway
+            self._frames.put(_WAKE)
 
     def _on_values(self, t: float, values: dict) -> None:
-        self._frames.put(Values(t, dict(values)))
+        if self._other.qsize() < OTHER_LANE:
+            self._other.put(Values(t, dict(values)))
+            self._ring()
+        else:
+            self.lane_dropped["other"] += 1
+
+    def _put_event(self, event: UpdateEvent) -> None:
+        self._other.put(event)  # a handful per update: never dropped
+        self._ring()
 
     # -- power (app/power.py): the parked car -----------------------------------------------
 
@@ -149,11 +178,23 @@ class Agent:
             if t < self._gnss_next:
                 return
             self._gnss_next = t + self.config.power.slow_poll_s
-        self._frames.put(Values(t, dict(values)))
+        self._on_values(t, values)
 
     def _on_command(self, topic: str, payload: bytes) -> None:
-        # From the MQTT thread: hand it to the core thread, which owns all decisions.
-        self._frames.put(CommandMessage(payload))
+        # From the MQTT thread: the cheap screen here (no signature check), the decisions on
+        # the core thread. Never blocks the MQTT thread.
+        try:
+            item = self.commands.screen(payload, int(time.time() * 1000))
+        except Exception:  # a bug here must not stop the MQTT thread
+            log.exception("command screening failed")
+            return
+        if item is None:
+            return
+        if self._commands_lane.qsize() < self._command_lane_size:
+            self._commands_lane.put(item)
+            self._ring()
+        else:
+            self.lane_dropped["commands"] += 1
 
     def reload_trust(self) -> None:
         """SIGHUP: the trust store is re-read by the core thread."""
@@ -281,9 +322,10 @@ class Agent:
                 item = None
             if item is not None:
                 self._take(item)
-                self._drain()
+            self._drain()
             now = time.time()
             if self.commands is not None:
+                self._step("commands", self.commands.tick, int(now * 1000))
                 if self._reload_trust.is_set():
                     self._reload_trust.clear()
                     self.commands.reload_trust()
@@ -359,24 +401,32 @@ class Agent:
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
+        """One pass over the lanes: a bounded share of each (module docstring)."""
         get = self._frames.get_nowait
-        frames: list[Frame] = []  # consecutive CAN frames go to the core in one call
+        frames: list[Frame] = []  # the CAN frames go to the core in one call
         for _ in range(DRAIN_MAX):
             try:
                 item = get()
             except queue.Empty:
                 break
-            if type(item) is tuple:
+            if item is not _WAKE:
                 frames.append(item)
-                continue
-            if frames:
-                self.core.feed_many(frames)
-                frames = []
-            self._take(item)
         if frames:
             self.core.feed_many(frames)
+        for _ in range(self._other.qsize()):
+            try:
+                self._take(self._other.get_nowait())
+            except queue.Empty:
+                break
+        for _ in range(COMMANDS_PER_PASS):
+            try:
+                self._take(self._commands_lane.get_nowait())
+            except queue.Empty:
+                break
 
-    def _take(self, item: CoreMessage) -> None:
+    def _take(self, item: CoreMessage | None) -> None:
+        if item is _WAKE:
+            return
         if type(item) is tuple:
             self.core.feed(*item)
         elif type(item) is Values:
@@ -388,7 +438,7 @@ class Agent:
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
         elif type(item) is CommandMessage and self.commands is not None:
             try:
-                self.commands.handle(item.payload, int(time.time() * 1000))
+                self.commands.handle(item, int(time.time() * 1000))
             except Exception:  # a bug here must not stop ingest; the gate itself never raises
                 log.exception("command handling failed")
 
@@ -434,7 +484,13 @@ class Agent:
                "batches": self.batches_closed, "samples": self.core.samples,
                "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures),
                "internal_errors": self.core.internal_errors,
-               "future_frames": self.core.future_frames}
+               "future_frames": self.core.future_frames,
+               "lanes": {"frames": {"depth": self._frames.qsize(),
+                                    "dropped": self.lane_dropped["frames"]},
+                         "commands": {"depth": self._commands_lane.qsize(),
+                                      "dropped": self.lane_dropped["commands"]},
+                         "other": {"depth": self._other.qsize(),
+                                   "dropped": self.lane_dropped["other"]}}}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:

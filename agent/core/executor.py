@@ -28,7 +28,15 @@ from typing import Any, Callable, Mapping, Protocol
 
 from agent.errors import ParamError
 
-from .protocol import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
+from .protocol import (
+    ACCEPTED,
+    FAILED,
+    INTERNAL_ERROR,
+    REJECTED,
+    SUCCEEDED,
+    TERMINAL_STATUSES,
+    TIMED_OUT,
+)
 from .conditions import Condition, Lookup, Param, check_all
 from .registry import Family, no_params, show
 
@@ -303,6 +311,22 @@ class Executor:
                 del self._running[actuator]
                 return [Status(command_id, FAILED, "WRITE_FAILED", detail)] + \
                     self._next(actuator, now_ms)
+        return []
+
+    def abort(self, command_id: str, detail: str, now_ms: int) -> list:
+        """Drop a command before it acts (its ACCEPTED could not be stored): nothing more of
+        it is sent. Returns its REJECTED/INTERNAL_ERROR and what starts next on its actuator.
+        A command not running or queued here: []."""
+        for actuator, run in list(self._running.items()):
+            if run.id == command_id:
+                del self._running[actuator]
+                return [Status(command_id, REJECTED, INTERNAL_ERROR, detail)] + \
+                    self._next(actuator, now_ms)
+        for queue in self._queued.values():
+            for run in list(queue):
+                if run.id == command_id:
+                    queue.remove(run)
+                    return [Status(command_id, REJECTED, INTERNAL_ERROR, detail)]
         return []
 
     def _next(self, actuator: str, now_ms: int) -> list:
