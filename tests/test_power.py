@@ -314,7 +314,7 @@ def test_asleep_gnss_fixes_and_modem_polls_slow_down(tmp_path, test_dbc):
     taken = []
     while True:
         try:
-            taken.append(agent._frames.get_nowait())
+            taken.append(agent._other.get_nowait())
         except Exception:
             break
     assert sum(type(x) is Values for x in taken) == 5 + 4  # one per 600 s while asleep
