@@ -361,6 +361,25 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class CampaignsConfig:
+    """Collection campaigns (PROTOCOL.md §8), applied by `campaign.apply` commands."""
+
+    max_buffer_bytes: int = 16 << 20  # every pre-trigger ring and window history together
+    max_conditions: int = 512  # active condition campaigns (at least 256)
+    max_campaigns: int = 1024
+    stale_ms: int = 5000  # an input older than this makes a condition false
+    assumed_period_ms: int = 10  # sizing rings of messages without a DBC cycle time
+    max_capture_ms: int = 600_000  # pre_ms and post_ms at most
+    max_window_ms: int = 600_000  # avg/min/max windows at most
+
+    def validate(self, where: str) -> None:
+        for name in ("max_buffer_bytes", "max_conditions", "max_campaigns", "stale_ms",
+                     "assumed_period_ms", "max_capture_ms", "max_window_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -373,6 +392,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    campaigns: CampaignsConfig = CampaignsConfig()  # used where [commands] is configured
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:

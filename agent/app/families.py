@@ -149,10 +149,11 @@ class UpdateHandler:
 def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
              readers: Sequence[BusReader], state_values: Callable[[], dict],
              publish_state: Callable[[dict, int], None], updates: UpdateService | None,
-             health: Health) -> list[Handler]:
+             health: Health, publish_batch: Callable | None = None) -> list[Handler]:
     """Every family's handler for this config. Raises ConfigError (a configured action whose
     name another family owns)."""
     from .assemble import action_plans
+    from .campaignservice import CampaignHandler
 
     actions = action_plans(config, plans)
     cfg = config.commands
@@ -162,6 +163,7 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
                        lambda bus, can_id, data: readers[bus].send(can_id, data)),
         StateHandler(state_values, publish_state),
         UpdateHandler(updates, health),
+        CampaignHandler(config, plans, core, readers, publish_batch),
     ]
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)

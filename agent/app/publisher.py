@@ -16,6 +16,7 @@ from ..adapters.mqtt import Uplink
 from ..adapters.outbox import Outbox
 from ..config import Config
 from ..core.batch import Batch
+from ..core.campaigns import DEFAULT_PRIORITY
 from ..core.cose import Signer
 from ..core.protocol import Topics, state_payload, status_record
 from ..core.ratelimit import RateLimit
@@ -78,8 +79,13 @@ class Publisher:
 
         try:
             # extra_drop: stored with the batch, so the loss is carried on if it is evicted
-            seq = self.outbox.append_telemetry(build, batch.samples, now_ms(),
-                                               self.topics.telemetry, extra_drop=self._lost)
+            # A campaign's batch (§8) carries its priority and outbox quota; base telemetry
+            # has the default priority and no quota of its own.
+            campaign = getattr(batch, "campaign", None)
+            seq = self.outbox.append_telemetry(
+                build, batch.samples, now_ms(), self.topics.telemetry, extra_drop=self._lost,
+                priority=getattr(batch, "priority", DEFAULT_PRIORITY), campaign=campaign,
+                max_bytes=getattr(batch, "max_bytes", None) if campaign else None)
         except Exception:
             self._lost += batch.samples
             raise
@@ -130,4 +136,4 @@ class Publisher:
         if self._final is not None:
             return self._final
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
-                "kid": self.signer.kid.hex()}
+                "outbox_campaigns": self.outbox.campaign_bytes(), "kid": self.signer.kid.hex()}

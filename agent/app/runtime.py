@@ -77,7 +77,7 @@ class Agent:
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
                                        self.state_values, self.publisher.state, self.updates,
-                                       self.health)
+                                       self.health, publish_batch=self.publisher.batch)
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
@@ -160,6 +160,7 @@ class Agent:
         self.core.flush()
         self._deliver()
         if self.commands:
+            self.commands.handler("campaign").close()  # open captures go out
             self.commands.close()
         if self.updates is not None:
             self.updates.close()

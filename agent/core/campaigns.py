@@ -1,0 +1,676 @@
+"""Collection campaigns (PROTOCOL.md §8): validation, start/expiry, and the engine. Sans-I/O.
+
+A campaign arrives as `campaign.apply`; `check_campaign` validates the whole document
+against this vehicle's signals and limits before anything changes. The engine runs the
+active ones on frames the telemetry core hands it through per-message taps (every full
+frame of a tapped message, at arrival rate):
+
+- every signal a running campaign reads has one `Sig`: latest value, and for the time
+  windows of conditions a bounded history;
+- a condition is evaluated only when one of its inputs changes value (the index
+  signal -> conditions), plus on each tick for conditions with windows (their value moves as
+  samples age out) and for those currently true (an input may have gone stale);
+- a condition campaign keeps a bounded ring per signal of `pre_ms` of samples; on firing the
+  ring's samples and those of the next `post_ms` go out as batches tagged campaign/trigger;
+- a time campaign takes the latest value of each signal every `period_ms`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import cbor2
+from cantools.database.namedsignalvalue import NamedSignalValue
+
+from ..errors import ParamError
+from . import expr as E
+from .batch import Batch, BatchBuilder, Column
+from .fastdecode import compile_message
+from .registry import Family, no_params, show
+from .selection import BusPlan, SignalSpec
+
+APPLY, REMOVE, LIST = "campaign.apply", "campaign.remove", "campaign.list"
+WAITING, ACTIVE, EXPIRED = "waiting", "active", "expired"
+MAX_DOC_BYTES = 256 * 1024  # a campaign document, CBOR-encoded
+SAMPLE_BYTES = 64  # what one buffered (t, value) costs in memory, for the budget
+DEFAULT_PRIORITY = 5  # a campaign without `priority`; base telemetry has the same
+MIN_PERIOD_MS = 100  # the engine ticks every 100 ms
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_campaigns: int = 1024
+    max_conditions: int = 512  # active condition campaigns
+    max_signals: int = 256  # per campaign
+    max_buffer_bytes: int = 16 << 20  # every ring and window history together
+    max_capture_ms: int = 600_000  # pre_ms, post_ms
+    max_window_ms: int = 600_000  # N of avg/min/max
+    assumed_period_ms: int = 10  # a message without a DBC cycle time: assume 100 Hz
+
+
+# -- what this vehicle's signals are --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ref:
+    bus: int
+    key: int  # can key of the message
+    message: Any  # cantools Message
+    signal: str
+    spec: SignalSpec | None  # set when named by a [telemetry] output name: values are shaped
+
+    @property
+    def period_ms(self) -> int:
+        return self.message.cycle_time or 0
+
+
+class Catalog:
+    """Every name a campaign may use: each `Message.Signal` of the buses' DBCs and each
+    [telemetry] output name."""
+
+    def __init__(self, plans: Sequence[BusPlan]):
+        self.refs: dict[str, Ref] = {}
+        for b, plan in enumerate(plans):
+            for key, msg in plan.messages.items():
+                for sig in msg.signals:
+                    self.refs.setdefault(f"{msg.name}.{sig.name}", Ref(b, key, msg, sig.name, None))
+        for b, plan in enumerate(plans):
+            for key, mp in plan.selected.items():
+                for spec in mp.signals:
+                    if spec.emit and spec.out not in self.refs:
+                        self.refs[spec.out] = Ref(b, key, mp.message, spec.signal, spec)
+
+    def get(self, name: str) -> Ref | None:
+        return self.refs.get(name)
+
+
+# -- the document ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SignalReq:
+    name: str
+    min_interval_ms: int = 0
+    deadband: float = 0.0
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: str
+    version: int
+    signals: tuple[SignalReq, ...]
+    start: int = 0
+    expiry: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    period_ms: int | None = None  # a time campaign
+    condition: str | None = None  # a condition campaign
+    rising_edge: bool = True
+    min_interval_ms: int = 0
+    pre_ms: int = 0
+    post_ms: int = 0
+    max_bytes: int | None = None
+    doc: Mapping = field(default_factory=dict, compare=False, repr=False)  # as applied
+    tree: E.Node | None = field(default=None, compare=False, repr=False)
+
+    def state(self, now_ms: int) -> str:
+        if self.expiry is not None and now_ms >= self.expiry:
+            return EXPIRED
+        return WAITING if now_ms < self.start else ACTIVE
+
+    def inputs(self) -> list[str]:
+        names = [s.name for s in self.signals]
+        if self.tree is not None:
+            names += [n for n in E.signals(self.tree) if n not in names]
+        return names
+
+
+def _uint(v, where: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}-{hi}" if hi is not None else f">= {lo}"
+        raise ParamError(f"{where}: must be an integer {rng}, not {show(v)}")
+    return v
+
+
+def _keys(m, allowed: set[str], where: str) -> None:
+    if not isinstance(m, Mapping):
+        raise ParamError(f"{where}: must be a map, not {show(m)}")
+    extra = sorted(k for k in m if k not in allowed)
+    if extra:
+        raise ParamError(f"{where}: unknown key {show(extra[0])} (known: {', '.join(sorted(allowed))})")
+
+
+def parse_campaign(doc, catalog: Catalog, limits: Limits) -> Campaign:
+    """The whole document checked; raises ParamError with a detail naming the field."""
+    _keys(doc, {"id", "version", "start", "expiry", "priority", "signals", "trigger",
+                "max_bytes"}, "campaign")
+    size = len(cbor2.dumps(dict(doc)))
+    if size > MAX_DOC_BYTES:
+        raise ParamError(f"campaign: {size} bytes, over the {MAX_DOC_BYTES}-byte limit")
+    for k in ("id", "version", "signals", "trigger"):
+        if k not in doc:
+            raise ParamError(f"campaign.{k}: missing")
+    cid = doc["id"]
+    if not isinstance(cid, str) or not _ID.match(cid):
+        raise ParamError(f"campaign.id: 1-64 characters [A-Za-z0-9._:-], not {show(cid)}")
+    version = _uint(doc["version"], "campaign.version")
+    start = _uint(doc.get("start", 0), "campaign.start")
+    expiry = doc.get("expiry")
+    if expiry is not None:
+        _uint(expiry, "campaign.expiry")
+        if expiry <= start:
+            raise ParamError("campaign.expiry: must be after start")
+    priority = _uint(doc.get("priority", DEFAULT_PRIORITY), "campaign.priority", 0, 9)
+    max_bytes = doc.get("max_bytes")
+    if max_bytes is not None:
+        _uint(max_bytes, "campaign.max_bytes", 1)
+
+    sigs = doc["signals"]
+    if not isinstance(sigs, list) or not sigs:
+        raise ParamError("campaign.signals: must be a non-empty list")
+    if len(sigs) > limits.max_signals:
+        raise ParamError(f"campaign.signals: {len(sigs)} signals, more than "
+                         f"{limits.max_signals}")
+    reqs = []
+    for i, s in enumerate(sigs):
+        where = f"campaign.signals.{i}"
+        _keys(s, {"name", "min_interval_ms", "deadband"}, where)
+        name = s.get("name")
+        if not isinstance(name, str) or not name:
+            raise ParamError(f"{where}.name: must be a signal name")
+        deadband = s.get("deadband", 0.0)
+        if isinstance(deadband, bool) or not isinstance(deadband, (int, float)) \
+                or not deadband >= 0 or math.isinf(deadband):
+            raise ParamError(f"{where}.deadband: must be a number >= 0, not {show(deadband)}")
+        reqs.append(SignalReq(name, _uint(s.get("min_interval_ms", 0), f"{where}.min_interval_ms"),
+                              float(deadband)))
+    names = [r.name for r in reqs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ParamError(f"campaign.signals: {dupes[0]!r} is listed twice")
+
+    trig = doc["trigger"]
+    fields: dict[str, Any] = {}
+    tree = None
+    if isinstance(trig, Mapping) and "period_ms" in trig:
+        _keys(trig, {"period_ms"}, "campaign.trigger")
+        fields["period_ms"] = _uint(trig["period_ms"], "campaign.trigger.period_ms",
+                                    MIN_PERIOD_MS, 86_400_000)
+    elif isinstance(trig, Mapping) and "condition" in trig:
+        _keys(trig, {"condition", "rising_edge", "min_interval_ms", "pre_ms", "post_ms"},
+              "campaign.trigger")
+        text = trig["condition"]
+        if not isinstance(text, str):
+            raise ParamError("campaign.trigger.condition: must be a string")
+        try:
+            tree = E.parse(text)
+        except E.ExprError as e:
+            raise ParamError(f"campaign.trigger.condition: {e}") from None
+        for fn, sig, n in E.windows(tree):
+            if n > limits.max_window_ms:
+                raise ParamError(f"campaign.trigger.condition: {fn}({sig}, {n}): window over "
+                                 f"{limits.max_window_ms} ms")
+        edge = trig.get("rising_edge", True)
+        if type(edge) is not bool:
+            raise ParamError("campaign.trigger.rising_edge: must be true or false")
+        fields.update(condition=text, rising_edge=edge,
+                      min_interval_ms=_uint(trig.get("min_interval_ms", 0),
+                                            "campaign.trigger.min_interval_ms"),
+                      pre_ms=_uint(trig.get("pre_ms", 0), "campaign.trigger.pre_ms", 0,
+                                   limits.max_capture_ms),
+                      post_ms=_uint(trig.get("post_ms", 0), "campaign.trigger.post_ms", 0,
+                                    limits.max_capture_ms))
+    else:
+        raise ParamError("campaign.trigger: must be {period_ms} (time) or {condition, ...} "
+                         "(condition)")
+    c = Campaign(cid, version, tuple(reqs), start, expiry, priority, max_bytes=max_bytes,
+                 doc=dict(doc), tree=tree, **fields)
+    unknown = [n for n in c.inputs() if catalog.get(n) is None]
+    if unknown:
+        raise ParamError(f"campaign: unknown signal(s) {', '.join(unknown[:8])}"
+                         f"{' ...' if len(unknown) > 8 else ''} (use an output name or "
+                         "Message.Signal of this vehicle's databases)")
+    need = buffer_bytes(c, catalog, limits)
+    if need > limits.max_buffer_bytes:
+        raise ParamError(f"campaign: its buffers need {need} bytes, over campaigns."
+                         f"max_buffer_bytes ({limits.max_buffer_bytes}); shorten pre_ms or "
+                         "windows, or name fewer signals")
+    return c
+
+
+def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
+    period = max(ref.period_ms or limits.assumed_period_ms, min_interval_ms, 1)
+    return math.ceil(ms / period) + 1
+
+
+def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
+    """Memory the campaign's rings and window histories may hold, at the DBC's cycle time
+    (or `assumed_period_ms`); each ring is a bounded deque of exactly this capacity."""
+    total = 0
+    if c.condition is not None and c.pre_ms:
+        for s in c.signals:
+            total += _capacity(c.pre_ms, catalog.get(s.name), s.min_interval_ms,
+                               limits) * SAMPLE_BYTES
+    if c.tree is not None:
+        for _fn, sig, n in E.windows(c.tree):
+            total += _capacity(n, catalog.get(sig), 0, limits) * SAMPLE_BYTES
+    return total
+
+
+def campaign_family(catalog: Catalog, limits: Limits) -> Family:
+    """The `campaign` family, its checks bound to this vehicle's signals and limits."""
+
+    def check(name: str, params: Mapping) -> None:
+        if name == APPLY:
+            _keys(params, {"campaign"}, "params")
+            if "campaign" not in params:
+                raise ParamError("params.campaign: missing")
+            parse_campaign(params["campaign"], catalog, limits)
+        elif name == REMOVE:
+            _keys(params, {"id"}, "params")
+            cid = params.get("id")
+            if not isinstance(cid, str) or not _ID.match(cid):
+                raise ParamError(f"params.id: a campaign id, not {show(cid)}")
+        else:
+            no_params(name, params)
+
+    return Family("campaign", frozenset((APPLY, REMOVE, LIST)), check)
+
+
+# -- batches --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CampaignBatch(Batch):
+    campaign: str = ""
+    trigger: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    max_bytes: int | None = None
+
+    def payload(self, vin: str, seq: int, drop: int = 0) -> dict:
+        body = Batch.payload(self, vin, seq, drop)
+        body["campaign"] = self.campaign
+        if self.trigger is not None:
+            body["trigger"] = self.trigger
+        return body
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+def _map_key(v) -> str:
+    if type(v) is str:
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+class Sig:
+    """One signal some running campaign reads."""
+
+    __slots__ = ("name", "ref", "value", "t", "history", "window_ms", "conditions", "rings")
+
+    def __init__(self, name: str, ref: Ref):
+        self.name, self.ref = name, ref
+        self.value: Any = None
+        self.t = -1  # ms of the last arrival; -1 never
+        self.history: deque | None = None  # (t, value) for windows
+        self.window_ms = 0
+        self.conditions: list[Running] = []  # evaluated when this signal changes
+        self.rings: list[tuple[Running, int]] = []  # (campaign, its signal index)
+
+
+class Running:
+    """One active campaign's run-time state."""
+
+    def __init__(self, c: Campaign, now_ms: int, batch_age_ms: int, batch_bytes: int):
+        self.c = c
+        self.fn = E.compile_expr(c.tree) if c.tree is not None else None
+        self.windowed = bool(c.tree is not None and E.windows(c.tree))
+        self.cols = [Column(s.name) for s in c.signals]
+        self.builder = BatchBuilder(batch_age_ms, batch_bytes)
+        self.rings: list[deque] = []
+        self.last_in: list[tuple[int, Any]] = [(-1, None)] * len(c.signals)  # filter state
+        self.prev = False
+        self.last_fire = None
+        self.capture_until = -1  # capturing while now <= this
+        self.trigger_ms: int | None = None
+        self.firings = 0
+        self.next_due = now_ms + (c.period_ms or 0)
+        self.batches = 0
+
+
+class CampaignEngine:
+    """Runs the active campaigns. Feed it through `taps()` (installed on the telemetry core),
+    call `tick(now_ms)` often, and take `take_batches()`."""
+
+    def __init__(self, catalog: Catalog, limits: Limits = Limits(), stale_ms: int = 5000,
+                 batch_age_ms: int = 1000, batch_bytes: int = 65536):
+        self.catalog, self.limits, self.stale_ms = catalog, limits, stale_ms
+        self.batch_age_ms, self.batch_bytes = batch_age_ms, batch_bytes
+        self.applied: dict[str, Campaign] = {}
+        self.running: dict[str, Running] = {}
+        self.sigs: dict[str, Sig] = {}
+        self.closed: list[CampaignBatch] = []
+        self.changed = True  # the set of tapped messages may differ: re-install taps
+        self.evaluations = 0
+        self.errors = 0  # taps that raised (bugs), counted
+        self.last_error = ""
+        self._now = 0
+        self._ticked: list[Running] = []  # windowed conditions, re-evaluated per tick
+
+    # -- applying -----------------------------------------------------------------------
+
+    def check_apply(self, c: Campaign) -> str:
+        """'' if `c` may replace/join the applied ones, else the BAD_PARAMS detail."""
+        old = self.applied.get(c.id)
+        if old is not None and c.version <= old.version:
+            return (f"campaign {c.id}: version {c.version} is not newer than the applied "
+                    f"version {old.version}")
+        others = [x for x in self.applied.values() if x.id != c.id]
+        if len(others) + 1 > self.limits.max_campaigns:
+            return f"campaign {c.id}: {self.limits.max_campaigns} campaigns are applied already"
+        if c.condition is not None and \
+                sum(x.condition is not None for x in others) + 1 > self.limits.max_conditions:
+            return (f"campaign {c.id}: {self.limits.max_conditions} condition campaigns are "
+                    "applied already (campaigns.max_conditions)")
+        used = sum(buffer_bytes(x, self.catalog, self.limits) for x in others)
+        need = buffer_bytes(c, self.catalog, self.limits)
+        if used + need > self.limits.max_buffer_bytes:
+            return (f"campaign {c.id}: its buffers need {need} bytes, only "
+                    f"{self.limits.max_buffer_bytes - used} of campaigns.max_buffer_bytes "
+                    f"({self.limits.max_buffer_bytes}) are free; shorten pre_ms or windows, "
+                    "or remove a campaign")
+        return ""
+
+    def apply(self, c: Campaign, now_ms: int) -> None:
+        """Install (or replace) a checked campaign."""
+        self._stop(c.id, now_ms)
+        self.applied[c.id] = c
+        self._sync(now_ms)
+
+    def remove(self, cid: str, now_ms: int) -> bool:
+        if cid not in self.applied:
+            return False
+        self._stop(cid, now_ms)
+        del self.applied[cid]
+        return True
+
+    def list(self, now_ms: int) -> list[dict]:
+        return [{"id": c.id, "version": c.version, "state": c.state(now_ms)}
+                for c in sorted(self.applied.values(), key=lambda c: c.id)]
+
+    def _sync(self, now_ms: int) -> list[str]:
+        """Start the campaigns whose time has come, stop and drop the expired; returns the
+        ids of expired ones (removed)."""
+        expired = []
+        for c in list(self.applied.values()):
+            state = c.state(now_ms)
+            if state == EXPIRED:
+                self._stop(c.id, now_ms)
+                del self.applied[c.id]
+                expired.append(c.id)
+            elif state == ACTIVE and c.id not in self.running:
+                self._start(c, now_ms)
+        return expired
+
+    def _start(self, c: Campaign, now_ms: int) -> None:
+        r = Running(c, now_ms, self.batch_age_ms, self.batch_bytes)
+        self.running[c.id] = r
+        for i, s in enumerate(c.signals):
+            sig = self._sig(s.name)
+            if c.condition is not None:
+                cap = _capacity(c.pre_ms, sig.ref, s.min_interval_ms, self.limits) \
+                    if c.pre_ms else 0
+                r.rings.append(deque(maxlen=cap))
+                sig.rings.append((r, i))
+        if c.tree is not None:
+            for name in E.signals(c.tree):
+                self._sig(name).conditions.append(r)
+            for _fn, name, n in E.windows(c.tree):
+                sig = self._sig(name)
+                if n > sig.window_ms:
+                    sig.window_ms = n
+                    cap = _capacity(n, sig.ref, 0, self.limits)
+                    sig.history = deque(sig.history or (), maxlen=cap)
+            if r.windowed:
+                self._ticked.append(r)
+        self.changed = True
+
+    def _stop(self, cid: str, now_ms: int) -> None:
+        r = self.running.pop(cid, None)
+        if r is None:
+            return
+        self._close(r)
+        for name in list(self.sigs):
+            sig = self.sigs[name]
+            sig.conditions = [x for x in sig.conditions if x is not r]
+            sig.rings = [x for x in sig.rings if x[0] is not r]
+            if not sig.conditions and not sig.rings:
+                del self.sigs[name]
+        self._ticked = [x for x in self._ticked if x is not r]
+        self.changed = True
+
+    def _sig(self, name: str) -> Sig:
+        sig = self.sigs.get(name)
+        if sig is None:
+            sig = self.sigs[name] = Sig(name, self.catalog.get(name))
+        return sig
+
+    # -- taps: what the telemetry core must hand over ------------------------------------
+
+    def taps(self) -> dict[tuple[int, int], Callable[[float, bytes], None]]:
+        """(bus, can key) -> tap(t_seconds, data) for every message a running campaign reads."""
+        by_msg: dict[tuple[int, int], list[Sig]] = {}
+        for sig in self.sigs.values():
+            by_msg.setdefault((sig.ref.bus, sig.ref.key), []).append(sig)
+        self.changed = False
+        return {k: self._tap(sigs) for k, sigs in by_msg.items()}
+
+    def _tap(self, sigs: list[Sig]) -> Callable[[float, bytes], None]:
+        message = sigs[0].ref.message
+        names = [s.ref.signal for s in sigs]
+        fast = compile_message(message, names)
+        arrive = self._arrive
+        named = NamedSignalValue
+
+        if fast is not None:
+            def tap(t: float, data: bytes) -> None:
+                if len(data) != message.length:
+                    return
+                try:
+                    _, values = fast(data, None)
+                    t_ms = int(t * 1000)
+                    dirty: list = []
+                    for i, v in values:
+                        arrive(sigs[i], t_ms, v.name if type(v) is named else v, dirty)
+                    if dirty:
+                        self._evaluate(dirty, t_ms)
+                except Exception as e:  # noqa: BLE001 - a bug here must not cost the frame
+                    self._failed(e)
+        else:
+            def tap(t: float, data: bytes) -> None:
+                try:
+                    decoded = message.decode(data, True, True, False, True)
+                except Exception:  # noqa: BLE001 - a bad frame; the core counts it
+                    return
+                try:
+                    t_ms = int(t * 1000)
+                    dirty: list = []
+                    for sig, name in zip(sigs, names):
+                        v = decoded.get(name)
+                        if v is not None:
+                            arrive(sig, t_ms, v.name if type(v) is named else v, dirty)
+                    if dirty:
+                        self._evaluate(dirty, t_ms)
+                except Exception as e:  # noqa: BLE001
+                    self._failed(e)
+        return tap
+
+    def _failed(self, e: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"[:200]
+
+    def _arrive(self, sig: Sig, t_ms: int, v, dirty: list) -> None:
+        spec = sig.ref.spec
+        if spec is not None:
+            v = _shape(spec, v)
+        if sig.history is not None:
+            sig.history.append((t_ms, v))
+        for r, i in sig.rings:
+            req = r.c.signals[i]
+            if req.min_interval_ms or req.deadband:
+                lt, lv = r.last_in[i]
+                if req.min_interval_ms and lt >= 0 and t_ms - lt < req.min_interval_ms:
+                    continue
+                if req.deadband and lt >= 0 and type(v) is not str and type(lv) is not str \
+                        and lv is not None and v is not None and abs(v - lv) <= req.deadband:
+                    continue
+                r.last_in[i] = (t_ms, v)
+            if r.rings[i].maxlen:
+                r.rings[i].append((t_ms, v))
+            if r.capture_until >= t_ms:
+                r.builder.add(r.cols[i], t_ms, v)
+        changed = v != sig.value or type(v) is not type(sig.value) or sig.t < 0
+        sig.value, sig.t = v, t_ms
+        if changed and sig.conditions:
+            dirty.extend(sig.conditions)
+
+    # -- conditions -----------------------------------------------------------------------
+
+    def value(self, name: str):
+        sig = self.sigs.get(name)
+        if sig is None or sig.t < 0:
+            raise E.Unknown(f"{name} never received")
+        if self._now - sig.t > self.stale_ms:
+            raise E.Unknown(f"{name} stale")
+        if sig.value is None:
+            raise E.Unknown(f"{name} null")
+        return sig.value
+
+    def window(self, fn: str, name: str, n_ms: int) -> float:
+        sig = self.sigs.get(name)
+        if sig is None or not sig.history:
+            raise E.Unknown(f"{name} never received")
+        lo = self._now - n_ms
+        vals = []
+        for t, v in reversed(sig.history):
+            if t < lo:
+                break
+            if t <= self._now:
+                if type(v) is bool or not isinstance(v, (int, float)):
+                    raise E.Unknown(f"{name} is not a number")
+                vals.append(v)
+        if not vals:
+            raise E.Unknown(f"{name}: no sample in the last {n_ms} ms")
+        if fn == "avg":
+            return sum(vals) / len(vals)
+        return min(vals) if fn == "min" else max(vals)
+
+    def param(self, name: str):
+        raise E.Unknown("no parameters in campaign conditions")
+
+    def _evaluate(self, rs, now_ms: int) -> None:
+        self._now = now_ms
+        seen = set()
+        for r in rs:
+            if id(r) in seen:
+                continue
+            seen.add(id(r))
+            self.evaluations += 1
+            ok = E.holds(r.fn, self)
+            fire = ok and (not r.prev or not r.c.rising_edge)
+            r.prev = ok
+            if not fire or r.capture_until >= now_ms:
+                continue  # (a firing during a capture of the same campaign is not a new one)
+            if r.last_fire is not None and now_ms - r.last_fire < r.c.min_interval_ms:
+                continue
+            self._fire(r, now_ms)
+
+    def _fire(self, r: Running, now_ms: int) -> None:
+        r.firings += 1
+        r.last_fire = now_ms
+        r.trigger_ms = now_ms
+        lo = now_ms - r.c.pre_ms
+        b = r.builder
+        for col, ring in zip(r.cols, r.rings):
+            for t, v in ring:
+                if lo <= t <= now_ms:
+                    b.add(col, t, v)
+        self._close(r)  # the pre-trigger part goes out at once
+        r.capture_until = now_ms + r.c.post_ms
+        r.trigger_ms = now_ms
+
+    def _close(self, r: Running) -> None:
+        b = r.builder
+        if b.close() is None:
+            return
+        for batch in b.take():
+            r.batches += 1
+            self.closed.append(CampaignBatch(batch.t0, batch.t_end, batch.sig, batch.samples,
+                                             r.c.id, r.trigger_ms, r.c.priority, r.c.max_bytes))
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> list[str]:
+        """Start/expiry, time campaigns, capture ends, batch age, conditions that move with
+        time. Returns the ids of campaigns that expired (and were removed)."""
+        expired = self._sync(now_ms)
+        self._now = now_ms
+        again = [r for r in self.running.values() if r.fn is not None and r.prev]
+        if self._ticked or again:
+            self._evaluate(self._ticked + again, now_ms)
+        for r in self.running.values():
+            c = r.c
+            if c.period_ms is not None and now_ms >= r.next_due:
+                r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
+                for col, req in zip(r.cols, c.signals):
+                    sig = self.sigs[req.name]
+                    if sig.t >= 0 and now_ms - sig.t <= self.stale_ms:
+                        r.builder.add(col, now_ms, sig.value)
+            if r.capture_until >= 0 and now_ms > r.capture_until:
+                r.capture_until = -1
+                self._close(r)
+                r.trigger_ms = None
+            deadline = r.builder.deadline_ms
+            if deadline is not None and now_ms >= deadline:
+                self._close(r)
+        return expired
+
+    def flush(self) -> None:
+        for r in self.running.values():
+            self._close(r)
+
+    def take_batches(self) -> list[CampaignBatch]:
+        out, self.closed = self.closed, []
+        return out
+
+    # -- views ----------------------------------------------------------------------------
+
+    def held_bytes(self, cid: str) -> int:
+        r = self.running.get(cid)
+        if r is None:
+            return 0
+        return sum(len(ring) for ring in r.rings) * SAMPLE_BYTES
+
+    def status(self, now_ms: int) -> list[dict]:
+        out = []
+        for c in sorted(self.applied.values(), key=lambda c: c.id):
+            r = self.running.get(c.id)
+            out.append({"id": c.id, "version": c.version, "state": c.state(now_ms),
+                        "kind": "condition" if c.condition is not None else "time",
+                        "priority": c.priority, "firings": r.firings if r else 0,
+                        "batches": r.batches if r else 0, "held_bytes": self.held_bytes(c.id),
+                        "capturing": bool(r and r.capture_until >= now_ms)})
+        return out
+
+
+def _shape(spec: SignalSpec, v):
+    """A [telemetry] output name's value: its map or scale (no deadband or throttle)."""
+    if spec.map is not None:
+        out = spec.map.get(_map_key(v))
+        return v if out is None else out
+    if (spec.scale != 1.0 or spec.offset != 0.0) and type(v) is not str:
+        return v * spec.scale + spec.offset
+    return v
