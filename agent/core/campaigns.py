@@ -241,8 +241,10 @@ def parse_campaign(doc, catalog: Catalog, limits: Limits) -> Campaign:
 
 
 def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
-    period = max(ref.period_ms or limits.assumed_period_ms, min_interval_ms, 1)
-    return math.ceil(ms / period) + 1
+    """Samples in `ms` at the faster of the DBC cycle time and `assumed_period_ms` (senders
+    are often faster than their DBC says), or one per `min_interval_ms`."""
+    period = min(ref.period_ms or limits.assumed_period_ms, limits.assumed_period_ms)
+    return math.ceil(ms / max(period, min_interval_ms, 1)) + 1
 
 
 def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
@@ -337,6 +339,7 @@ class Running:
         self.capture_until = -1  # capturing while now <= this
         self.trigger_ms: int | None = None
         self.firings = 0
+        self.overflow = 0  # samples within pre_ms pushed out of a full ring
         self.next_due = now_ms + (c.period_ms or 0)
         self.batches = 0
 
@@ -528,8 +531,11 @@ class CampaignEngine:
                         and lv is not None and v is not None and abs(v - lv) <= req.deadband:
                     continue
                 r.last_in[i] = (t_ms, v)
-            if r.rings[i].maxlen:
-                r.rings[i].append((t_ms, v))
+            ring = r.rings[i]
+            if ring.maxlen:
+                if len(ring) == ring.maxlen and ring[0][0] >= t_ms - r.c.pre_ms:
+                    r.overflow += 1  # arriving faster than the ring was sized for
+                ring.append((t_ms, v))
             if r.capture_until >= t_ms:
                 r.builder.add(r.cols[i], t_ms, v)
         changed = v != sig.value or type(v) is not type(sig.value) or sig.t < 0
@@ -662,6 +668,7 @@ class CampaignEngine:
                         "kind": "condition" if c.condition is not None else "time",
                         "priority": c.priority, "firings": r.firings if r else 0,
                         "batches": r.batches if r else 0, "held_bytes": self.held_bytes(c.id),
+                        "ring_overflow": r.overflow if r else 0,
                         "capturing": bool(r and r.capture_until >= now_ms)})
         return out
 
