@@ -36,7 +36,7 @@ from .selection import BusPlan, SignalSpec
 APPLY, REMOVE, LIST = "campaign.apply", "campaign.remove", "campaign.list"
 WAITING, ACTIVE, EXPIRED = "waiting", "active", "expired"
 MAX_DOC_BYTES = 256 * 1024  # a campaign document, CBOR-encoded
-SAMPLE_BYTES = 64  # what one buffered (t, value) costs in memory, for the budget
+SAMPLE_BYTES = 128  # what one buffered (t, frame) or (t, value) costs in memory, for the budget
 DEFAULT_PRIORITY = 5  # a campaign without `priority`; base telemetry has the same
 MIN_PERIOD_MS = 100  # the engine ticks every 100 ms
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -248,13 +248,17 @@ def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
 
 
 def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
-    """Memory the campaign's rings and window histories may hold, at the DBC's cycle time
-    (or `assumed_period_ms`); each ring is a bounded deque of exactly this capacity."""
+    """Memory the campaign's rings and window histories may hold: a ring of frames per
+    message it captures from (pre_ms at the rate of `_capacity`), a history per window.
+    Each is a bounded deque of exactly this capacity."""
     total = 0
     if c.condition is not None and c.pre_ms:
+        messages = {}
         for s in c.signals:
-            total += _capacity(c.pre_ms, catalog.get(s.name), s.min_interval_ms,
-                               limits) * SAMPLE_BYTES
+            ref = catalog.get(s.name)
+            messages[(ref.bus, ref.key)] = ref
+        for ref in messages.values():
+            total += _capacity(c.pre_ms, ref, 0, limits) * SAMPLE_BYTES
     if c.tree is not None:
         for _fn, sig, n in E.windows(c.tree):
             total += _capacity(n, catalog.get(sig), 0, limits) * SAMPLE_BYTES
@@ -308,19 +312,73 @@ def _map_key(v) -> str:
     return str(v)
 
 
+def _decoder(message, names: list[str]) -> Callable[[bytes], list]:
+    """fn(data) -> the values of `names` (value-table names as strings; None if absent)."""
+    fast = compile_message(message, names)
+    named = NamedSignalValue
+    if fast is not None:
+        n = len(names)
+        length = message.length
+
+        def decode(data: bytes) -> list:
+            out = [None] * n
+            if len(data) == length:
+                for i, v in fast(data, None)[1]:
+                    out[i] = v.name if type(v) is named else v
+            return out
+        return decode
+
+    def slow(data: bytes) -> list:
+        try:
+            values = message.decode(data, True, True, False, True)
+        except Exception:  # noqa: BLE001 - a bad frame; the core counts it
+            return [None] * len(names)
+        return [v.name if type(v) is named else v
+                for v in (values.get(name) for name in names)]
+    return slow
+
+
 class Sig:
     """One signal some running campaign reads."""
 
-    __slots__ = ("name", "ref", "value", "t", "history", "window_ms", "conditions", "rings")
+    __slots__ = ("name", "ref", "value", "history", "window_ms", "conditions", "tap")
 
     def __init__(self, name: str, ref: Ref):
         self.name, self.ref = name, ref
-        self.value: Any = None
-        self.t = -1  # ms of the last arrival; -1 never
-        self.history: deque | None = None  # (t, value) for windows
+        self.value: Any = None  # condition inputs: decoded when their bits change
+        self.history: deque | None = None  # (t, value) at arrival rate, for windows
         self.window_ms = 0
         self.conditions: list[Running] = []  # evaluated when this signal changes
-        self.rings: list[tuple[Running, int]] = []  # (campaign, its signal index)
+        self.tap: Tap | None = None
+
+
+class Tap:
+    """One tapped message: the last frame, a ring of frames for captures, and decoders for
+    the condition inputs (on change) and window signals (every frame)."""
+
+    __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "wins",
+                 "wdecode", "active")
+
+    def __init__(self, message):
+        self.message = message
+        self.last_t = -1
+        self.last: bytes | None = None
+        self.ring: deque | None = None  # (t_ms, data)
+        self.conds: list[Sig] = []
+        self.fast = None
+        self.prev = None
+        self.wins: list[Sig] = []
+        self.wdecode = None
+        self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
+
+
+class Part:
+    """The signals one campaign captures from one message."""
+
+    __slots__ = ("tap", "cols", "decode", "refs")
+
+    def __init__(self, tap: Tap, cols: list[int], decode, refs: list[Ref]):
+        self.tap, self.cols, self.decode, self.refs = tap, cols, decode, refs
 
 
 class Running:
@@ -332,14 +390,14 @@ class Running:
         self.windowed = bool(c.tree is not None and E.windows(c.tree))
         self.cols = [Column(s.name) for s in c.signals]
         self.builder = BatchBuilder(batch_age_ms, batch_bytes)
-        self.rings: list[deque] = []
+        self.parts: list[Part] = []
         self.last_in: list[tuple[int, Any]] = [(-1, None)] * len(c.signals)  # filter state
         self.prev = False
         self.last_fire = None
         self.capture_until = -1  # capturing while now <= this
         self.trigger_ms: int | None = None
         self.firings = 0
-        self.overflow = 0  # samples within pre_ms pushed out of a full ring
+        self.overflow = 0  # firings whose pre_ms reached further back than the ring held
         self.next_due = now_ms + (c.period_ms or 0)
         self.batches = 0
 
@@ -355,6 +413,7 @@ class CampaignEngine:
         self.applied: dict[str, Campaign] = {}
         self.running: dict[str, Running] = {}
         self.sigs: dict[str, Sig] = {}
+        self.tapmap: dict[tuple[int, int], Tap] = {}
         self.closed: list[CampaignBatch] = []
         self.changed = True  # the set of tapped messages may differ: re-install taps
         self.evaluations = 0
@@ -362,6 +421,7 @@ class CampaignEngine:
         self.last_error = ""
         self._now = 0
         self._ticked: list[Running] = []  # windowed conditions, re-evaluated per tick
+        self._cache: dict = {}  # compiled decoders (the catalog's messages live as long)
 
     # -- applying -----------------------------------------------------------------------
 
@@ -389,15 +449,17 @@ class CampaignEngine:
 
     def apply(self, c: Campaign, now_ms: int) -> None:
         """Install (or replace) a checked campaign."""
-        self._stop(c.id, now_ms)
+        self._stop(c.id)
         self.applied[c.id] = c
         self._sync(now_ms)
+        self._rebuild()
 
     def remove(self, cid: str, now_ms: int) -> bool:
         if cid not in self.applied:
             return False
-        self._stop(cid, now_ms)
+        self._stop(cid)
         del self.applied[cid]
+        self._rebuild()
         return True
 
     def list(self, now_ms: int) -> list[dict]:
@@ -408,148 +470,194 @@ class CampaignEngine:
         """Start the campaigns whose time has come, stop and drop the expired; returns the
         ids of expired ones (removed)."""
         expired = []
+        started = False
         for c in list(self.applied.values()):
             state = c.state(now_ms)
             if state == EXPIRED:
-                self._stop(c.id, now_ms)
+                self._stop(c.id)
                 del self.applied[c.id]
                 expired.append(c.id)
             elif state == ACTIVE and c.id not in self.running:
-                self._start(c, now_ms)
+                self.running[c.id] = Running(c, now_ms, self.batch_age_ms, self.batch_bytes)
+                started = True
+        if expired or started:
+            self._rebuild()
         return expired
 
-    def _start(self, c: Campaign, now_ms: int) -> None:
-        r = Running(c, now_ms, self.batch_age_ms, self.batch_bytes)
-        self.running[c.id] = r
-        for i, s in enumerate(c.signals):
-            sig = self._sig(s.name)
-            if c.condition is not None:
-                cap = _capacity(c.pre_ms, sig.ref, s.min_interval_ms, self.limits) \
-                    if c.pre_ms else 0
-                r.rings.append(deque(maxlen=cap))
-                sig.rings.append((r, i))
-        if c.tree is not None:
-            for name in E.signals(c.tree):
-                self._sig(name).conditions.append(r)
-            for _fn, name, n in E.windows(c.tree):
-                sig = self._sig(name)
-                if n > sig.window_ms:
-                    sig.window_ms = n
-                    cap = _capacity(n, sig.ref, 0, self.limits)
-                    sig.history = deque(sig.history or (), maxlen=cap)
-            if r.windowed:
-                self._ticked.append(r)
-        self.changed = True
-
-    def _stop(self, cid: str, now_ms: int) -> None:
+    def _stop(self, cid: str) -> None:
         r = self.running.pop(cid, None)
-        if r is None:
-            return
-        self._close(r)
-        for name in list(self.sigs):
-            sig = self.sigs[name]
-            sig.conditions = [x for x in sig.conditions if x is not r]
-            sig.rings = [x for x in sig.rings if x[0] is not r]
-            if not sig.conditions and not sig.rings:
-                del self.sigs[name]
-        self._ticked = [x for x in self._ticked if x is not r]
+        if r is not None:
+            self._close(r)
+            for part in r.parts:
+                part.tap.active = [x for x in part.tap.active if x[0] is not r]
+
+    def _rebuild(self) -> None:
+        """Signals, taps, rings and the condition index for the running set; the values,
+        histories and ring contents of what stays are kept."""
+        old_sigs, old_taps = self.sigs, self.tapmap
+        self.sigs, self.tapmap = {}, {}
+        self._ticked = []
+
+        def sig(name: str) -> Sig:
+            s = self.sigs.get(name)
+            if s is None:
+                s = self.sigs[name] = Sig(name, self.catalog.get(name))
+                was = old_sigs.get(name)
+                if was is not None:
+                    s.value, s.history = was.value, was.history
+                key = (s.ref.bus, s.ref.key)
+                tap = self.tapmap.get(key)
+                if tap is None:
+                    tap = self.tapmap[key] = Tap(s.ref.message)
+                    prev = old_taps.get(key)
+                    if prev is not None:
+                        tap.last_t, tap.last, tap.ring = prev.last_t, prev.last, prev.ring
+                s.tap = tap
+            return s
+
+        ring_cap: dict[tuple[int, int], int] = {}
+        for r in self.running.values():
+            c = r.c
+            by_msg: dict[tuple[int, int], list[int]] = {}
+            for i, req in enumerate(c.signals):
+                s = sig(req.name)
+                by_msg.setdefault((s.ref.bus, s.ref.key), []).append(i)
+            r.parts = []
+            for key, cols in by_msg.items():
+                tap = self.tapmap[key]
+                refs = [self.sigs[c.signals[i].name].ref for i in cols]
+                r.parts.append(Part(tap, cols, self._decoder(tap.message,
+                                                             [x.signal for x in refs]), refs))
+                if c.condition is not None and c.pre_ms:
+                    cap = _capacity(c.pre_ms, refs[0], 0, self.limits)
+                    ring_cap[key] = max(ring_cap.get(key, 0), cap)
+            if c.tree is not None:
+                for name in E.signals(c.tree):
+                    sig(name).conditions.append(r)
+                for _fn, name, n in E.windows(c.tree):
+                    sg = sig(name)
+                    sg.window_ms = max(sg.window_ms, n)
+                if r.windowed:
+                    self._ticked.append(r)
+        for s in self.sigs.values():
+            tap = s.tap
+            if s.conditions:
+                tap.conds.append(s)
+            if s.window_ms:
+                cap = _capacity(s.window_ms, s.ref, 0, self.limits)
+                s.history = deque(s.history or (), maxlen=cap)
+                tap.wins.append(s)
+            else:
+                s.history = None
+        for key, tap in self.tapmap.items():
+            cap = ring_cap.get(key, 0)
+            tap.ring = deque(tap.ring or (), maxlen=cap) if cap else None
+            if tap.conds:
+                names = [s.ref.signal for s in tap.conds]
+                tap.fast = self._compiled(tap.message, names)
+                if tap.fast is None:  # multiplexed / float: decode and compare
+                    tap.fast = _changes(self._decoder(tap.message, names))
+            if tap.wins:
+                tap.wdecode = self._decoder(tap.message, [s.ref.signal for s in tap.wins])
+        for r in self.running.values():  # captures in progress carry on
+            if r.capture_until >= 0:
+                for part in r.parts:
+                    part.tap.active.append((r, part))
         self.changed = True
 
-    def _sig(self, name: str) -> Sig:
-        sig = self.sigs.get(name)
-        if sig is None:
-            sig = self.sigs[name] = Sig(name, self.catalog.get(name))
-        return sig
+    def _decoder(self, message, names: list[str]):
+        key = ("d", id(message), tuple(names))
+        if key not in self._cache:
+            self._cache[key] = _decoder(message, names)
+        return self._cache[key]
+
+    def _compiled(self, message, names: list[str]):
+        key = ("c", id(message), tuple(names))
+        if key not in self._cache:
+            self._cache[key] = compile_message(message, names)
+        return self._cache[key]
 
     # -- taps: what the telemetry core must hand over ------------------------------------
 
     def taps(self) -> dict[tuple[int, int], Callable[[float, bytes], None]]:
         """(bus, can key) -> tap(t_seconds, data) for every message a running campaign reads."""
-        by_msg: dict[tuple[int, int], list[Sig]] = {}
-        for sig in self.sigs.values():
-            by_msg.setdefault((sig.ref.bus, sig.ref.key), []).append(sig)
         self.changed = False
-        return {k: self._tap(sigs) for k, sigs in by_msg.items()}
+        return {k: self._tap_fn(tap) for k, tap in self.tapmap.items()}
 
-    def _tap(self, sigs: list[Sig]) -> Callable[[float, bytes], None]:
-        message = sigs[0].ref.message
-        names = [s.ref.signal for s in sigs]
-        fast = compile_message(message, names)
-        arrive = self._arrive
-        named = NamedSignalValue
+    def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
+        length = tap.message.length
 
-        if fast is not None:
-            def tap(t: float, data: bytes) -> None:
-                if len(data) != message.length:
-                    return
-                try:
-                    _, values = fast(data, None)
-                    t_ms = int(t * 1000)
-                    dirty: list = []
-                    for i, v in values:
-                        arrive(sigs[i], t_ms, v.name if type(v) is named else v, dirty)
-                    if dirty:
-                        self._evaluate(dirty, t_ms)
-                except Exception as e:  # noqa: BLE001 - a bug here must not cost the frame
-                    self._failed(e)
-        else:
-            def tap(t: float, data: bytes) -> None:
-                try:
-                    decoded = message.decode(data, True, True, False, True)
-                except Exception:  # noqa: BLE001 - a bad frame; the core counts it
-                    return
-                try:
-                    t_ms = int(t * 1000)
-                    dirty: list = []
-                    for sig, name in zip(sigs, names):
-                        v = decoded.get(name)
-                        if v is not None:
-                            arrive(sig, t_ms, v.name if type(v) is named else v, dirty)
-                    if dirty:
-                        self._evaluate(dirty, t_ms)
-                except Exception as e:  # noqa: BLE001
-                    self._failed(e)
-        return tap
+        def fn(t: float, data: bytes) -> None:
+            t_ms = int(t * 1000)
+            tap.last_t, tap.last = t_ms, data
+            ring = tap.ring
+            if ring is not None:
+                ring.append((t_ms, data))
+            try:
+                if tap.active:
+                    self._capture_post(tap, t_ms, data)
+                if tap.wins:
+                    for s, v in zip(tap.wins, tap.wdecode(data)):
+                        if s.ref.spec is not None:
+                            v = _shape(s.ref.spec, v)
+                        s.history.append((t_ms, v))
+                if tap.conds and len(data) == length:
+                    tap.prev, changed = tap.fast(data, tap.prev)
+                    if changed:
+                        dirty = []
+                        conds = tap.conds
+                        for i, v in changed:
+                            s = conds[i]
+                            if type(v) is NamedSignalValue:
+                                v = v.name
+                            if s.ref.spec is not None:
+                                v = _shape(s.ref.spec, v)
+                            if v != s.value or type(v) is not type(s.value):
+                                s.value = v
+                                dirty.extend(s.conditions)
+                        if dirty:
+                            self._evaluate(dirty, t_ms)
+            except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
+                self._failed(e)
+        return fn
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
         self.last_error = f"{type(e).__name__}: {e}"[:200]
 
-    def _arrive(self, sig: Sig, t_ms: int, v, dirty: list) -> None:
-        spec = sig.ref.spec
-        if spec is not None:
-            v = _shape(spec, v)
-        if sig.history is not None:
-            sig.history.append((t_ms, v))
-        for r, i in sig.rings:
-            req = r.c.signals[i]
+    # -- captures -------------------------------------------------------------------------
+
+    def _capture(self, r: Running, part: Part, t_ms: int, data: bytes) -> None:
+        """The campaign's signals of this frame into its batch (with their own filters)."""
+        reqs = r.c.signals
+        for i, ref, v in zip(part.cols, part.refs, part.decode(data)):
+            if v is None:
+                continue
+            if ref.spec is not None:
+                v = _shape(ref.spec, v)
+            req = reqs[i]
             if req.min_interval_ms or req.deadband:
                 lt, lv = r.last_in[i]
                 if req.min_interval_ms and lt >= 0 and t_ms - lt < req.min_interval_ms:
                     continue
                 if req.deadband and lt >= 0 and type(v) is not str and type(lv) is not str \
-                        and lv is not None and v is not None and abs(v - lv) <= req.deadband:
+                        and lv is not None and abs(v - lv) <= req.deadband:
                     continue
                 r.last_in[i] = (t_ms, v)
-            ring = r.rings[i]
-            if ring.maxlen:
-                if len(ring) == ring.maxlen and ring[0][0] >= t_ms - r.c.pre_ms:
-                    r.overflow += 1  # arriving faster than the ring was sized for
-                ring.append((t_ms, v))
+            r.builder.add(r.cols[i], t_ms, v)
+
+    def _capture_post(self, tap: Tap, t_ms: int, data: bytes) -> None:
+        for r, part in tap.active:
             if r.capture_until >= t_ms:
-                r.builder.add(r.cols[i], t_ms, v)
-        changed = v != sig.value or type(v) is not type(sig.value) or sig.t < 0
-        sig.value, sig.t = v, t_ms
-        if changed and sig.conditions:
-            dirty.extend(sig.conditions)
+                self._capture(r, part, t_ms, data)
 
     # -- conditions -----------------------------------------------------------------------
 
     def value(self, name: str):
         sig = self.sigs.get(name)
-        if sig is None or sig.t < 0:
+        if sig is None or sig.tap.last_t < 0:
             raise E.Unknown(f"{name} never received")
-        if self._now - sig.t > self.stale_ms:
+        if self._now - sig.tap.last_t > self.stale_ms:
             raise E.Unknown(f"{name} stale")
         if sig.value is None:
             raise E.Unknown(f"{name} null")
@@ -599,14 +707,21 @@ class CampaignEngine:
         r.last_fire = now_ms
         r.trigger_ms = now_ms
         lo = now_ms - r.c.pre_ms
-        b = r.builder
-        for col, ring in zip(r.cols, r.rings):
-            for t, v in ring:
+        r.last_in = [(-1, None)] * len(r.c.signals)
+        for part in r.parts:
+            ring = part.tap.ring
+            if not ring:
+                continue
+            if ring[0][0] > lo and len(ring) == ring.maxlen:
+                r.overflow += 1  # frames came faster than the ring was sized for
+            for t, data in ring:
                 if lo <= t <= now_ms:
-                    b.add(col, t, v)
+                    self._capture(r, part, t, data)
         self._close(r)  # the pre-trigger part goes out at once
         r.capture_until = now_ms + r.c.post_ms
-        r.trigger_ms = now_ms
+        if r.c.post_ms:
+            for part in r.parts:
+                part.tap.active.append((r, part))
 
     def _close(self, r: Running) -> None:
         b = r.builder
@@ -631,18 +746,27 @@ class CampaignEngine:
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
                 r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
-                for col, req in zip(r.cols, c.signals):
-                    sig = self.sigs[req.name]
-                    if sig.t >= 0 and now_ms - sig.t <= self.stale_ms:
-                        r.builder.add(col, now_ms, sig.value)
+                self._sample_latest(r, now_ms)
             if r.capture_until >= 0 and now_ms > r.capture_until:
                 r.capture_until = -1
+                for part in r.parts:
+                    part.tap.active = [x for x in part.tap.active if x[0] is not r]
                 self._close(r)
                 r.trigger_ms = None
             deadline = r.builder.deadline_ms
             if deadline is not None and now_ms >= deadline:
                 self._close(r)
         return expired
+
+    def _sample_latest(self, r: Running, now_ms: int) -> None:
+        """A time campaign: the latest value of each signal (not stale) at `now_ms`."""
+        for part in r.parts:
+            tap = part.tap
+            if tap.last is None or now_ms - tap.last_t > self.stale_ms:
+                continue
+            for i, ref, v in zip(part.cols, part.refs, part.decode(tap.last)):
+                if v is not None:
+                    r.builder.add(r.cols[i], now_ms, _shape(ref.spec, v) if ref.spec else v)
 
     def flush(self) -> None:
         for r in self.running.values():
@@ -655,10 +779,14 @@ class CampaignEngine:
     # -- views ----------------------------------------------------------------------------
 
     def held_bytes(self, cid: str) -> int:
+        """Bytes in the rings and histories this campaign reads (rings are shared)."""
         r = self.running.get(cid)
         if r is None:
             return 0
-        return sum(len(ring) for ring in r.rings) * SAMPLE_BYTES
+        n = sum(len(p.tap.ring) for p in r.parts if p.tap.ring is not None)
+        if r.c.tree is not None:
+            n += sum(len(self.sigs[name].history or ()) for _f, name, _n in E.windows(r.c.tree))
+        return n * SAMPLE_BYTES
 
     def status(self, now_ms: int) -> list[dict]:
         out = []
@@ -671,6 +799,16 @@ class CampaignEngine:
                         "ring_overflow": r.overflow if r else 0,
                         "capturing": bool(r and r.capture_until >= now_ms)})
         return out
+
+
+def _changes(decode):
+    """A change-detecting decoder (like fastdecode's) over a plain one: (values, changed)."""
+    def fn(data, prev):
+        values = decode(data)
+        if prev is None:
+            return values, list(enumerate(values))
+        return values, [(i, v) for i, (v, p) in enumerate(zip(values, prev)) if v != p]
+    return fn
 
 
 def _shape(spec: SignalSpec, v):
