@@ -392,7 +392,7 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
-    campaigns: CampaignsConfig = CampaignsConfig()  # used where [commands] is configured
+    campaigns: CampaignsConfig | None = None  # campaign.* commands; needs [commands]
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -404,6 +404,9 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+        if self.campaigns is not None and self.commands is None:
+            raise ConfigError("campaigns: needs a [commands] section (campaigns arrive as "
+                              "commands)")
 
     @property
     def slots_dir(self) -> Path:

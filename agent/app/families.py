@@ -163,8 +163,9 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
                        lambda bus, can_id, data: readers[bus].send(can_id, data)),
         StateHandler(state_values, publish_state),
         UpdateHandler(updates, health),
-        CampaignHandler(config, plans, core, readers, publish_batch),
     ]
+    if config.campaigns is not None:
+        out.append(CampaignHandler(config, plans, core, readers, publish_batch))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:

@@ -160,7 +160,8 @@ class Agent:
         self.core.flush()
         self._deliver()
         if self.commands:
-            self.commands.handler("campaign").close()  # open captures go out
+            for h in self.commands.handlers:  # campaigns: open captures go out
+                getattr(h, "close", lambda: None)()
             self.commands.close()
         if self.updates is not None:
             self.updates.close()

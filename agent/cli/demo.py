@@ -112,7 +112,7 @@ class Demo:
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
-            f"mqtt.protocol={protocol!r}"])
+            f"mqtt.protocol={protocol!r}", "campaigns.max_buffer_bytes=4194304"])
         vin = config.vehicle.vin
         vkey = load_public_key(str(keys / "vehicle.pub"))
         self.keys = {kid_of(vkey): vkey}

@@ -5,13 +5,17 @@ against this vehicle's signals and limits before anything changes. The engine ru
 active ones on frames the telemetry core hands it through per-message taps (every full
 frame of a tapped message, at arrival rate):
 
-- every signal a running campaign reads has one `Sig`: latest value, and for the time
-  windows of conditions a bounded history;
+- every signal a running campaign reads has one `Sig` (its latest value), and each time
+  window of a condition one `Agg` (a running avg/min/max over a bounded deque);
+- conditions run as generated straight-line Python (`_codegen`, the semantics of
+  expr.compile_condition);
 - a condition is evaluated only when one of its inputs changes value (the index
   signal -> conditions), plus on each tick for conditions with windows (their value moves as
   samples age out) and for those currently true (an input may have gone stale);
-- a condition campaign keeps a bounded ring per signal of `pre_ms` of samples; on firing the
-  ring's samples and those of the next `post_ms` go out as batches tagged campaign/trigger;
+- a condition campaign's signals are kept as raw frames in one bounded ring per message
+  (`pre_ms` at arrival rate, shared by the campaigns reading it, decoded only on firing); on
+  firing those samples and those of the next `post_ms` go out as batches tagged
+  campaign/trigger;
 - a time campaign takes the latest value of each signal every `period_ms`.
 """
 
@@ -341,22 +345,78 @@ def _decoder(message, names: list[str]) -> Callable[[bytes], list]:
 class Sig:
     """One signal some running campaign reads."""
 
-    __slots__ = ("name", "ref", "value", "history", "window_ms", "conditions", "tap")
+    __slots__ = ("name", "ref", "value", "conditions", "tap")
 
     def __init__(self, name: str, ref: Ref):
         self.name, self.ref = name, ref
         self.value: Any = None  # condition inputs: decoded when their bits change
-        self.history: deque | None = None  # (t, value) at arrival rate, for windows
-        self.window_ms = 0
         self.conditions: list[Running] = []  # evaluated when this signal changes
         self.tap: Tap | None = None
+
+
+_NUM = (int, float)
+
+
+class Agg:
+    """avg/min/max of one signal over the last `n` ms, kept up to date as samples arrive
+    (a running sum, or a monotonic deque), so a query costs O(1) amortised. Samples that are
+    not numbers (null after a timeout, names) are not counted."""
+
+    __slots__ = ("fn", "name", "n", "cap", "q", "total")
+
+    def __init__(self, fn: str, name: str, n: int, cap: int):
+        self.fn, self.name, self.n, self.cap = fn, name, n, cap
+        self.q: deque = deque()  # (t, v); for min/max only the candidates
+        self.total = 0
+
+    def add(self, t: int, v) -> None:
+        if v.__class__ not in _NUM:
+            return
+        q = self.q
+        if self.fn == "avg":
+            q.append((t, v))
+            self.total += v
+            if len(q) > self.cap:  # faster than sized for: the oldest goes
+                self.total -= q.popleft()[1]
+        else:
+            if self.fn == "min":
+                while q and q[-1][1] >= v:
+                    q.pop()
+            else:
+                while q and q[-1][1] <= v:
+                    q.pop()
+            q.append((t, v))
+            if len(q) > self.cap:
+                q.popleft()
+        self._prune(t)
+
+    def _prune(self, now: int) -> None:
+        q, lo = self.q, now - self.n
+        avg = self.fn == "avg"
+        while q and q[0][0] < lo:
+            t, v = q.popleft()
+            if avg:
+                self.total -= v
+        if avg and not q:
+            self.total = 0  # no drift carried into the next run of samples
+
+    def query(self, now: int):
+        """The aggregate at `now`, or None when no sample is in the window."""
+        self._prune(now)
+        q = self.q
+        if not q:
+            return None
+        return self.total / len(q) if self.fn == "avg" else q[0][1]
+
+    def __len__(self) -> int:
+        return len(self.q)
 
 
 class Tap:
     """One tapped message: the last frame, a ring of frames for captures, and decoders for
     the condition inputs (on change) and window signals (every frame)."""
 
-    __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "wins",
+    __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "aggs",
                  "wdecode", "active")
 
     def __init__(self, message):
@@ -367,7 +427,7 @@ class Tap:
         self.conds: list[Sig] = []
         self.fast = None
         self.prev = None
-        self.wins: list[Sig] = []
+        self.aggs: list[tuple[Agg, Ref]] = []
         self.wdecode = None
         self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
 
@@ -386,7 +446,7 @@ class Running:
 
     def __init__(self, c: Campaign, now_ms: int, batch_age_ms: int, batch_bytes: int):
         self.c = c
-        self.fn = E.compile_expr(c.tree) if c.tree is not None else None
+        self.fn = None  # the compiled condition: fn(now_ms) -> bool (see _codegen)
         self.windowed = bool(c.tree is not None and E.windows(c.tree))
         self.cols = [Column(s.name) for s in c.signals]
         self.builder = BatchBuilder(batch_age_ms, batch_bytes)
@@ -413,6 +473,7 @@ class CampaignEngine:
         self.applied: dict[str, Campaign] = {}
         self.running: dict[str, Running] = {}
         self.sigs: dict[str, Sig] = {}
+        self.aggs: dict[tuple[str, str, int], Agg] = {}
         self.tapmap: dict[tuple[int, int], Tap] = {}
         self.closed: list[CampaignBatch] = []
         self.changed = True  # the set of tapped messages may differ: re-install taps
@@ -492,27 +553,29 @@ class CampaignEngine:
                 part.tap.active = [x for x in part.tap.active if x[0] is not r]
 
     def _rebuild(self) -> None:
-        """Signals, taps, rings and the condition index for the running set; the values,
-        histories and ring contents of what stays are kept."""
-        old_sigs, old_taps = self.sigs, self.tapmap
-        self.sigs, self.tapmap = {}, {}
+        """Signals, taps, rings, window aggregates and the condition index for the running
+        set; what stays keeps its values, aggregates and ring contents."""
+        old_taps = self.tapmap
+        self.tapmap = {}
         self._ticked = []
+        used: set[str] = set()
+        used_aggs: set[tuple[str, str, int]] = set()
+        for sg in self.sigs.values():
+            sg.conditions = []
 
         def sig(name: str) -> Sig:
+            used.add(name)
             s = self.sigs.get(name)
             if s is None:
                 s = self.sigs[name] = Sig(name, self.catalog.get(name))
-                was = old_sigs.get(name)
-                if was is not None:
-                    s.value, s.history = was.value, was.history
-                key = (s.ref.bus, s.ref.key)
-                tap = self.tapmap.get(key)
-                if tap is None:
-                    tap = self.tapmap[key] = Tap(s.ref.message)
-                    prev = old_taps.get(key)
-                    if prev is not None:
-                        tap.last_t, tap.last, tap.ring = prev.last_t, prev.last, prev.ring
-                s.tap = tap
+            key = (s.ref.bus, s.ref.key)
+            tap = self.tapmap.get(key)
+            if tap is None:
+                tap = self.tapmap[key] = Tap(s.ref.message)
+                prev = old_taps.get(key)
+                if prev is not None:
+                    tap.last_t, tap.last, tap.ring = prev.last_t, prev.last, prev.ring
+            s.tap = tap
             return s
 
         ring_cap: dict[tuple[int, int], int] = {}
@@ -532,23 +595,27 @@ class CampaignEngine:
                     cap = _capacity(c.pre_ms, refs[0], 0, self.limits)
                     ring_cap[key] = max(ring_cap.get(key, 0), cap)
             if c.tree is not None:
-                for name in E.signals(c.tree):
+                for name in E.value_signals(c.tree):
                     sig(name).conditions.append(r)
-                for _fn, name, n in E.windows(c.tree):
+                for fn, name, n in E.windows(c.tree):
                     sg = sig(name)
-                    sg.window_ms = max(sg.window_ms, n)
+                    used_aggs.add((fn, name, n))
+                    if (fn, name, n) not in self.aggs:
+                        self.aggs[(fn, name, n)] = Agg(fn, name, n,
+                                                       _capacity(n, sg.ref, 0, self.limits))
                 if r.windowed:
                     self._ticked.append(r)
+                if r.fn is None:
+                    r.fn = _codegen(c.tree, self.sigs, self.aggs, self.stale_ms)
+        for name in [n for n in self.sigs if n not in used]:
+            del self.sigs[name]
+        for key in [k for k in self.aggs if k not in used_aggs]:
+            del self.aggs[key]
         for s in self.sigs.values():
-            tap = s.tap
             if s.conditions:
-                tap.conds.append(s)
-            if s.window_ms:
-                cap = _capacity(s.window_ms, s.ref, 0, self.limits)
-                s.history = deque(s.history or (), maxlen=cap)
-                tap.wins.append(s)
-            else:
-                s.history = None
+                s.tap.conds.append(s)
+        for (fn, name, n), agg in self.aggs.items():
+            self.sigs[name].tap.aggs.append((agg, self.sigs[name].ref))
         for key, tap in self.tapmap.items():
             cap = ring_cap.get(key, 0)
             tap.ring = deque(tap.ring or (), maxlen=cap) if cap else None
@@ -557,8 +624,8 @@ class CampaignEngine:
                 tap.fast = self._compiled(tap.message, names)
                 if tap.fast is None:  # multiplexed / float: decode and compare
                     tap.fast = _changes(self._decoder(tap.message, names))
-            if tap.wins:
-                tap.wdecode = self._decoder(tap.message, [s.ref.signal for s in tap.wins])
+            if tap.aggs:
+                tap.wdecode = self._decoder(tap.message, [ref.signal for _a, ref in tap.aggs])
         for r in self.running.values():  # captures in progress carry on
             if r.capture_until >= 0:
                 for part in r.parts:
@@ -596,11 +663,10 @@ class CampaignEngine:
             try:
                 if tap.active:
                     self._capture_post(tap, t_ms, data)
-                if tap.wins:
-                    for s, v in zip(tap.wins, tap.wdecode(data)):
-                        if s.ref.spec is not None:
-                            v = _shape(s.ref.spec, v)
-                        s.history.append((t_ms, v))
+                if tap.aggs:
+                    for (agg, ref), v in zip(tap.aggs, tap.wdecode(data)):
+                        if v is not None:
+                            agg.add(t_ms, _shape(ref.spec, v) if ref.spec is not None else v)
                 if tap.conds and len(data) == length:
                     tap.prev, changed = tap.fast(data, tap.prev)
                     if changed:
@@ -653,37 +719,13 @@ class CampaignEngine:
 
     # -- conditions -----------------------------------------------------------------------
 
-    def value(self, name: str):
-        sig = self.sigs.get(name)
-        if sig is None or sig.tap.last_t < 0:
-            raise E.Unknown(f"{name} never received")
-        if self._now - sig.tap.last_t > self.stale_ms:
-            raise E.Unknown(f"{name} stale")
-        if sig.value is None:
-            raise E.Unknown(f"{name} null")
-        return sig.value
-
     def window(self, fn: str, name: str, n_ms: int) -> float:
-        sig = self.sigs.get(name)
-        if sig is None or not sig.history:
-            raise E.Unknown(f"{name} never received")
-        lo = self._now - n_ms
-        vals = []
-        for t, v in reversed(sig.history):
-            if t < lo:
-                break
-            if t <= self._now:
-                if type(v) is bool or not isinstance(v, (int, float)):
-                    raise E.Unknown(f"{name} is not a number")
-                vals.append(v)
-        if not vals:
+        """avg/min/max(name, n_ms) at the engine's current time (for views and tests)."""
+        agg = self.aggs.get((fn, name, n_ms))
+        v = None if agg is None else agg.query(self._now)
+        if v is None:
             raise E.Unknown(f"{name}: no sample in the last {n_ms} ms")
-        if fn == "avg":
-            return sum(vals) / len(vals)
-        return min(vals) if fn == "min" else max(vals)
-
-    def param(self, name: str):
-        raise E.Unknown("no parameters in campaign conditions")
+        return v
 
     def _evaluate(self, rs, now_ms: int) -> None:
         self._now = now_ms
@@ -693,7 +735,7 @@ class CampaignEngine:
                 continue
             seen.add(id(r))
             self.evaluations += 1
-            ok = E.holds(r.fn, self)
+            ok = r.fn(now_ms)
             fire = ok and (not r.prev or not r.c.rising_edge)
             r.prev = ok
             if not fire or r.capture_until >= now_ms:
@@ -785,7 +827,7 @@ class CampaignEngine:
             return 0
         n = sum(len(p.tap.ring) for p in r.parts if p.tap.ring is not None)
         if r.c.tree is not None:
-            n += sum(len(self.sigs[name].history or ()) for _f, name, _n in E.windows(r.c.tree))
+            n += sum(len(self.aggs[w]) for w in E.windows(r.c.tree) if w in self.aggs)
         return n * SAMPLE_BYTES
 
     def status(self, now_ms: int) -> list[dict]:
@@ -799,6 +841,74 @@ class CampaignEngine:
                         "ring_overflow": r.overflow if r else 0,
                         "capturing": bool(r and r.capture_until >= now_ms)})
         return out
+
+
+def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int):
+    """The condition as straight-line Python, fn(now_ms) -> bool, with the semantics of
+    expr.compile_expr + holds (the tests check the two agree): every input is checked first
+    (never seen, stale, null, or of the wrong kind for how it is used: false), then one
+    expression; a type mismatch or a division by zero is false."""
+    env: dict[str, Any] = {"_NUM": _NUM}
+    pre: list[str] = []
+    names: dict[str, str] = {}
+    wins: dict[tuple, str] = {}
+    checked: set[tuple[str, str]] = set()
+
+    def value(name: str, ctx: str) -> str:
+        var = names.get(name)
+        if var is None:
+            var = names[name] = f"v{len(names)}"
+            env[f"S{var}"] = sigs[name]
+            pre.append(f"    t = S{var}.tap.last_t")
+            pre.append(f"    if t < 0 or now - t > {int(stale_ms)}: return False")
+            pre.append(f"    {var} = S{var}.value")
+            pre.append(f"    if {var} is None: return False")
+        if (name, ctx) not in checked:
+            checked.add((name, ctx))
+            if ctx == "num":
+                pre.append(f"    if {var}.__class__ not in _NUM: return False")
+            elif ctx == "bool":
+                pre.append(f"    if {var} is not True and {var} is not False: return False")
+        return var
+
+    def window(node: E.Node) -> str:
+        key = (node.op, node.args[0], node.args[1])
+        var = wins.get(key)
+        if var is None:
+            var = wins[key] = f"w{len(wins)}"
+            env[f"A{var}"] = aggs[key]
+            pre.append(f"    {var} = A{var}.query(now)")
+            pre.append(f"    if {var} is None: return False")
+        return var
+
+    def emit(n: E.Node, ctx: str) -> str:
+        op, a = n.op, n.args
+        if op in ("num", "str"):
+            return repr(a[0])
+        if op == "bool":
+            return "True" if a[0] else "False"
+        if op == "sig":
+            return value(a[0], ctx)
+        if op in E.WINDOWS:
+            return window(n)
+        if op == "neg":
+            return f"(-{emit(a[0], 'num')})"
+        if op == "abs":
+            return f"abs({emit(a[0], 'num')})"
+        if op == "not":
+            return f"(not {emit(a[0], 'bool')})"
+        if op in ("and", "or"):
+            return f"({emit(a[0], 'bool')} {op} {emit(a[1], 'bool')})"
+        if op in E.CMP:
+            return f"({emit(a[0], 'cmp')} {op} {emit(a[1], 'cmp')})"
+        return f"({emit(a[0], 'num')} {op} {emit(a[1], 'num')})"  # + - * /
+
+    body = emit(tree, "bool")
+    src = "\n".join(["def cond(now):", *pre, "    try:", f"        return {body} is True",
+                     "    except (TypeError, ZeroDivisionError, OverflowError):",
+                     "        return False"])
+    exec(compile(src, "<condition>", "exec"), env)  # noqa: S102 - generated from our own tree
+    return env["cond"]
 
 
 def _changes(decode):

@@ -124,7 +124,7 @@ def parse_condition(text: str, where: str) -> Condition:
     except E.ExprError as e:
         raise ConfigError(f"{where}: {text!r} is not a condition like `Message.Signal OP value` "
                           f"(OP one of {' '.join(OPS)}): {e}") from None
-    return Condition(text, tree, E.compile_expr(tree))
+    return Condition(text, tree, E.compile_condition(tree))
 
 
 def check_all(conditions, lookup: Lookup, now_ms: int, stale_ms: int,

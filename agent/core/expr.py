@@ -16,8 +16,9 @@ come from an environment passed at evaluation time.
 
 A signal is an output name or Message.Signal (`[A-Za-z_][A-Za-z0-9_.]*`). Depth counts the
 operator and function nodes on the longest path from the root (a bare comparison is 1).
-A never-seen, stale or null input, a type mismatch or a division by zero makes the whole
-expression false (Unknown is raised inside and caught by `holds`).
+A never-seen, stale or null input (anywhere in it: `compile_condition` looks every input up
+first), a type mismatch or a division by zero makes the whole expression false (Unknown is
+raised inside and caught by `holds`).
 """
 
 from __future__ import annotations
@@ -83,6 +84,22 @@ def signals(node: Node) -> list[str]:
             if n.args[0] not in out:
                 out.append(n.args[0])
         elif not n.leaf:
+            for a in n.args:
+                walk(a)
+
+    walk(node)
+    return out
+
+
+def value_signals(node: Node) -> list[str]:
+    """Signals read by value (not only through a window)."""
+    out: list[str] = []
+
+    def walk(n: Node) -> None:
+        if n.op == "sig":
+            if n.args[0] not in out:
+                out.append(n.args[0])
+        elif not n.leaf and n.op not in WINDOWS:
             for a in n.args:
                 walk(a)
 
@@ -415,8 +432,8 @@ def compile_expr(node: Node) -> Compiled:
         def compare(env):
             try:
                 return f(x(env), y(env))
-            except TypeError:  # "CHARGING" < 3: a mismatch, false
-                return False
+            except TypeError:  # "CHARGING" < 3: a mismatch makes the expression false
+                raise Unknown("type mismatch") from None
         return compare
     f = ARITH[op]
 
@@ -438,6 +455,22 @@ def _num(v):
     if type(v) is bool or not isinstance(v, (int, float)):
         raise Unknown(f"{v!r} is not a number")
     return v
+
+
+def compile_condition(node: Node) -> Compiled:
+    """compile_expr, strict about inputs: every signal and window is looked up first, so an
+    unknown input makes the expression false even where and/or would not reach it."""
+    fn = compile_expr(node)
+    names = value_signals(node)
+    wins = windows(node)
+
+    def cond(env):
+        for name in names:
+            env.value(name)
+        for w in wins:
+            env.window(*w)
+        return fn(env)
+    return cond
 
 
 def holds(fn: Compiled, env: Env) -> bool:
