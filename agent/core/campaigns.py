@@ -350,7 +350,7 @@ class Sig:
     def __init__(self, name: str, ref: Ref):
         self.name, self.ref = name, ref
         self.value: Any = None  # condition inputs: decoded when their bits change
-        self.conditions: list[Running] = []  # evaluated when this signal changes
+        self.conditions: list[Group] = []  # evaluated when this signal changes
         self.tap: Tap | None = None
 
 
@@ -441,12 +441,22 @@ class Part:
         self.tap, self.cols, self.decode, self.refs = tap, cols, decode, refs
 
 
+class Group:
+    """The running campaigns with one condition text: evaluated once for all of them."""
+
+    __slots__ = ("fn", "members", "windowed", "true")
+
+    def __init__(self, fn, windowed: bool):
+        self.fn, self.windowed = fn, windowed
+        self.members: list[Running] = []
+        self.true = False  # the last evaluation
+
+
 class Running:
     """One active campaign's run-time state."""
 
     def __init__(self, c: Campaign, now_ms: int, batch_age_ms: int, batch_bytes: int):
         self.c = c
-        self.fn = None  # the compiled condition: fn(now_ms) -> bool (see _codegen)
         self.windowed = bool(c.tree is not None and E.windows(c.tree))
         self.cols = [Column(s.name) for s in c.signals]
         self.builder = BatchBuilder(batch_age_ms, batch_bytes)
@@ -481,7 +491,12 @@ class CampaignEngine:
         self.errors = 0  # taps that raised (bugs), counted
         self.last_error = ""
         self._now = 0
-        self._ticked: list[Running] = []  # windowed conditions, re-evaluated per tick
+        self._ticked: list[Group] = []  # windowed conditions, re-evaluated per tick
+        self._next_change = -1  # ms of the next start or expiry among the applied
+        self.groups: dict[str, Group] = {}  # condition text -> its running campaigns
+        self._fns: dict[str, Any] = {}  # condition text -> generated code
+        self._timed: list[Running] = []  # time campaigns
+        self._capturing: dict[str, Running] = {}  # condition campaigns after a trigger
         self._cache: dict = {}  # compiled decoders (the catalog's messages live as long)
 
     # -- applying -----------------------------------------------------------------------
@@ -512,6 +527,7 @@ class CampaignEngine:
         """Install (or replace) a checked campaign."""
         self._stop(c.id)
         self.applied[c.id] = c
+        self._next_change = -1
         self._sync(now_ms)
         self._rebuild()
 
@@ -530,9 +546,16 @@ class CampaignEngine:
     def _sync(self, now_ms: int) -> list[str]:
         """Start the campaigns whose time has come, stop and drop the expired; returns the
         ids of expired ones (removed)."""
+        if now_ms < self._next_change:
+            return []
         expired = []
         started = False
+        nxt = float("inf")  # the next start or expiry: nothing to do before it
         for c in list(self.applied.values()):
+            if c.start > now_ms:
+                nxt = min(nxt, c.start)
+            elif c.expiry is not None and c.expiry > now_ms:
+                nxt = min(nxt, c.expiry)
             state = c.state(now_ms)
             if state == EXPIRED:
                 self._stop(c.id)
@@ -541,6 +564,7 @@ class CampaignEngine:
             elif state == ACTIVE and c.id not in self.running:
                 self.running[c.id] = Running(c, now_ms, self.batch_age_ms, self.batch_bytes)
                 started = True
+        self._next_change = nxt
         if expired or started:
             self._rebuild()
         return expired
@@ -549,6 +573,7 @@ class CampaignEngine:
         r = self.running.pop(cid, None)
         if r is not None:
             self._close(r)
+            self._capturing.pop(cid, None)
             for part in r.parts:
                 part.tap.active = [x for x in part.tap.active if x[0] is not r]
 
@@ -558,6 +583,8 @@ class CampaignEngine:
         old_taps = self.tapmap
         self.tapmap = {}
         self._ticked = []
+        self.groups = {}
+        self._timed = [r for r in self.running.values() if r.c.period_ms is not None]
         used: set[str] = set()
         used_aggs: set[tuple[str, str, int]] = set()
         for sg in self.sigs.values():
@@ -595,22 +622,34 @@ class CampaignEngine:
                     cap = _capacity(c.pre_ms, refs[0], 0, self.limits)
                     ring_cap[key] = max(ring_cap.get(key, 0), cap)
             if c.tree is not None:
-                for name in E.value_signals(c.tree):
-                    sig(name).conditions.append(r)
+                group = self.groups.get(c.condition)
+                if group is None:
+                    group = self.groups[c.condition] = Group(None, r.windowed)
+                    for name in E.value_signals(c.tree):
+                        sig(name).conditions.append(group)
+                    if r.windowed:
+                        self._ticked.append(group)
+                group.members.append(r)
+                group.true = group.true or r.prev
                 for fn, name, n in E.windows(c.tree):
                     sg = sig(name)
                     used_aggs.add((fn, name, n))
                     if (fn, name, n) not in self.aggs:
                         self.aggs[(fn, name, n)] = Agg(fn, name, n,
                                                        _capacity(n, sg.ref, 0, self.limits))
-                if r.windowed:
-                    self._ticked.append(r)
-                if r.fn is None:
-                    r.fn = _codegen(c.tree, self.sigs, self.aggs, self.stale_ms)
-        for name in [n for n in self.sigs if n not in used]:
+        gone = [n for n in self.sigs if n not in used]
+        gone_aggs = [k for k in self.aggs if k not in used_aggs]
+        for name in gone:
             del self.sigs[name]
-        for key in [k for k in self.aggs if k not in used_aggs]:
+        for key in gone_aggs:
             del self.aggs[key]
+        if gone or gone_aggs:
+            self._fns = {}  # generated code holds those objects: build it again
+        for text, group in self.groups.items():
+            if text not in self._fns:
+                self._fns[text] = _codegen(group.members[0].c.tree, self.sigs, self.aggs,
+                                           self.stale_ms)
+            group.fn = self._fns[text]
         for s in self.sigs.values():
             if s.conditions:
                 s.tap.conds.append(s)
@@ -727,22 +766,23 @@ class CampaignEngine:
             raise E.Unknown(f"{name}: no sample in the last {n_ms} ms")
         return v
 
-    def _evaluate(self, rs, now_ms: int) -> None:
+    def _evaluate(self, groups, now_ms: int) -> None:
         self._now = now_ms
         seen = set()
-        for r in rs:
-            if id(r) in seen:
+        for g in groups:
+            if id(g) in seen:
                 continue
-            seen.add(id(r))
+            seen.add(id(g))
             self.evaluations += 1
-            ok = r.fn(now_ms)
-            fire = ok and (not r.prev or not r.c.rising_edge)
-            r.prev = ok
-            if not fire or r.capture_until >= now_ms:
-                continue  # (a firing during a capture of the same campaign is not a new one)
-            if r.last_fire is not None and now_ms - r.last_fire < r.c.min_interval_ms:
-                continue
-            self._fire(r, now_ms)
+            ok = g.true = g.fn(now_ms)
+            for r in g.members:
+                fire = ok and (not r.prev or not r.c.rising_edge)
+                r.prev = ok
+                if not fire or r.capture_until >= now_ms:
+                    continue  # (a firing during a capture of the same campaign is not new)
+                if r.last_fire is not None and now_ms - r.last_fire < r.c.min_interval_ms:
+                    continue
+                self._fire(r, now_ms)
 
     def _fire(self, r: Running, now_ms: int) -> None:
         r.firings += 1
@@ -761,6 +801,7 @@ class CampaignEngine:
                     self._capture(r, part, t, data)
         self._close(r)  # the pre-trigger part goes out at once
         r.capture_until = now_ms + r.c.post_ms
+        self._capturing[r.c.id] = r
         if r.c.post_ms:
             for part in r.parts:
                 part.tap.active.append((r, part))
@@ -781,16 +822,17 @@ class CampaignEngine:
         time. Returns the ids of campaigns that expired (and were removed)."""
         expired = self._sync(now_ms)
         self._now = now_ms
-        again = [r for r in self.running.values() if r.fn is not None and r.prev]
-        if self._ticked or again:
+        again = [g for g in self.groups.values() if g.true and not g.windowed]
+        if self._ticked or again:  # windows move with time; a true input may go stale
             self._evaluate(self._ticked + again, now_ms)
-        for r in self.running.values():
+        for r in self._timed + list(self._capturing.values()):
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
                 r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
                 self._sample_latest(r, now_ms)
             if r.capture_until >= 0 and now_ms > r.capture_until:
                 r.capture_until = -1
+                del self._capturing[c.id]
                 for part in r.parts:
                     part.tap.active = [x for x in part.tap.active if x[0] is not r]
                 self._close(r)
