@@ -358,3 +358,70 @@ def test_many_random_campaigns_never_raise(db):
             engine.tick(t)
     assert engine.errors == 0 and core.internal_errors == 0
     assert sum(r.firings for r in engine.running.values()) > 0
+
+
+# -- the generated code agrees with the reference evaluator --------------------------------
+
+from agent.core import expr as E  # noqa: E402
+
+_sig = st.sampled_from(["Fast.A", "Fast.B", "Slow.C"])
+
+
+def _num(depth):
+    leaf = st.one_of(st.integers(0, 300).map(lambda v: E.Node("num", (v,))),
+                     _sig.map(lambda n: E.Node("sig", (n,))),
+                     st.tuples(st.sampled_from(E.WINDOWS), _sig, st.integers(1, 300)).map(
+                         lambda w: E.Node(w[0], (w[1], w[2]))))
+    if depth == 0:
+        return leaf
+    sub = _num(depth - 1)
+    return st.one_of(leaf, st.tuples(st.sampled_from("+-*/"), sub, sub).map(
+        lambda t: E.Node(t[0], (t[1], t[2]))), sub.map(lambda x: E.Node("abs", (x,))))
+
+
+def _cond(depth):
+    cmp = st.tuples(st.sampled_from(list(E.CMP)), _num(2), _num(2)).map(
+        lambda t: E.Node(t[0], (t[1], t[2])))
+    if depth == 0:
+        return cmp
+    sub = _cond(depth - 1)
+    return st.one_of(cmp, st.tuples(st.sampled_from(["and", "or"]), sub, sub).map(
+        lambda t: E.Node(t[0], (t[1], t[2]))), sub.map(lambda x: E.Node("not", (x,))))
+
+
+class _RefEnv:
+    def __init__(self, engine, now):
+        self.engine, self.now = engine, now
+
+    def value(self, name):
+        s = self.engine.sigs[name]
+        if s.tap.last_t < 0 or self.now - s.tap.last_t > self.engine.stale_ms or s.value is None:
+            raise E.Unknown(name)
+        return s.value
+
+    def window(self, fn, name, n):
+        return self.engine.window(fn, name, n)
+
+    def param(self, name):
+        raise E.Unknown(name)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_cond(2), st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255),
+                                    st.integers(0, 300)), min_size=1, max_size=6),
+       st.booleans())
+def test_generated_conditions_agree_with_the_reference(db, tree, steps, slow_seen):
+    core, catalog, engine = make(db)
+    text = E.to_text(tree)
+    start(core, engine, K.parse_campaign(doc(signals=("Fast.A",), condition=text), catalog,
+                                         engine.limits))
+    t = 1000
+    for a, b, c in steps:
+        t += 7
+        core.feed(0, t / 1000, *frame(db, "Fast", A=a, B=b))
+        if slow_seen:
+            core.feed(0, t / 1000, *frame(db, "Slow", C=c))
+    for now in (t, t + 200, t + 6000):  # fresh, windows partly empty, everything stale
+        engine._now = now
+        want = E.holds(E.compile_condition(tree), _RefEnv(engine, now))
+        assert engine.groups[text].fn(now) is want, (text, now)

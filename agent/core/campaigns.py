@@ -388,7 +388,8 @@ class Agg:
             q.append((t, v))
             if len(q) > self.cap:
                 q.popleft()
-        self._prune(t)
+        if q[0][0] < t - self.n:
+            self._prune(t)
 
     def _prune(self, now: int) -> None:
         q, lo = self.q, now - self.n
@@ -417,7 +418,7 @@ class Tap:
     the condition inputs (on change) and window signals (every frame)."""
 
     __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "aggs",
-                 "wdecode", "active")
+                 "wdecode", "wlast", "active")
 
     def __init__(self, message):
         self.message = message
@@ -429,6 +430,7 @@ class Tap:
         self.prev = None
         self.aggs: list[tuple[Agg, Ref]] = []
         self.wdecode = None
+        self.wlast: list | None = None  # the window signals' values in `last`
         self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
 
 
@@ -665,6 +667,7 @@ class CampaignEngine:
                     tap.fast = _changes(self._decoder(tap.message, names))
             if tap.aggs:
                 tap.wdecode = self._decoder(tap.message, [ref.signal for _a, ref in tap.aggs])
+                tap.wlast = None
         for r in self.running.values():  # captures in progress carry on
             if r.capture_until >= 0:
                 for part in r.parts:
@@ -695,6 +698,7 @@ class CampaignEngine:
 
         def fn(t: float, data: bytes) -> None:
             t_ms = int(t * 1000)
+            same = data == tap.last  # a repeated frame: the same values (about half of them)
             tap.last_t, tap.last = t_ms, data
             ring = tap.ring
             if ring is not None:
@@ -703,9 +707,16 @@ class CampaignEngine:
                 if tap.active:
                     self._capture_post(tap, t_ms, data)
                 if tap.aggs:
-                    for (agg, ref), v in zip(tap.aggs, tap.wdecode(data)):
+                    values = tap.wlast
+                    if not same or values is None:
+                        values = tap.wlast = [
+                            v if v is None or ref.spec is None else _shape(ref.spec, v)
+                            for (_a, ref), v in zip(tap.aggs, tap.wdecode(data))]
+                    for (agg, _ref), v in zip(tap.aggs, values):
                         if v is not None:
-                            agg.add(t_ms, _shape(ref.spec, v) if ref.spec is not None else v)
+                            agg.add(t_ms, v)
+                if same:
+                    return  # condition inputs unchanged
                 if tap.conds and len(data) == length:
                     tap.prev, changed = tap.fast(data, tap.prev)
                     if changed:
