@@ -196,3 +196,37 @@ def test_apply_replace_and_expire_across_sigkill(rig):
     assert rig.command("campaign.list")["result"]["campaigns"] == listed
     assert rig.command("campaign.remove", {"id": "keep"})["status"] == "SUCCEEDED"
     assert [c["id"] for c in rig.command("campaign.list")["result"]["campaigns"]] == ["later"]
+
+
+def test_tcu_cloud_campaign_apply_list_remove(rig, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    path = tmp_path / "c.toml"
+    path.write_text('id = "from-file"\nversion = 3\n[[signals]]\nname = "BMS_Status.SOC"\n'
+                    '[trigger]\nperiod_ms = 500\n')
+    keys = rig.tmp / "cloudkeys"
+    common = ["--broker", f"{rig.broker.host}:{rig.broker.port}", "--vin", VIN,
+              "--key", str(keys / "fleet.key"), "--pub", str(rig.agent.keydir / "vehicle.pub")]
+
+    def tool(*args):
+        return subprocess.run([sys.executable, "-m", "agent.cloud.main", "campaign", *args,
+                               *common], cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+    applied = tool("apply", str(path))
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    lines = [json.loads(x) for x in applied.stdout.splitlines()]
+    assert lines[-1]["status"] == "SUCCEEDED" and lines[-1]["verified"] is True
+    listed = tool("list")
+    assert json.loads(listed.stdout.splitlines()[-1])["result"] == {
+        "campaigns": [{"id": "from-file", "version": 3, "state": "active"}]}
+    (tmp_path / "c.json").write_text(json.dumps({"campaign": {
+        "id": "from-file", "version": 3, "signals": [{"name": "BMS_Status.SOC"}],
+        "trigger": {"period_ms": 500}}}))
+    again = tool("apply", str(tmp_path / "c.json"))
+    assert again.returncode == 1 and "not newer" in again.stdout
+    assert tool("remove", "from-file").returncode == 0
+    bad = tool("apply", str(tmp_path / "missing.toml"))
+    assert bad.returncode == 2 and "cannot read" in bad.stderr
