@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import sys
 import tempfile
 import threading
@@ -57,7 +56,6 @@ def campaigns_for(plans, frames, n: int, firing: bool = False,
     """n condition campaigns over the numeric signals that vary in the log: watching for a
     value above the log's maximum (they stay false: the standing cost of conditions), or
     with `firing` above its 90th percentile (they fire, and their captures are sent)."""
-    import cantools  # noqa: F401 - decode below
 
     messages = plans[0].messages
     seen: dict[int, list[bytes]] = {}

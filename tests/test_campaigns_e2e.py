@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from agent.adapters.keys import generate_keypair, load_private_key
-from agent.core.cose import Signer, verify
+from agent.core.cose import Signer
 from support.agentproc import VIN, AgentProcess, SlcanFeeder, Verifier, wait_for
 from support.mosquitto import Consumer, Mosquitto, publish
 
