@@ -41,9 +41,10 @@ Decisions worth knowing:
   stored: rows not handed out yet are taken by (priority, id), so when the link is scarce the
   backlog drains lower numbers first. The uplink pages with ``after_id``; to keep that working
   unchanged, a row is handed out under an order number (``Row.id``) that is larger than every
-  number handed out before: its own id when that is larger (so without campaigns ``Row.id`` is
-  the row id and the order is insertion order, as before), else the next free number. ``ack``
-  takes those numbers. The uplink's urgent pass (responses, state, status first) is unchanged.
+  number handed out before: its own id when that is larger (rows handed out in insertion order
+  keep their ids), else the next free number. Without campaigns the order is insertion order,
+  as before. ``ack`` takes those numbers. The uplink's urgent pass (responses, state, status
+  first) is unchanged; the in-order pass returns the rows it already handed out first.
 * Campaign quota: a campaign batch stored with ``max_bytes`` evicts that campaign's own oldest
   rows (the new one included) until the campaign holds at most that much; the loss is counted
   in ``drop`` like any eviction.
@@ -205,10 +206,11 @@ class Outbox(GuardedDb):
             with self._txn():
                 total = self._bytes
                 if kind in _REPLACEABLE:
-                    for (size,) in self._conn.execute(
-                            "DELETE FROM messages WHERE kind = ? AND topic = ? RETURNING size",
-                            (kind, topic)).fetchall():
+                    for (size, old_id) in self._conn.execute(
+                            "DELETE FROM messages WHERE kind = ? AND topic = ?"
+                            " RETURNING size, id", (kind, topic)).fetchall():
                         total -= size
+                        self._forget(old_id)
                 row_id = self._insert(kind, topic, payload, None, 0, now_ms)
                 # (replaced state/status rows carry no samples: only eviction changes `queued`)
                 queued = [0, 0]
@@ -422,6 +424,7 @@ class Outbox(GuardedDb):
                 if held <= budget:
                     break
                 self._conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                self._forget(row_id)
                 total -= size
                 held -= size
                 batches += 1
