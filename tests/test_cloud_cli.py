@@ -159,3 +159,83 @@ def test_command_over_mutual_tls(tmp_path):
             assert "certificate verify failed" in rogue.stderr, rogue.stderr
         finally:
             agent.stop()
+
+
+# -- the agent's protocol choice (MQTT 5, 3.1.1 when the broker refuses or drops 5) ----------
+
+def listen(port: int, keys, *extra):
+    return tool("listen", "--broker", f"127.0.0.1:{port}", "--vin", VIN, "--pub",
+                str(keys / "cloud.pub"), "--duration", "1", *extra)
+
+
+@pytest.mark.mqtt
+@pytest.mark.e2e
+@pytest.mark.parametrize("refusal", ["connack", "close"])
+def test_cloud_falls_back_to_mqtt311_like_the_agent(keys, refusal):
+    from test_uplink import MqttProxy
+
+    with Mosquitto() as broker:
+        proxy = MqttProxy(broker.port, refuse_v5=refusal)
+        try:
+            run = listen(proxy.port, keys)
+            assert run.returncode == 0, run.stderr
+            line = f"broker 127.0.0.1:{proxy.port} works with MQTT 3.1.1; using it from now on"
+            assert f"tcu-cloud: {line}\n" in run.stderr
+            assert proxy.levels == [5, 4]
+            forced = listen(proxy.port, keys, "--mqtt", "5")  # no fallback: one line, exit 2
+            assert forced.returncode == 2 and "Traceback" not in forced.stderr
+            assert forced.stderr.startswith("tcu-cloud: error: ")
+            assert len(forced.stderr.splitlines()) == 1, forced.stderr
+            assert proxy.levels == [5, 4, 5]
+            direct = listen(proxy.port, keys, "--mqtt", "3.1.1")
+            assert direct.returncode == 0 and "works with" not in direct.stderr
+            assert proxy.levels == [5, 4, 5, 4]
+        finally:
+            proxy.close()
+
+
+@pytest.mark.e2e
+def test_cloud_falls_back_to_mqtt311_on_the_amqtt_broker(keys):
+    """amqtt speaks MQTT 3.1.1 only."""
+    from agent.cloud.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker().start()
+    try:
+        run = listen(broker.port, keys)
+    finally:
+        broker.stop()
+    assert run.returncode == 0, run.stderr
+    assert (f"tcu-cloud: 127.0.0.1:{broker.port} refused the connection: Unsupported protocol "
+            "version (MQTT 5); trying MQTT 3.1.1\n") in run.stderr
+    assert (f"tcu-cloud: broker 127.0.0.1:{broker.port} works with MQTT 3.1.1; using it from "
+            "now on\n") in run.stderr
+
+
+def test_command_to_a_vin_nothing_answers_says_no_status_was_seen(keys):
+    from support.mosquitto import publish
+    with Mosquitto() as broker:
+        base = ["command", "--broker", f"127.0.0.1:{broker.port}", "--key",
+                str(keys / "cloud.key"), "--name", "charge.start", "--timeout", "1.5"]
+        proc = tool(*base, "--vin", "NOSUCHVIN00000000")
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == ("tcu-cloud: no vehicle status was ever seen on "
+                               "vehicles/NOSUCHVIN00000000/status: no vehicle with this VIN has "
+                               "connected to this broker (sending anyway)\n")
+        assert json.loads(proc.stdout.splitlines()[-1])["error"] == (
+            "no vehicle status was ever seen on vehicles/NOSUCHVIN00000000/status")
+
+        # a vehicle that was there once: its retained record says it is offline
+        from agent.core.cose import Signer
+        from agent.adapters.keys import load_private_key
+        generate_keypair(keys, stem="vehicle")
+        offline = Signer(load_private_key(keys / "vehicle.key")).sign(
+            {"v": 1, "vin": "GONEVIN0000000000", "t": 1, "online": False, "agent": "0.1.0"})
+        publish("127.0.0.1", broker.port, "vehicles/GONEVIN0000000000/status", offline,
+                retain=True)
+        proc = tool(*base, "--vin", "GONEVIN0000000000")
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == ("tcu-cloud: the vehicle is offline (its retained status on "
+                               "vehicles/GONEVIN0000000000/status says online: false); the "
+                               "command waits for it\n")
+        assert json.loads(proc.stdout.splitlines()[-1])["error"] == (
+            "no terminal status before the timeout")

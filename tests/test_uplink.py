@@ -1,4 +1,7 @@
-"""The MQTT uplink (agent/adapters/mqtt.py) against a real mosquitto.
+"""The MQTT uplink (agent/adapters/mqtt.py) against a real mosquitto: the end-to-end proof.
+
+The decisions (order, window, fallback, backoff, the will at stop) are unit-tested on the state
+machine in test_uplink_core.py; these tests show the adapter carries them out on the wire.
 
 Payloads are opaque bytes carrying the outbox seq (``b"seq:<n>|<padding>"``). A small MQTT-aware
 TCP proxy (``MqttProxy``) sits between uplink and broker where a test needs to see or shape the
@@ -8,6 +11,7 @@ PUBLISHes, dropping the connection without a DISCONNECT.
 
 from __future__ import annotations
 
+import json
 import queue
 import shutil
 import signal
@@ -31,12 +35,13 @@ except ImportError:  # pytest put tests/ itself on sys.path
     from support.certs import Pki, generate_pki  # type: ignore[no-redef]
     from support.mosquitto import Consumer, Mosquitto, publish  # type: ignore[no-redef]
 
+from support.wait import wait_until
 from agent.adapters.mqtt import Uplink
 from agent.adapters.outbox import Outbox
 from agent.config import MqttConfig, TlsConfig
 from agent.errors import UplinkError
 
-pytestmark = pytest.mark.mqtt
+pytestmark = [pytest.mark.mqtt, pytest.mark.e2e]
 
 ROOT = Path(__file__).resolve().parent.parent
 VIN = "TESTVIN0000000001"
@@ -138,15 +143,6 @@ def seqs_in(msgs) -> list[int]:
 
 def left(ob: Outbox) -> int:
     return ob.stats()["messages"]
-
-
-def wait_until(cond, timeout: float = 10.0, what: str = "condition", diag=None) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            extra = f"; {diag()}" if diag else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(0.01)
 
 
 def free_port() -> int:
@@ -405,77 +401,6 @@ def test_order_kept_rows_acked_retained_kinds_retained(make_broker, outbox, make
     assert [(m.topic, m.payload, m.retain) for m in got] == [(STATE, b"state-final", True)]
 
 
-class RacingOutbox(Outbox):
-    """A real outbox on which a response is appended (and the uplink woken, as the publisher
-    does) right after each urgent peek: the moment between the uplink's urgent and in-order
-    peeks, which a concurrent append hits only by chance, made to happen every time."""
-
-    def __init__(self, directory: Path, responses: list[bytes]) -> None:
-        super().__init__(directory)
-        self.responses = list(responses)
-        self.uplink: Uplink | None = None
-
-    def peek(self, limit, after_id=None, urgent=False):
-        rows = super().peek(limit, after_id, urgent)
-        if urgent and self.responses and self.uplink is not None:
-            self.append("response", RESPONSES, self.responses.pop(0), 0)
-            self.uplink.wake()
-        return rows
-
-
-def test_an_urgent_row_appended_during_a_fill_is_sent_once(make_broker, make_uplink,
-                                                           tmp_path: Path) -> None:
-    responses = [b"response-%d" % i for i in range(40)]
-    ob = RacingOutbox(tmp_path / "racing", responses)
-    try:
-        add(ob, None, 300)  # a backlog being published while the responses come in
-        b = make_broker()
-        with Consumer(b.host, b.port, f"{PREFIX}/#") as c:
-            ob.uplink = up = make_uplink(config(b.port), ob)
-            wait_until(lambda: not ob.responses and left(ob) == 0, what="the outbox to empty",
-                       diag=up.status)
-            c.wait_for_count(340)
-            time.sleep(0.3)  # a duplicate would arrive now
-            msgs = c.messages
-        got = [m.payload for m in msgs if m.topic == RESPONSES]
-        assert got == responses, "each response exactly once, in order"
-        assert seqs_in(msgs) == list(range(1, 301))
-        st = up.status()
-        assert st["connects"] == 1 and st["published"] == st["acked"] == 340
-    finally:
-        if ob.uplink is not None:
-            ob.uplink.stop(0.5)  # before the outbox goes away under it
-        ob.close()
-
-
-def test_rows_sent_early_are_forgotten(make_broker, outbox) -> None:
-    """Urgent rows sent ahead of the backlog and acked before the in-order pass gets to them
-    do not stay in the connection's cursor."""
-    for i in range(200):
-        add(outbox, None, 1)
-        if i % 4 == 0:
-            outbox.append("response", RESPONSES, b"r-%d" % i, 0)
-    b = make_broker()
-    up = Uplink(config(b.port, max_inflight=10), outbox, CLIENT_ID, will=Will())
-    cursors = []
-    fill = up._fill_window
-
-    def spy(*args):
-        cursor, problem = fill(*args)
-        cursors.append((len(cursor.early), cursor))
-        return cursor, problem
-
-    up._fill_window = spy  # the worker thread looks it up on the instance
-    up.start()
-    try:
-        wait_until(lambda: left(outbox) == 0, what="the outbox to empty", diag=up.status)
-    finally:
-        up.stop(1.0)
-    assert len({id(c) for _, c in cursors}) == 1, "one connection"
-    assert max(n for n, _ in cursors) >= 10  # responses went early, were acked...
-    assert len(cursors[-1][1].early) == 0  # ...and nothing is kept after the drain
-
-
 def test_plain_tcp_with_username_and_password(make_broker, outbox, make_uplink,
                                               tmp_path: Path, caplog) -> None:
     passwd = shutil.which("mosquitto_passwd")
@@ -686,7 +611,7 @@ def test_rows_are_acked_only_on_puback_and_resent_after_reconnect(make_broker, m
     assert (st["connects"], st["published"], st["acked"], st["inflight"]) == (2, 10, 5, 0)
 
 
-@pytest.mark.parametrize("max_inflight, window", [(8, 8), (64, 20)])
+@pytest.mark.parametrize("max_inflight, window", [(64, 20)])
 def test_max_inflight_respected(make_broker, make_proxy, outbox, make_uplink,
                                 max_inflight: int, window: int) -> None:
     """window: max_inflight, capped by mosquitto's Receive Maximum (20)."""
@@ -884,18 +809,6 @@ def test_falls_back_to_mqtt311_and_remembers(make_broker, make_proxy, outbox, ma
     wait_until(lambda: left(outbox) == 0)
 
 
-def test_no_fallback_when_mqtt5_is_required(make_broker, make_proxy, outbox,
-                                            make_uplink) -> None:
-    b = make_broker()
-    proxy = make_proxy(b.port, refuse_v5="connack")
-    add(outbox, None, 3)
-    up = make_uplink(config(proxy.port, protocol="5"), outbox)
-    wait_until(lambda: len(proxy.levels) >= 3)
-    assert set(proxy.levels) == {5}
-    assert "Unsupported protocol version" in up.status()["last_error"]
-    assert up.status()["connects"] == 0 and left(outbox) == 3
-
-
 def test_mqtt311_when_configured(make_broker, make_proxy, outbox, make_uplink) -> None:
     b = make_broker()
     proxy = make_proxy(b.port)
@@ -978,3 +891,109 @@ def test_wake_latency(make_broker, outbox, make_uplink) -> None:
     # Not a performance check (that is the benchmark's job): without a working wake() only the
     # uplink's 1 s idle safety net would publish, and the median would be ~500 ms.
     assert statistics.median(latencies) < 250
+
+
+# --------------------------------------------------------------------------
+# commands are never retained; oversized packets are refused unread
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_retained_command_is_not_delivered(make_broker, outbox, make_uplink,
+                                             protocol: str) -> None:
+    b = make_broker()
+    publish(b.host, b.port, COMMANDS, b"retained-old", retain=True)
+    got: queue.Queue = queue.Queue()
+    up = make_uplink(config(b.port, protocol=protocol), outbox,
+                     subscribe={COMMANDS: lambda t, p: got.put(p)})
+    wait_until(lambda: up.status()["subscribed"], what="the SUBACK")
+    publish(b.host, b.port, COMMANDS, b"live", retain=True)  # live: forwarded unretained
+    publish(b.host, b.port, COMMANDS, b"plain")
+    assert got.get(timeout=5) == b"live" and got.get(timeout=5) == b"plain"
+    time.sleep(0.2)
+    assert got.empty()
+    # MQTT 5: retain handling 2, the broker sends nothing retained; 3.1.1: dropped, counted
+    assert up.status()["retained_ignored"] == (0 if protocol == "5" else 1)
+    assert up.status()["protocol"] == protocol
+
+
+def publish_big(port: int, topic: str, payload: bytes) -> None:
+    """QoS 1, waiting for the PUBACK by polling (paho's wait_for_publish can raise ValueError
+    on a slow machine when its own timeout runs out mid-wait)."""
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1)
+        wait_until(info.is_published, timeout=120, what="the broker to take 200 MB")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+def peak_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_200_mb_command_is_refused_and_rss_stays_bounded(make_broker, tmp_path: Path,
+                                                           protocol: str) -> None:
+    """The agent process subscribes to commands with the agent's limit (64 KiB + header room):
+    on MQTT 5 the broker is told (Maximum Packet Size) and drops the message; on 3.1.1 the
+    uplink ends the connection when the packet's length is read, before its body."""
+    b = make_broker()  # mosquitto takes packets up to 256 MB by default
+    code = textwrap.dedent(f"""
+        import json, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from agent.adapters.mqtt import Uplink
+        from agent.adapters.outbox import Outbox
+        from agent.config import MqttConfig
+        from agent.core.uplink import HEADER_ROOM
+        ob = Outbox({str(tmp_path / "child-outbox")!r})
+        up = Uplink(MqttConfig(host="127.0.0.1", port={b.port}, protocol={protocol!r},
+                               reconnect_min_s=0.05, reconnect_max_s=0.2), ob, "tcu-big",
+                    will=lambda: ({STATUS!r}, b"offline"), max_packet_size=65536 + HEADER_ROOM)
+        up.subscribe({COMMANDS!r}, lambda t, p: print("got", len(p), flush=True))
+        up.start()
+        for line in sys.stdin:
+            print(json.dumps(up.status()), flush=True)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in child.stdout], daemon=True).start()
+    got: list[str] = []
+
+    def status() -> dict:
+        child.stdin.write("\n")
+        child.stdin.flush()
+        while not (line := lines.get(timeout=30)).startswith("{"):  # a loaded machine
+            got.append(line)
+        return json.loads(line)
+
+    try:
+        wait_until(lambda: status()["subscribed"], what="the SUBACK")
+        before = peak_rss_kb(child.pid)
+        publish_big(b.port, COMMANDS, b"x" * (200 * 1024 * 1024))
+        connects = 1 if protocol == "5" else 2  # 3.1.1: the connection ended at the packet
+        wait_until(lambda: (s := status())["subscribed"] and s["connects"] == connects,
+                   timeout=30, what="the uplink subscribed again")
+        publish(b.host, b.port, COMMANDS, b"small")  # commands still get through
+        wait_until(lambda: status() and "got 5\n" in got, timeout=20, what="the small command")
+        st = status()
+        peak = peak_rss_kb(child.pid)
+    finally:
+        child.kill()
+        child.wait()
+    print(f"\nMQTT {protocol}: peak RSS {before / 1024:.1f} MB before, {peak / 1024:.1f} MB "
+          f"after a 200 MB publish on commands; status {st}")
+    assert got == ["got 5\n"], "only the small message got in"
+    assert peak - before < 20 * 1024, "RSS stays bounded"
+    if protocol == "3.1.1":
+        assert st["oversized_refused"] == 1 and st["connects"] == 2
+        assert "over the limit" in st["last_error"]
+    else:  # the broker knows our Maximum Packet Size: it never sends the message
+        assert st["oversized_refused"] == 0 and st["connects"] == 1

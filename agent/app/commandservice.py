@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..adapters.clockstore import mono_ms
 from ..adapters.replaystore import ReplayStore
 from ..adapters.truststore import load_trust_store
 from ..config import CommandsConfig
@@ -49,8 +50,13 @@ class CommandService:
         self.handlers: tuple[Handler, ...] = tuple(handlers)
         self.registry = Registry(h.family for h in self.handlers)
         self._by_family = {h.family.name: h for h in self.handlers}
-        self.gate = C.CommandGate(load_trust_store(cfg.trust_store, self.registry.names), vin,
-                                  gate_limits(cfg), self.registry)
+        self._trust = self._by_family.get("trust")  # the trust store as a TUF target
+        store = (self._trust.initial_store() if self._trust is not None
+                 else load_trust_store(cfg.trust_store, self.registry.names))
+        self.gate = C.CommandGate(store, vin, gate_limits(cfg), self.registry,
+                                  clock=getattr(publisher, "clock", None))
+        if self._trust is not None:
+            self._trust.bind_gate(self.gate)
         self.replay = ReplayStore(storage_dir, on_loss=self.gate.note_replay_loss)
         self.gate.note_replay_loss(self.replay.lost_at_ms)
         self.bucket = TokenBucket(cfg.reject_rate_per_s, cfg.reject_burst)
@@ -80,7 +86,7 @@ class CommandService:
                 self.counters["flood_dropped"] += 1
                 return
             self.flooding = False
-        outcome = self.gate.check(message, now_ms, self.replay.seen)
+        outcome = self.gate.check(message, now_ms, self.replay.seen, mono_ms())
         if isinstance(outcome, C.Accepted):
             self._accepted(outcome.command, now_ms)
         elif isinstance(outcome, C.Redelivery):
@@ -187,7 +193,8 @@ class CommandService:
     def reload_trust(self) -> None:
         """SIGHUP: re-read the trust store; a broken file keeps the old one."""
         try:
-            store = load_trust_store(self.cfg.trust_store, self.registry.names)
+            store = (self._trust.reload() if self._trust is not None
+                     else load_trust_store(self.cfg.trust_store, self.registry.names))
         except AgentError as e:
             log.error("trust store not reloaded, keeping the previous one: %s", e)
             return
@@ -209,6 +216,8 @@ class CommandService:
 
     def close(self) -> None:
         self._final = self.status()
+        for h in self.handlers:  # handlers with threads or connections of their own
+            getattr(h, "close", lambda: None)()
         self.replay.close()
 
 

@@ -24,6 +24,7 @@ from ..core.executor import STATE_FAMILY, Executor, Send, Status, actions_family
 from ..core.protocol import REJECTED, SUCCEEDED, UNKNOWN_COMMAND
 from ..core.registry import Family, Registry
 from ..errors import BusError, ConfigError
+from .diagservice import diag_handlers
 
 if TYPE_CHECKING:
     from ..adapters.canbus import BusReader
@@ -149,7 +150,7 @@ class UpdateHandler:
 def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
              readers: Sequence[BusReader], state_values: Callable[[], dict],
              publish_state: Callable[[dict, int], None], updates: UpdateService | None,
-             health: Health, publish_batch: Callable | None = None) -> list[Handler]:
+             health: Health, publisher=None) -> list[Handler]:
     """Every family's handler for this config. Raises ConfigError (a configured action whose
     name another family owns)."""
     from .assemble import action_plans
@@ -163,9 +164,14 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
                        lambda bus, can_id, data: readers[bus].send(can_id, data)),
         StateHandler(state_values, publish_state),
         UpdateHandler(updates, health),
+        *diag_handlers(config, core, publisher),
     ]
     if config.campaigns is not None:
-        out.append(CampaignHandler(config, plans, core, readers, publish_batch))
+        out.append(CampaignHandler(config, plans, core, readers,
+                                   publisher.batch if publisher is not None else None))
+    from .trustservice import TrustHandler
+
+    out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:

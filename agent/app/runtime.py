@@ -10,6 +10,7 @@ closed batches to the batch sink. The core is only ever touched by the core thre
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import signal
 import threading
@@ -43,13 +44,13 @@ class Agent:
         self.publish = publish
         for i, bus in enumerate(config.bus):
             check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
-        self.plans = bus_plans(config)
+        self.plans = bus_plans(config, cache_dir=config.storage.dir / "dbc-cache")  # fast start
         self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
-            from ..adapters.keys import load_private_key
+            from ..adapters.keys import load_signing_key
 
-            load_private_key(config.signing.key_file)  # refuse to start on a bad key all the same
+            load_signing_key(config.signing)  # refuse to start on a bad key all the same
         if publish and config.mqtt is not None:
             from .publisher import Publisher  # paho and SQLite only where they are used
 
@@ -59,9 +60,12 @@ class Agent:
         self.commands = None
         self._reload_trust = threading.Event()
         self._frames: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
+        writes = _written_buses(config, self.plans)  # power: the rest are listen-only
         self.readers = [
             BusReader(i, bus, self._enqueue,
-                      receive_filters(plan.selected) if bus.filters else None)
+                      receive_filters(plan.selected) if bus.filters else None,
+                      listen_only=bus.listen_only if bus.listen_only is not None
+                      else i not in writes)
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
         self.simulator = None
@@ -77,10 +81,13 @@ class Agent:
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
                                        self.state_values, self.publisher.state, self.updates,
-                                       self.health, publish_batch=self.publisher.batch)
+                                       self.health, publisher=self.publisher)
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
+        elif config.diagnostics is not None:  # its service is the diag command family's handler
+            log.warning("[diagnostics] needs [mqtt] and [commands] to run in the agent; "
+                        "`tcu-agent diag --direct` works without them")
         self.serial = []  # the modem poller and GNSS reader: values into the core via the queue
         if config.modem is not None:
             from ..adapters.modem import ModemPoller, deadbands
@@ -90,9 +97,10 @@ class Agent:
         if config.gnss is not None:
             from ..adapters.gnss import GnssReader
 
-            self.serial.append(GnssReader(config.gnss, self._on_values))
+            self.serial.append(GnssReader(config.gnss, self._on_gnss))
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
         self.watchdog = Watchdog.from_env(self.notifier)
+        self._init_power()
         self.batches_closed = 0
         self.core_failures = 0
         self._step_failures: dict[str, int] = {}
@@ -103,11 +111,44 @@ class Agent:
         self.restart_requested = False
         self._core_thread: threading.Thread | None = None
         self._rates: dict[int, tuple[float, int, float]] = {}
+        self.control = None  # the local control socket (app/controltopics.py), from start()
+        self.last_status: dict | None = None  # taken by the core thread, read by the socket
 
     def _enqueue(self, bus: int, t: float, can_id: int, data: bytes) -> None:
         self._frames.put((bus, t, can_id, data))
 
     def _on_values(self, t: float, values: dict) -> None:
+        self._frames.put(Values(t, dict(values)))
+
+    # -- power (app/power.py): the parked car -----------------------------------------------
+
+    def _init_power(self) -> None:
+        from .power import LinkRecovery, PowerService
+
+        self.power = None
+        self.link_recovery = None
+        self._gnss_next = 0.0
+        modem = next((s for s in self.serial if s.thread_name == "modem"), None)
+        if self.config.power is not None:
+            self.power = PowerService(self.config.power, self.core, len(self.readers),
+                                      publisher=self.publisher, notifier=self.notifier,
+                                      modem=modem, deliver=self._deliver, now=time.time())
+            actions = next((h for h in self.commands.handlers if h.family.name == "actions"),
+                           None) if self.commands is not None else None
+            if actions is not None:  # commands on a sleeping bus: wake it or refuse
+                actions.executor.power = self.power.machine
+                actions.executor.bus_names = [b.name for b in self.config.bus]
+        if modem is not None and self.publisher is not None:
+            uplink = self.publisher.uplink
+            self.link_recovery = LinkRecovery(self.config.modem, modem,
+                                              lambda: uplink.status()["state"] == "connected")
+
+    def _on_gnss(self, t: float, values: dict) -> None:
+        # Asleep or in protect: one fix per slow interval (a parked car that moves is news).
+        if self.power is not None and self.power.slow:
+            if t < self._gnss_next:
+                return
+            self._gnss_next = t + self.config.power.slow_poll_s
         self._frames.put(Values(t, dict(values)))
 
     def _on_command(self, topic: str, payload: bytes) -> None:
@@ -144,9 +185,14 @@ class Agent:
             service.start()
         self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
         self._core_thread.start()
+        if self.publish:
+            from .controltopics import start_control
+            self.control = start_control(self)
 
     def stop(self) -> None:
         """Stop reading, feed what was read, close the open batch."""
+        if self.control:
+            self.control.stop()
         for r in self.readers:
             r.stop()
         for service in self.serial:
@@ -249,6 +295,8 @@ class Agent:
                 if self.updates is not None:
                     self._check_restart()
             if now >= next_tick:
+                if self.power is not None:  # first: a silent car quiets the core before
+                    self._step("power", self.power.poll, now)  # its timeouts run
                 self.core.tick(now)
                 next_tick = now + TICK_S
                 if self.publisher:
@@ -257,6 +305,8 @@ class Agent:
                 self._deliver()
             if now >= next_status:
                 next_status = now + STATUS_EVERY_S
+                if self.link_recovery is not None:
+                    self._step("link recovery", self.link_recovery.poll, int(now * 1000))
                 self._write_status(running=True)
             self._failing_passes = 0  # a whole pass went through
 
@@ -304,7 +354,9 @@ class Agent:
         if not self.publish:
             return
         try:
-            write_status(self.config.storage.dir, self.status(running))
+            status = self.status(running)
+            self.last_status = {**status, "pid": os.getpid(), "written_ms": int(time.time() * 1000)}
+            write_status(self.config.storage.dir, status)
         except Exception as e:  # disk full, a broken outbox behind status(): never fatal
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
@@ -331,6 +383,8 @@ class Agent:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
+            if self.publisher is not None:
+                self.publisher.gnss_values(item.values, int(item.t * 1000))
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
@@ -343,6 +397,11 @@ class Agent:
     def _deliver(self) -> None:
         for batch in self.core.take_batches():
             self.batches_closed += 1
+            if self.power is not None and self.power.dropping:  # protect: not published
+                self.power.dropped_samples += batch.samples
+                if self.publisher is not None:
+                    self.publisher.skipped(batch.samples)
+                continue
             try:
                 self.on_batch(batch)
             except Exception:  # a sink bug must not stop ingest
@@ -384,4 +443,22 @@ class Agent:
             out.update(self.commands.status())
         for service in self.serial:
             out[service.thread_name] = service.status()  # "modem", "gnss"
+        if self.power is not None:
+            out["power"] = self.power.status()
+        if self.link_recovery is not None:
+            out["link_recovery"] = self.link_recovery.status()
         return out
+
+
+def _written_buses(config: Config, plans) -> set[int]:
+    """Bus indexes we send on: a command action's frames and wake frames, and diagnostic
+    requests (sent through the diagnostics' own connection to the bus)."""
+    if config.commands is None:  # and diagnostics run in the agent only with [commands]
+        return set()
+    names = [b.name for b in config.bus]
+    out = {names.index(e.bus or names[0]) for e in config.diagnostics.ecu} \
+        if config.diagnostics is not None and config.mqtt is not None else set()
+    from .assemble import action_plans
+
+    return out | {fp.bus for plan in action_plans(config, plans).values()
+                  for fp in (*plan.frames, *plan.wake)}

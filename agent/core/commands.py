@@ -52,11 +52,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.errors import ParamError, VerificationError
 
 from . import cose
+from .clock import TrustedClock
 from .protocol import (
     BAD_ENVELOPE,
     BAD_PARAMS,
@@ -85,10 +84,12 @@ class GateLimits:
 
 @dataclass(frozen=True, slots=True)
 class TrustedKey:
-    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs)."""
+    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs).
+
+    The key is Ed25519 or P-256 (TypeError otherwise); its type fixes the alg it signs with."""
 
     name: str
-    public_key: Ed25519PublicKey
+    public_key: cose.PublicKey
     allow: tuple[str, ...]
     kid: bytes = field(init=False)
 
@@ -123,7 +124,7 @@ class TrustStore:
         return self._by_kid.get(kid)
 
     @property
-    def public_keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+    def public_keys(self) -> Mapping[bytes, cose.PublicKey]:
         """kid -> public key, as cose.verify wants it."""
         return self._public
 
@@ -201,7 +202,12 @@ def _is_uint(value: Any) -> bool:
 class CommandGate:
     """Decides what to do with one message from the commands topic. See the module docstring."""
 
-    def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry):
+    def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry,
+                 clock: TrustedClock | None = None):
+        """clock: the time floor (core/clock.py); with it, check() takes mono_ms and evaluates
+        the time window against clock.now_ms(now_ms, mono_ms), and an accepted command's iat
+        raises the floor."""
+        self.clock = clock
         self._trust = trust
         self.vin = vin
         self.registry = registry
@@ -226,13 +232,19 @@ class CommandGate:
         if lost_at_ms is not None:
             self._replay_floor_ms = max(self._replay_floor_ms, lost_at_ms + self.max_skew_ms)
 
-    def check(self, message: bytes, now_ms: int, seen: Seen) -> Outcome:
+    def check(self, message: bytes, now_ms: int, seen: Seen, mono_ms: int = 0) -> Outcome:
         """Accepted, Rejected or Redelivery for one received message. Never raises.
 
         `seen(id)` returns the digest recorded for that id, or None (the replay store).
+        now_ms is the system clock; mono_ms a monotonic clock (only used with a `clock`).
         """
         try:
-            return self._check(message, now_ms, seen)
+            if self.clock is None:
+                return self._check(message, now_ms, seen)
+            outcome = self._check(message, self.clock.now_ms(now_ms, mono_ms), seen)
+            if isinstance(outcome, Accepted):
+                self.clock.observe(outcome.command.iat, mono_ms, "command")
+            return outcome
         except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
             return Rejected(None, INTERNAL_ERROR, f"unexpected {type(e).__name__} checking a command")
 
