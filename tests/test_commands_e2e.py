@@ -21,37 +21,13 @@ from agent.config import load_config
 from agent.core.cose import Signer, kid_of, verify
 from agent.app.runtime import Agent
 from conftest import ROOT
+from support.buswatch import BusWatch  # noqa: F401 - other test files import it from here
 from support.mosquitto import Consumer, Mosquitto, publish
 
 pytestmark = pytest.mark.mqtt
 
 VIN = "DEMO0EV0000000001"
 REQUEST_IDS = {0x5A0, 0x5A1}  # TCU_ChargeRequest, TCU_LockRequest
-
-
-class BusWatch:
-    """Records every frame on the virtual bus (what the agent sends, what the EV sends)."""
-
-    def __init__(self, channel: str):
-        self.bus = can.Bus(interface="virtual", channel=channel)
-        self.frames: list[tuple[float, int, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            msg = self.bus.recv(0.05)
-            if msg is not None:
-                self.frames.append((time.monotonic(), msg.arbitration_id, bytes(msg.data)))
-
-    def requests_since(self, t: float) -> list:
-        return [f for f in self.frames if f[0] >= t and f[1] in REQUEST_IDS]
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(1)
-        self.bus.shutdown()
 
 
 class Cloud:

@@ -8,6 +8,8 @@ Mosquitto and the simulated EV on a virtual bus, and watch the bus."""
 
 from __future__ import annotations
 
+import functools
+
 import random
 import time
 import uuid
@@ -21,6 +23,8 @@ from agent.config import load_config
 from agent.core.cose import Signer, kid_of, verify
 from conftest import ROOT
 from support.mosquitto import Consumer, Mosquitto, _free_port, publish
+import support.wait
+from support.buswatch import BusWatch
 
 VIN = "DEMO0EV0000000001"
 
@@ -201,39 +205,7 @@ def test_a_forged_flood_under_a_trusted_kid_leaves_a_resent_genuine_command_a_ch
 
 # -- items 4 and 8: storage failures -------------------------------------------------------
 
-class BusWatch:
-    def __init__(self, channel):
-        import can
-        import threading
-
-        self.bus = can.Bus(interface="virtual", channel=channel)
-        self.frames = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            m = self.bus.recv(0.05)
-            if m is not None:
-                self.frames.append((time.monotonic(), m.arbitration_id))
-
-    def requests_since(self, t):
-        return [f for f in self.frames if f[0] >= t and f[1] in (0x5A0, 0x5A1)]
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(1)
-        self.bus.shutdown()
-
-
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+wait_until = functools.partial(support.wait.wait_until, timeout=10.0)
 
 
 @pytest.fixture

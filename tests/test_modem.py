@@ -6,6 +6,8 @@ that unplug()/replug() removes and points at a new pty, as udev does for a USB m
 
 from __future__ import annotations
 
+import functools
+
 import itertools
 import json
 import subprocess
@@ -20,17 +22,12 @@ from agent.adapters.modem import ModemPoller
 from agent.config import ModemConfig
 from agent.errors import BusError
 from agent.sim.modem import PARTIAL, SimulatedModem
+import support.wait
 
 P = "Vehicle.Connectivity."
 
 
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_until = functools.partial(support.wait.wait_until, timeout=5.0)
 
 
 class Sink:

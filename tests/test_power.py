@@ -4,6 +4,8 @@ on a sagging 12 V battery; listen-only buses."""
 
 from __future__ import annotations
 
+import functools
+
 import time
 import tomllib
 import uuid
@@ -19,6 +21,7 @@ from agent.errors import BusError
 from conftest import ROOT
 from support.mosquitto import Consumer, Mosquitto
 from test_commands_e2e import BusWatch, Cloud, wait_ready
+import support.wait
 
 pytestmark = pytest.mark.mqtt
 
@@ -26,14 +29,7 @@ VIN = "DEMO0EV0000000001"
 NM_TCU = 0x500
 
 
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_until = functools.partial(support.wait.wait_until, timeout=10.0)
 
 
 class Feed:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 import signal
@@ -16,6 +18,7 @@ from agent.adapters.canbus import receive_filters
 from agent.cli.main import main as cli_main
 from agent.config import config_from_dict
 from agent.app.runtime import Agent
+import support.wait
 
 
 def config(test_dbc, tmp_path, **bus):
@@ -29,13 +32,7 @@ def config(test_dbc, tmp_path, **bus):
     return config_from_dict(raw, base=tmp_path)
 
 
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
+wait_until = functools.partial(support.wait.wait_until, timeout=5.0)
 
 
 def test_agent_decodes_live_frames_into_batches(test_dbc, tmp_path):
