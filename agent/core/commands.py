@@ -16,6 +16,13 @@ is the answer and nothing after it runs:
  10. the name is in the command registry (core/registry.py)                    UNKNOWN_COMMAND
  11. parameters: the name's family's check_params raised ParamError            BAD_PARAMS
 
+A message whose protected header carries a rental grant (PROTOCOL.md §11, core/grants.py)
+replaces steps 2-3 by: the grant verified against the trust store (cached by digest) and
+checked (vin, nbf..exp, not revoked), then the command's kid must be the grant's key and its
+signature verify with it; step 9 then requires the name to match the grant's `allow` AND its
+signer's. A grant-bearing command never raises the clock floor (its signer is a phone, not a
+trusted key), and a driver's `rental.*` command may only name its own rental.
+
 Choices where the protocol is silent:
 - The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
   id None. Echoing an unauthenticated id would let anyone who can publish on the commands
@@ -54,7 +61,7 @@ from typing import Any
 
 from agent.errors import ParamError, VerificationError
 
-from . import cose
+from . import cose, grants
 from .clock import TrustedClock
 from .protocol import (
     BAD_ENVELOPE,
@@ -151,6 +158,7 @@ class Command:
     kid: bytes
     key_name: str
     digest: bytes  # sha256 of the signed payload bytes: tells a re-delivery from a replay
+    rental: str | None = None  # set when signed by a driver's key under a rental grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +211,8 @@ class CommandGate:
     """Decides what to do with one message from the commands topic. See the module docstring."""
 
     def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry,
-                 clock: TrustedClock | None = None):
+                 clock: TrustedClock | None = None, revoked: grants.Revoked | None = None,
+                 max_grant_ms: int = grants.MAX_GRANT_MS):
         """clock: the time floor (core/clock.py); with it, check() takes mono_ms and evaluates
         the time window against clock.now_ms(now_ms, mono_ms), and an accepted command's iat
         raises the floor."""
@@ -215,6 +224,8 @@ class CommandGate:
         self.max_skew_ms = limits.max_skew_ms
         self.max_lifetime_ms = limits.max_lifetime_ms
         self._replay_floor_ms = 0  # iat below this: possibly seen before the memory was lost
+        self.revoked = revoked  # (rental, now_ms) -> bool: ended/revoked rentals
+        self.grants = grants.GrantCache(max_grant_ms=max_grant_ms)
 
     @property
     def trust(self) -> TrustStore:
@@ -242,7 +253,7 @@ class CommandGate:
             if self.clock is None:
                 return self._check(message, now_ms, seen)
             outcome = self._check(message, self.clock.now_ms(now_ms, mono_ms), seen)
-            if isinstance(outcome, Accepted):
+            if isinstance(outcome, Accepted) and outcome.command.rental is None:
                 self.clock.observe(outcome.command.iat, mono_ms, "command")
             return outcome
         except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
@@ -254,11 +265,24 @@ class CommandGate:
         if size is not None and size > self.max_message_bytes:
             return Rejected(None, BAD_ENVELOPE,
                             f"message is {size} bytes, over the {self.max_message_bytes}-byte limit")
+        grant = None
         try:
-            verified = cose.verify(message, trust.public_keys)
+            # Fast path: without the text "grant" in it no header can carry a grant.
+            carried = (grants.grant_bytes(message) if size is not None
+                       and b"\x65grant" in bytes(message) else None)
+            if carried is None:
+                verified = cose.verify(message, trust.public_keys)
+                key = trust.get(verified.kid)
+            else:
+                grant = self.grants.get(carried, trust)
+                grants.check(grant, self.vin, now_ms, self.revoked)
+                grants.check_kid(grant, cose._parse(message, self.max_message_bytes).kid)
+                verified = cose.verify(message, {grant.kid: grant.key})
+                key = _GrantKey(grant, trust.get(grant.signer_kid))
         except VerificationError as e:
-            return Rejected(None, e.reason, str(e))
-        key = trust.get(verified.kid)
+            return Rejected(None, e.reason, str(e) if grant is None else f"rental key: {e}")
+        except grants.GrantError as g:
+            return Rejected(None, g.reason, g.detail)
         payload = verified.payload
         cid = payload.get("id")
         cid = cid if type(cid) is str and _ID.fullmatch(cid) else None
@@ -295,7 +319,8 @@ class CommandGate:
         name, params = payload["name"], payload["params"]
         try:
             if not key.allows(name):
-                raise _Reject(UNAUTHORIZED, f"key {key.name!r} may not issue {_show(name)}")
+                raise _Reject(UNAUTHORIZED, key.refusal(name) if grant is not None
+                              else f"key {key.name!r} may not issue {_show(name)}")
             family = self.registry.family_of(name)
             if family is None:
                 raise _Reject(UNKNOWN_COMMAND, f"no command {_show(name)} on this vehicle")
@@ -303,11 +328,35 @@ class CommandGate:
                 family.check_params(name, params)
             except ParamError as e:
                 raise _Reject(BAD_PARAMS, e.detail) from None
+            if grant is not None and name.startswith("rental.") \
+                    and params.get("rental") != grant.rental:
+                raise _Reject(UNAUTHORIZED, f"a rental key may only end its own rental "
+                                            f"({grant.rental})")
         except _Reject as r:
             return Rejected(cid, r.reason, r.detail, digest=digest, exp=exp)
         return Accepted(Command(id=cid, vin=payload["vin"], name=name,
                                 params=types.MappingProxyType(dict(params)), iat=iat, exp=exp,
-                                kid=verified.kid, key_name=key.name, digest=digest))
+                                kid=verified.kid, key_name=key.name, digest=digest,
+                                rental=None if grant is None else grant.rental))
+
+
+class _GrantKey:
+    """A driver's key as the authorisation step sees it: allowed what both the grant and the
+    grant's signer allow (a grant never widens what its signer may do)."""
+
+    __slots__ = ("grant", "signer", "name")
+
+    def __init__(self, grant: grants.Grant, signer: TrustedKey):
+        self.grant, self.signer = grant, signer
+        self.name = f"rental {grant.rental} (granted by {signer.name})"
+
+    def allows(self, name: str) -> bool:
+        return self.grant.allows(name) and self.signer.allows(name)
+
+    def refusal(self, name: str) -> str:
+        if not self.grant.allows(name):
+            return f"rental {self.grant.rental} does not allow {_show(name)}"
+        return f"the rental's issuer {self.signer.name!r} may not issue {_show(name)}"
 
 
 def _check_schema(p: dict) -> None:
