@@ -53,8 +53,14 @@ class CommandService:
         self._trust = self._by_family.get("trust")  # the trust store as a TUF target
         store = (self._trust.initial_store() if self._trust is not None
                  else load_trust_store(cfg.trust_store, self.registry.names))
+        rental = self._by_family.get("rental")
+        revoked = rental.revoked if getattr(rental, "cfg", None) is not None else None
         self.gate = C.CommandGate(store, vin, gate_limits(cfg), self.registry,
-                                  clock=getattr(publisher, "clock", None))
+                                  clock=getattr(publisher, "clock", None), revoked=revoked,
+                                  max_grant_ms=rental.cfg.max_grant_ms if revoked else
+                                  C.grants.MAX_GRANT_MS)
+        if revoked is not None:
+            rental.bind_gate(self.gate)
         if self._trust is not None:
             self._trust.bind_gate(self.gate)
         self.replay = ReplayStore(storage_dir, on_loss=self.gate.note_replay_loss)

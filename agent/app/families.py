@@ -146,6 +146,18 @@ class UpdateHandler:
             self.service.mark_reported(statuses)
 
 
+def rental_handler(config: Config, actions, core: TelemetryCore, readers) -> Handler:
+    import time
+
+    from .rentalservice import RentalHandler, immobilizer_plan
+
+    where = f"{config.path}: " if config.path else ""
+    return RentalHandler(config.rental, config.storage.dir, int(time.time() * 1000), core.lookup,
+                         immobilizer_plan(config.rental, actions, where),
+                         lambda bus, can_id, data: readers[bus].send(can_id, data),
+                         core.last_frame, position=config.gnss is not None)
+
+
 def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
              readers: Sequence[BusReader], state_values: Callable[[], dict],
              publish_state: Callable[[dict, int], None], updates: UpdateService | None,
@@ -165,6 +177,7 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
     ]
     from .trustservice import TrustHandler
 
+    out.append(rental_handler(config, actions, core, readers))
     out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)

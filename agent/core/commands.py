@@ -72,6 +72,7 @@ from .protocol import (
     REPLAYED,
     UNAUTHORIZED,
     UNKNOWN_COMMAND,
+    UNKNOWN_KEY,
     WRONG_VEHICLE,
 )
 from .registry import Registry
@@ -273,6 +274,9 @@ class CommandGate:
             if carried is None:
                 verified = cose.verify(message, trust.public_keys)
                 key = trust.get(verified.kid)
+            elif self.revoked is None:  # no revocation memory: no rentals on this vehicle
+                return Rejected(None, UNKNOWN_KEY, "this vehicle takes no rental keys "
+                                                   "(no [rental] configured)")
             else:
                 grant = self.grants.get(carried, trust)
                 grants.check(grant, self.vin, now_ms, self.revoked)

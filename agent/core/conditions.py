@@ -7,6 +7,7 @@ that was never seen or is stale fails every condition: a precondition is never a
     VCU_Drive.Speed <= 0.5
     BodyStatus.Locked == true
     OBC_Status.ChargeLimit == {percent}      ({param} is replaced by the command's parameter)
+    BCM_Status.DriverDoorOpen == 0 | driver door open    (after " | ": the label a failure shows)
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ class Condition:
     signal: str
     op: str
     literal: Any  # a number, str or bool; or a Param
+    label: str = ""  # shown instead of the technical why-not when it fails
 
     def check(self, lookup: Lookup, now_ms: int, stale_ms: int,
               params: Mapping[str, Any] | None = None) -> tuple[bool, str]:
-        """(holds, why-not). Never-seen and stale signals fail."""
+        """(holds, why-not). Never-seen and stale signals fail. With a label, why-not is
+        "<label> (<technical why-not>)"."""
+        ok, why = self._check(lookup, now_ms, stale_ms, params)
+        return ok, (f"{self.label} ({why})" if self.label and not ok else why)
+
+    def _check(self, lookup: Lookup, now_ms: int, stale_ms: int,
+               params: Mapping[str, Any] | None) -> tuple[bool, str]:
         seen = lookup(self.signal)
         if seen is None:
             return False, f"{self.signal} never received"
@@ -65,6 +73,10 @@ class Param:
 
 def parse_condition(text: str, where: str) -> Condition:
     """Parse one condition; ConfigError names `where` (the config key) on a bad one."""
+    full, label = text, ""
+    head, sep, tail = text.rpartition(" | ")
+    if sep and '"' not in tail and "'" not in tail:
+        text, label = head, tail.strip()
     m = _FORM.match(text)
     if not m:
         raise ConfigError(f"{where}: {text!r} is not `Message.Signal OP value` "
@@ -72,7 +84,7 @@ def parse_condition(text: str, where: str) -> Condition:
     signal, op, raw = m.groups()
     pm = _PARAM.match(raw)
     if pm:
-        return Condition(text, signal, op, Param(pm.group(1)))
+        return Condition(full, signal, op, Param(pm.group(1)), label)
     try:
         literal = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -80,7 +92,7 @@ def parse_condition(text: str, where: str) -> Condition:
                           "{param}") from None
     if isinstance(literal, (list, dict)):
         raise ConfigError(f"{where}: compare with a single value, not {raw!r}")
-    return Condition(text, signal, op, literal)
+    return Condition(full, signal, op, literal, label)
 
 
 def check_all(conditions, lookup: Lookup, now_ms: int, stale_ms: int,

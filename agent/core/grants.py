@@ -187,7 +187,12 @@ class GrantCache:
         return grant
 
 
-Revoked = Callable[[str, int], bool]  # (rental, now_ms) -> refused from now on?
+    def latest_exp(self, rental: str) -> int | None:
+        """The latest exp of a cached grant of `rental` (how long to keep its revocation)."""
+        return max((g.exp for g in self._cache.values() if g.rental == rental), default=None)
+
+
+Revoked = Callable[[str, int], bool]  # (rental, grant nbf) -> refused (core/rental.py)?
 
 
 def check(grant: Grant, vin: str, now_ms: int, revoked: Revoked | None) -> None:
@@ -200,7 +205,7 @@ def check(grant: Grant, vin: str, now_ms: int, revoked: Revoked | None) -> None:
                                   f"{_minutes(grant.nbf - now_ms)}")
     if now_ms > grant.exp:
         raise GrantError(EXPIRED, f"rental {grant.rental} ended {_minutes(now_ms - grant.exp)} ago")
-    if revoked is not None and revoked(grant.rental, now_ms):
+    if revoked is not None and revoked(grant.rental, grant.nbf):
         raise GrantError(UNAUTHORIZED, f"rental {grant.rental} has ended or was revoked")
 
 
