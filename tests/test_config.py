@@ -173,7 +173,8 @@ def test_shipped_configs_are_valid(tmp_path):
 
     demo = load_config(ROOT / "configs" / "demo.toml")
     assert set(action_plans(demo, bus_plans(demo))) == {
-        "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock"}
+        "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock",
+        "immobilizer.on", "immobilizer.off"}
     for name in ("ca.pem", "c.crt", "c.key", "root.json"):
         (tmp_path / name).write_text("x")
     dbc = ROOT / "dbc" / "demo_ev.dbc"
