@@ -178,7 +178,8 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
     from .trustservice import TrustHandler
 
     out.append(rental_handler(config, actions, core, readers))
-    out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
+    out.append(TrustHandler(config, frozenset({"rental.grant"}).union(
+        *(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:
