@@ -183,3 +183,21 @@ def test_a_revoked_rental_stays_revoked_across_a_restart_without_replay_db(rig):
     # Another rental is not revoked; but replay.db was lost, so a command issued before the
     # agent noticed is refused by §6's replay rule until it expires, as any other would be.
     rig.refused("REPLAYED", name="doors.lock", grant=rig.grant(rental="R8"))
+
+
+def test_tcu_cloud_grant_and_command_with_it(rig, capsys):
+    from agent.cloud.main import main
+
+    k = rig.keys
+    grant = rig.tmp / "r3.grant"
+    assert main(["grant", "--key", str(k / "backend.key"), "--vin", VIN, "--driver-pub",
+                 str(k / "phone.pub"), "--rental", "R3", "--allow", "doors.*", "--valid", "2h",
+                 "--out", str(grant)]) == 0
+    broker = f"{rig.cloud.broker.host}:{rig.cloud.broker.port}"
+    base = ["command", "--broker", broker, "--vin", VIN, "--pub", str(k / "vehicle.pub"),
+            "--grant", str(grant), "--key", str(k / "phone.key"), "--timeout", "15"]
+    assert main([*base, "--name", "doors.unlock"]) == 0
+    assert not rig.agent.simulator.vehicle.state.locked
+    assert main([*base, "--name", "immobilizer.off"]) == 1  # not in this grant's allow
+    assert '"reason": "UNAUTHORIZED"' in capsys.readouterr().out
+    assert rig.agent.simulator.vehicle.state.immobilized
