@@ -55,7 +55,7 @@ allow = ["doors.*", "charge.*"]
                  f"signing.key_file={str(keys / 'vehicle.key')!r}", f"mqtt.port={broker.port}",
                  f"commands.trust_store={str(trust)!r}", "commands.reject_rate_per_s=1000",
                  "commands.reject_burst=1000", "mqtt.reconnect_min_s=0.1",
-                 "simulator.locked=true"]
+                 "simulator.locked=true", f"control.socket={str(tmp_path / 'c.sock')!r}"]
 
     class Rig:
         def start(self):
