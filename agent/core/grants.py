@@ -24,7 +24,7 @@ import fnmatch
 import hashlib
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,25 @@ def grant_bytes(message: Any) -> bytes | None:
     if type(value) is not bytes:
         raise GrantError(BAD_ENVELOPE, "grant: must be a bstr holding a COSE_Sign1")
     return value
+
+
+def claimed_signer(protected: bytes) -> bytes | None:
+    """For the flood screen, without any signature check: the kid the grant in this protected
+    header claims to be signed by, or None when there is no grant. Raises GrantError
+    (BAD_ENVELOPE) for a grant that cannot be one, VerificationError for a bad header."""
+    header = cose._decode_one(protected, "protected header")
+    if not isinstance(header, Mapping) or GRANT_LABEL not in header:
+        return None
+    grant = header[GRANT_LABEL]
+    if type(grant) is not bytes:
+        raise GrantError(BAD_ENVELOPE, "grant: must be a bstr holding a COSE_Sign1")
+    if len(grant) > MAX_GRANT_BYTES:
+        raise GrantError(BAD_ENVELOPE, f"grant is {len(grant)} bytes, over the "
+                                       f"{MAX_GRANT_BYTES}-byte limit")
+    kid = signer_kid(grant)
+    if kid is None:
+        raise GrantError(BAD_ENVELOPE, "grant: not a valid COSE_Sign1")
+    return kid
 
 
 def signer_kid(grant: bytes) -> bytes | None:
