@@ -279,7 +279,7 @@ def test_an_action_named_like_another_familys_command_is_refused():
                                           r"is claimed by families 'actions' and 'state'"):
         handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
     assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
-                        lambda values, t: None, None, lambda: (True, ""))) == 5  # actions, state, update, rental, trust
+                        lambda values, t: None, None, lambda: (True, ""))) == 6  # actions, state, update, rental, trust, diag
 
 
 def test_the_cores_selection_types_mirror_the_config():

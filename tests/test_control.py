@@ -162,7 +162,7 @@ def test_topics_and_versioned_messages(rig):
         assert ask({"v": 2, "topic": "signals"})["error"] == \
             "unsupported version 2 (this agent speaks 1)"
         assert ask({"v": 1, "topic": "nope"})["error"].startswith(
-            "unknown topic 'nope' (topics: buses, commands, outbox, signals, status, uplink, "
+            "unknown topic 'nope' (topics: buses, commands, diag, outbox, signals, status, uplink, "
             "watch")
         f.write(b"not json\n")
         f.flush()

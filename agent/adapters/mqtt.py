@@ -50,6 +50,7 @@ class Uplink:
             f"{cfg.host}:{cfg.port}", cfg.protocol, cfg.reconnect_min_s, cfg.reconnect_max_s,
             cfg.max_inflight, cfg.tls.ca is not None, max_packet_size))
         self._lock = threading.Lock()  # guards the machine and _subs; never held calling out
+        self._keepalive: int | None = None  # set_keepalive(): the next connections' keepalive
         self._kick = threading.Event()
         self._events: collections.deque = collections.deque()  # (client, event) from paho
         self._thread: threading.Thread | None = None
@@ -67,6 +68,10 @@ class Uplink:
             self._m.send(core.Start(time.monotonic()))
             self._thread = threading.Thread(target=self._run, name="tcu-uplink", daemon=True)
         self._thread.start()
+
+    def set_keepalive(self, seconds: int | None) -> None:
+        """MQTT keepalive of the next connections (None: configured); fixed per connection."""
+        self._keepalive = seconds
 
     def wake(self) -> None:
         """Tell the uplink the outbox has new rows (cheap; call after every append)."""
@@ -155,7 +160,7 @@ class Uplink:
         client.on_message = self._on_message
         client.on_log = self._on_paho_log
         try:
-            client.connect(self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive,
+            client.connect(self._cfg.host, self._cfg.port, keepalive=self._keepalive or self._cfg.keepalive,
                            properties=client.connect_properties,
                            clean_start=True if a.protocol == "5" else
                            mqtt.MQTT_CLEAN_START_FIRST_ONLY)

@@ -4,6 +4,9 @@ signals   current values with their age, unit, and whether they are counters/che
 buses     per-bus state and rates          uplink, outbox   the MQTT link and the queue
 commands  recent commands and statuses     status           what the status file holds
 watch     a stream of changed values (and bus counters) every interval_s
+diag      diag.read_dtcs / clear_dtcs / read_data run by the agent's own diagnostics service
+          ({"name": "diag.read_dtcs", "params": {...}}; the same scheduler, spacing and
+          preconditions as a remote command, answered to the caller only)
 
 `signals` reads the core's snapshot view (as `monitor --direct` always has); the others read
 the status the core thread takes every second (agent.last_status), and `commands` the replay
@@ -83,6 +86,23 @@ def install(server, agent) -> None:
     server.register("outbox", section("outbox"))
     server.register("commands", lambda _req=None: {**identity(), **commands(agent)})
     server.register("watch", watch)
+
+    diag = next((h for h in (agent.commands.handlers if agent.commands else ())
+                 if h.family.name == "diag"), None)
+
+    def diagnostics(req: dict) -> dict:
+        if diag is None:
+            raise ValueError("this agent runs no diagnostics ([diagnostics] with [mqtt] and "
+                             "[commands])")
+        name = req.get("name")
+        if name not in ("diag.read_dtcs", "diag.clear_dtcs", "diag.read_data"):
+            raise ValueError("name: diag.read_dtcs, diag.clear_dtcs or diag.read_data")
+        params = req.get("params") or {}
+        if not isinstance(params, dict):
+            raise ValueError("params: a table")
+        return {**identity(), **diag.ask(name, params)}
+
+    server.register("diag", diagnostics)
 
 
 def _watch(signals, status, interval: float):

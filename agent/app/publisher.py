@@ -3,6 +3,12 @@
 Everything the vehicle sends is signed and committed to the outbox before the uplink may
 publish it; the uplink deletes a row only on the broker's PUBACK. Called from the runtime's
 core thread, except `on_connected`, which only raises a flag for that thread.
+
+One exception: a command status the outbox cannot store (disk full) is kept in memory instead
+(`response_volatile`, at most VOLATILE_MAX, oldest dropped and counted) so that the command is
+still answered. `flush_volatile` hands those on: straight to the uplink if it offers
+`publish_volatile(topic, payload)` (an in-memory QoS 1 publish, no outbox row), else back into
+the outbox as soon as it has room again (delivered rows free their pages).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 from ..adapters.clockstore import ClockStore, mono_ms
@@ -26,11 +33,13 @@ from ..core.clock import rmc_time_ms
 from ..core.cose import Signer
 from ..core.protocol import Topics, state_payload, status_record
 from ..core.ratelimit import RateLimit
-from ..errors import ConfigError
+from ..errors import AgentError, ConfigError
 
 log = logging.getLogger("agent.app.publisher")
 
 STATE_MIN_INTERVAL_MS = 1000  # state records on change: at most one a second
+VOLATILE_MAX = 64  # statuses kept in memory when the outbox cannot store them
+VOLATILE_RETRY_MS = 1000  # how often the outbox is tried again for them
 
 
 def now_ms() -> int:
@@ -66,6 +75,11 @@ class Publisher:
         self._just_connected = threading.Event()
         self._final: dict | None = None
         self._lost = 0  # samples of batches the outbox could not store (disk full)
+        self.power: str | None = None  # §10 power state carried by the status records
+        self.keepalive_s: int | None = None  # asleep: the longer MQTT keepalive wanted
+        self._volatile: deque[tuple[str, bytes]] = deque()  # (topic, signed status)
+        self.volatile_dropped = 0
+        self._volatile_tried_ms = 0
 
     def start(self) -> None:
         self.uplink.start()
@@ -123,6 +137,44 @@ class Publisher:
         self.outbox.append("response", self.topics.responses, message, now_ms())
         self.uplink.wake()
 
+    def response_volatile(self, payload: dict) -> bytes:
+        """Sign a command status the outbox could not store and keep it in memory (see the
+        module docstring); returns the signed message."""
+        signed = self.signer.sign(payload)
+        self.keep_signed(signed)
+        return signed
+
+    def keep_signed(self, message: bytes) -> None:
+        """Keep an already signed status in memory for the uplink (the outbox failed)."""
+        if len(self._volatile) >= VOLATILE_MAX:
+            self._volatile.popleft()
+            self.volatile_dropped += 1
+        self._volatile.append((self.topics.responses, message))
+        self.flush_volatile(now_ms(), force=True)
+
+    def volatile_pending(self) -> int:
+        return len(self._volatile)
+
+    def flush_volatile(self, t_ms: int, force: bool = False) -> int:
+        """Hand statuses kept in memory on (module docstring); at most every
+        VOLATILE_RETRY_MS unless `force`. Returns how many are still waiting."""
+        if not self._volatile or (not force and t_ms - self._volatile_tried_ms < VOLATILE_RETRY_MS):
+            return len(self._volatile)
+        self._volatile_tried_ms = t_ms
+        direct = getattr(self.uplink, "publish_volatile", None)  # not in the Uplink yet
+        while self._volatile:
+            topic, message = self._volatile[0]
+            try:
+                if direct is not None:
+                    direct(topic, message)
+                else:
+                    self.outbox.append("response", topic, message, t_ms)
+            except AgentError:
+                break
+            self._volatile.popleft()
+            self.uplink.wake()
+        return len(self._volatile)
+
     def _append(self, kind: str, topic: str, payload: dict) -> bytes:
         signed = self.signer.sign(payload)
         self.outbox.append(kind, topic, signed, now_ms())
@@ -147,10 +199,10 @@ class Publisher:
     def online(self) -> None:
         self._append("status", self.topics.status, self._status_record(True))
 
-    def _status_record(self, online: bool) -> dict:
-        system = now_ms()
+    def _status_record(self, online: bool, t_ms: int | None = None) -> dict:
+        system = now_ms() if t_ms is None else t_ms
         self.clock.now_ms(system, mono_ms())  # refreshes `behind`
-        return status_record(self.vin, system, online,
+        return status_record(self.vin, system, online, self.power if online else None,
                              clock="behind" if self.clock.behind else "ok", key=self.key_record)
 
     # -- key rotation ---------------------------------------------------------------------
@@ -210,6 +262,23 @@ class Publisher:
             log.info("the system clock agrees with GNSS time again")
         self.clockstore.observed(raised)
 
+    # -- power (app/power.py) ---------------------------------------------------------------
+
+    def power_status(self, power: str, t_ms: int | None = None) -> None:
+        """The signed online status with `power` (§5, §10): on a change and as the slow
+        heartbeat while asleep or in protect."""
+        self.power = power
+        self._append("status", self.topics.status, self._status_record(True, t_ms))
+
+    def skipped(self, samples: int) -> None:
+        """Samples of batches not published (protect): reported in the next batch's `drop`."""
+        self._lost += samples
+
+    def set_keepalive(self, seconds: int | None) -> None:
+        """The MQTT keepalive while asleep (None: the configured one)."""
+        self.keepalive_s = seconds
+        self.uplink.set_keepalive(seconds)  # from the next connection on
+
     def status(self) -> dict:
         if self._final is not None:
             return self._final
@@ -217,4 +286,5 @@ class Publisher:
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
                 "kid": self.signer.kid.hex(), "clock": self.clock.status(),
                 "key": {"kid": self.signer.kid.hex(), "alg": self.signer.alg,
-                        "prev": self.key_record["prev"].hex() if self.key_record else None}}
+                        "prev": self.key_record["prev"].hex() if self.key_record else None},
+                "volatile": {"pending": len(self._volatile), "dropped": self.volatile_dropped}}

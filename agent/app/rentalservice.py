@@ -28,7 +28,7 @@ from ..core.protocol import (
     SUCCEEDED,
     UNKNOWN_COMMAND,
 )
-from ..errors import AgentError, BusError, ConfigError
+from ..errors import AgentError, BusError, ConfigError, StorageError
 
 log = logging.getLogger("agent.rental")
 
@@ -44,7 +44,7 @@ class RentalHandler:
                  last_frame: Callable[[int, int], bytes | None] | None = None,
                  position: bool = False, dtcs: Callable[[], Any] | None = None):
         """immobilizer: the plan of cfg.immobilizer_on; send(bus, can_id, data) its frames;
-        position: GNSS is configured; dtcs() -> the active DTC codes when diagnostics are."""
+        position: GNSS is configured; dtcs() -> {ecu: [DTC codes last read]} with diagnostics."""
         self.cfg = cfg
         self.lookup = lookup
         self.position = position
@@ -59,6 +59,9 @@ class RentalHandler:
         self.immobilizer = immobilizer
         self._pending: dict[str, dict] = {}  # command id -> report, while immobilizing
         self._gate: CommandGate | None = None
+        # CommandService sets it: each status committed before the next output, so no frame
+        # is written before the command's ACCEPTED is durable (as ActionsHandler does).
+        self.commit: Callable[[Status, int], None] | None = None
         self.counters: dict[str, int] = {"rentals_ended": 0, "rentals_revoked": 0}
 
     def bind_gate(self, gate: CommandGate) -> None:
@@ -113,7 +116,7 @@ class RentalHandler:
                                  else {"lat": lat[0], "lon": lon[0]})
         if self.dtcs is not None:
             try:
-                extra["dtcs"] = list(self.dtcs())
+                extra["dtcs"] = self.dtcs()
             except AgentError as e:
                 extra["dtcs"] = None
                 log.warning("end-of-rental report without DTCs: %s", e)
@@ -124,15 +127,27 @@ class RentalHandler:
 
     def _apply(self, outputs: list, now_ms: int) -> list[Status]:
         out: list[Status] = []
+        aborted: set[str] = set()
         for item in outputs:
             if isinstance(item, Send):
+                if item.command_id in aborted:
+                    continue
                 try:
                     self._send(item.bus, item.can_id, item.data)
                 except BusError as e:
                     out += self._apply(self.executor.send_failed(item.command_id, str(e), now_ms),
                                        now_ms)
             elif isinstance(item, Status):
-                out.append(self._finish(item, now_ms))
+                s = self._finish(item, now_ms)
+                if self.commit is None:
+                    out.append(s)
+                    continue
+                try:
+                    self.commit(s, now_ms)
+                except StorageError as e:  # its ACCEPTED is not durable: no frame for it
+                    aborted.add(s.id)
+                    out += self._apply(self.executor.abort(
+                        s.id, f"cannot store its status, not executed: {e}"[:200], now_ms), now_ms)
         return out
 
     def _finish(self, s: Status, now_ms: int) -> Status:

@@ -93,7 +93,7 @@ class Demo:
                 generate_keypair(keys, stem=stem)
         trust = self.dir / "trust.toml"
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
-                         'allow = ["charge.*", "doors.*", "state.*", "immobilizer.*", '
+                         'allow = ["charge.*", "doors.*", "state.*", "diag.*", "immobilizer.*", '
                          '"rental.*", "rental.grant"]\n')
         broker = None
         protocol = "auto"
@@ -186,6 +186,11 @@ class Demo:
                 self._telemetry_line(body)
             elif kind == "responses" and body.get("id") in self.statuses:
                 self.statuses[body["id"]].append((time.monotonic(), body))
+            elif kind == "diagnostics":
+                shown = ", ".join(f"{n} " + (" ".join(d["code"] for d in e["dtcs"])
+                                             if len(e["dtcs"]) <= 3 else f"{len(e['dtcs'])} DTCs")
+                                  if e["dtcs"] else f"{n} none" for n, e in body["ecus"].items())
+                self.say(f"cloud: diagnostics record verified: {shown}")
             elif kind == "status":
                 self.say(f"cloud: vehicle {'online' if body['online'] else 'offline'} "
                          f"(agent {body['agent']}), signature verified")
@@ -251,9 +256,34 @@ class Demo:
             time.sleep(0.1)
         stop = self._send(cloud, vin, "charge.stop")
         self.results["charge.stop"] = self._wait(stop, 10)
+        self._diagnostics(agent, cloud, vin)
         self.results["rental"] = self._rental(agent, cloud, vin)
         time.sleep(max(0.0, end - time.monotonic()))  # the rest of --duration: live telemetry
         return all(r and r["status"] == "SUCCEEDED" for r in self.results.values())
+
+    def _diagnostics(self, agent, cloud, vin) -> None:
+        """A charger fault sets a DTC; the cloud reads it remotely, then clears it."""
+        state = agent.simulator.vehicle.state
+        state.fault = True
+        self.say("vehicle: charger fault (the VCU stores P0D27)")
+        time.sleep(0.2)
+        read = self._wait(self._send(cloud, vin, "diag.read_dtcs", {"ecus": ["vcu", "bms"]}), 10)
+        self.results["diag.read_dtcs"] = read
+        if read and read.get("result"):
+            for name, ecu in read["result"]["ecus"].items():
+                codes = [f"{d['code']} (0x{d['status']:02X})" for d in ecu.get("dtcs", [])]
+                self.say(f"cloud: {name}: " + (ecu["error"] if "error" in ecu else
+                                               ", ".join(codes[:3]) + (f" +{len(codes) - 3} more"
+                                                                       if len(codes) > 3 else "")
+                                               or "no DTCs"))
+            vcu = read["result"]["ecus"].get("vcu", {}).get("dtcs", [])
+            if not any(d["code"] == "P0D27" for d in vcu):  # the demo must show it remotely
+                self.say("cloud: the VCU did not report P0D27")
+                self.results["diag.read_dtcs"] = {**read, "status": "FAILED"}
+        state.fault = False
+        self.say("vehicle: fault repaired")
+        self.results["diag.clear_dtcs"] = self._wait(
+            self._send(cloud, vin, "diag.clear_dtcs", {"ecus": ["vcu"]}), 10)
 
     # -- car sharing (PROTOCOL.md §11): a rental from grant to report ---------------------
 

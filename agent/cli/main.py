@@ -11,7 +11,7 @@ from .. import __version__
 from ..errors import AgentError
 
 COMMANDS = ["run", "status", "demo", "replay", "monitor", "dbc", "keys", "verify", "simulate", "modem",
-            "update"]  # module names under agent.cli
+            "update", "diag"]  # module names under agent.cli
 
 
 class Parser(argparse.ArgumentParser):

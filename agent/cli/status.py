@@ -97,14 +97,17 @@ def render(s: dict) -> str:
                           + (f", rotated from {key['prev']}" if key.get("prev") else "")))
     lines += _clock(s.get("clock"))
     lines += _trust(s.get("trust"))
+    lines += _power(s.get("power"), now)
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
         section = s.get(key)
         if isinstance(section, dict):
             shown = ", ".join(f"{k} {v}" for k, v in section.items()
-                              if k != "values" and v not in (None, "", {}))
+                              if k not in ("values", "recovery") and v not in (None, "", {}))
             lines.append(_row(key, shown))
+            if key == "modem":
+                lines += _link(s.get("link_recovery"))
             lines += _table(section.get("values") or {})
     for b in s.get("buses", []):
         lines.append(_row(f"bus {b['name']}",
@@ -112,6 +115,8 @@ def render(s: dict) -> str:
                      f"{b['frames']} ({b['fps']:.0f}/s), unknown ids {b['unknown_ids']}, decode "
                      f"errors {b['decode_errors']}, bad length {b['bad_length']}, bus errors "
                      f"{b['bus_errors']}, reopens {b['reopens']}"
+                     + (f", listen-only (sends refused {b.get('refused_sends', 0)})"
+                        if b.get("listen_only") else "")
                      + (f", last error: {b['last_error']}" if b.get("last_error") else "")))
     return "\n".join(lines)
 
@@ -159,6 +164,33 @@ def _trust(t) -> list[str]:
     if t.get("last_error"):
         text += f", last refresh failed: {t['last_error']}"
     return [_row("trust", text)]
+def _power(p, now: float) -> list[str]:
+    """The power state (README "Power") and the link recovery, when configured."""
+    if not isinstance(p, dict):
+        return []
+    text = f"{p.get('state')} for {_dur((now - (p.get('since_ms') or now)) / 1000)} " \
+           f"({p.get('reason')})"
+    if p.get("volts") is not None:
+        text += f", 12 V battery {p['volts']:.2f} V"
+    text += f", heartbeats {p.get('heartbeats', 0)}, dropped samples {p.get('dropped_samples', 0)}"
+    if p.get("on_sleep"):
+        text += f", on-sleep command {p['on_sleep'].get('last')}"
+    return [_row("power", text)]
+
+
+def _link(r) -> list[str]:
+    if not isinstance(r, dict):
+        return []
+    if "steps" not in r:
+        return [_row("link", str(r.get("state")))]
+    steps = ", ".join(f"{k} {v}" for k, v in (r.get("steps") or {}).items())
+    text = f"recovery {r.get('state')}: steps {steps}; capped {r.get('capped')}, " \
+           f"recoveries {r.get('recoveries')}"
+    if r.get("last_step"):
+        text += f", last {r['last_step']}"
+    if r.get("power_cycle"):
+        text += f", power cycle {r['power_cycle'].get('last')}"
+    return [_row("link", text)]
 
 
 def _update(u) -> list[str]:

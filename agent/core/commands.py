@@ -16,12 +16,26 @@ is the answer and nothing after it runs:
  10. the name is in the command registry (core/registry.py)                    UNKNOWN_COMMAND
  11. parameters: the name's family's check_params raised ParamError            BAD_PARAMS
 
+`CommandGate.precheck(message)` is the cheap prefix of steps 1-2 (size, envelope structure,
+kid lookup; no signature, no payload decoding): it lets the runtime drop garbage and strangers
+for microseconds before any budget is spent (core/ratelimit.py Admission). It gives the same
+reasons and details as check() for what it refuses, and a `Screened` with the message's
+fingerprint otherwise: sha256 over the protected header, payload and signature bytes -- the
+signed parts. The unprotected header is not signed, so copies padded there are the same
+command and have the same fingerprint.
+
 A message whose protected header carries a rental grant (PROTOCOL.md §11, core/grants.py)
 replaces steps 2-3 by: the grant verified against the trust store (cached by digest) and
 checked (vin, nbf..exp, not revoked), then the command's kid must be the grant's key and its
 signature verify with it; step 9 then requires the name to match the grant's `allow` AND its
 signer's. A grant-bearing command never raises the clock floor (its signer is a phone, not a
 trusted key), and a driver's `rental.*` command may only name its own rental.
+
+For a grant-bearing message the precheck looks up the kid the grant CLAIMS as its signer
+(unverified) instead of the command's own kid (a phone's, never in the trust store), and screens
+it under the budget key b"grant:" + that kid: phones get a verification budget per grant
+signer, apart from that signer's own commands (a flood of forged grants cannot starve the
+backend's rental.revoke), and bounded by the trust store, not by what an attacker can invent.
 
 Choices where the protocol is silent:
 - The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
@@ -189,13 +203,25 @@ class Redelivery:
     id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A message that passed precheck(): well-formed COSE_Sign1 under a trusted kid."""
+
+    kid: bytes
+    fingerprint: bytes  # sha256 of the signed parts (see the module docstring)
+
+
 Outcome = Accepted | Rejected | Redelivery
 Seen = Callable[[str], "bytes | None"]
 
 
 # -- the gate ------------------------------------------------------------------------------
 
+# First bytes a tagged item can start with: tag 18 itself (0xd2), or a tag number in the
+# following 1-8 bytes (non-shortest 18, the 55799 self-describe prefix): cose decides those.
+_TAG_HEADS = frozenset({0xD2, 0xD8, 0xD9, 0xDA, 0xDB})
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+NO_RENTALS = "this vehicle takes no rental keys (no [rental] configured)"
 _FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
 
 
@@ -244,6 +270,43 @@ class CommandGate:
         if lost_at_ms is not None:
             self._replay_floor_ms = max(self._replay_floor_ms, lost_at_ms + self.max_skew_ms)
 
+    def precheck(self, message: bytes) -> Screened | Rejected:
+        """Steps 1-2 without the signature or the payload (see the module docstring); a
+        Rejected here is what check() would answer. Never raises."""
+        try:
+            size = memoryview(message).nbytes
+            if size > self.max_message_bytes:
+                return Rejected(None, BAD_ENVELOPE, f"message is {size} bytes, over the "
+                                                    f"{self.max_message_bytes}-byte limit")
+            if size == 0 or message[0] not in _TAG_HEADS:  # no CBOR tag at all: no decoding
+                return Rejected(None, BAD_ENVELOPE, "not a tagged COSE_Sign1 (CBOR tag 18)")
+            env = cose._parse(message, self.max_message_bytes)
+        except VerificationError as e:
+            return Rejected(None, e.reason, str(e))
+        except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
+            return Rejected(None, BAD_ENVELOPE, f"unexpected {type(e).__name__} reading a command")
+        budget = env.kid
+        if b"\x65grant" in env.protected:  # the text label "grant" (see the module docstring)
+            try:
+                signer = grants.claimed_signer(env.protected)
+            except grants.GrantError as g:
+                return Rejected(None, g.reason, g.detail)
+            except Exception as e:  # noqa: BLE001 - VerificationError or worse: fail closed
+                return Rejected(None, BAD_ENVELOPE, str(e)[:200])
+            if signer is not None:
+                if self.revoked is None:
+                    return Rejected(None, UNKNOWN_KEY, NO_RENTALS)
+                if self._trust.get(signer) is None:
+                    return Rejected(None, UNKNOWN_KEY, grants.unknown_signer(signer))
+                budget = b"grant:" + signer
+        if budget is env.kid and self._trust.get(env.kid) is None:
+            return Rejected(None, UNKNOWN_KEY, f"unknown signing key kid={env.kid.hex()}")
+        h = hashlib.sha256()
+        for part in (env.protected, env.payload, env.signature):
+            h.update(len(part).to_bytes(4, "big"))
+            h.update(part)
+        return Screened(budget, h.digest())
+
     def check(self, message: bytes, now_ms: int, seen: Seen, mono_ms: int = 0) -> Outcome:
         """Accepted, Rejected or Redelivery for one received message. Never raises.
 
@@ -275,8 +338,7 @@ class CommandGate:
                 verified = cose.verify(message, trust.public_keys)
                 key = trust.get(verified.kid)
             elif self.revoked is None:  # no revocation memory: no rentals on this vehicle
-                return Rejected(None, UNKNOWN_KEY, "this vehicle takes no rental keys "
-                                                   "(no [rental] configured)")
+                return Rejected(None, UNKNOWN_KEY, NO_RENTALS)
             else:
                 grant = self.grants.get(carried, trust)
                 grants.check(grant, self.vin, now_ms, self.revoked)

@@ -135,8 +135,7 @@ def verify_grant(data: bytes, trust: Any, max_grant_ms: int = MAX_GRANT_MS) -> G
         verified = cose.verify(data, trust.public_keys, max_payload=MAX_GRANT_BYTES)
     except VerificationError as e:
         if e.reason == UNKNOWN_KEY:
-            raise GrantError(UNKNOWN_KEY, "grant signed by a key this vehicle does not trust "
-                                          f"(kid={_kid_hex(data)})") from None
+            raise GrantError(UNKNOWN_KEY, unknown_signer(signer_kid(data))) from None
         raise GrantError(e.reason, f"grant: {e}") from None
     signer = trust.get(verified.kid)
     if not signer.allows(GRANT_PERMISSION):
@@ -173,9 +172,9 @@ def verify_grant(data: bytes, trust: Any, max_grant_ms: int = MAX_GRANT_MS) -> G
                  signer_name=signer.name, digest=hashlib.sha256(data).digest())
 
 
-def _kid_hex(data: bytes) -> str:
-    kid = signer_kid(data)
-    return kid.hex() if kid is not None else "?"
+def unknown_signer(kid: bytes | None) -> str:
+    return ("grant signed by a key this vehicle does not trust "
+            f"(kid={kid.hex() if kid is not None else '?'})")
 
 
 class GrantCache:

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the checkout whose tests run in the guest
 WANTED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "can", "can_raw", "can_dev",
-                  "vcan"]
+                  "vcan", "can_isotp"]  # can-isotp.ko: the kernel's ISO-TP sockets (diagnostics)
 DEFAULT_PYTEST_ARGS = ["-m", "vcan"]
 RUNNER_FAILED = 2
 
@@ -99,7 +99,8 @@ def fetch_kernel(cache: Path) -> tuple[Path, Path]:
         return cached[-1], cached[-1].parent / "modules"
     dest = cache / pkg
     vmlinuz = dest / "vmlinuz"
-    if vmlinuz.is_file() and (dest / "modules" / ".complete").exists():
+    if vmlinuz.is_file() and (dest / "modules" / ".complete").exists() and all(
+            (dest / "modules" / f"{_norm(n)}.ko").exists() for n in WANTED_MODULES):
         say(f"kernel: {pkg} (cached in {dest})")
         return vmlinuz, dest / "modules"
     say(f"kernel: downloading {pkg} (apt-get download) ...")
