@@ -376,3 +376,34 @@ def test_durations():
 
 def test_actions_family_is_unchanged_by_rentals():
     assert "rental.end" not in actions_family().commands
+
+
+# -- the flood screen (precheck) ----------------------------------------------------------
+
+def test_precheck_screens_a_grant_bearing_command_under_its_signers_grant_budget(world):
+    from agent.core.commands import Screened
+    out = world.gate.precheck(world.command("doors.unlock"))
+    assert isinstance(out, Screened), out
+    assert out.kid == b"grant:" + kid_of(world.backend.public_key())  # not the phone's kid
+
+
+def test_precheck_refuses_what_check_refuses_the_same_way(world):
+    stranger = Ed25519PrivateKey.generate()
+    unknown = world.command("doors.unlock", world.grant(signer=stranger))
+    for message in (unknown,):
+        pre, full = world.gate.precheck(message), world.check(message)
+        assert isinstance(pre, Rejected) and (pre.reason, pre.detail) == (full.reason, full.detail)
+    w = World()
+    w.gate = CommandGate(w.trust, VIN, GateLimits(), w.registry)  # no [rental]
+    message = w.command("doors.unlock")
+    pre, full = w.gate.precheck(message), w.check(message)
+    assert (pre.reason, pre.detail) == (full.reason, full.detail) == (
+        "UNKNOWN_KEY", "this vehicle takes no rental keys (no [rental] configured)")
+
+
+def test_precheck_refuses_a_grant_that_cannot_be_one(world):
+    signer = GrantSigner(world.phone, b"\x01\x02")
+    t = now_ms()
+    out = world.gate.precheck(signer.sign({"v": 1, "id": "x", "vin": VIN, "name": "doors.unlock",
+                                           "params": {}, "iat": t, "exp": t + 60_000}))
+    assert isinstance(out, Rejected) and out.reason == "BAD_ENVELOPE"
