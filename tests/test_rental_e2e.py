@@ -143,6 +143,8 @@ def test_a_rental_from_grant_to_report(rig):
     assert report["rental"] == "R1" and report["locked"] == "LOCKED"
     assert report["odometer"] == pytest.approx(12345.6) and report["immobilized"] is True
     assert isinstance(report["soc"], float)
+    assert isinstance(report["dtcs"], dict)  # demo.toml has [diagnostics]: codes per ECU
+    assert "position" not in report  # no [gnss] in this rig
     assert car.immobilized  # rental.end turned the immobilizer back on
     assert 0x5A2 in {f[1] for f in rig.watch.requests_since(t)}
 
