@@ -649,7 +649,7 @@ class Config:
     power: PowerConfig | None = None
     control: ControlConfig = ControlConfig()
     trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
-    rental: RentalConfig | None = None  # car sharing; needs [commands]
+    rental: RentalConfig | None = None  # car sharing; inert without [commands]
     diagnostics: DiagnosticsConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
@@ -662,8 +662,6 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
-        if self.rental is not None and self.commands is None:
-            raise ConfigError("rental: needs a [commands] section (rental keys send commands)")
         if self.trust is not None and self.updates is None:
             raise ConfigError("trust: needs an [updates] section (its trusted_root, "
                               "allowed_repositories and hardware_id)")
