@@ -407,3 +407,26 @@ def test_precheck_refuses_a_grant_that_cannot_be_one(world):
     out = world.gate.precheck(signer.sign({"v": 1, "id": "x", "vin": VIN, "name": "doors.unlock",
                                            "params": {}, "iat": t, "exp": t + 60_000}))
     assert isinstance(out, Rejected) and out.reason == "BAD_ENVELOPE"
+
+
+def test_rental_config_errors_name_the_key(tmp_path):
+    from agent.app.assemble import bus_plans, telemetry_core
+    from agent.app.families import handlers
+    from agent.config import load_config
+    from agent.errors import ConfigError
+    from conftest import ROOT
+
+    def build(*overrides):
+        cfg = load_config(ROOT / "configs" / "demo.toml",
+                          [f"storage.dir={str(tmp_path)!r}", *overrides])
+        plans = bus_plans(cfg)
+        return handlers(cfg, plans, telemetry_core(plans, cfg.telemetry), [], dict,
+                        lambda values, t: None, None, lambda: (True, ""))
+
+    assert any(h.family.name == "rental" for h in build())
+    with pytest.raises(ConfigError, match="rental.immobilizer_on: 'immo.on' is not a configured"):
+        build("rental.immobilizer_on='immo.on'")
+    with pytest.raises(ConfigError, match=r"rental.end_conditions.0: .* is not `Message.Signal"):
+        build("rental.end_conditions=['parked | not parked']")
+    with pytest.raises(ConfigError, match="rental: max_grant_ms and stale_ms must be > 0"):
+        build("rental.max_grant_ms=0")
