@@ -340,6 +340,41 @@ def test_a_full_disk_still_answers_a_command(tmp_path):
     broker.close()
 
 
+def test_a_disk_that_stays_full_answers_from_memory(tmp_path):
+    """No room comes back: the status the outbox cannot store goes out from memory (the
+    uplink's publish_volatile), so the cloud still gets exactly one terminal answer."""
+    from support.tmpfs import fill, tmpfs
+
+    broker = Mosquitto().start()
+    keys, trust = _keys_and_trust(tmp_path)
+    vehicle = {kid_of(k): k for k in [load_public_key(str(keys / "vehicle.pub"))]}
+    with tmpfs(tmp_path / "tiny", "2m") as tiny:
+        overrides = _overrides(tmp_path, keys, trust, broker.port, f"fl-{uuid.uuid4().hex}",
+                               [f"storage.dir={str(tiny / 'state')!r}"])
+        agent = Agent(load_config(ROOT / "configs" / "demo.toml", overrides))
+        agent.start()
+        consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/responses").start()
+        try:
+            assert wait_until(lambda: agent.publisher.uplink.status()["state"] == "connected")
+            time.sleep(0.3)
+            fill(tiny / "filler")  # and it stays full
+            cid, message = command(Signer(load_private_key(keys / "cloud.key")),
+                                   int(time.time() * 1000))
+            publish(broker.host, broker.port, f"vehicles/{VIN}/commands", message)
+            mine = lambda: [p for p in (verify(m.payload, vehicle).payload  # noqa: E731
+                                        for m in consumer.messages) if p.get("id") == cid]
+            terminal = lambda: [p for p in mine()  # noqa: E731
+                                if p["status"] in ("SUCCEEDED", "FAILED", "REJECTED")]
+            assert wait_until(terminal, timeout=20.0)
+            time.sleep(1.5)  # no second, different answer follows
+            assert len(terminal()) == 1, mine()
+            assert agent.publisher.status()["volatile"]["pending"] == 0
+        finally:
+            consumer.stop()
+            agent.stop()
+    broker.close()
+
+
 # -- the vehicle's clock -------------------------------------------------------------------
 
 def test_a_vehicle_clock_in_1970_refuses_every_command_as_issued_in_the_future(svc):

@@ -6,9 +6,10 @@ core thread, except `on_connected`, which only raises a flag for that thread.
 
 One exception: a command status the outbox cannot store (disk full) is kept in memory instead
 (`response_volatile`, at most VOLATILE_MAX, oldest dropped and counted) so that the command is
-still answered. `flush_volatile` hands those on: straight to the uplink if it offers
-`publish_volatile(topic, payload)` (an in-memory QoS 1 publish, no outbox row), else back into
-the outbox as soon as it has room again (delivered rows free their pages).
+still answered. `flush_volatile` hands those on: back into the outbox as soon as it has room
+again (delivered rows free their pages), else straight out with the uplink's
+`publish_volatile` (QoS 1 from memory, no outbox row) whenever it is connected. Memory-only
+answers are lost with a restart; the replay store keeps the status where it still can.
 """
 
 from __future__ import annotations
@@ -161,14 +162,13 @@ class Publisher:
         if not self._volatile or (not force and t_ms - self._volatile_tried_ms < VOLATILE_RETRY_MS):
             return len(self._volatile)
         self._volatile_tried_ms = t_ms
-        direct = getattr(self.uplink, "publish_volatile", None)  # not in the Uplink yet
         while self._volatile:
             topic, message = self._volatile[0]
             try:
-                if direct is not None:
-                    direct(topic, message)
-                else:
+                try:  # back into the outbox if there is room again, else straight out
                     self.outbox.append("response", topic, message, t_ms)
+                except AgentError:
+                    self.uplink.publish_volatile(topic, message)
             except AgentError:
                 break
             self._volatile.popleft()
