@@ -482,6 +482,25 @@ class TrustRefreshConfig:
 
 
 @dataclass(frozen=True)
+class RentalConfig:
+    """Car sharing (PROTOCOL.md §11): what rental.end checks, reports and does."""
+
+    end_conditions: tuple[str, ...] = ()  # all must hold, else PRECONDITION_FAILED (" | label")
+    report: Mapping[str, Any] = field(default_factory=dict)  # report field -> Message.Signal
+    immobilizer_on: str = ""  # a configured action run once the rental ended, e.g. "immobilizer.on"
+    max_grant_ms: int = 7 * 24 * 3600 * 1000  # longest grant window; revocations kept this long
+    stale_ms: int = 2000  # a signal older than this fails an end condition
+
+    def validate(self, where: str) -> None:
+        if self.max_grant_ms <= 0 or self.stale_ms <= 0:
+            raise ConfigError(f"{where}: max_grant_ms and stale_ms must be > 0")
+        for k, v in self.report.items():
+            if not isinstance(v, str) or not v:
+                raise ConfigError(f"{where}.report.{k}: expected a signal name "
+                                  f"(Message.Signal), got {v!r}")
+
+
+@dataclass(frozen=True)
 class PidConfig:
     """One OBD-II mode 01 PID polled as a telemetry signal (default name `OBD.<PID name>`)."""
 
@@ -649,6 +668,7 @@ class Config:
     power: PowerConfig | None = None
     control: ControlConfig = ControlConfig()
     trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
+    rental: RentalConfig | None = None  # car sharing; inert without [commands]
     diagnostics: DiagnosticsConfig | None = None
     campaigns: CampaignsConfig | None = None  # campaign.* commands; needs [commands]
     path: Path | None = None  # the file it came from (not a TOML key)

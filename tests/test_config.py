@@ -173,7 +173,8 @@ def test_shipped_configs_are_valid(tmp_path):
 
     demo = load_config(ROOT / "configs" / "demo.toml")
     assert set(action_plans(demo, bus_plans(demo))) == {
-        "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock"}
+        "charge.start", "charge.stop", "charge.set_limit", "doors.lock", "doors.unlock",
+        "immobilizer.on", "immobilizer.off"}
     for name in ("ca.pem", "c.crt", "c.key", "root.json"):
         (tmp_path / name).write_text("x")
     dbc = ROOT / "dbc" / "demo_ev.dbc"
@@ -278,7 +279,7 @@ def test_an_action_named_like_another_familys_command_is_refused():
                                           r"is claimed by families 'actions' and 'state'"):
         handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
     assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
-                        lambda values, t: None, None, lambda: (True, ""))) == 5  # actions, state, update, trust, diag
+                        lambda values, t: None, None, lambda: (True, ""))) == 6  # actions, state, update, rental, trust, diag
 
 
 def test_the_cores_selection_types_mirror_the_config():

@@ -51,7 +51,7 @@ def test_messages_at_their_cycle_times():
         per_id[cid] = per_id.get(cid, 0) + 1
     assert per_id[0x1A0] == pytest.approx(50, abs=2)  # VCU every 20 ms
     assert per_id[0x2B0] == pytest.approx(10, abs=1)  # BMS every 100 ms
-    assert set(per_id) == {0x1A0, 0x2B0, 0x3C0, 0x3D0}  # requests are the TCU's to send
+    assert set(per_id) == {0x1A0, 0x2B0, 0x3C0, 0x3D0, 0x3D1}  # requests are the TCU's to send
 
 
 def test_charging_raises_soc_and_stops_at_the_limit():

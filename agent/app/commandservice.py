@@ -79,10 +79,17 @@ class CommandService:
         self.registry = Registry(h.family for h in self.handlers)
         self._by_family = {h.family.name: h for h in self.handlers}
         self._trust = self._by_family.get("trust")  # the trust store as a TUF target
+        self._names = self.registry.names | {C.grants.GRANT_PERMISSION}  # allow may name it
         store = (self._trust.initial_store() if self._trust is not None
-                 else load_trust_store(cfg.trust_store, self.registry.names))
+                 else load_trust_store(cfg.trust_store, self._names))
+        rental = self._by_family.get("rental")
+        revoked = rental.revoked if getattr(rental, "cfg", None) is not None else None
         self.gate = C.CommandGate(store, vin, gate_limits(cfg), self.registry,
-                                  clock=getattr(publisher, "clock", None))
+                                  clock=getattr(publisher, "clock", None), revoked=revoked,
+                                  max_grant_ms=rental.cfg.max_grant_ms if revoked else
+                                  C.grants.MAX_GRANT_MS)
+        if revoked is not None:
+            rental.bind_gate(self.gate)
         if self._trust is not None:
             self._trust.bind_gate(self.gate)
         self.replay = ReplayStore(storage_dir, on_loss=self.gate.note_replay_loss)
@@ -350,7 +357,7 @@ class CommandService:
         """SIGHUP: re-read the trust store; a broken file keeps the old one."""
         try:
             store = (self._trust.reload() if self._trust is not None
-                     else load_trust_store(self.cfg.trust_store, self.registry.names))
+                     else load_trust_store(self.cfg.trust_store, self._names))
         except AgentError as e:
             log.error("trust store not reloaded, keeping the previous one: %s", e)
             return

@@ -170,6 +170,23 @@ class UpdateHandler:
             self.service.mark_reported(statuses)
 
 
+def rental_handler(config: Config, actions, core: TelemetryCore, readers, diag=None) -> Handler:
+    import time
+
+    from .rentalservice import RentalHandler, immobilizer_plan
+
+    where = f"{config.path}: " if config.path else ""
+    dtcs = None
+    if diag is not None:  # the DTCs last read from each ECU, for the end-of-rental report
+        def dtcs():
+            return {n: [d["code"] for d in e["dtcs"]]
+                    for n, e in sorted(diag.scheduler.store.ecus.items())}
+    return RentalHandler(config.rental, config.storage.dir, int(time.time() * 1000), core.lookup,
+                         immobilizer_plan(config.rental, actions, where),
+                         lambda bus, can_id, data: readers[bus].send(can_id, data),
+                         core.last_frame, position=config.gnss is not None, dtcs=dtcs)
+
+
 def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
              readers: Sequence[BusReader], state_values: Callable[[], dict],
              publish_state: Callable[[dict, int], None], updates: UpdateService | None,
@@ -194,7 +211,10 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
                                    publisher.batch if publisher is not None else None))
     from .trustservice import TrustHandler
 
-    out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
+    out.append(rental_handler(config, actions, core, readers,
+                              next((h for h in out if h.family.name == "diag"), None)))
+    out.append(TrustHandler(config, frozenset({"rental.grant"}).union(
+        *(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:

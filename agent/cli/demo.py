@@ -95,8 +95,9 @@ class Demo:
                 generate_keypair(keys, stem=stem)
         trust = self.dir / "trust.toml"
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
-                         'allow = ["charge.*", "doors.*", "state.*", "diag.*", '
-                         '"campaign.*"]\n')
+                         'allow = ["charge.*", "doors.*", "state.*", "diag.*", "campaign.*", '
+                         '"immobilizer.*", "rental.*", "rental.grant"]
+')
         broker = None
         protocol = "auto"
         if self.args.broker:
@@ -278,6 +279,7 @@ class Demo:
         stop = self._send(cloud, vin, "charge.stop")
         self.results["charge.stop"] = self._wait(stop, 10)
         self._diagnostics(agent, cloud, vin)
+        self.results["rental"] = self._rental(agent, cloud, vin)
         time.sleep(max(0.0, end - time.monotonic()))  # the rest of --duration: live telemetry
         return all(r and r["status"] == "SUCCEEDED" for r in self.results.values())
 
@@ -304,6 +306,72 @@ class Demo:
         self.say("vehicle: fault repaired")
         self.results["diag.clear_dtcs"] = self._wait(
             self._send(cloud, vin, "diag.clear_dtcs", {"ecus": ["vcu"]}), 10)
+
+    # -- car sharing (PROTOCOL.md §11): a rental from grant to report ---------------------
+
+    def _rental(self, agent, cloud, vin) -> dict | None:
+        """The backend grants a phone's P-256 key; the phone unlocks and disables the
+        immobilizer; rental.end refuses while the driver's door is open, then ends the rental
+        with its report; the phone's next unlock is refused. A status-like dict for the
+        summary: SUCCEEDED when every step answered as expected."""
+        import json
+
+        from ..adapters.keys import generate_keypair, load_private_key, load_public_key
+        from ..cloud.grant import GrantSigner, make_grant
+
+        keys = self.dir / "keys"
+        if not (keys / "phone.key").exists():
+            generate_keypair(keys, stem="phone", alg="es256")
+        now = int(time.time() * 1000)
+        rental = f"rental-{uuid.uuid4().hex[:8]}"
+        allow = ["doors.*", "immobilizer.off", "rental.end"]
+        grant = make_grant(self.cloud_signer, vin, rental, load_public_key(str(keys / "phone.pub")),
+                           allow, now - 1000, now + 2 * 3_600_000)
+        self.say(f"backend: grant for {rental}: the phone's P-256 key may use "
+                 f"{', '.join(allow)} for 2 h ({len(grant)} bytes)")
+        phone = GrantSigner(load_private_key(keys / "phone.key"), grant)
+        car = agent.simulator.vehicle.state
+        started = time.monotonic()
+        good: list[bool] = []
+
+        def step(name, params=None, expect="SUCCEEDED", reason=None, unverified=False):
+            # unverified: refused before the command's signature was checked, so the answer
+            # carries id null (the vehicle never echoes an id it has not verified)
+            t = int(time.time() * 1000)
+            cid = f"phone-{name}-{uuid.uuid4().hex[:8]}"
+            key = None if unverified else cid
+            with self.lock:
+                self.statuses[key] = []
+            self.sent_at = getattr(self, "sent_at", {})
+            self.sent_at[key] = time.monotonic()
+            cloud.publish(f"vehicles/{vin}/commands", phone.sign(
+                {"v": 1, "id": cid, "vin": vin, "name": name, "params": params or {},
+                 "iat": t, "exp": t + 60_000}))
+            self.say(f"phone: -> {name}, signed with the phone's key, the grant in its header")
+            r = self._wait(key, 10)
+            good.append(r is not None and r["status"] == expect
+                        and (reason is None or r.get("reason") == reason))
+            return r
+
+        step("doors.unlock")
+        step("immobilizer.off")
+        car.driver_door_open = True
+        self.say("car: the driver gets out and leaves the driver's door open")
+        time.sleep(0.3)
+        step("rental.end", {"rental": rental}, "REJECTED", "PRECONDITION_FAILED")
+        car.driver_door_open = False
+        self.say("car: the driver closes the door")
+        time.sleep(0.3)
+        step("doors.lock")
+        end = step("rental.end", {"rental": rental})
+        if end and end.get("result"):
+            shown = dict(end["result"])
+            if isinstance(shown.get("dtcs"), dict):  # 40 codes of the BMS would fill the screen
+                shown["dtcs"] = {ecu: f"{len(codes)} DTCs" for ecu, codes in shown["dtcs"].items()}
+            self.say(f"cloud: end-of-rental report {json.dumps(shown, default=str)}")
+        step("doors.unlock", expect="REJECTED", reason="UNAUTHORIZED", unverified=True)
+        ms = (time.monotonic() - started) * 1000
+        return {"status": "SUCCEEDED" if all(good) else "FAILED", "latency_ms": ms}
 
     def _summary(self, agent, ok: bool) -> int:
         total = sum(self.verified.values())

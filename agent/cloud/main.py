@@ -5,6 +5,7 @@
         --param percent=80 [--ttl 60] [--pub vehicle.pub]
     tcu-cloud listen --broker HOST:PORT --vin VIN --pub vehicle.pub
     tcu-cloud campaign apply FILE.toml|json / remove ID / list  --broker ... --key cloud.key
+    tcu-cloud grant --key backend.key --vin VIN --driver-pub phone.pub --rental R1 --allow 'doors.*'
 
 It speaks PROTOCOL.md exactly as a third-party cloud service would: it signs commands with
 its own key and verifies everything the vehicle sends.
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--id", help="command id (default: a fresh random one)")
     c.add_argument("--pub", help="vehicle public key: verify the responses (recommended)")
     c.add_argument("--timeout", type=_seconds, help="give up after this many s (default ttl + 10)")
+    c.add_argument("--grant", help="a rental grant (tcu-cloud grant): --key is then the "
+                                   "driver's key the grant names")
     c.set_defaults(func=_command)
 
     li = sub.add_parser("listen", help="verify and print everything a vehicle sends",
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     _campaign_parser(sub)
     from .repo import add_parser as add_repo_parser
     add_repo_parser(sub)
+    from .grant import add_parser as add_grant_parser
+    add_grant_parser(sub)
     return p
 
 
@@ -204,6 +209,9 @@ def _command(args) -> int:
     from .client import connect
 
     signer = Signer(load_private_key(_existing_key(args.key)))
+    if args.grant:
+        from .grant import command_signer
+        signer = command_signer(load_private_key(args.key), args.grant)
     vehicle = {}
     if args.pub:
         key = load_public_key(args.pub)

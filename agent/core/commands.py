@@ -24,6 +24,19 @@ fingerprint otherwise: sha256 over the protected header, payload and signature b
 signed parts. The unprotected header is not signed, so copies padded there are the same
 command and have the same fingerprint.
 
+A message whose protected header carries a rental grant (PROTOCOL.md §11, core/grants.py)
+replaces steps 2-3 by: the grant verified against the trust store (cached by digest) and
+checked (vin, nbf..exp, not revoked), then the command's kid must be the grant's key and its
+signature verify with it; step 9 then requires the name to match the grant's `allow` AND its
+signer's. A grant-bearing command never raises the clock floor (its signer is a phone, not a
+trusted key), and a driver's `rental.*` command may only name its own rental.
+
+For a grant-bearing message the precheck looks up the kid the grant CLAIMS as its signer
+(unverified) instead of the command's own kid (a phone's, never in the trust store), and screens
+it under the budget key b"grant:" + that kid: phones get a verification budget per grant
+signer, apart from that signer's own commands (a flood of forged grants cannot starve the
+backend's rental.revoke), and bounded by the trust store, not by what an attacker can invent.
+
 Choices where the protocol is silent:
 - The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
   id None. Echoing an unauthenticated id would let anyone who can publish on the commands
@@ -62,7 +75,7 @@ from typing import Any
 
 from agent.errors import ParamError, VerificationError
 
-from . import cose
+from . import cose, grants
 from .clock import TrustedClock
 from .protocol import (
     BAD_ENVELOPE,
@@ -160,6 +173,7 @@ class Command:
     kid: bytes
     key_name: str
     digest: bytes  # sha256 of the signed payload bytes: tells a re-delivery from a replay
+    rental: str | None = None  # set when signed by a driver's key under a rental grant
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +221,7 @@ Seen = Callable[[str], "bytes | None"]
 # following 1-8 bytes (non-shortest 18, the 55799 self-describe prefix): cose decides those.
 _TAG_HEADS = frozenset({0xD2, 0xD8, 0xD9, 0xDA, 0xDB})
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
+NO_RENTALS = "this vehicle takes no rental keys (no [rental] configured)"
 _FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
 
 
@@ -223,7 +238,8 @@ class CommandGate:
     """Decides what to do with one message from the commands topic. See the module docstring."""
 
     def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry,
-                 clock: TrustedClock | None = None):
+                 clock: TrustedClock | None = None, revoked: grants.Revoked | None = None,
+                 max_grant_ms: int = grants.MAX_GRANT_MS):
         """clock: the time floor (core/clock.py); with it, check() takes mono_ms and evaluates
         the time window against clock.now_ms(now_ms, mono_ms), and an accepted command's iat
         raises the floor."""
@@ -235,6 +251,8 @@ class CommandGate:
         self.max_skew_ms = limits.max_skew_ms
         self.max_lifetime_ms = limits.max_lifetime_ms
         self._replay_floor_ms = 0  # iat below this: possibly seen before the memory was lost
+        self.revoked = revoked  # (rental, now_ms) -> bool: ended/revoked rentals
+        self.grants = grants.GrantCache(max_grant_ms=max_grant_ms)
 
     @property
     def trust(self) -> TrustStore:
@@ -267,13 +285,27 @@ class CommandGate:
             return Rejected(None, e.reason, str(e))
         except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
             return Rejected(None, BAD_ENVELOPE, f"unexpected {type(e).__name__} reading a command")
-        if self._trust.get(env.kid) is None:
+        budget = env.kid
+        if b"\x65grant" in env.protected:  # the text label "grant" (see the module docstring)
+            try:
+                signer = grants.claimed_signer(env.protected)
+            except grants.GrantError as g:
+                return Rejected(None, g.reason, g.detail)
+            except Exception as e:  # noqa: BLE001 - VerificationError or worse: fail closed
+                return Rejected(None, BAD_ENVELOPE, str(e)[:200])
+            if signer is not None:
+                if self.revoked is None:
+                    return Rejected(None, UNKNOWN_KEY, NO_RENTALS)
+                if self._trust.get(signer) is None:
+                    return Rejected(None, UNKNOWN_KEY, grants.unknown_signer(signer))
+                budget = b"grant:" + signer
+        if budget is env.kid and self._trust.get(env.kid) is None:
             return Rejected(None, UNKNOWN_KEY, f"unknown signing key kid={env.kid.hex()}")
         h = hashlib.sha256()
         for part in (env.protected, env.payload, env.signature):
             h.update(len(part).to_bytes(4, "big"))
             h.update(part)
-        return Screened(env.kid, h.digest())
+        return Screened(budget, h.digest())
 
     def check(self, message: bytes, now_ms: int, seen: Seen, mono_ms: int = 0) -> Outcome:
         """Accepted, Rejected or Redelivery for one received message. Never raises.
@@ -285,7 +317,7 @@ class CommandGate:
             if self.clock is None:
                 return self._check(message, now_ms, seen)
             outcome = self._check(message, self.clock.now_ms(now_ms, mono_ms), seen)
-            if isinstance(outcome, Accepted):
+            if isinstance(outcome, Accepted) and outcome.command.rental is None:
                 self.clock.observe(outcome.command.iat, mono_ms, "command")
             return outcome
         except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
@@ -297,11 +329,26 @@ class CommandGate:
         if size is not None and size > self.max_message_bytes:
             return Rejected(None, BAD_ENVELOPE,
                             f"message is {size} bytes, over the {self.max_message_bytes}-byte limit")
+        grant = None
         try:
-            verified = cose.verify(message, trust.public_keys)
+            # Fast path: without the text "grant" in it no header can carry a grant.
+            carried = (grants.grant_bytes(message) if size is not None
+                       and b"\x65grant" in bytes(message) else None)
+            if carried is None:
+                verified = cose.verify(message, trust.public_keys)
+                key = trust.get(verified.kid)
+            elif self.revoked is None:  # no revocation memory: no rentals on this vehicle
+                return Rejected(None, UNKNOWN_KEY, NO_RENTALS)
+            else:
+                grant = self.grants.get(carried, trust)
+                grants.check(grant, self.vin, now_ms, self.revoked)
+                grants.check_kid(grant, cose._parse(message, self.max_message_bytes).kid)
+                verified = cose.verify(message, {grant.kid: grant.key})
+                key = _GrantKey(grant, trust.get(grant.signer_kid))
         except VerificationError as e:
-            return Rejected(None, e.reason, str(e))
-        key = trust.get(verified.kid)
+            return Rejected(None, e.reason, str(e) if grant is None else f"rental key: {e}")
+        except grants.GrantError as g:
+            return Rejected(None, g.reason, g.detail)
         payload = verified.payload
         cid = payload.get("id")
         cid = cid if type(cid) is str and _ID.fullmatch(cid) else None
@@ -338,7 +385,8 @@ class CommandGate:
         name, params = payload["name"], payload["params"]
         try:
             if not key.allows(name):
-                raise _Reject(UNAUTHORIZED, f"key {key.name!r} may not issue {_show(name)}")
+                raise _Reject(UNAUTHORIZED, key.refusal(name) if grant is not None
+                              else f"key {key.name!r} may not issue {_show(name)}")
             family = self.registry.family_of(name)
             if family is None:
                 raise _Reject(UNKNOWN_COMMAND, f"no command {_show(name)} on this vehicle")
@@ -346,11 +394,35 @@ class CommandGate:
                 family.check_params(name, params)
             except ParamError as e:
                 raise _Reject(BAD_PARAMS, e.detail) from None
+            if grant is not None and name.startswith("rental.") \
+                    and params.get("rental") != grant.rental:
+                raise _Reject(UNAUTHORIZED, f"a rental key may only end its own rental "
+                                            f"({grant.rental})")
         except _Reject as r:
             return Rejected(cid, r.reason, r.detail, digest=digest, exp=exp)
         return Accepted(Command(id=cid, vin=payload["vin"], name=name,
                                 params=types.MappingProxyType(dict(params)), iat=iat, exp=exp,
-                                kid=verified.kid, key_name=key.name, digest=digest))
+                                kid=verified.kid, key_name=key.name, digest=digest,
+                                rental=None if grant is None else grant.rental))
+
+
+class _GrantKey:
+    """A driver's key as the authorisation step sees it: allowed what both the grant and the
+    grant's signer allow (a grant never widens what its signer may do)."""
+
+    __slots__ = ("grant", "signer", "name")
+
+    def __init__(self, grant: grants.Grant, signer: TrustedKey):
+        self.grant, self.signer = grant, signer
+        self.name = f"rental {grant.rental} (granted by {signer.name})"
+
+    def allows(self, name: str) -> bool:
+        return self.grant.allows(name) and self.signer.allows(name)
+
+    def refusal(self, name: str) -> str:
+        if not self.grant.allows(name):
+            return f"rental {self.grant.rental} does not allow {_show(name)}"
+        return f"the rental's issuer {self.signer.name!r} may not issue {_show(name)}"
 
 
 def _check_schema(p: dict) -> None:

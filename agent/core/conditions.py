@@ -10,6 +10,7 @@ stale fails the condition: a precondition is never assumed.
     BodyStatus.Locked == true
     OBC_Status.ChargeLimit == {percent}      ({param} is replaced by the command's parameter)
     VCU_Drive.Speed < 1 and (VCU_Status.Gear == "P" or VCU_Status.Gear == "N")
+    BCM_Status.DriverDoorOpen == 0 | driver door open    (after " | ": the label a failure shows)
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class Condition:
     text: str
     tree: E.Node = field(repr=False, compare=False)
     fn: E.Compiled = field(repr=False, compare=False)
+    label: str = ""  # shown before the technical why-not when it fails
 
     @property
     def signals(self) -> list[str]:
@@ -101,7 +103,13 @@ class Condition:
 
     def check(self, lookup: Lookup, now_ms: int, stale_ms: int,
               params: Mapping[str, Any] | None = None) -> tuple[bool, str]:
-        """(holds, why-not). Never-seen and stale signals fail."""
+        """(holds, why-not). Never-seen and stale signals fail. With a label, why-not is
+        "<label> (<technical why-not>)"."""
+        ok, why = self._check(lookup, now_ms, stale_ms, params)
+        return ok, (f"{self.label} ({why})" if self.label and not ok else why)
+
+    def _check(self, lookup: Lookup, now_ms: int, stale_ms: int,
+               params: Mapping[str, Any] | None) -> tuple[bool, str]:
         env = _Env(lookup, now_ms, stale_ms, params)
         try:
             ok = self.fn(env) is True
@@ -118,13 +126,18 @@ class Condition:
 
 
 def parse_condition(text: str, where: str) -> Condition:
-    """Parse one condition; ConfigError names `where` (the config key) on a bad one."""
+    """Parse one condition; ConfigError names `where` (the config key) on a bad one. A
+    trailing ` | label` (no quotes in it) is the human text a failure shows."""
+    full, label = text, ""
+    head, sep, tail = text.rpartition(" | ")
+    if sep and '"' not in tail and "'" not in tail:
+        text, label = head, tail.strip()
     try:
         tree = E.parse(text, allow_windows=False, allow_params=True)
     except E.ExprError as e:
         raise ConfigError(f"{where}: {text!r} is not a condition like `Message.Signal OP value` "
                           f"(OP one of {' '.join(OPS)}): {e}") from None
-    return Condition(text, tree, E.compile_condition(tree))
+    return Condition(full, tree, E.compile_condition(tree), label)
 
 
 def check_all(conditions, lookup: Lookup, now_ms: int, stale_ms: int,

@@ -35,7 +35,7 @@ DRIVE_CYCLE = ((0, 0.0, 4), (50, 1.5, 12), (0, 2.0, 5), (40, 1.5, 8), (30, 1.0, 
 
 # What a timeline entry may change (the keys SimulatorConfig accepts).
 TIMELINE_KEYS = ("soc", "speed_kph", "charge_limit", "plugged", "locked", "drive", "fault",
-                 "driver_door_open", "gear", "asleep", "battery_v")
+                 "driver_door_open", "gear", "asleep", "battery_v", "immobilized")
 
 
 def _cycle_points(cycle) -> list[tuple[float, float]]:
@@ -81,6 +81,7 @@ class VehicleState:
     drive: bool = False  # follow DRIVE_CYCLE in D; off: brake to a stop, then P
     locked: bool = True
     driver_door_open: bool = False
+    immobilized: bool = True  # IMMO_Status; TCU_ImmoRequest ON/OFF
     last_lock_result: str = "NONE"
     odometer_km: float = 12345.6
     asleep: bool = False  # every ECU silent until a wake frame (NM_TCU) or asleep = false
@@ -236,6 +237,9 @@ class SimulatedVehicle:
             self._charge_request(str(values["ChargeRequest"]), values["ChargeLimitRequest"], now)
         elif msg.name == "TCU_LockRequest":
             self._lock_request(str(values["LockRequest"]), now)
+        elif msg.name == "TCU_ImmoRequest" and str(values["ImmoRequest"]) in ("ON", "OFF"):
+            on = str(values["ImmoRequest"]) == "ON"
+            self._at(now + LOCK_REACTION_S, lambda: setattr(self.state, "immobilized", on))
 
     def _charge_request(self, request: str, limit: int, now: float) -> None:
         s = self.state
@@ -289,6 +293,8 @@ class SimulatedVehicle:
                       "DriverDoorOpen": int(s.driver_door_open), "PassengerDoorOpen": 0,
                       "TrunkOpen": 0, "LastLockResult": s.last_lock_result, "BCM_Counter": n,
                       "BatteryVoltage": max(0.0, min(20.46, round(s.battery_v, 2)))}
+        elif msg.name == "IMMO_Status":
+            values = {"Immobilized": "ON" if s.immobilized else "OFF", "IMMO_Counter": n}
         else:
             values = {sig.name: 0 for sig in msg.signals}
         data = bytearray(msg.encode(values))
