@@ -426,7 +426,9 @@ def test_rental_config_errors_name_the_key(tmp_path):
     assert any(h.family.name == "rental" for h in build())
     with pytest.raises(ConfigError, match="rental.immobilizer_on: 'immo.on' is not a configured"):
         build("rental.immobilizer_on='immo.on'")
-    with pytest.raises(ConfigError, match=r"rental.end_conditions.0: .* is not `Message.Signal"):
+    with pytest.raises(ConfigError, match=r"rental.end_conditions.0: .* is not a condition like `Message.Signal"):
+        build("rental.end_conditions=['== 1 | not parked']")
+    with pytest.raises(ConfigError, match=r"rental.end_conditions.0.*no signal 'parked'"):
         build("rental.end_conditions=['parked | not parked']")
     with pytest.raises(ConfigError, match="rental: max_grant_ms and stale_ms must be > 0"):
         build("rental.max_grant_ms=0")

@@ -118,6 +118,10 @@ def _conditions(config: Config):
         for j, text in enumerate(config.diagnostics.clear_preconditions):
             where = f"diagnostics.clear_preconditions.{j}"
             yield where, parse_condition(text, where)
+    if getattr(config, "rental", None) is not None:
+        for j, text in enumerate(config.rental.end_conditions):
+            where = f"rental.end_conditions.{j}"
+            yield where, parse_condition(text, where)
     if config.commands is None:
         return
     for i, action in enumerate(config.commands.action):

@@ -96,8 +96,7 @@ class Demo:
         trust = self.dir / "trust.toml"
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
                          'allow = ["charge.*", "doors.*", "state.*", "diag.*", "campaign.*", '
-                         '"immobilizer.*", "rental.*", "rental.grant"]
-')
+                         '"immobilizer.*", "rental.*", "rental.grant"]\n')
         broker = None
         protocol = "auto"
         if self.args.broker:
