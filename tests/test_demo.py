@@ -41,3 +41,27 @@ def test_demo_with_mosquitto_and_mqtt5():
         proc, out = run_demo("--broker", f"{broker.host}:{broker.port}")
     check(proc, out)
     assert "with MQTT 5" in out
+
+
+@pytest.mark.mqtt
+def test_demo_and_tcu_cloud_against_rabbitmq(tmp_path):
+    """RabbitMQ's MQTT plugin speaks 3.1.1 only and drops a version-5 CONNECT: the demo's
+    agent and its cloud view, and tcu-cloud, fall back and say so."""
+    from support.rabbitmq import RabbitMQ
+
+    with RabbitMQ(anonymous=True) as broker:
+        broker.start()
+        broker.open_to_anonymous()
+        proc, out = run_demo("--broker", f"{broker.host}:{broker.port}")
+        check(proc, out)
+        line = f"broker {broker.host}:{broker.port} works with MQTT 3.1.1; using it from now on"
+        assert line in proc.stderr + out
+        from agent.adapters.keys import generate_keypair
+        generate_keypair(tmp_path, stem="vehicle")
+        listen = subprocess.run(
+            [sys.executable, "-c", "from agent.cloud.main import main; raise SystemExit(main())",
+             "listen", "--broker", f"{broker.host}:{broker.port}", "--vin", "DEMO0000000000001",
+             "--pub", str(tmp_path / "vehicle.pub"), "--duration", "1"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert listen.returncode == 0, listen.stderr
+        assert f"tcu-cloud: {line}\n" in listen.stderr
