@@ -186,3 +186,41 @@ def svc_config(tmp_path, test_dbc):
                        "allowed_repositories": ["http://127.0.0.1/"], "hardware_id": "hw",
                        "installed_version": "1.0.0", "preconditions": PARKED}}
     return config_from_dict(raw, base=tmp_path)
+
+
+def test_tuf_expiry_of_an_update_is_checked_against_the_time_floor(tmp_path, test_dbc):
+    """The system clock is behind the trusted time floor (60 days ahead): metadata that
+    expires in 30 days is expired for the vehicle, so update.stage fails VERIFICATION_FAILED."""
+    import time
+
+    from agent.adapters.clockstore import mono_ms
+    from agent.cloud import repo
+    from agent.core.clock import TrustedClock
+
+    directory = tmp_path / "repo"
+    root = repo.init_repo(directory, expires_days=30)
+    artifact = tmp_path / "fw-2.0.0.bin"
+    artifact.write_bytes(b"x" * 1000)
+    repo.add_target(directory, artifact, "2.0.0", "hw")
+    floor = int(time.time() * 1000) + 60 * 86_400_000
+    events: queue.Queue = queue.Queue()
+    with repo.serve(directory) as server:
+        config = svc_config(tmp_path, test_dbc)
+        config = replace(config, updates=replace(config.updates, trusted_root=root,
+                                                 allowed_repositories=(server.url,)))
+        svc = UpdateService(config, lambda name: None, events.put,
+                            clock=TrustedClock(floor, "gnss", mono_ms()))
+        out = svc.handle("u1", "update.stage", {"target": artifact.name,
+                                                "repository": server.url}, 1)
+        assert statuses(out) == [("u1", "ACCEPTED", None)]
+        final = []
+        deadline = time.monotonic() + 30
+        while not final and time.monotonic() < deadline:
+            try:
+                ev = events.get(timeout=1)
+            except queue.Empty:
+                continue
+            final = [s for s in svc.on_event(ev, 2) if s.status in ("FAILED", "SUCCEEDED")]
+    assert [(s.status, s.reason) for s in final] == [("FAILED", "VERIFICATION_FAILED")]
+    assert "expired" in final[0].detail.lower()
+    svc.close()

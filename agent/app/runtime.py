@@ -89,7 +89,8 @@ class Agent:
             if config.updates is not None:
                 from .updateservice import UpdateService
 
-                self.updates = UpdateService(config, self.core.lookup, self._put_event)
+                self.updates = UpdateService(config, self.core.lookup, self._put_event,
+                                             clock=self.publisher.clock)
             from .families import handlers
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,

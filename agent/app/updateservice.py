@@ -48,12 +48,15 @@ _WORKER_JOBS = (U.StartDownload, U.Install, U.Verify, U.Switch, U.Discard)
 
 class UpdateService:
     def __init__(self, config: Config, lookup: Lookup, post: Callable[[UpdateEvent], None],
-                 slots: SlotBackend | None = None):
+                 slots: SlotBackend | None = None, clock=None):
+        """`clock`: the trusted clock (core/clock.py, the gate's); TUF expiry is then checked
+        against a time never earlier than its floor."""
         cfg = config.updates
         assert cfg is not None
         self.cfg = cfg
         self.lookup = lookup
         self.post = post
+        self.clock = clock
         base = config.storage.dir / "update"
         self.store = UpdateStateStore(base)
         self.downloads = base / "downloads"
@@ -280,11 +283,16 @@ class UpdateService:
             pct = max(0, min(100, int(pct)))
             self.post(UpdateEvent(gen=a.gen, event=U.DownloadProgress(pct=pct)))
 
+        reference = None
+        if self.clock is not None:  # a clock behind its floor must not make old metadata valid
+            from ..adapters.clockstore import mono_ms, system_ms
+
+            reference = self.clock.now_ms(system_ms(), mono_ms())
         fetched = fetch_target(
             a.state.repository, a.state.target, self.cfg.trusted_root, self.tuf_cache,
             self.downloads, progress=progress,
             config=FetchConfig(free_margin_bytes=self.cfg.min_free_bytes),
-            cancelled=cancel.is_set, accept=accept)
+            cancelled=cancel.is_set, accept=accept, reference_ms=reference)
         if cancel.is_set():
             return None
         return U.Downloaded(path=str(fetched.path), name=fetched.name, sha256=fetched.sha256,
