@@ -29,7 +29,7 @@ def bus_plans(config: Config) -> list[BusPlan]:
         for j, path in enumerate(bus.dbc):
             if path not in cache:
                 try:
-                    cache[path] = load_database(path)
+                    cache[path] = load_database(path, config.storage.dir / "dbc-cache")
                 except DbcError as e:  # name the config file and key as well as the DBC
                     where = f"{config.path}: " if config.path else ""
                     raise DbcError(f"{where}bus.{i}.dbc.{j}: {e}") from None
