@@ -184,3 +184,13 @@ dir = "{tmp_path / 'state'}"
     assert c.frames == len(burst) + 2
     assert c.unknown_ids == 1
     assert agent.core.last_frame(0, key) == b"\xff" * length
+
+
+def test_status_shows_kernel_drops_only_where_the_interface_counts_them():
+    from agent.cli.status import render
+
+    bus = {"name": "b", "state": "open", "interface": "socketcan", "channel": "can0",
+           "frames": 10, "fps": 1.0, "unknown_ids": 0, "decode_errors": 0, "bad_length": 0,
+           "bus_errors": 0, "reopens": 0}
+    assert "kernel drops 7" in render({"buses": [{**bus, "kernel_drops": 7}]})
+    assert "kernel drops" not in render({"buses": [{**bus, "kernel_drops": None}]})

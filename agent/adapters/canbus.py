@@ -39,6 +39,7 @@ MAX_KERNEL_FILTERS = 512  # SocketCAN's CAN_RAW_FILTER_MAX
 CLOCK_SKEW_S = 3600.0  # interfaces whose timestamps are not UTC (device uptime) get receive time
 BURST_S = 0.01  # at most one hand-off to the core per this interval (the rest waits buffered)
 BURST_MAX = 4096  # frames per hand-off
+RCVBUF = 1 << 20  # bytes of socket receive buffer asked for (SocketCAN)
 
 # SocketCAN, read directly (linux/can.h, socket(7)).
 CAN_EFF_FLAG, CAN_RTR_FLAG, CAN_ERR_FLAG = 0x80000000, 0x40000000, 0x20000000
@@ -66,6 +67,12 @@ def raw_socket(bus) -> socket.socket | None:
         sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
     except OSError as e:  # an old kernel: frames are still read, drops just not counted
         log.debug("SO_RXQ_OVFL not available: %s", e)
+    # Room for the bursts between reads (and a GC or scheduling stall) rather than the
+    # default ~200 KB, some 40 ms of a full bus; the kernel caps it at net.core.rmem_max.
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    except OSError as e:
+        log.debug("SO_RCVBUF: %s", e)
     return sock
 
 
