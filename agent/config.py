@@ -44,6 +44,8 @@ class BusConfig:
     bitrate: int | None = None
     fd: bool = False
     filters: bool = True  # kernel/hardware receive filters from the selected messages
+    # Never send on it. Absent: listen-only unless a command action (or diagnostics) uses it.
+    listen_only: bool | None = None
     options: Mapping[str, Any] = field(default_factory=dict)  # extra python-can kwargs
 
     def validate(self, where: str) -> None:
@@ -122,6 +124,20 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The local control socket (agent/adapters/control.py): `status` and `monitor` read the
+    running agent through it. Under systemd's RuntimeDirectory=tcu-agent by default."""
+    socket: Path = Path("/run/tcu-agent/control.sock")
+    enabled: bool = True
+    group: str = "tcu-agent"  # may connect besides root and the agent's own user
+
+    def validate(self, where: str) -> None:
+        if len(os.fsencode(self.socket)) > 107:  # sun_path
+            raise ConfigError(f"{where}.socket: {self.socket}: longer than a Unix socket path "
+                              "may be (107 bytes)")
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     ca: Path | None = None  # CA bundle that signed the broker's certificate; enables TLS
     cert: Path | None = None  # client certificate (mutual TLS)
@@ -168,8 +184,31 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class Pkcs11Config:
+    module: Path  # the token's PKCS#11 library (.so)
+    token: str  # token label
+    key_label: str  # label of the key pair (tcu-agent keys generate --pkcs11 ...)
+    pin_file: Path  # user PIN, first line, mode 0600
+
+    def validate(self, where: str) -> None:
+        if not self.module.is_file():
+            raise ConfigError(f"{where}.module: no such file: {self.module}")
+        for name in ("token", "key_label"):
+            value = getattr(self, name)
+            if not value or len(value) > 32 or not value.isprintable():
+                raise ConfigError(f"{where}.{name}: must be 1-32 printable characters")
+        if not self.pin_file.is_file():
+            raise ConfigError(f"{where}.pin_file: no such file: {self.pin_file}")
+
+
+@dataclass(frozen=True)
 class SigningConfig:
-    key_file: Path  # Ed25519 private key, PKCS#8 PEM, mode 0600 (tcu-agent keys generate)
+    key_file: Path | None = None  # Ed25519 or P-256 private key, PKCS#8 PEM, mode 0600
+    pkcs11: Pkcs11Config | None = None  # or a key in a PKCS#11 token (never leaves it)
+
+    def validate(self, where: str) -> None:
+        if (self.key_file is None) == (self.pkcs11 is None):
+            raise ConfigError(f"{where}: set exactly one of key_file and pkcs11")
 
 
 @dataclass(frozen=True)
@@ -200,6 +239,10 @@ class ActionConfig:
     timeout_ms: int = 5000
     stale_ms: int = 2000  # a signal older than this fails every condition
     frame: tuple[FrameConfig, ...] = ()
+    # Sent first when the action's bus is asleep (network-management frames from the DBC);
+    # without them a command on a sleeping bus is REJECTED PRECONDITION_FAILED.
+    wake: tuple[FrameConfig, ...] = ()
+    wake_timeout_ms: int = 3000  # for the bus to come alive and the preconditions to hold
 
     def validate(self, where: str) -> None:
         if not self.confirm:
@@ -209,6 +252,8 @@ class ActionConfig:
             raise ConfigError(f"{where}.frame: at least one frame to send")
         if self.timeout_ms <= 0 or self.stale_ms <= 0:
             raise ConfigError(f"{where}: timeout_ms and stale_ms must be > 0")
+        if not 100 <= self.wake_timeout_ms <= 60_000:
+            raise ConfigError(f"{where}.wake_timeout_ms: must be 100..60000")
 
 
 @dataclass(frozen=True)
@@ -220,6 +265,13 @@ class CommandsConfig:
     queue_size: int = 8  # commands waiting per actuator; more: REJECTED BUSY
     reject_rate_per_s: float = 20.0  # garbage/rejected messages handled (and answered) per s
     reject_burst: int = 40
+    garbage_rate_per_s: float = 1.0  # of those, answers to garbage and unknown keys (at most)
+    garbage_burst: int = 5
+    verify_rate_per_s: float = 20.0  # signature checks per trusted key per s (core/ratelimit.py)
+    verify_burst: int = 40
+    verify_sample: float = 0.05  # over a key's budget: share of its messages verified anyway
+    redelivery_interval_ms: int = 5000  # one command answered at most once per interval
+    lane_size: int = 256  # commands waiting for the core thread; more are dropped and counted
     action: tuple[ActionConfig, ...] = ()
 
     def validate(self, where: str) -> None:
@@ -228,6 +280,12 @@ class CommandsConfig:
                               "max_message_bytes >= 1024")
         if self.queue_size < 1 or self.reject_rate_per_s <= 0 or self.reject_burst < 1:
             raise ConfigError(f"{where}: queue_size, reject_rate_per_s, reject_burst must be > 0")
+        if self.verify_rate_per_s <= 0 or self.verify_burst < 1 or self.lane_size < 1 \
+                or self.garbage_rate_per_s <= 0 or self.garbage_burst < 1 \
+                or not 0 <= self.verify_sample <= 1 or self.redelivery_interval_ms < 0:
+            raise ConfigError(f"{where}: verify_rate_per_s, verify_burst, garbage_rate_per_s, "
+                              "garbage_burst, lane_size must be > 0, "
+                              "verify_sample 0..1, redelivery_interval_ms >= 0")
 
 
 @dataclass(frozen=True)
@@ -244,6 +302,7 @@ class SimulatorConfig:
     charge_rate_pct_per_s: float = 0.0  # 0: a 7.4 kW charger (32 A, 230 V) on 64 kWh
     drive: bool = False  # follow the built-in drive cycle (0-60 km/h, stops); overrides speed
     timeline: tuple[Mapping[str, Any], ...] = ()  # [{at_s = 5, plugged = false}, ...]
+    battery_v: float = 12.6  # the 12 V battery (BCM_Power.BatteryVoltage); a timeline may sag it
 
     def validate(self, where: str) -> None:
         if not 0 <= self.soc <= 100 or not 50 <= self.charge_limit <= 100:
@@ -260,7 +319,8 @@ class SimulatorConfig:
 # What a simulator timeline entry may change, with its type and range.
 _TIMELINE = {"soc": (float, 0, 100), "speed_kph": (float, 0, 250), "charge_limit": (int, 50, 100),
              "plugged": (bool,), "locked": (bool,), "drive": (bool,), "fault": (bool,),
-             "driver_door_open": (bool,), "gear": (str, ("P", "R", "N", "D"))}
+             "driver_door_open": (bool,), "gear": (str, ("P", "R", "N", "D")),
+             "asleep": (bool,), "battery_v": (float, 0, 20)}
 
 
 def _check_timeline_value(key: str, name: str, value: Any) -> None:
@@ -293,8 +353,22 @@ class ModemConfig:
     poll_interval_s: float = 30.0  # identity once, then signal/registration/operator polls
     command_timeout_s: float = 5.0
     signal_hysteresis_db: float = 3.0  # report a new signal strength only past this change
+    # Link recovery (README "Power"): broker unreachable this long and the modem not
+    # registered or without a data bearer -> escalate, re-read / radio off-on / reset /
+    # power cycle; 0 = off.
+    recovery_after_s: float = 120.0
+    recovery_backoff_s: float = 30.0  # before the next step; doubles with each step
+    recovery_max_per_hour: int = 6
+    power_cycle_command: tuple[str, ...] = ()  # argv, e.g. a GPIO toggle; the last step
+    power_cycle_timeout_s: float = 30.0
+    modemmanager: bool = False  # ModemManager owns the modem: the agent only observes
+    read_voltage: bool = False  # poll AT+CBC: Vehicle.Connectivity.SupplyVoltage (volts)
 
     def validate(self, where: str) -> None:
+        if self.recovery_after_s < 0 or self.recovery_backoff_s < 0.1 or \
+                not 1 <= self.recovery_max_per_hour <= 60 or self.power_cycle_timeout_s <= 0:
+            raise ConfigError(f"{where}: recovery_after_s >= 0, recovery_backoff_s >= 0.1, "
+                              "recovery_max_per_hour 1..60, power_cycle_timeout_s > 0")
         if not self.port:
             raise ConfigError(f"{where}.port: must name a serial device, e.g. /dev/ttyUSB2")
         if self.baud <= 0:
@@ -303,6 +377,36 @@ class ModemConfig:
             raise ConfigError(f"{where}: poll_interval_s 1..86400 and command_timeout_s 0.1..300")
         if not 0 <= self.signal_hysteresis_db <= 40:
             raise ConfigError(f"{where}.signal_hysteresis_db: must be 0..40")
+
+
+@dataclass(frozen=True)
+class PowerConfig:
+    """Following the vehicle's power state (PROTOCOL.md §10, README "Power")."""
+
+    sleep_after_s: float = 60.0  # every bus silent this long: asleep; 0 = never
+    slow_poll_s: float = 600.0  # modem polls and GNSS fixes while asleep or in protect
+    heartbeat_s: float = 3600.0  # the signed status record while asleep or in protect
+    keepalive_s: int = 900  # MQTT keepalive while asleep
+    first_batch_ms: int = 250  # after start and wake: the first batch closes this early
+    quiet_after_ms: int = 300  # every bus silent this long: no timeouts (keep < any timeout)
+    on_sleep_command: tuple[str, ...] = ()  # argv run on entering asleep (e.g. suspend)
+    on_sleep_timeout_s: float = 10.0
+    battery_signal: str = ""  # "Message.Signal" or a value name: the 12 V reading (volts)
+    protect_below_v: float = 11.8  # protect below this ...
+    protect_resume_v: float = 12.2  # ... until back at this or above
+
+    def validate(self, where: str) -> None:
+        if self.sleep_after_s < 0 or not 1 <= self.slow_poll_s <= 86400:
+            raise ConfigError(f"{where}: sleep_after_s >= 0 and slow_poll_s 1..86400")
+        if not 10 <= self.heartbeat_s <= 86400 or not 5 <= self.keepalive_s <= 3600:
+            raise ConfigError(f"{where}: heartbeat_s 10..86400 and keepalive_s 5..3600")
+        if not 50 <= self.quiet_after_ms <= 60_000:
+            raise ConfigError(f"{where}.quiet_after_ms: must be 50..60000")
+        if not 0 < self.first_batch_ms <= 60_000 or self.on_sleep_timeout_s <= 0:
+            raise ConfigError(f"{where}: first_batch_ms 1..60000 and on_sleep_timeout_s > 0")
+        if self.protect_resume_v <= self.protect_below_v:
+            raise ConfigError(f"{where}: protect_resume_v must be above protect_below_v "
+                              "(hysteresis)")
 
 
 @dataclass(frozen=True)
@@ -361,6 +465,156 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class TrustRefreshConfig:
+    """The trust store as a TUF target of the update repository (trust.refresh, periodic)."""
+
+    repository: str = ""  # refresh from here every interval_s; "" = only on trust.refresh
+    target: str = "trust.toml"  # the target name in that repository
+    interval_s: float = 3600.0  # 0 = no periodic refresh
+
+    def validate(self, where: str) -> None:
+        if self.interval_s < 0:
+            raise ConfigError(f"{where}.interval_s: must be >= 0")
+        if self.repository and not self.repository.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.repository: must be an http:// or https:// URL")
+        if not self.target:
+            raise ConfigError(f"{where}.target: must not be empty")
+
+
+@dataclass(frozen=True)
+class PidConfig:
+    """One OBD-II mode 01 PID polled as a telemetry signal (default name `OBD.<PID name>`)."""
+
+    pid: int | str  # number (0x0D) or its name in the PID table ("VehicleSpeed")
+    interval_ms: int = 1000
+    name: str = ""  # output name (e.g. a VSS path); default "OBD.<PID name>"
+    state: bool = False
+    deadband: float | None = None
+    min_interval_ms: int | None = None
+    heartbeat_s: float | None = None
+
+    def validate(self, where: str) -> None:
+        from .core.diag import pid_number
+
+        try:
+            pid_number(self.pid)
+        except ValueError as e:
+            raise ConfigError(f"{where}.pid: {e}") from None
+        if not 50 <= self.interval_ms <= 86_400_000:
+            raise ConfigError(f"{where}.interval_ms: must be 50..86400000")
+
+
+@dataclass(frozen=True)
+class DidConfig:
+    """A UDS data identifier that diag.read_data decodes (udsoncan codec)."""
+
+    did: int  # 0..0xFFFF
+    codec: str = "hex"  # "hex" (raw), "ascii" (needs length), or a struct format (">H", ">hB")
+    length: int = 0  # bytes, for "ascii"
+    scale: float = 1.0  # one-number codecs: value * scale + offset
+    offset: float = 0.0
+    name: str = ""
+
+    def validate(self, where: str) -> None:
+        import struct
+
+        if not 0 <= self.did <= 0xFFFF:
+            raise ConfigError(f"{where}.did: must be 0..65535")
+        if self.codec == "ascii":
+            if not 1 <= self.length <= 4000:
+                raise ConfigError(f"{where}.length: an ascii codec needs length 1..4000")
+        elif self.codec != "hex":
+            try:
+                struct.calcsize(self.codec)
+            except struct.error:
+                raise ConfigError(f"{where}.codec: {self.codec!r} is not \"hex\", \"ascii\" or "
+                                  "a struct format such as \">H\"") from None
+
+
+@dataclass(frozen=True)
+class EcuConfig:
+    name: str
+    request_id: int  # physical request id (0x7E0); 29-bit with extended = true
+    response_id: int  # its answers (0x7E8)
+    protocol: str = "uds"  # "uds" (ISO 14229) or "obd" (SAE J1979)
+    bus: str = ""  # default: the first [[bus]]
+    extended: bool = False  # 29-bit identifiers
+    padding: int | bool = 0xCC  # fill byte of short frames; false: no padding
+    transport: str = "python"  # "python" (can-isotp on python-can) or "kernel" (CAN_ISOTP)
+    p2_ms: int | None = None
+    p2_star_ms: int | None = None
+    request_spacing_ms: int | None = None
+    dtc_interval_s: float | None = None
+    pid: tuple[PidConfig, ...] = ()
+    did: tuple[DidConfig, ...] = ()
+
+    def validate(self, where: str) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum() \
+                or len(self.name) > 32:
+            raise ConfigError(f"{where}.name: 1-32 letters, digits, '-' or '_'")
+        if self.protocol not in ("uds", "obd"):
+            raise ConfigError(f"{where}.protocol: must be \"uds\" or \"obd\"")
+        top = 0x1FFFFFFF if self.extended else 0x7FF
+        for key in ("request_id", "response_id"):
+            if not 0 <= getattr(self, key) <= top:
+                raise ConfigError(f"{where}.{key}: must be 0..{top:#x}"
+                                  f"{'' if self.extended else ' (or set extended = true)'}")
+        if self.request_id == self.response_id:
+            raise ConfigError(f"{where}: request_id and response_id must differ")
+        if self.padding is True or (type(self.padding) is int and not 0 <= self.padding <= 255):
+            raise ConfigError(f"{where}.padding: a byte 0..255, or false for none")
+        if self.transport not in ("python", "kernel"):
+            raise ConfigError(f"{where}.transport: must be \"python\" or \"kernel\"")
+        for key in ("p2_ms", "p2_star_ms", "request_spacing_ms"):
+            v = getattr(self, key)
+            if v is not None and not 0 <= v <= 60_000:
+                raise ConfigError(f"{where}.{key}: must be 0..60000")
+        if self.dtc_interval_s is not None and self.dtc_interval_s < 0:
+            raise ConfigError(f"{where}.dtc_interval_s: must be >= 0 (0: on command only)")
+        if self.pid and self.protocol != "obd":
+            raise ConfigError(f"{where}.pid: PIDs are OBD-II; set protocol = \"obd\"")
+        dids = [d.did for d in self.did]
+        if len(set(dids)) != len(dids):
+            raise ConfigError(f"{where}.did: a DID is declared twice")
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Remote diagnostics over ISO-TP (README "Diagnostics"). Defaults for every ECU."""
+
+    ecu: tuple[EcuConfig, ...] = ()
+    p2_ms: int = 200  # first answer (or 0x78 response pending) within this; J1979: 50 + margin
+    p2_star_ms: int = 5000  # after each 0x78 response pending
+    request_timeout_ms: int = 10_000  # a whole request, however many 0x78 came
+    request_spacing_ms: int = 50  # quiet time between two requests to one ECU
+    dtc_interval_s: float = 300.0  # periodic DTC read; 0: on command only
+    dtc_status_mask: int = 0xFF  # UDS 0x19 0x02 status mask
+    clear_preconditions: tuple[str, ...] = ('VCU_Status.Gear == "P"',)  # for diag.clear_dtcs
+    stale_ms: int = 2000  # a signal older than this fails a precondition
+    queue_size: int = 8  # diag commands waiting; more: REJECTED BUSY
+
+    def validate(self, where: str) -> None:
+        if not self.ecu:
+            raise ConfigError(f"{where}.ecu: at least one [[diagnostics.ecu]]")
+        names = [e.name for e in self.ecu]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"{where}.ecu: duplicate ECU name {dupes[0]!r}")
+        if not 10 <= self.p2_ms <= 60_000 or not self.p2_ms <= self.p2_star_ms <= 60_000:
+            raise ConfigError(f"{where}: need 10 <= p2_ms <= p2_star_ms <= 60000")
+        if not self.p2_star_ms <= self.request_timeout_ms <= 600_000:
+            raise ConfigError(f"{where}.request_timeout_ms: must be p2_star_ms..600000")
+        if not 0 <= self.request_spacing_ms <= 60_000 or self.dtc_interval_s < 0:
+            raise ConfigError(f"{where}: request_spacing_ms 0..60000 and dtc_interval_s >= 0")
+        if not 0 <= self.dtc_status_mask <= 255 or self.stale_ms <= 0 or self.queue_size < 1:
+            raise ConfigError(f"{where}: dtc_status_mask 0..255, stale_ms > 0, queue_size > 0")
+        from .core.conditions import parse_condition
+
+        for i, text in enumerate(self.clear_preconditions):
+            parse_condition(text, f"{where}.clear_preconditions.{i}")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -373,6 +627,10 @@ class Config:
     modem: ModemConfig | None = None
     gnss: GnssConfig | None = None
     updates: UpdatesConfig | None = None
+    power: PowerConfig | None = None
+    control: ControlConfig = ControlConfig()
+    trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
+    diagnostics: DiagnosticsConfig | None = None
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -384,6 +642,13 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+        if self.trust is not None and self.updates is None:
+            raise ConfigError("trust: needs an [updates] section (its trusted_root, "
+                              "allowed_repositories and hardware_id)")
+        for i, ecu in enumerate(self.diagnostics.ecu if self.diagnostics else ()):
+            if ecu.bus and ecu.bus not in names:
+                raise ConfigError(f"diagnostics.ecu.{i}.bus: no bus named {ecu.bus!r} "
+                                  f"(buses: {', '.join(names)})")
 
     @property
     def slots_dir(self) -> Path:
@@ -417,20 +682,23 @@ def config_from_dict(raw: dict, base: Path, source: Path | None = None,
                      overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Validate an already-parsed TOML document (tests and the demo build configs in code)."""
     label = str(source) if source else "config"
-    for item in overrides:
-        apply_override(raw, item)
+    keys = {apply_override(raw, item): item for item in overrides}
     try:
         cfg = _build(Config, raw, "", base)
     except ConfigError as e:
-        raise ConfigError(f"{label}: {e}") from None
+        # A key that only a --set put there (or a value it gave) is the --set's fault.
+        bad = str(e).split(":", 1)[0]
+        item = next((i for k, i in keys.items() if bad == k or bad.startswith(k + ".")), None)
+        raise ConfigError(f"--set {item!r}: {e}" if item else f"{label}: {e}") from None
     return dataclasses.replace(cfg, path=source)
 
 
-def apply_override(raw: dict, item: str) -> None:
+def apply_override(raw: dict, item: str) -> str:
     """Apply one `KEY=VALUE` override (dotted key, TOML-typed value) to a parsed document.
 
     Array-of-tables entries are addressed by index or by their `name` (bus.0 / bus.powertrain).
-    A value that is not valid TOML is taken as a plain string.
+    A value that is not valid TOML is taken as a plain string. Returns the key as the config's
+    errors name it (entries by index).
     """
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -443,6 +711,7 @@ def apply_override(raw: dict, item: str) -> None:
     parts = key.split(".")
     node: Any = raw
     depth = 0
+    canon: list[str] = []
     while depth < len(parts):
         part = parts[depth]
         if isinstance(node, list):
@@ -453,17 +722,20 @@ def apply_override(raw: dict, item: str) -> None:
         depth += 1
         if isinstance(node, list):
             idx = _list_index(node, part, where, item)
+            canon.append(str(idx))
             if last:
                 node[idx] = value
             else:
                 node = node[idx]
         elif isinstance(node, dict):
+            canon.append(part)
             if last:
                 node[part] = value
             else:
                 node = node.setdefault(part, {})
         else:
             raise ConfigError(f"--set {item!r}: {where} is not a table")
+    return ".".join(canon)
 
 
 def _dotted_name(node: list, parts: list[str], depth: int) -> tuple[int, str]:

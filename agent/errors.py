@@ -10,6 +10,7 @@
     ├── ParamError             a command's parameters are invalid (BAD_PARAMS; .detail)
     ├── StorageError           the outbox or another durable store could not be used
     ├── UplinkError            the MQTT connection could not be configured or established
+    ├── ControlError           the running agent's control socket cannot be reached or refused
     ├── ParseError (ValueError) a device line with the wrong format
     │   ├── NmeaError          an NMEA sentence (.reason: checksum, format, unsupported)
     │   └── AtParseError       an AT information line
@@ -43,6 +44,10 @@ class LogFormatError(AgentError):
 
 class BusError(AgentError):
     """A CAN bus or serial device (modem, GNSS) could not be opened, read or written."""
+
+
+class ControlError(AgentError):
+    """The running agent's local control socket cannot be reached, refused us or failed."""
 
 
 class SigningError(AgentError):

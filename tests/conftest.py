@@ -93,3 +93,23 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 settings.register_profile("tcu", deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("tcu")
+
+
+# -- tiers ------------------------------------------------------------------------------------
+# The core tier (`pytest -m "not e2e"`) is the sans-I/O core and the stores it is wired to, fed
+# in-process: run it on every save. Everything else is e2e: brokers, agent and CLI processes,
+# pseudo-terminals, the VM, a wheel build. A new test file is e2e unless it is listed here or
+# named *_core.py.
+CORE_FILES = {"test_core.py", "test_command_gate.py", "test_cose.py", "test_cose_es256.py",
+              "test_at.py", "test_nmea.py", "test_layering.py", "test_config.py",
+              "test_executor.py", "test_real_logs.py", "test_replaystore.py", "test_truststore.py",
+              "test_hardening.py", "test_clock.py", "test_devicethread.py", "test_slots.py",
+              "test_update_service.py", "test_expr.py", "test_campaigns.py", "test_grants.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        if item.get_closest_marker("mqtt") or item.get_closest_marker("vcan") or not (
+                name in CORE_FILES or name.endswith("_core.py")):
+            item.add_marker(pytest.mark.e2e)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from conftest import ROOT
 from test_cli import assert_one_line_error, cli
 
 CANDUMP = "(1700000000.000000) can0 100#0102030405060708\n"
@@ -96,3 +99,74 @@ def test_unknown_bus_interface(tmp_path, test_dbc, command):
 def test_misspelt_interface_gets_a_suggestion(tmp_path, test_dbc):
     cfg = _config(tmp_path, test_dbc, "socketcam")
     assert_one_line_error(cli("run", "-c", cfg), "did you mean 'socketcan'?")
+
+
+# -- messages that blame the right thing ------------------------------------------------------
+
+def test_demo_broker_flag_is_blamed(tmp_path):
+    proc = cli("demo", "--broker", "nonsense")
+    assert_one_line_error(proc)
+    assert proc.stderr == ("tcu-agent: error: --broker nonsense: expected HOST:PORT "
+                           "(e.g. 127.0.0.1:1883)\n")
+
+
+def test_set_of_an_unknown_key_names_the_set(tmp_path):
+    log = tmp_path / "a.log"
+    log.write_text(CANDUMP)
+    proc = cli("replay", log, "-c", "configs/demo.toml", "--set", "vehicle.nope=1")
+    assert_one_line_error(proc)
+    assert proc.stderr == ("tcu-agent: error: --set 'vehicle.nope=1': vehicle.nope: unknown key "
+                           "(known: vin, topic_prefix)\n")
+    proc = cli("status", "-c", "configs/demo.toml", "--set", "mqtt.port=abc")
+    assert proc.stderr == ("tcu-agent: error: --set 'mqtt.port=abc': mqtt.port: expected an "
+                           "integer, got a string\n")
+    # an entry addressed by name is named as the user wrote it
+    proc = cli("status", "-c", "configs/demo.toml", "--set", "bus.pt.bitrate=fast")
+    assert proc.stderr.startswith("tcu-agent: error: --set 'bus.pt.bitrate=fast': bus.0.bitrate:")
+
+
+def test_a_bad_value_in_the_file_still_names_the_file(tmp_path):
+    cfg = tmp_path / "a.toml"
+    cfg.write_text((ROOT / "configs" / "demo.toml").read_text().replace(
+        "port = 1883", 'port = "x"').replace("../", f"{ROOT}/"))
+    proc = cli("status", "-c", cfg, "--set", "vehicle.vin='V1'")
+    assert proc.stderr == f"tcu-agent: error: {cfg}: mqtt.port: expected an integer, got a string\n"
+
+
+def test_verify_of_an_empty_file_is_an_error(tmp_path):
+    from agent.adapters.keys import generate_keypair
+    generate_keypair(tmp_path)
+    empty = tmp_path / "batches.cbor"
+    empty.write_bytes(b"")
+    proc = cli("verify", "--pub", tmp_path / "vehicle.pub", empty)
+    assert_one_line_error(proc)
+    assert proc.stderr == f"tcu-agent: error: {empty}: empty file, no signed messages to verify\n"
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("README.md", "# a readme\n", "not a CAN database file name (supported: .dbc, .kcd, .arxml, "
+                                  ".sym, .cdd)"),
+    ("notes.dbc", "# notes, not a DBC\nmore\n",
+     "not a valid DBC file? line 1, column 1: invalid syntax near '# notes, not a DBC'"),
+])
+def test_dbc_of_a_file_that_is_no_database(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    proc = cli("dbc", path)
+    assert_one_line_error(proc)
+    assert proc.stderr == f"tcu-agent: error: {path}: {message}\n"
+    assert "expected database format" not in proc.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ("dbc", "nosuch.dbc", "--json"),
+    ("replay", "nosuch.log", "--dbc", "x.dbc", "--json"),
+    ("status", "-c", "nosuch.toml", "--json"),
+    ("update", "status", "-c", "nosuch.toml", "--json"),
+])
+def test_json_errors_are_json(args):
+    proc = cli(*args)
+    assert proc.returncode == 2, proc
+    body = json.loads(proc.stdout)
+    assert list(body) == ["error"] and "nosuch" in body["error"]
+    assert proc.stderr == f"tcu-agent: error: {body['error']}\n"

@@ -209,3 +209,33 @@ def test_cloud_falls_back_to_mqtt311_on_the_amqtt_broker(keys):
             "version (MQTT 5); trying MQTT 3.1.1\n") in run.stderr
     assert (f"tcu-cloud: broker 127.0.0.1:{broker.port} works with MQTT 3.1.1; using it from "
             "now on\n") in run.stderr
+
+
+def test_command_to_a_vin_nothing_answers_says_no_status_was_seen(keys):
+    from support.mosquitto import publish
+    with Mosquitto() as broker:
+        base = ["command", "--broker", f"127.0.0.1:{broker.port}", "--key",
+                str(keys / "cloud.key"), "--name", "charge.start", "--timeout", "1.5"]
+        proc = tool(*base, "--vin", "NOSUCHVIN00000000")
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == ("tcu-cloud: no vehicle status was ever seen on "
+                               "vehicles/NOSUCHVIN00000000/status: no vehicle with this VIN has "
+                               "connected to this broker (sending anyway)\n")
+        assert json.loads(proc.stdout.splitlines()[-1])["error"] == (
+            "no vehicle status was ever seen on vehicles/NOSUCHVIN00000000/status")
+
+        # a vehicle that was there once: its retained record says it is offline
+        from agent.core.cose import Signer
+        from agent.adapters.keys import load_private_key
+        generate_keypair(keys, stem="vehicle")
+        offline = Signer(load_private_key(keys / "vehicle.key")).sign(
+            {"v": 1, "vin": "GONEVIN0000000000", "t": 1, "online": False, "agent": "0.1.0"})
+        publish("127.0.0.1", broker.port, "vehicles/GONEVIN0000000000/status", offline,
+                retain=True)
+        proc = tool(*base, "--vin", "GONEVIN0000000000")
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == ("tcu-cloud: the vehicle is offline (its retained status on "
+                               "vehicles/GONEVIN0000000000/status says online: false); the "
+                               "command waits for it\n")
+        assert json.loads(proc.stdout.splitlines()[-1])["error"] == (
+            "no terminal status before the timeout")

@@ -575,3 +575,91 @@ def test_configured_action_names_join_the_actions_family():
     # the v1 names stay with their own parameters, configured or not
     rejected(check(gate, signed(ADMIN, name="charge.set_limit", params={"percent": 10})),
              p.BAD_PARAMS)
+
+
+# -- the precheck (cheap prefix of steps 1-2) and the admission budgets -------------------------
+
+def test_precheck_refuses_like_check_without_the_signature(gate):
+    from agent.core.commands import Screened
+
+    for message in (b"\xd2\x84\x40\xa0", b"\xd8\x12junk", cbor2.dumps(cbor2.CBORTag(17, [])),
+                    b"x" * 5000, signed(key=STRANGER)):
+        pre, full = gate.precheck(message), check(gate, message)
+        assert isinstance(pre, Rejected) and (pre.reason, pre.detail, pre.id) == \
+            (full.reason, full.detail, None), (pre, full)
+    for message in (b"", b"junk", cbor2.dumps({"a": 1}), cbor2.dumps([1, 2])):  # no tag at all
+        pre, full = gate.precheck(message), check(gate, message)
+        assert (pre.reason, pre.id, full.reason) == (p.BAD_ENVELOPE, None, p.BAD_ENVELOPE)
+    # a forged signature under a trusted kid passes: only the full check can tell
+    forged = bytearray(signed())
+    forged[-1] ^= 1
+    assert isinstance(gate.precheck(bytes(forged)), Screened)
+    assert check(gate, bytes(forged)).reason == p.BAD_SIGNATURE
+
+
+def test_fingerprint_covers_the_signed_parts_not_the_unprotected_header(gate):
+    payload = cbor2.dumps(command())
+    a = gate.precheck(raw_sign1(OPS, payload, kid_of(OPS.public_key())))
+    b = gate.precheck(raw_sign1(OPS, payload, kid_of(OPS.public_key()),
+                                unprotected={99: b"\0" * 3000}))
+    c = gate.precheck(raw_sign1(OPS, cbor2.dumps(command(id="c-2")), kid_of(OPS.public_key())))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+    assert a.kid == kid_of(OPS.public_key())
+
+
+def _admission(**over):
+    import random
+
+    from agent.core.ratelimit import Admission, AdmissionLimits
+
+    return Admission(AdmissionLimits(**over), random.Random(1).random)
+
+
+def test_admission_answers_garbage_at_the_global_rate_only():
+    from agent.core.ratelimit import ANSWER
+
+    a = _admission(reject_rate_per_s=2, reject_burst=3)
+    verdicts = [a.screen(None, None, NOW + i) for i in range(100)]  # 100 within 0.1 s
+    assert verdicts.count(ANSWER) == 3 and verdicts.count("flood_dropped") == 97
+    assert a.screen(None, None, NOW + 600) == "flood_dropped"  # garbage: at most 1/s
+    assert a.screen(None, None, NOW + 1100) == ANSWER
+    d = _admission()  # the defaults: 20/s for rejections, 1/s (5 saved up) for garbage
+    assert [d.screen(None, None, NOW) for _ in range(10)].count(ANSWER) == 5
+    assert d.reject.take(NOW)  # garbage did not spend the verified rejections' budget
+
+
+def test_admission_lets_one_copy_of_a_verified_command_through_per_interval():
+    from agent.core.ratelimit import REDELIVER
+
+    a = _admission(redelivery_interval_ms=5000)
+    a.verified(b"fp", "c-1", NOW)
+    assert [a.screen(b"k", b"fp", NOW + i * 100) for i in range(49)] == \
+        ["redelivery_dropped"] * 49
+    assert a.screen(b"k", b"fp", NOW + 5000) == REDELIVER
+    assert a.screen(b"k", b"fp", NOW + 5001) == "redelivery_dropped"
+    a.forged(b"bad")
+    assert a.screen(b"k", b"bad", NOW) == "forged_dropped"
+
+
+def test_each_kid_has_its_own_budget_and_a_resent_message_gets_another_chance():
+    from agent.core.ratelimit import VERIFY
+
+    a = _admission(verify_rate_per_s=10, verify_burst=10, verify_sample=0.0)
+    spent = [a.screen(b"kid-A", b"forged-%d" % i, NOW) for i in range(1000)]
+    assert spent.count(VERIFY) == 10  # kid A's budget, then dropped
+    assert a.screen(b"kid-B", b"genuine-B", NOW) == VERIFY  # B's budget is untouched
+    assert a.screen(b"kid-A", b"genuine-A", NOW) == "budget_dropped"  # first try: no budget
+    assert a.screen(b"kid-A", b"genuine-A", NOW + 1) == VERIFY  # its re-send: the repeat budget
+    # a sample of an over-budget kid's messages is verified all the same
+    s = _admission(verify_rate_per_s=1, verify_burst=1, verify_sample=0.05)
+    verdicts = [s.screen(b"kid", b"f-%d" % i, NOW) for i in range(10_000)]
+    assert 300 <= verdicts.count(VERIFY) <= 700
+
+
+def test_lru_keeps_the_most_recent():
+    from agent.core.ratelimit import Lru
+
+    lru = Lru(3)
+    for k in "abcd":
+        lru.set(k, k.upper())
+    assert "a" not in lru and lru.get("d") == "D" and len(lru) == 3

@@ -121,7 +121,10 @@ allow = ["doors.*"]
                  f"signing.key_file={str(keys / 'vehicle.key')!r}", f"mqtt.port={broker.port}",
                  f"commands.trust_store={str(trust)!r}", "commands.queue_size=1",
                  "commands.reject_rate_per_s=1000", "commands.reject_burst=1000",
-                 "simulator.charge_rate_pct_per_s=0.5", "mqtt.reconnect_min_s=0.1"]
+                 "commands.redelivery_interval_ms=0",  # re-deliveries: tests of their own
+                 "commands.garbage_rate_per_s=1000", "commands.garbage_burst=1000",
+                 "simulator.charge_rate_pct_per_s=0.5", "mqtt.reconnect_min_s=0.1",
+                 f"control.socket={str(tmp_path / 'control.sock')!r}"]
 
     class Rig:
         pass

@@ -278,7 +278,7 @@ def test_an_action_named_like_another_familys_command_is_refused():
                                           r"is claimed by families 'actions' and 'state'"):
         handlers(cfg, plans, core, [], dict, lambda values, t: None, None, lambda: (True, ""))
     assert len(handlers(load_config(ROOT / "configs" / "demo.toml"), plans, core, [], dict,
-                        lambda values, t: None, None, lambda: (True, ""))) == 3
+                        lambda values, t: None, None, lambda: (True, ""))) == 5  # actions, state, update, trust, diag
 
 
 def test_the_cores_selection_types_mirror_the_config():

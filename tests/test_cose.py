@@ -267,11 +267,18 @@ def test_protected_header_not_a_map(key, keys):
     assert reason(raw_sign1(key, body, protected=b""), keys) == "BAD_ENVELOPE"  # empty = no alg
 
 
-@pytest.mark.parametrize("alg", [-7, -35, 8, -8.0, None, "EdDSA"])
+@pytest.mark.parametrize("alg", [-35, -36, 8, -8.0, -7.0, None, "EdDSA"])
 def test_wrong_alg(key, keys, alg):
     with pytest.raises(VerificationError) as info:
         verify(raw_sign1(key, cbor2.dumps(PAYLOAD), alg=alg), keys)
     assert info.value.reason == "BAD_ENVELOPE" and "alg" in str(info.value)
+
+
+def test_es256_alg_on_an_ed25519_kid_is_a_bad_signature(key, keys):
+    # -7 is a supported alg, but not for this key: alg confusion (PROTOCOL.md §2).
+    with pytest.raises(VerificationError) as info:
+        verify(raw_sign1(key, cbor2.dumps(PAYLOAD), alg=-7), keys)
+    assert info.value.reason == "BAD_SIGNATURE" and "does not match" in str(info.value)
 
 
 @pytest.mark.parametrize("ct", ["application/json", "application/cbor+gzip", 60, None, b"application/cbor"])
@@ -490,3 +497,55 @@ def test_fuzz_correctly_signed_arbitrary_payloads(key, keys, body, packed):
     else:
         message = raw_sign1(key, body)
     only_verification_errors(message, keys)
+
+
+# --- tags that decode to plain data (issue: bignum iat/exp/v/percent, self-describe) ---------
+
+def _bignum(n: int) -> cbor2.CBORTag:
+    return cbor2.CBORTag(2, n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
+
+
+COMMAND = {"v": 1, "id": "c-1", "vin": "V1", "name": "charge.set_limit",
+           "params": {"percent": 80}, "iat": 1_700_000_000_000, "exp": 1_700_000_060_000}
+
+
+@pytest.mark.parametrize("path", ["v", "iat", "exp", "percent"])
+def test_small_bignums_are_refused(key, keys, path):
+    # 2(h'01') decodes to the int 1 in cbor2: it would pass for a plain integer.
+    body = dict(COMMAND, params=dict(COMMAND["params"]))
+    if path == "percent":
+        body["params"]["percent"] = _bignum(80)
+    else:
+        body[path] = _bignum(body[path])
+    encoded = cbor2.dumps(body)
+    assert cbor2.loads(encoded) == COMMAND  # the same values once decoded
+    with pytest.raises(VerificationError) as info:
+        verify(raw_sign1(key, encoded), keys)
+    assert info.value.reason == "BAD_ENVELOPE" and "tag 2" in str(info.value)
+
+
+def test_negative_bignum_and_string_references_are_refused(key, keys):
+    assert reason(raw_sign1(key, cbor2.dumps({"v": cbor2.CBORTag(3, b"\x00")})), keys) == "BAD_ENVELOPE"
+    # 256({"a": "vin", "b": 25(0)}): a string reference decodes to a plain text string.
+    stringref = bytes.fromhex("d90100a261616376696e6162d81900")
+    assert cbor2.loads(stringref) == {"a": "vin", "b": "vin"}
+    assert reason(raw_sign1(key, stringref), keys) == "BAD_ENVELOPE"
+
+
+def test_crit_in_the_unprotected_header_is_refused(key, keys):
+    body = cbor2.dumps(PAYLOAD)
+    with pytest.raises(VerificationError) as info:
+        verify(raw_sign1(key, body, unprotected={2: [33]}), keys)
+    assert info.value.reason == "BAD_ENVELOPE" and "critical" in str(info.value)
+
+
+def test_self_describe_prefix_is_refused(key, signer, keys):
+    good = signer.sign(PAYLOAD)
+    prefixed = b"\xd9\xd9\xf7" + good
+    assert cbor2.loads(prefixed).tag == 18  # cbor2 alone would strip it silently
+    with pytest.raises(VerificationError) as info:
+        verify(prefixed, keys)
+    assert info.value.reason == "BAD_ENVELOPE" and "55799" in str(info.value)
+    # Inside the tag, around the protected header's map: refused too.
+    header = b"\xd9\xd9\xf7" + cbor2.dumps({1: -8, 4: kid_of(key.public_key()), 3: CT_CBOR})
+    assert reason(raw_sign1(key, cbor2.dumps(PAYLOAD), protected=header), keys) == "BAD_ENVELOPE"

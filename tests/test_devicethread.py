@@ -9,16 +9,8 @@ import time
 
 import pytest
 
+from support.wait import wait_until
 from agent.adapters.devicethread import DeviceThread, Stopped, Unresponsive
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.005)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Scripted(DeviceThread):

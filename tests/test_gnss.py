@@ -7,21 +7,13 @@ import time
 
 import pytest
 
+from support.wait import wait_until
 from agent.adapters.gnss import GnssReader
 from agent.config import GnssConfig
 from agent.sim.gnss import SimulatedGnss
 
 L = "Vehicle.CurrentLocation."
 ROUTE = [(48.1000, 11.5000), (48.1000, 11.6000)]  # due east, 7.4 km
-
-
-def wait_until(predicate, timeout=5.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Sink:

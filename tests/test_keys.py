@@ -116,13 +116,14 @@ def test_malformed_private_keys(tmp_path):
     with pytest.raises(SigningError, match="not a PKCS#8 PEM"):
         load_private_key(garbage)
 
-    p256 = tmp_path / "p256.key"
-    ec_pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+    # P-256 is the second supported type (ES256); other curves are refused.
+    p384 = tmp_path / "p384.key"
+    ec_pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
         Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    write(p256, ec_pem, 0o600)
-    with pytest.raises(SigningError, match="not an Ed25519 key"):
-        load_private_key(p256)
+    write(p384, ec_pem, 0o600)
+    with pytest.raises(SigningError, match="not an Ed25519 or P-256 key .*secp384r1"):
+        load_private_key(p384)
 
     encrypted = tmp_path / "encrypted.key"
     enc_pem = Ed25519PrivateKey.generate().private_bytes(
@@ -154,10 +155,10 @@ def test_public_key_errors(tmp_path):
         load_public_key(str(tmp_path / "missing.pub"))
     with pytest.raises(SigningError, match="inline public key"):
         load_public_key("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
-    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+    ec_pub = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
         Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
     )
-    with pytest.raises(SigningError, match="not an Ed25519 key"):
+    with pytest.raises(SigningError, match="not an Ed25519 or P-256 key"):
         load_public_key(ec_pub.decode())
     private_pem = tmp_path / "vehicle.key"
     generate_keypair(tmp_path)
@@ -174,3 +175,36 @@ def test_agent_without_uplink_still_refuses_a_missing_key(tmp_path, test_dbc):
            "signing": {"key_file": str(tmp_path / "none" / "vehicle.key")}}
     with pytest.raises(SigningError, match="tcu-agent keys generate"):
         Agent(config_from_dict(raw, base=tmp_path))
+
+
+def test_es256_key_pair(tmp_path):
+    private_path, public_path, kid_hex = generate_keypair(tmp_path, alg="es256")
+    assert mode_of(private_path) == 0o600
+    private = load_private_key(private_path)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp256r1"
+    public = load_public_key(str(public_path))
+    point = public.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+    import hashlib
+    assert kid_hex == hashlib.sha256(point).hexdigest()[:16] == kid_of(public).hex()
+    signer = Signer(private)
+    assert signer.alg == -7
+    assert verify(signer.sign({"v": 1}), {kid_of(public): public}).payload == {"v": 1}
+    with pytest.raises(SigningError, match="unknown key algorithm"):
+        generate_keypair(tmp_path / "x", alg="rsa")
+
+
+def test_cli_generates_es256_keys(tmp_path):
+    import subprocess
+    import sys
+    for prog, extra in (("agent", []), ("agent.cloud.main", ["--stem", "ops"])):
+        out = tmp_path / prog
+        run = subprocess.run([sys.executable, "-m", prog, "keys", "generate", "--dir", str(out),
+                              "--alg", "es256", *extra], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        stem = "ops" if extra else "vehicle"
+        public = load_public_key(str(out / f"{stem}.pub"))
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert run.stdout.strip() == kid_of(public).hex()
+    bad = subprocess.run([sys.executable, "-m", "agent", "keys", "generate", "--dir",
+                          str(tmp_path / "b"), "--alg", "rsa"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -522,3 +522,108 @@ def test_signal_strength_has_hysteresis(modem, tmp_path, test_dbc):
         wait_until(lambda: sent() == [-73, -67, None], what="unknown signal")
     finally:
         agent.stop()
+
+
+# -- link recovery (core/recovery.py decides, the poller acts) ------------------------------
+
+def recovery_rig(modem, service, **cfg):
+    from agent.app.power import LinkRecovery
+
+    m = modem()
+    sink = Sink()
+    svc = service(m.path, sink, timeout=0.3, poll=5.0)
+    svc.start()
+    wait_until(lambda: svc.registered() is True, what="registered")
+    config = ModemConfig(port=str(m.path), recovery_after_s=0.2, recovery_backoff_s=0.3, **cfg)
+    # "the broker is reachable" stands in as: the emulated network has the modem registered
+    rec = LinkRecovery(config, svc, lambda: m.registered)
+    return m, svc, sink, rec
+
+
+def drive(rec, m, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec.poll(int(time.time() * 1000))
+        if m.registered and rec.taken and not rec.modem.recovering:
+            rec.poll(int(time.time() * 1000))  # the policy sees the link back
+            return rec.taken
+        time.sleep(0.05)
+    raise AssertionError(f"not recovered: steps {rec.taken}, modem {rec.modem.status()}")
+
+
+def test_recovery_registration_back_after_a_radio_toggle(modem, service):
+    m, svc, sink, rec = recovery_rig(modem, service)
+    m.lose_registration(until="cfun")
+    assert drive(rec, m) == ["reread", "radio"]
+    assert "AT+CFUN=0" in m.received and "AT+CFUN=1" in m.received
+    assert "AT+CFUN=1,1" not in m.received
+    wait_until(lambda: sink.last(P + "Registration") == "home", what="home again")
+    s = rec.status()
+    assert s["steps"]["reread"] == 1 and s["steps"]["radio"] == 1 and s["recoveries"] == 1
+    assert s["state"] == "idle" and svc.status()["recovery"]["steps"]["radio"] == 1
+
+
+def test_recovery_needs_a_reset(modem, service):
+    m, svc, sink, rec = recovery_rig(modem, service)
+    m.lose_registration(until="reset")
+    assert drive(rec, m) == ["reread", "radio", "reset"]
+    assert m.resets == 1
+    wait_until(lambda: svc.status()["state"] == "open" and svc.registered() is True,
+               what="the poller back after the reset")
+    assert svc.status()["reopens"] >= 1
+
+
+def test_recovery_with_an_answer_cut_off_mid_line(modem, service):
+    m, svc, sink, rec = recovery_rig(modem, service)
+    m.lose_registration(until="cfun")
+    m.cut_answers = 1  # the re-read's answer is cut: not taken for anything
+    assert drive(rec, m) == ["reread", "radio"]
+    assert sink.all(P + "Registration")[-1] == "home"
+    s = svc.status()
+    assert m.cut_answers == 0 and s["timeouts"] + s["garbage_lines"] >= 1  # it was cut
+    assert s["state"] == "open" and s["parse_errors"] == 0
+
+
+def test_recovery_only_observes_under_modemmanager(modem, service):
+    m, svc, sink, rec = recovery_rig(modem, service, modemmanager=True)
+    m.lose_registration(until="cfun")
+    for _ in range(20):
+        assert rec.poll(int(time.time() * 1000)) is None
+        time.sleep(0.05)
+    assert "AT+CFUN=0" not in m.received
+    assert "ModemManager" in rec.status()["state"]
+
+
+def test_power_cycle_command_is_the_last_step(modem, service, tmp_path):
+    marker = tmp_path / "cycled"
+    m, svc, sink, rec = recovery_rig(
+        modem, service, power_cycle_command=[sys.executable, "-c",
+                                             f"open({str(marker)!r}, 'w').write('x')"])
+    rec.policy.steps = ("power_cycle",)  # straight to it: the GPIO toggle
+    m.mute = True  # a modem that answers nothing at all, off the network
+    m.eps_stat = m.cs_stat = 2
+    svc.set_poll_interval(0.4)
+    wait_until(lambda: svc.registered() is None, timeout=10, what="unresponsive")
+    wait_until(lambda: rec.poll(int(time.time() * 1000)) == "power_cycle", what="power cycle")
+    wait_until(lambda: rec.power_cycle.get("last") == "ok", what="the command ran")
+    assert marker.exists() and rec.status()["steps"]["power_cycle"] == 1
+
+
+@pytest.mark.parametrize("profile", ["sim7600", "ec25"])
+def test_supply_voltage_when_configured(modem, service, profile):
+    m = modem(profile)
+    m.supply_v = 3.412
+    sink = Sink()
+    svc = ModemPoller(ModemConfig(port=str(m.path), command_timeout_s=0.3, poll_interval_s=0.4,
+                                  read_voltage=True), sink, backoff_s=0.05)
+    svc.start()
+    try:
+        wait_until(lambda: sink.last(P + "SupplyVoltage") == 3.412, what="the voltage")
+        m.supply_v = 3.1
+        wait_until(lambda: sink.last(P + "SupplyVoltage") == 3.1, what="a new reading")
+    finally:
+        svc.stop()
+    plain = service(m.path)
+    plain.start()
+    wait_until(lambda: plain.values.get(P + "Operator"), what="a poll cycle")
+    assert P + "SupplyVoltage" not in plain.values  # off by default: no AT+CBC

@@ -25,6 +25,7 @@ except ImportError:  # pytest put tests/ itself on sys.path
     from support.certs import Pki, generate_pki  # type: ignore[no-redef]
 
 from cryptography import x509
+from support.wait import wait_until
 
 Consumer = harness.Consumer
 Mosquitto = harness.Mosquitto
@@ -81,14 +82,6 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def wait_until(cond, timeout: float = 5.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def port_open(port: int) -> bool:

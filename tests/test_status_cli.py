@@ -99,3 +99,30 @@ def test_render_shows_core_loop_failures():
     text = render(status)
     assert "FAILURES" in text and "7 in the core loop" in text and "records 7" in text
     assert "FAILURES" not in render({**status, "core_failures": 0})
+
+
+def test_render_power_link_and_listen_only():
+    now = time.time() * 1000
+    status = {"pid": 1, "vin": "V", "started_ms": now - 5000,
+              "power": {"state": "asleep", "reason": "every bus silent for 60 s",
+                        "since_ms": now - 125_000, "volts": 12.41, "entered": {},
+                        "heartbeats": 2, "dropped_samples": 0},
+              "modem": {"state": "open", "port": "/dev/ttyUSB2",
+                        "recovery": {"steps": {"reread": 1}, "last": "reread: x"}},
+              "link_recovery": {"state": "escalating", "steps": {"reread": 1, "radio": 1,
+                                                                 "reset": 0},
+                                "capped": 0, "recoveries": 3, "last_step": "radio"},
+              "buses": [{"name": "pt", "state": "open", "interface": "socketcan",
+                         "channel": "can0", "frames": 0, "fps": 0.0, "unknown_ids": 0,
+                         "decode_errors": 0, "bad_length": 0, "bus_errors": 0, "reopens": 0,
+                         "listen_only": True, "refused_sends": 4}]}
+    text = render(status)
+    assert re.search(r"^power\s+asleep for 2m0[45]s \(every bus silent for 60 s\), 12 V battery "
+                     r"12\.41 V, heartbeats 2, dropped samples 0$", text, re.M), text
+    assert re.search(r"^link\s+recovery escalating: steps reread 1, radio 1, reset 0; capped 0, "
+                     r"recoveries 3, last radio$", text, re.M), text
+    assert "recovery" not in next(line for line in text.splitlines() if line.startswith("modem"))
+    assert "listen-only (sends refused 4)" in text
+    status["link_recovery"] = {"state": "ModemManager owns the modem: observing only"}
+    assert re.search(r"^link\s+ModemManager owns the modem: observing only$", render(status),
+                     re.M)

@@ -47,6 +47,10 @@ def test_unit_declares_the_service_contract():
     assert s["Restart"] == ["on-failure"]
     assert s["WatchdogSec"] and s["StateDirectory"] == ["tcu-agent"]
     assert s["ConfigurationDirectory"] == ["tcu-agent"]
+    # the control socket's folder: the config default lives there, group members may enter
+    from agent.config import ControlConfig
+    assert s["RuntimeDirectory"] == ["tcu-agent"] and s["RuntimeDirectoryMode"] == ["0750"]
+    assert ControlConfig().socket.parent == Path("/run") / s["RuntimeDirectory"][0]
     assert s.get("User") == ["tcu-agent"] or s.get("DynamicUser") == ["yes"]
     for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict", "ProtectHome": "yes",
                        "PrivateTmp": "yes", "PrivateDevices": "yes",
@@ -81,6 +85,31 @@ def test_systemd_analyze_security_exposure_is_low():
     m = re.search(r"Overall exposure level for tcu-agent\.service:\s*([0-9.]+)", r.stdout)
     assert m, r.stdout + r.stderr
     assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+
+
+def test_pkcs11_drop_in_keeps_the_exposure_low(tmp_path):
+    """systemd/pkcs11.conf (a TPM device, SoftHSM2's config) merged into the unit: still <= 2.0,
+    nothing it relies on for reaching the module is hidden, and the rest stays hardened."""
+    analyze = systemd_analyze()
+    drop_in = (ROOT / "systemd" / "pkcs11.conf").read_text()
+    assert drop_in.count("[Service]") == 1
+    lines = drop_in.split("[Service]", 1)[1].strip()
+    merged = tmp_path / "tcu-agent.service"
+    merged.write_text(UNIT.read_text().replace("[Install]", f"{lines}\n\n[Install]"))
+    r = subprocess.run([analyze, "security", "--offline=yes", "--no-pager", str(merged)],
+                       capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for tcu-agent\.service:\s*([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+    settings = {}
+    for line in merged.read_text().splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    # The module lives under /usr/lib: readable with ProtectSystem=strict, never made inaccessible.
+    assert settings["ProtectSystem"] == ["strict"] and "InaccessiblePaths" not in settings
+    assert settings["MemoryDenyWriteExecute"] == ["yes"] and settings["DevicePolicy"][-1] == "closed"
+    assert "/dev/tpmrm0 rw" in settings["DeviceAllow"]
 
 
 # -- sd_notify on a real datagram socket ----------------------------------------------------

@@ -6,7 +6,7 @@ import logging
 import os
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, SECP384R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
@@ -141,11 +141,21 @@ def test_invalid_store_names_file_entry_and_problem(tmp_path, keys, text, where,
     assert problem in message and "\n" not in message
 
 
-def test_non_ed25519_key_is_refused(tmp_path):
-    (tmp_path / "ec.pub").write_text(pem(generate_private_key(SECP256R1())))
+def test_keys_other_than_ed25519_and_p256_are_refused(tmp_path):
+    (tmp_path / "ec.pub").write_text(pem(generate_private_key(SECP384R1())))
     path = write(tmp_path, '[[key]]\nname = "ec"\npublic_key = "ec.pub"\nallow = ["*"]\n')
-    with pytest.raises(ConfigError, match=r"key\.0\.public_key: .*not an Ed25519 key"):
+    with pytest.raises(ConfigError, match=r"key\.0\.public_key: .*not an Ed25519 or P-256 key"):
         load_trust_store(path, NAMES)
+
+
+def test_p256_keys_are_trusted(tmp_path, keys):
+    p256 = generate_private_key(SECP256R1())
+    (tmp_path / "p256.pub").write_text(pem(p256))
+    path = write(tmp_path, f'[[key]]\n{ENTRY}\n[[key]]\nname = "tpm-ops"\n'
+                           f'public_key = "p256.pub"\nallow = ["doors.*"]\n')
+    store = load_trust_store(path, NAMES)
+    entry = store.get(kid_of(p256.public_key()))
+    assert entry is not None and entry.name == "tpm-ops" and entry.allows("doors.lock")
 
 
 def test_missing_file(tmp_path):

@@ -35,6 +35,7 @@ except ImportError:  # pytest put tests/ itself on sys.path
     from support.certs import Pki, generate_pki  # type: ignore[no-redef]
     from support.mosquitto import Consumer, Mosquitto, publish  # type: ignore[no-redef]
 
+from support.wait import wait_until
 from agent.adapters.mqtt import Uplink
 from agent.adapters.outbox import Outbox
 from agent.config import MqttConfig, TlsConfig
@@ -142,15 +143,6 @@ def seqs_in(msgs) -> list[int]:
 
 def left(ob: Outbox) -> int:
     return ob.stats()["messages"]
-
-
-def wait_until(cond, timeout: float = 10.0, what: str = "condition", diag=None) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            extra = f"; {diag()}" if diag else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-        time.sleep(0.01)
 
 
 def free_port() -> int:

@@ -304,10 +304,25 @@ def test_backoff_doubles_with_jitter_and_resets_after_a_connect(ob) -> None:
     assert st["last_error"] == f"cannot connect to {WHERE}: ConnectionRefusedError: refused"
     d.connect()
     assert d.m.status()["reconnect_delay_s"] == 0.0
+    d.tick(u.HEALTHY_S)  # a connection that stayed up: the next outage starts afresh
     lost = d.now
     d.lose()
     t = attempts(d, 2, lambda: u.ConnectFailed("x"))
     assert t[0] - lost <= 0.5 and 0.5 <= t[1] - t[0] <= 1.0, "the delay was reset"
+
+
+def test_a_broker_that_connects_then_drops_every_session_is_backed_off(ob) -> None:
+    """An ACL that accepts the CONNECT and closes on the first publish: CONNACK alone does
+    not reset the backoff, so the agent does not reconnect at reconnect_min_s forever."""
+    p = params(reconnect_min_s=0.5, reconnect_max_s=8.0)
+    d = Driver(ob, p, seed=3)
+    starts = []
+    for _ in range(6):
+        d.connect()
+        starts.append(d.now)
+        d.lose()
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert gaps[-1] >= 4.0, gaps  # 0.5, 1, 2, 4, 8 (jittered down to half at most)
 
 
 def test_each_distinct_error_is_logged_once_and_again_after_a_connect(ob) -> None:

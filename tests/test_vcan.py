@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from support.wait import wait_until
 from conftest import ROOT
 
 pytestmark = pytest.mark.vcan
@@ -77,16 +78,6 @@ def vcan():
             pytest.fail(f"vcan tier: {why}")
         pytest.skip(f"needs SocketCAN vcan0/vcan1: {why}; {VM_HINT}")
     yield CHANNELS
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def can_utils(tool: str) -> str:

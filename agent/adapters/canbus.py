@@ -11,6 +11,12 @@ On SocketCAN the reader reads the socket itself (recvmsg, struct can_frame) inst
 python-can's recv(): no Message object per frame, and SO_RXQ_OVFL on, so the frames the
 kernel dropped because the socket was full are counted (`kernel_drops`); python-can's own
 capture_message accepts only the timestamp as ancillary data.
+
+Listen-only: a bus that no command action (or diagnostics) writes to never carries a frame
+from the agent: send() refuses, with a clear error, counted. python-can's socketcan has no
+listen-only switch of its own; the kernel's is a link setting (README "Deploying":
+`ip link set can0 type can bitrate 500000 listen-only on`), which then also keeps the
+controller from acknowledging frames.
 """
 
 from __future__ import annotations
@@ -101,7 +107,8 @@ class BusReader(DeviceThread):
     log = log
 
     def __init__(self, index: int, cfg: BusConfig, sink: Sink, filters: list[dict] | None = None,
-                 backoff_s: float = 0.5, backoff_cap_s: float = 30.0):
+                 backoff_s: float = 0.5, backoff_cap_s: float = 30.0,
+                 listen_only: bool = False):
         super().__init__(f"bus {cfg.name}", f"{cfg.interface} {cfg.channel}", backoff_s,
                          backoff_cap_s)
         self.index = index
@@ -115,6 +122,8 @@ class BusReader(DeviceThread):
         self._bus: can.BusABC | None = None
         self.thread_name = f"can-{cfg.name}"
         self._send_lock = threading.Lock()
+        self.listen_only = listen_only
+        self.refused_sends = 0  # send() calls refused because the bus is listen-only
 
     # -- I/O ------------------------------------------------------------------------------
 
@@ -130,6 +139,11 @@ class BusReader(DeviceThread):
 
     def send(self, can_id: int, data: bytes, timeout: float = 0.2) -> None:
         """Write one frame. Raises BusError when the bus is down or the write fails."""
+        if self.listen_only:
+            self.refused_sends += 1
+            raise BusError(f"bus {self.cfg.name}: listen-only, refusing to send (no command "
+                           "action or diagnostics is configured for it; set listen_only = "
+                           "false on the bus to allow writing)")
         bus = self._bus
         if bus is None:
             raise BusError(f"bus {self.cfg.name}: not open ({self.last_error or self.state})")
@@ -233,4 +247,5 @@ class BusReader(DeviceThread):
         return {"state": self.state, "bus_errors": self.errors, "reopens": self.reopens,
                 "error_frames": self.error_frames, "kernel_drops": self.kernel_drops,
                 "last_error": self.last_error,
-                "interface": self.cfg.interface, "channel": self.cfg.channel}
+                "interface": self.cfg.interface, "channel": self.cfg.channel,
+                "listen_only": self.listen_only, "refused_sends": self.refused_sends}

@@ -1,4 +1,6 @@
-"""Ed25519 key files: load the vehicle's private key, load trusted public keys, generate pairs.
+"""Key files: load the vehicle's private key, load trusted public keys, generate pairs.
+
+Keys are Ed25519 (COSE EdDSA) or ECDSA P-256 (COSE ES256); any other type is refused.
 
 Private keys are PKCS#8 PEM, unencrypted (the agent starts unattended), and must not be
 accessible by group or others. Public keys are SubjectPublicKeyInfo PEM.
@@ -12,22 +14,35 @@ from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import (
-    Ed25519PrivateKey,
-    Ed25519PublicKey,
-)
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.adapters.atomic import atomic_write
-from agent.core.cose import kid_of
+from agent.core.cose import PublicKey, alg_of, kid_of
 from agent.errors import SigningError
 
-__all__ = ["generate_keypair", "load_private_key", "load_public_key"]
+__all__ = ["ALGS", "generate_keypair", "load_private_key", "load_public_key", "new_private_key"]
 
 _PEM_START = "-----BEGIN"
+ALGS = ("eddsa", "es256")  # `keys generate --alg`
+PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
 
 
-def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
-    """Load an unencrypted PKCS#8 PEM Ed25519 private key, refusing group/other access."""
+def _supported(public_key) -> bool:
+    try:
+        alg_of(public_key)
+        return True
+    except TypeError:
+        return False
+
+
+def _kind(key) -> str:
+    curve = getattr(key, "curve", None)
+    return f"{type(key).__name__}{f' {curve.name}' if curve else ''}"
+
+
+def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
+    """Load an unencrypted PKCS#8 PEM Ed25519 or P-256 private key, refusing group/other access."""
     path = Path(path)
     try:
         # Open first, then fstat the open file: the mode checked is the mode of what is read.
@@ -59,13 +74,13 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         raise SigningError(f"private key {path} is encrypted; the agent needs an unencrypted PKCS#8 PEM key") from None
     except (ValueError, UnsupportedAlgorithm):
         raise SigningError(f"private key {path} is not a PKCS#8 PEM private key") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"private key {path} is not an Ed25519 key ({type(key).__name__})")
+    if not hasattr(key, "public_key") or not _supported(key.public_key()):
+        raise SigningError(f"private key {path} is not an Ed25519 or P-256 key ({_kind(key)})")
     return key
 
 
-def load_public_key(path_or_pem: str | os.PathLike[str]) -> Ed25519PublicKey:
-    """Load an Ed25519 public key from a SubjectPublicKeyInfo PEM file or inline PEM text.
+def load_public_key(path_or_pem: str | os.PathLike[str]) -> PublicKey:
+    """Load an Ed25519 or P-256 public key from a SubjectPublicKeyInfo PEM file or inline PEM.
 
     Text starting with "-----BEGIN" (after leading whitespace) is taken as the PEM itself,
     so a trust store can embed keys directly.
@@ -85,15 +100,31 @@ def load_public_key(path_or_pem: str | os.PathLike[str]) -> Ed25519PublicKey:
         key = serialization.load_pem_public_key(data)
     except (ValueError, UnsupportedAlgorithm):
         raise SigningError(f"{where} is not a SubjectPublicKeyInfo PEM public key") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise SigningError(f"{where} is not an Ed25519 key ({type(key).__name__})")
+    if not _supported(key):
+        raise SigningError(f"{where} is not an Ed25519 or P-256 key ({_kind(key)})")
     return key
 
 
+def new_private_key(alg: str = "eddsa") -> PrivateKey:
+    if alg == "eddsa":
+        return Ed25519PrivateKey.generate()
+    if alg == "es256":
+        return ec.generate_private_key(ec.SECP256R1())
+    raise SigningError(f"unknown key algorithm {alg!r} (known: {', '.join(ALGS)})")
+
+
+def public_pem(public_key: PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
 def generate_keypair(
-    directory: str | os.PathLike[str], force: bool = False, stem: str = "vehicle"
+    directory: str | os.PathLike[str], force: bool = False, stem: str = "vehicle",
+    alg: str = "eddsa",
 ) -> tuple[Path, Path, str]:
     """Create `{stem}.key` (PKCS#8 PEM, mode 0600) and `{stem}.pub` in `directory`.
+
+    alg: "eddsa" (Ed25519) or "es256" (ECDSA P-256).
 
     Returns (private_path, public_path, kid_hex). Creates the directory with mode 0700 if
     missing. Refuses to replace an existing key or public key unless force=True. Each file
@@ -114,18 +145,61 @@ def generate_keypair(
                     f"{existing} already exists; refusing to overwrite it "
                     "(pass --force to replace the key; messages signed with the old one will no longer verify)"
                 )
-    key = Ed25519PrivateKey.generate()
+    key = new_private_key(alg)
     private_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
     try:
         atomic_write(private_path, private_pem, 0o600)
-        atomic_write(public_path, public_pem, 0o644)
+        atomic_write(public_path, public_pem(key.public_key()), 0o644)
     except OSError as exc:
         raise SigningError(f"cannot write key files in {directory}: {exc.strerror or exc}") from None
     return private_path, public_path, kid_of(key.public_key()).hex()
+
+
+def load_signing_key(signing):
+    """The vehicle's key from a [signing] section: a key file or a PKCS#11 token key."""
+    if signing.pkcs11 is not None:
+        from .pkcs11 import open_key, read_pin
+
+        p = signing.pkcs11
+        return open_key(p.module, p.token, p.key_label, read_pin(p.pin_file))
+    return load_private_key(signing.key_file)
+
+
+# -- rotation -----------------------------------------------------------------------------------
+
+def next_key_paths(key_file: Path) -> tuple[Path, Path]:
+    """Where `keys rotate` puts the next key pair: {stem}.next.key / {stem}.next.pub."""
+    key_file = Path(key_file)
+    return (key_file.with_name(f"{key_file.stem}.next.key"),
+            key_file.with_name(f"{key_file.stem}.next.pub"))
+
+
+def prepare_rotation(key_file: Path, alg: str | None = None, force: bool = False) -> str:
+    """Generate the next key pair beside `key_file` (same algorithm unless `alg`); the agent
+    switches to it at its next start. Returns the new kid (hex)."""
+    key_file = Path(key_file)
+    current = load_private_key(key_file)
+    if alg is None:
+        alg = "eddsa" if isinstance(current, Ed25519PrivateKey) else "es256"
+    next_key, _ = next_key_paths(key_file)
+    _, _, kid = generate_keypair(key_file.parent, force=force, stem=next_key.stem, alg=alg)
+    return kid
+
+
+def commit_rotation(key_file: Path) -> None:
+    """Move the next key pair over the current one (rename, then fsync of the directory)."""
+    from .atomic import fsync_dir
+
+    key_file = Path(key_file)
+    next_key, next_pub = next_key_paths(key_file)
+    try:
+        os.replace(next_key, key_file)
+        if next_pub.exists():
+            os.replace(next_pub, key_file.with_suffix(".pub"))
+        fsync_dir(key_file.parent)
+    except OSError as exc:
+        raise SigningError(f"cannot switch to the rotated key {next_key}: {exc.strerror or exc}") from None

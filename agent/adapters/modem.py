@@ -22,6 +22,8 @@ others extend the Vehicle.Connectivity branch):
   Vehicle.Connectivity.AreaCode           str   LAC/TAC (hex, as the modem reports it)
   Vehicle.Connectivity.CellId             str   cell id (hex)
   Vehicle.Connectivity.Operator           str   AT+COPS? name (or MCC+MNC); None when none
+  Vehicle.Connectivity.SupplyVoltage      float volts from AT+CBC, with `read_voltage` (the
+                                                power.battery_signal of a board without one)
 
 Faults never raise into the agent: timeouts, ERROR answers, garbage lines, late answers, URCs
 and reopens are counted in status(). Three commands in a row without an answer close the
@@ -32,6 +34,12 @@ discarded until the line is quiet, so an answer to a command from before the ope
 taken for a new one; an OK without the information line a query always returns counts as
 no answer (see at.INFO_COMMANDS). Registration URCs are switched on (AT+CEREG=2, AT+CREG=2)
 so a change of state, area or cell arrives at once rather than at the next poll.
+
+Link recovery (core/recovery.py decides, the runtime asks): `recover(step)` queues one step
+for the modem thread -- "reread" (registration and data bearer, AT+CGACT?), "radio"
+(AT+CFUN=0, then AT+CFUN=1, then a re-read) or "reset" (AT+CFUN=1,1; the port is then
+reopened, as a USB modem re-enumerates). Each step is logged and counted in status().
+`set_poll_interval(s)` slows the polls while the vehicle sleeps.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -61,6 +70,9 @@ SILENT_LIMIT = 3  # consecutive unanswered commands before the port is reopened
 READ_SLICE_S = 0.05  # serial read timeout: the granularity of stop() and URC handling
 QUIET_S = 0.2  # after the opening AT: no byte for this long means old answers are drained
 # Set after ATE0; ERROR or no answer is fine (a modem without CS, or without EPS).
+_CBC = re.compile(r"\+CBC:\s*(?:(\d+),\s*\d+,\s*(\d+)|([\d.]+)\s*V)", re.I)
+RADIO_OFF_S = 1.0  # between AT+CFUN=0 and AT+CFUN=1: long enough for the network to notice
+RECOVERY_STEPS = ("reread", "radio", "reset")
 SETUP = ("AT+CMEE=1",  # numeric +CME ERROR codes rather than plain ERROR
          "AT+CEREG=2", "AT+CREG=2")  # registration URCs with area and cell (ship as n=0)
 
@@ -102,6 +114,11 @@ class ModemPoller(DeviceThread):
         self._io = threading.RLock()
         self._plan: list[tuple[float, str]] = []  # this poll cycle: (monotonic due, command)
         self._cycle_end = 0.0
+        self.poll_interval_s = cfg.poll_interval_s  # set_poll_interval() while asleep
+        self.bearer: bool | None = None  # a PDP context active (AT+CGACT?), None: not read
+        self._steps: list[str] = []  # recovery steps waiting for the thread
+        self._step_running = False
+        self.recovery = {"steps": {s: 0 for s in RECOVERY_STEPS}, "last": ""}
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -109,7 +126,35 @@ class ModemPoller(DeviceThread):
         """State, counters and `values`: the last value delivered for each name."""
         return {"state": self.state, "port": self.cfg.port, "last_error": self.last_error,
                 **self.counters, "port_errors": self.errors, "opens": self.opens,
-                "reopens": self.reopens, "values": dict(self.values)}
+                "reopens": self.reopens, "poll_interval_s": self.poll_interval_s,
+                "bearer": self.bearer, "recovery": {"steps": dict(self.recovery["steps"]),
+                                                    "last": self.recovery["last"]},
+                "values": dict(self.values)}
+
+    # -- power and link recovery (any thread) ----------------------------------------------
+
+    def set_poll_interval(self, seconds: float) -> None:
+        """Poll every `seconds` from the next cycle on (asleep: slow; awake: the config's)."""
+        if seconds != self.poll_interval_s:
+            self.poll_interval_s = seconds
+            self._cycle_end = min(self._cycle_end, time.monotonic() + seconds)
+
+    def registered(self) -> bool | None:
+        """The modem's last word on registration; None when it is not answering."""
+        if self.state != "open":
+            return None
+        return self.values.get(P + "IsConnectivityAvailable")
+
+    @property
+    def recovering(self) -> bool:
+        """A recovery step is queued or running (the next one waits for its outcome)."""
+        return bool(self._steps) or self._step_running
+
+    def recover(self, step: str) -> None:
+        """Queue one recovery step ("reread", "radio", "reset") for the modem thread."""
+        if step not in RECOVERY_STEPS:
+            raise ValueError(f"unknown recovery step {step!r}")
+        self._steps.append(step)
 
     # -- synchronous use (CLI) ------------------------------------------------------------
 
@@ -173,6 +218,13 @@ class ModemPoller(DeviceThread):
     def _read_once(self) -> bool:
         """One step of the poll cycle: the command that is due, else one read slice for URCs.
         True when the modem answered."""
+        if self._steps:
+            self._step_running = True
+            try:
+                self._recovery_step(self._steps.pop(0))
+            finally:
+                self._step_running = False
+            return self._silent == 0
         now = time.monotonic()
         if not self._plan and now >= self._cycle_end:
             self._plan_cycle(first=False)
@@ -189,12 +241,49 @@ class ModemPoller(DeviceThread):
     def _plan_cycle(self, first: bool) -> None:
         cycle = [c for c, name in zip(IDENTITY, ("Model", "Imei", "Iccid"))
                  if P + name not in self.values] + list(POLL)
+        if self.cfg.read_voltage:
+            cycle.append("AT+CBC")
         # The first cycle after an open runs back to back so values appear at once;
         # later ones are spread over the interval, one command per slot.
-        gap = 0.0 if first else self.cfg.poll_interval_s / len(cycle)
+        gap = 0.0 if first else self.poll_interval_s / len(cycle)
         start = time.monotonic()
         self._plan = [(start + i * gap, cmd) for i, cmd in enumerate(cycle)]
-        self._cycle_end = start + self.cfg.poll_interval_s
+        self._cycle_end = start + self.poll_interval_s
+
+    def _recovery_step(self, step: str) -> None:
+        self.recovery["steps"][step] += 1
+        try:
+            with self._io:
+                if step == "radio":
+                    self._command("AT+CFUN=0")
+                    if self._stop.wait(RADIO_OFF_S):
+                        raise Stopped
+                    self._command("AT+CFUN=1")
+                elif step == "reset":
+                    self._command("AT+CFUN=1,1")
+                    self.values.pop(P + "IsConnectivityAvailable", None)
+                    self.bearer = None
+                    self._note(step, "modem reset; reopening the port")
+                    raise Unresponsive("reset by link recovery")
+                self._reread()
+            self._note(step, f"registered {self.registered()}, bearer {self.bearer}")
+        except _Timeout as e:
+            self._note(step, f"no answer to {e.args[0]}")
+
+    def _reread(self) -> None:
+        for cmd in ("AT+CEREG?", "AT+CREG?"):
+            values = self._poll_one(cmd)
+            if values:
+                self._emit(values)
+        result = self._command("AT+CGACT?")
+        if result.ok:
+            states = [ln.split(":", 1)[1].split(",") for ln in result.lines
+                      if ln.upper().startswith("+CGACT:")]
+            self.bearer = any(len(p) > 1 and p[1].strip() == "1" for p in states)
+
+    def _note(self, step: str, result: str) -> None:
+        self.recovery["last"] = f"{step}: {result}"
+        log.warning("modem: link recovery step %s: %s", step, result)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -269,6 +358,12 @@ class ModemPoller(DeviceThread):
                 raise at.AtParseError(f"no {prefix}: line in {lines!r}")
             self._regs[prefix] = at.parse_registration(line)
             return self._registration_values()
+        if cmd == "AT+CBC":  # SIMCom "+CBC: 3.805V"; Quectel "+CBC: 0,76,3805" (mV)
+            m = next((m for ln in lines if (m := _CBC.search(ln))), None)
+            if m is None:
+                raise at.AtParseError(f"no +CBC: line in {lines!r}")
+            volts = float(m.group(3)) if m.group(3) else int(m.group(2)) / 1000
+            return {P + "SupplyVoltage": round(volts, 3)}
         if cmd == "AT+COPS?":
             op = at.parse_cops(lines)
             out: dict[str, Any] = {P + "Operator": op.name}

@@ -1,33 +1,30 @@
 """The uplink: drains the outbox to the MQTT broker (PROTOCOL.md §1, §5). The only paho user.
 
-Every decision is in ``agent/core/uplink.py`` (read its docstring); this glue feeds the machine
-paho's events and carries out its actions. One worker thread (``tcu-uplink``) runs the machine,
-every outbox call and every ``publish``; paho's network thread only reads and writes the socket,
-and its callbacks only queue an event and set the wake-up Event (paho calls ``on_publish``
-holding its own lock). The worker clears that Event *before* looking for work: no wake-up is
-lost. paho reads a whole packet into memory: one announced over the limit ends the connection
-before its body is read (on MQTT 5 the CONNECT's Maximum Packet Size stops the broker first).
+Every decision is in ``agent/core/uplink.py``; this glue feeds the machine paho's events and
+carries out its actions. One worker thread (``tcu-uplink``) runs the machine, every outbox call
+and every ``publish``; paho's thread only moves bytes, its callbacks only queue an event and set
+the wake-up Event, which the worker clears *before* looking for work (no wake-up is lost). A
+packet announced over the limit ends the connection before its body is read (MQTT 5: the
+CONNECT's Maximum Packet Size stops the broker first). ``publish_volatile`` is the one publish
+from another thread: a status the full disk could not keep, sent once from memory.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.config import MqttConfig
 from agent.core import uplink as core
 from agent.errors import UplinkError
 
-from .mqttclient import describe, new_client, read_password, tls_context
+from .mqttclient import close_client, describe, new_client, read_password, tls_context
 from .outbox import Outbox
 
 log = logging.getLogger("agent.mqtt")
@@ -44,16 +41,16 @@ class Uplink:
         packet taken from the broker. Nothing connects before :meth:`start`."""
         self._cfg, self._outbox, self._client_id = cfg, outbox, client_id
         self._will, self._on_connected = will, on_connected
-        tls_context(cfg.tls)  # fail early on unreadable certificates, keys or password
-        read_password(cfg.password_file)
+        tls_context(cfg.tls), read_password(cfg.password_file)  # fail early on unusable files
         self._m = core.UplinkMachine(core.UplinkParams(
             f"{cfg.host}:{cfg.port}", cfg.protocol, cfg.reconnect_min_s, cfg.reconnect_max_s,
             cfg.max_inflight, cfg.tls.ca is not None, max_packet_size))
         self._lock = threading.Lock()  # guards the machine and _subs; never held calling out
+        self._keepalive: int | None = None  # set_keepalive(): the next connections' keepalive
         self._kick = threading.Event()
         self._events: collections.deque = collections.deque()  # (client, event) from paho
         self._thread: threading.Thread | None = None
-        self._client: mqtt.Client | None = None
+        self._client: mqtt.Client | None = None  # the worker's; read under the lock elsewhere
         self._paho_error: str | None = None  # first error paho logged on this connection
         self._subs: dict[str, Callable[[str, bytes], None]] = {}
 
@@ -67,6 +64,16 @@ class Uplink:
             self._m.send(core.Start(time.monotonic()))
             self._thread = threading.Thread(target=self._run, name="tcu-uplink", daemon=True)
         self._thread.start()
+
+    def publish_volatile(self, topic: str, payload: bytes) -> None:
+        """QoS 1, once, no outbox row; UplinkError (keep it, retry) when not connected now."""
+        with self._lock:
+            client = self._client if self._m.state == "connected" else None
+        if client is None or client.publish(topic, payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+            raise UplinkError(f"no connection to {self._cfg.host}:{self._cfg.port} now")
+
+    def set_keepalive(self, seconds: int | None) -> None:  # of the next connections; None: config
+        self._keepalive = seconds
 
     def wake(self) -> None:
         """Tell the uplink the outbox has new rows (cheap; call after every append)."""
@@ -155,7 +162,8 @@ class Uplink:
         client.on_message = self._on_message
         client.on_log = self._on_paho_log
         try:
-            client.connect(self._cfg.host, self._cfg.port, keepalive=self._cfg.keepalive,
+            client.connect(self._cfg.host, self._cfg.port,
+                           keepalive=self._keepalive or self._cfg.keepalive,
                            properties=client.connect_properties,
                            clean_start=True if a.protocol == "5" else
                            mqtt.MQTT_CLEAN_START_FIRST_ONLY)
@@ -193,21 +201,7 @@ class Uplink:
 
     def _do_Close(self, a: core.Close) -> None:
         client, self._client = self._client, None
-        try:
-            if a.with_will and a.protocol == "5":
-                client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
-                                                        "Disconnect with will message"))
-            elif a.with_will:  # 3.1.1: end the connection without a DISCONNECT
-                if (sock := client.socket()) is not None:
-                    sock.shutdown(socket.SHUT_RDWR)
-            else:
-                client.disconnect()  # a no-op if the connection is already gone
-                end = time.monotonic() + 0.2  # paho closes the socket once DISCONNECT is out;
-                while client.socket() is not None and time.monotonic() < end:  # not before
-                    time.sleep(0.002)  # loop_stop, or the broker would publish the will
-            client.loop_stop()
-        except Exception as e:  # noqa: BLE001 - best effort (or None: nothing to close)
-            log.debug("closing the MQTT client: %r", e)
+        close_client(client, a.with_will, a.protocol)
 
     def _do_NotifyConnected(self, a) -> None:
         try:  # on this thread, not paho's: it may append and wake()

@@ -3,6 +3,7 @@ TLS context and password the agent's MQTT settings ask for. Used by ``adapters/m
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import time
@@ -12,10 +13,13 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.config import MqttConfig, TlsConfig
 from agent.core import uplink as core
 from agent.errors import UplinkError
+
+log = logging.getLogger("agent.mqtt")
 
 UNSUPPORTED_VERSION = 0x84  # CONNACK reason (paho maps the 3.1.1 return code 1 to it too)
 
@@ -103,3 +107,23 @@ def _no_delay(client, userdata, sock) -> None:
 
 def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def close_client(client, with_will: bool, protocol: str) -> None:
+    """End a connection: with the will (MQTT 5: DISCONNECT 0x04; 3.1.1: no DISCONNECT at all)
+    or cleanly (the broker discards the will). Best effort: never raises."""
+    try:
+        if with_will and protocol == "5":
+            client.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT,
+                                                    "Disconnect with will message"))
+        elif with_will:  # 3.1.1: end the connection without a DISCONNECT
+            if (sock := client.socket()) is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        else:
+            client.disconnect()  # a no-op if the connection is already gone
+            end = time.monotonic() + 0.2  # paho closes the socket once DISCONNECT is out;
+            while client.socket() is not None and time.monotonic() < end:  # not before
+                time.sleep(0.002)  # loop_stop, or the broker would publish the will
+        client.loop_stop()
+    except Exception as e:  # noqa: BLE001 - best effort (or None: nothing to close)
+        log.debug("closing the MQTT client: %r", e)

@@ -97,6 +97,10 @@ class Notifier:
     def status(self, text: str) -> bool:
         return self.notify(f"STATUS={text}")
 
+    def power(self, state: str, reason: str) -> bool:
+        """STATUS= for `systemctl status`: the vehicle's power state (README "Power")."""
+        return self.status(f"power {state}: {reason}")
+
     def close(self) -> None:
         with self._lock:
             if self._sock is not None:

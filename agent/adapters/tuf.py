@@ -136,7 +136,8 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
                  dest_dir: Path, progress: Callable[[int], None] | None = None,
                  config: FetchConfig = FetchConfig(),
                  cancelled: Callable[[], bool] | None = None,
-                 accept: Callable[[str, dict], Any] | None = None) -> FetchedTarget:
+                 accept: Callable[[str, dict], Any] | None = None,
+                 reference_ms: int | None = None) -> FetchedTarget:
     """Download and verify `target_name` from the TUF repository at `repository_url`.
 
     Metadata comes from `{repository_url}/metadata/`, the target from
@@ -148,6 +149,10 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
     is fetched and refuses it by raising UpdateError (hardware id, anti-rollback: no bandwidth
     is spent on a target this vehicle would not install). Returns a FetchedTarget; a partial
     download never stays in `dest_dir`.
+
+    `reference_ms`: the time expiry is checked against when it is later than the system clock
+    (the agent's time floor, core/clock.py: a clock behind it must not make expired metadata
+    valid again).
 
     Raises FetchError(DOWNLOAD_FAILED | VERIFICATION_FAILED | CANCELLED), or what accept()
     raised; nothing else.
@@ -169,6 +174,8 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
         fetcher = ProgressFetcher(config, dest_dir, cancelled)
         updater = Updater(str(cache_dir), f"{base}/metadata/", str(dest_dir), f"{base}/targets/",
                           fetcher=fetcher, config=UpdaterConfig(), bootstrap=root_bytes)
+        if reference_ms is not None:
+            _raise_reference_time(updater, reference_ms)
         updater.refresh()
         info = updater.get_targetinfo(target_name)
         if info is None:
@@ -244,6 +251,20 @@ def fetch_target(repository_url: str, target_name: str, trusted_root: Path, cach
     finally:
         if partial is not None:
             partial.unlink(missing_ok=True)
+
+
+def _raise_reference_time(updater: Updater, reference_ms: int) -> None:
+    # ngclient takes no reference time; its trusted set reads `reference_time` at every expiry
+    # check (python-tuf 7). Only ever moved later than the system clock, never earlier.
+    import datetime
+
+    trusted = getattr(updater, "_trusted_set", None)
+    current = getattr(trusted, "reference_time", None)
+    if not isinstance(current, datetime.datetime):
+        raise FetchError(VERIFICATION_FAILED, "this python-tuf cannot take a reference time")
+    wanted = datetime.datetime.fromtimestamp(reference_ms / 1000, datetime.timezone.utc)
+    if wanted > current:
+        trusted.reference_time = wanted
 
 
 def _why(e: BaseException) -> str:

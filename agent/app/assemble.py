@@ -19,9 +19,10 @@ from ..errors import ConfigError, DbcError
 _PARAM = re.compile(r"^\{(\w+)\}$")
 
 
-def bus_plans(config: Config) -> list[BusPlan]:
+def bus_plans(config: Config, cache_dir: Path | None = None) -> list[BusPlan]:
     """Load every bus's databases and resolve the selection (plus the signals that command
-    conditions read). Raises ConfigError/DbcError naming the file and key."""
+    conditions read). Raises ConfigError/DbcError naming the file and key. `cache_dir`: keep
+    parsed databases there (the agent's fast start)."""
     cache: dict[Path, object] = {}
     buses = []
     for i, bus in enumerate(config.bus):
@@ -29,7 +30,7 @@ def bus_plans(config: Config) -> list[BusPlan]:
         for j, path in enumerate(bus.dbc):
             if path not in cache:
                 try:
-                    cache[path] = load_database(path, config.storage.dir / "dbc-cache")
+                    cache[path] = load_database(path, cache_dir)
                 except DbcError as e:  # name the config file and key as well as the DBC
                     where = f"{config.path}: " if config.path else ""
                     raise DbcError(f"{where}bus.{i}.dbc.{j}: {e}") from None
@@ -73,23 +74,28 @@ def _action(action: ActionConfig, plans: list[BusPlan], config: Config, where: s
     def conds(items, key):
         return tuple(parse_condition(text, f"{where}.{key}.{j}") for j, text in enumerate(items))
 
-    frames = []
-    for j, fc in enumerate(action.frame):
-        fwhere = f"{where}.frame.{j}"
-        bus, msg = _find_message(fc.message, fc.bus, plans, config, fwhere)
-        names = {s.name for s in msg.signals}
-        for key in [*fc.signals, *fc.defaults, fc.counter, fc.checksum]:
-            if key and key not in names:
-                raise ConfigError(f"{fwhere}: message {msg.name} has no signal {key!r}")
-        signals = {k: (Param(m.group(1)) if isinstance(v, str) and (m := _PARAM.match(v)) else v)
-                   for k, v in fc.signals.items()}
-        frames.append(FramePlan(bus, can_key(msg.frame_id, msg.is_extended_frame), msg, signals,
-                                dict(fc.defaults), fc.repeat, fc.interval_ms, fc.counter,
-                                fc.checksum))
+    def compile_frames(items, key):
+        frames = []
+        for j, fc in enumerate(items):
+            fwhere = f"{where}.{key}.{j}"
+            bus, msg = _find_message(fc.message, fc.bus, plans, config, fwhere)
+            names = {s.name for s in msg.signals}
+            for name in [*fc.signals, *fc.defaults, fc.counter, fc.checksum]:
+                if name and name not in names:
+                    raise ConfigError(f"{fwhere}: message {msg.name} has no signal {name!r}")
+            signals = {k: (Param(m.group(1)) if isinstance(v, str) and (m := _PARAM.match(v))
+                           else v) for k, v in fc.signals.items()}
+            frames.append(FramePlan(bus, can_key(msg.frame_id, msg.is_extended_frame), msg,
+                                    signals, dict(fc.defaults), fc.repeat, fc.interval_ms,
+                                    fc.counter, fc.checksum))
+        return tuple(frames)
+
+    frames = compile_frames(action.frame, "frame")
+    wake = compile_frames(action.wake, "wake")
     return ActionPlan(action.name, action.actuator or action.name.split(".")[0],
                       conds(action.preconditions, "preconditions"), conds(action.already, "already"),
                       conds(action.confirm, "confirm"), action.timeout_ms, action.stale_ms,
-                      tuple(frames))
+                      frames, wake, action.wake_timeout_ms)
 
 
 def _find_message(name: str, bus_name: str, plans: list[BusPlan], config: Config, where: str):
@@ -107,6 +113,10 @@ def _conditions(config: Config):
     if config.updates is not None:
         for j, text in enumerate(config.updates.preconditions):
             where = f"updates.preconditions.{j}"
+            yield where, parse_condition(text, where)
+    if config.diagnostics is not None:
+        for j, text in enumerate(config.diagnostics.clear_preconditions):
+            where = f"diagnostics.clear_preconditions.{j}"
             yield where, parse_condition(text, where)
     if config.commands is None:
         return

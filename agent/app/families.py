@@ -9,6 +9,10 @@ a handler class, and one line in `handlers()`.
 Besides the Handler protocol a handler may have:
   busy: bool                 -- true while it wants polling every few ms (actions in flight)
   reported(statuses) -> None -- called once statuses it returned are signed and in the outbox
+  commit                     -- set by CommandService: commit(status, now_ms) signs and stores
+                                one status at once, raising StorageError when an ACCEPTED could
+                                not be committed (the handler must then not act on the command);
+                                a handler with it returns no statuses
 and its `status()` dict may carry "counters" ({name: int}), shown as `commands.<name>`.
 """
 
@@ -23,7 +27,8 @@ from ..core.commands import Command
 from ..core.executor import STATE_FAMILY, Executor, Send, Status, actions_family
 from ..core.protocol import REJECTED, SUCCEEDED, UNKNOWN_COMMAND
 from ..core.registry import Family, Registry
-from ..errors import BusError, ConfigError
+from ..errors import BusError, ConfigError, StorageError
+from .diagservice import diag_handlers
 
 if TYPE_CHECKING:
     from ..adapters.canbus import BusReader
@@ -52,13 +57,19 @@ class Handler(Protocol):
 
 
 class ActionsHandler:
-    """charge.*, doors.* and every configured action: the Executor, its frames onto the bus."""
+    """charge.*, doors.* and every configured action: the Executor, its frames onto the bus.
+
+    The executor's outputs are taken in order, and each status is committed before the next
+    output: no frame of a command is written before its ACCEPTED is durable. If that commit
+    fails, the command is aborted (Executor.abort) before anything reached the bus.
+    """
 
     def __init__(self, family: Family, executor: Executor, send: Callable[[int, int, bytes], None]):
         self.family = family
         self.executor = executor
         self._send = send  # (bus index, can id, data); raises BusError
         self.counters: Counter[str] = Counter()
+        self.commit: Callable[[Status, int], None] | None = None
 
     @property
     def busy(self) -> bool:
@@ -78,8 +89,11 @@ class ActionsHandler:
 
     def _apply(self, outputs: list, now_ms: int) -> list[Status]:
         statuses: list[Status] = []
+        aborted: set[str] = set()
         for out in outputs:
             if isinstance(out, Send):
+                if out.command_id in aborted:
+                    continue
                 try:
                     self._send(out.bus, out.can_id, out.data)
                     self.counters["frames_sent"] += 1
@@ -88,7 +102,17 @@ class ActionsHandler:
                     statuses += self._apply(self.executor.send_failed(out.command_id, str(e),
                                                                       now_ms), now_ms)
             elif isinstance(out, Status):
-                statuses.append(out)
+                if self.commit is None:
+                    statuses.append(out)
+                    continue
+                try:
+                    self.commit(out, now_ms)
+                except StorageError as e:  # an ACCEPTED not durable: it must not run
+                    aborted.add(out.id)
+                    self.counters["aborted"] += 1
+                    statuses += self._apply(self.executor.abort(
+                        out.id, f"cannot store its status, not executed: {e}"[:200], now_ms),
+                        now_ms)
         return statuses
 
 
@@ -149,7 +173,7 @@ class UpdateHandler:
 def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
              readers: Sequence[BusReader], state_values: Callable[[], dict],
              publish_state: Callable[[dict, int], None], updates: UpdateService | None,
-             health: Health) -> list[Handler]:
+             health: Health, publisher=None) -> list[Handler]:
     """Every family's handler for this config. Raises ConfigError (a configured action whose
     name another family owns)."""
     from .assemble import action_plans
@@ -162,7 +186,11 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
                        lambda bus, can_id, data: readers[bus].send(can_id, data)),
         StateHandler(state_values, publish_state),
         UpdateHandler(updates, health),
+        *diag_handlers(config, core, publisher),
     ]
+    from .trustservice import TrustHandler
+
+    out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))
     try:  # refuse a name claimed twice now, in the config's words
         Registry(h.family for h in out)
     except ValueError as e:

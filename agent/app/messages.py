@@ -1,9 +1,14 @@
-"""What the core thread takes from its queue (runtime.py). Other threads only ever put these.
+"""What the core thread takes from its lanes (runtime.py). Other threads only ever put these.
 
-    Frame          a CAN frame from a bus reader: (bus index, t, can id, data)
-    Values         named values from a non-CAN source (modem, GNSS)
-    CommandMessage a message received on the commands topic (from the MQTT thread)
-    UpdateEvent    a job of the update worker reporting back (core/updates.py)
+    Frame          a CAN frame from a bus reader: (bus index, t, can id, data)      frames lane
+    CommandMessage a message on the commands topic that passed the MQTT thread's
+                   screen (CommandService.screen): to verify, or to answer refused  commands lane
+    Values         named values from a non-CAN source (modem, GNSS)                 other lane
+    UpdateEvent    a job of the update worker reporting back (core/updates.py)      other lane
+
+Each lane is bounded (runtime.py): a full lane drops what arrives and counts it, so a flood on
+one lane neither blocks the thread that feeds it nor starves the other lanes. Update events are
+never dropped (there are a handful per update).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ class Values:
 @dataclass(frozen=True, slots=True)
 class CommandMessage:
     payload: bytes  # as received; the CommandGate decides everything about it
+    fingerprint: bytes | None = None  # of its signed parts (CommandGate.precheck)
+    known: bool = False  # verified before: the screen already rate-limited it per command id
+    refused: object | None = None  # a commands.Rejected from the precheck, to answer
 
 
 CoreMessage = Frame | Values | CommandMessage | UpdateEvent

@@ -1,17 +1,22 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
-Threads: one reader per bus (adapters/canbus.py) pushes lists of frames (one per burst, at
-most every 10 ms) into a queue; so do the
-MQTT thread (commands), the serial devices (values) and the update worker (events): the
-queue's items are declared in messages.py. One core thread feeds them to the sans-I/O core
-and the services (CommandService, UpdateService), ticks it with the wall clock and hands
-closed batches to the batch sink. The core is only ever touched by the core thread.
+Threads: one reader per bus (adapters/canbus.py) pushes lists of frames into the frames lane
+(one list per burst, at most one per 10 ms and bus); the
+MQTT thread screens each command message (CommandService.screen) and puts what passes into the
+commands lane; the serial devices (values) and the update worker (events) use the other lane.
+The items are declared in messages.py. Every lane is bounded: a full one drops what arrives and
+counts it (status `lanes`), so no producer ever blocks and a flood on one lane cannot starve
+another -- each core-loop pass takes at most DRAIN_MAX frames, COMMANDS_PER_PASS commands and
+everything on the other lane. One core thread feeds them to the sans-I/O core and the services
+(CommandService, UpdateService), ticks it with the wall clock and hands closed batches to the
+batch sink. The core is only ever touched by the core thread.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import queue
 import signal
 import threading
@@ -30,6 +35,11 @@ log = logging.getLogger("agent.app.runtime")
 
 TICK_S = 0.1
 DRAIN_MAX = 2048  # frames fed per wake-up before the core thread ticks again
+FRAME_LANE = 100_000  # frames waiting for the core thread (~0.5 s at 200,000 frames/s; ~17 MB)
+# (the lane holds lists of frames; the bound counts frames, under _lane_lock, once per list)
+OTHER_LANE = 4096  # values waiting (update events are never dropped)
+COMMANDS_PER_PASS = 16  # commands checked per pass: each may cost a signature check
+_WAKE = None  # put on the frames lane to wake the core thread for another lane
 STATUS_EVERY_S = 1.0
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
@@ -45,13 +55,13 @@ class Agent:
         self.publish = publish
         for i, bus in enumerate(config.bus):
             check_interface(bus, f"{config.path}: bus.{i}" if config.path else f"bus.{i}")
-        self.plans = bus_plans(config)
+        self.plans = bus_plans(config, cache_dir=config.storage.dir / "dbc-cache")  # fast start
         self.core = telemetry_core(self.plans, config.telemetry, live=True)
         self.publisher = None
         if publish and config.mqtt is None and config.signing is not None:
-            from ..adapters.keys import load_private_key
+            from ..adapters.keys import load_signing_key
 
-            load_private_key(config.signing.key_file)  # refuse to start on a bad key all the same
+            load_signing_key(config.signing)  # refuse to start on a bad key all the same
         if publish and config.mqtt is not None:
             from .publisher import Publisher  # paho and SQLite only where they are used
 
@@ -60,10 +70,20 @@ class Agent:
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
-        self._frames: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
+        # The frames lane is also the core thread's doorbell (it blocks on it).
+        self._frames: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self._commands_lane: queue.SimpleQueue[CommandMessage] = queue.SimpleQueue()
+        self._other: queue.SimpleQueue[CoreMessage] = queue.SimpleQueue()
+        self.lane_dropped = {"frames": 0, "commands": 0, "other": 0}
+        self._lane_frames = 0  # frames in the frames lane
+        self._lane_lock = threading.Lock()
+        self._command_lane_size = config.commands.lane_size if config.commands else 256
+        writes = _written_buses(config, self.plans)  # power: the rest are listen-only
         self.readers = [
             BusReader(i, bus, self._enqueue,
-                      receive_filters(plan.selected) if bus.filters else None)
+                      receive_filters(plan.selected) if bus.filters else None,
+                      listen_only=bus.listen_only if bus.listen_only is not None
+                      else i not in writes)
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
         self.simulator = None
@@ -74,15 +94,18 @@ class Agent:
             if config.updates is not None:
                 from .updateservice import UpdateService
 
-                self.updates = UpdateService(config, self.core.lookup, self._frames.put)
+                self.updates = UpdateService(config, self.core.lookup, self._put_event)
             from .families import handlers
 
             family_handlers = handlers(config, self.plans, self.core, self.readers,
                                        self.state_values, self.publisher.state, self.updates,
-                                       self.health)
+                                       self.health, publisher=self.publisher)
             self.commands = CommandService(config.commands, config.vehicle.vin,
                                            config.storage.dir, self.publisher, family_handlers)
             self.publisher.uplink.subscribe(self.publisher.topics.commands, self._on_command)
+        elif config.diagnostics is not None:  # its service is the diag command family's handler
+            log.warning("[diagnostics] needs [mqtt] and [commands] to run in the agent; "
+                        "`tcu-agent diag --direct` works without them")
         self.serial = []  # the modem poller and GNSS reader: values into the core via the queue
         if config.modem is not None:
             from ..adapters.modem import ModemPoller, deadbands
@@ -92,9 +115,10 @@ class Agent:
         if config.gnss is not None:
             from ..adapters.gnss import GnssReader
 
-            self.serial.append(GnssReader(config.gnss, self._on_values))
+            self.serial.append(GnssReader(config.gnss, self._on_gnss))
         self.notifier = Notifier()  # systemd sd_notify; a no-op without NOTIFY_SOCKET
         self.watchdog = Watchdog.from_env(self.notifier)
+        self._init_power()
         self.batches_closed = 0
         self.core_failures = 0
         self._step_failures: dict[str, int] = {}
@@ -105,16 +129,84 @@ class Agent:
         self.restart_requested = False
         self._core_thread: threading.Thread | None = None
         self._rates: dict[int, tuple[float, int, float]] = {}
+        self.control = None  # the local control socket (app/controltopics.py), from start()
+        self.last_status: dict | None = None  # taken by the core thread, read by the socket
 
     def _enqueue(self, frames: list[Frame]) -> None:
-        self._frames.put(frames)  # one reader's burst
+        """One reader's burst: put whole, or dropped whole (counted) on a full lane."""
+        with self._lane_lock:
+            if self._lane_frames + len(frames) <= FRAME_LANE:
+                self._lane_frames += len(frames)
+                self._frames.put(frames)
+            else:
+                self.lane_dropped["frames"] += len(frames)
+
+    def _feed_burst(self, frames: list[Frame]) -> None:
+        with self._lane_lock:
+            self._lane_frames -= len(frames)
+        self.core.feed_many(frames)
+
+    def _ring(self) -> None:
+        if self._frames.qsize() < FRAME_LANE:  # a full frames lane: the core is awake anyway
+            self._frames.put(_WAKE)
 
     def _on_values(self, t: float, values: dict) -> None:
-        self._frames.put(Values(t, dict(values)))
+        if self._other.qsize() < OTHER_LANE:
+            self._other.put(Values(t, dict(values)))
+            self._ring()
+        else:
+            self.lane_dropped["other"] += 1
+
+    def _put_event(self, event: UpdateEvent) -> None:
+        self._other.put(event)  # a handful per update: never dropped
+        self._ring()
+
+    # -- power (app/power.py): the parked car -----------------------------------------------
+
+    def _init_power(self) -> None:
+        from .power import LinkRecovery, PowerService
+
+        self.power = None
+        self.link_recovery = None
+        self._gnss_next = 0.0
+        modem = next((s for s in self.serial if s.thread_name == "modem"), None)
+        if self.config.power is not None:
+            self.power = PowerService(self.config.power, self.core, len(self.readers),
+                                      publisher=self.publisher, notifier=self.notifier,
+                                      modem=modem, deliver=self._deliver, now=time.time())
+            actions = next((h for h in self.commands.handlers if h.family.name == "actions"),
+                           None) if self.commands is not None else None
+            if actions is not None:  # commands on a sleeping bus: wake it or refuse
+                actions.executor.power = self.power.machine
+                actions.executor.bus_names = [b.name for b in self.config.bus]
+        if modem is not None and self.publisher is not None:
+            uplink = self.publisher.uplink
+            self.link_recovery = LinkRecovery(self.config.modem, modem,
+                                              lambda: uplink.status()["state"] == "connected")
+
+    def _on_gnss(self, t: float, values: dict) -> None:
+        # Asleep or in protect: one fix per slow interval (a parked car that moves is news).
+        if self.power is not None and self.power.slow:
+            if t < self._gnss_next:
+                return
+            self._gnss_next = t + self.config.power.slow_poll_s
+        self._on_values(t, values)
 
     def _on_command(self, topic: str, payload: bytes) -> None:
-        # From the MQTT thread: hand it to the core thread, which owns all decisions.
-        self._frames.put(CommandMessage(payload))
+        # From the MQTT thread: the cheap screen here (no signature check), the decisions on
+        # the core thread. Never blocks the MQTT thread.
+        try:
+            item = self.commands.screen(payload, int(time.time() * 1000))
+        except Exception:  # a bug here must not stop the MQTT thread
+            log.exception("command screening failed")
+            return
+        if item is None:
+            return
+        if self._commands_lane.qsize() < self._command_lane_size:
+            self._commands_lane.put(item)
+            self._ring()
+        else:
+            self.lane_dropped["commands"] += 1
 
     def reload_trust(self) -> None:
         """SIGHUP: the trust store is re-read by the core thread."""
@@ -146,9 +238,14 @@ class Agent:
             service.start()
         self._core_thread = threading.Thread(target=self._core_loop, name="core", daemon=True)
         self._core_thread.start()
+        if self.publish:
+            from .controltopics import start_control
+            self.control = start_control(self)
 
     def stop(self) -> None:
         """Stop reading, feed what was read, close the open batch."""
+        if self.control:
+            self.control.stop()
         for r in self.readers:
             r.stop()
         for service in self.serial:
@@ -242,9 +339,10 @@ class Agent:
                 item = None
             if item is not None:
                 self._take(item)
-                self._drain()
+            self._drain()
             now = time.time()
             if self.commands is not None:
+                self._step("commands", self.commands.tick, int(now * 1000))
                 if self._reload_trust.is_set():
                     self._reload_trust.clear()
                     self.commands.reload_trust()
@@ -254,6 +352,8 @@ class Agent:
                 if self.updates is not None:
                     self._check_restart()
             if now >= next_tick:
+                if self.power is not None:  # first: a silent car quiets the core before
+                    self._step("power", self.power.poll, now)  # its timeouts run
                 self.core.tick(now)
                 next_tick = now + TICK_S
                 if self.publisher:
@@ -262,6 +362,8 @@ class Agent:
                 self._deliver()
             if now >= next_status:
                 next_status = now + STATUS_EVERY_S
+                if self.link_recovery is not None:
+                    self._step("link recovery", self.link_recovery.poll, int(now * 1000))
                 self._write_status(running=True)
             self._failing_passes = 0  # a whole pass went through
 
@@ -309,50 +411,69 @@ class Agent:
         if not self.publish:
             return
         try:
-            write_status(self.config.storage.dir, self.status(running))
+            status = self.status(running)
+            self.last_status = {**status, "pid": os.getpid(), "written_ms": int(time.time() * 1000)}
+            write_status(self.config.storage.dir, status)
         except Exception as e:  # disk full, a broken outbox behind status(): never fatal
             log.warning("cannot write the status file under %s: %s", self.config.storage.dir, e)
 
     def _drain(self) -> None:
+        """One pass over the lanes: a bounded share of each (module docstring)."""
         get = self._frames.get_nowait
-        frames: list[Frame] = []  # consecutive CAN frames go to the core in one call
-        for _ in range(DRAIN_MAX):
+        frames: list[Frame] = []  # single frames go to the core in one call
+        fed = 0  # at most about DRAIN_MAX frames per pass
+        while fed < DRAIN_MAX:
             try:
                 item = get()
             except queue.Empty:
                 break
-            if type(item) is tuple:
-                frames.append(item)
-                continue
-            if frames:
-                self.core.feed_many(frames)
-                frames = []
             if type(item) is list:  # a reader's burst, fed as it is
-                self.core.feed_many(item)
-                continue
-            self._take(item)
+                self._feed_burst(item)
+                fed += len(item)
+            elif item is not _WAKE:
+                frames.append(item)
+                fed += 1
         if frames:
             self.core.feed_many(frames)
+        for _ in range(self._other.qsize()):
+            try:
+                self._take(self._other.get_nowait())
+            except queue.Empty:
+                break
+        for _ in range(COMMANDS_PER_PASS):
+            try:
+                self._take(self._commands_lane.get_nowait())
+            except queue.Empty:
+                break
 
-    def _take(self, item: CoreMessage) -> None:
+    def _take(self, item: CoreMessage | None) -> None:
+        if item is _WAKE:
+            return
         if type(item) is list:
-            self.core.feed_many(item)
+            self._feed_burst(item)
         elif type(item) is tuple:
             self.core.feed(*item)
         elif type(item) is Values:
             self.core.feed_values(item.t, item.values)
+            if self.publisher is not None:
+                self.publisher.gnss_values(item.values, int(item.t * 1000))
         elif type(item) is UpdateEvent:
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
         elif type(item) is CommandMessage and self.commands is not None:
             try:
-                self.commands.handle(item.payload, int(time.time() * 1000))
+                self.commands.handle(item, int(time.time() * 1000))
             except Exception:  # a bug here must not stop ingest; the gate itself never raises
                 log.exception("command handling failed")
 
     def _deliver(self) -> None:
         for batch in self.core.take_batches():
             self.batches_closed += 1
+            if self.power is not None and self.power.dropping:  # protect: not published
+                self.power.dropped_samples += batch.samples
+                if self.publisher is not None:
+                    self.publisher.skipped(batch.samples)
+                continue
             try:
                 self.on_batch(batch)
             except Exception:  # a sink bug must not stop ingest
@@ -387,11 +508,35 @@ class Agent:
                "batches": self.batches_closed, "samples": self.core.samples,
                "core_failures": self.core_failures, "failures_by_step": dict(self._step_failures),
                "internal_errors": self.core.internal_errors,
-               "future_frames": self.core.future_frames}
+               "future_frames": self.core.future_frames,
+               "lanes": {"frames": {"depth": self._lane_frames,
+                                    "dropped": self.lane_dropped["frames"]},
+                         "commands": {"depth": self._commands_lane.qsize(),
+                                      "dropped": self.lane_dropped["commands"]},
+                         "other": {"depth": self._other.qsize(),
+                                   "dropped": self.lane_dropped["other"]}}}
         if self.publisher:
             out.update(self.publisher.status())
         if self.commands:
             out.update(self.commands.status())
         for service in self.serial:
             out[service.thread_name] = service.status()  # "modem", "gnss"
+        if self.power is not None:
+            out["power"] = self.power.status()
+        if self.link_recovery is not None:
+            out["link_recovery"] = self.link_recovery.status()
         return out
+
+
+def _written_buses(config: Config, plans) -> set[int]:
+    """Bus indexes we send on: a command action's frames and wake frames, and diagnostic
+    requests (sent through the diagnostics' own connection to the bus)."""
+    if config.commands is None:  # and diagnostics run in the agent only with [commands]
+        return set()
+    names = [b.name for b in config.bus]
+    out = {names.index(e.bus or names[0]) for e in config.diagnostics.ecu} \
+        if config.diagnostics is not None and config.mqtt is not None else set()
+    from .assemble import action_plans
+
+    return out | {fp.bus for plan in action_plans(config, plans).values()
+                  for fp in (*plan.frames, *plan.wake)}

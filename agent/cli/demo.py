@@ -44,11 +44,21 @@ def run(args) -> int:
     if args.duration < 8:
         from ..errors import ConfigError
         raise ConfigError("--duration: at least 8 s (the commands need a few seconds each)")
+    if args.broker:
+        broker_address(args.broker)  # a bad flag is the flag's fault, before anything starts
     if args.workdir:
         Path(args.workdir).mkdir(parents=True, exist_ok=True)
         return Demo(Path(args.workdir), args).run()
     with tempfile.TemporaryDirectory(prefix="tcu-demo-") as tmp:
         return Demo(Path(tmp), args).run()
+
+
+def broker_address(text: str) -> tuple[str, int]:
+    from ..errors import ConfigError
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--broker {text}: expected HOST:PORT (e.g. 127.0.0.1:1883)")
+    return host.strip("[]"), int(port)
 
 
 class Demo:
@@ -75,21 +85,19 @@ class Demo:
         from ..core.cose import Signer, kid_of
         from ..app.runtime import Agent
 
-        config_path = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
-        if not config_path.is_file():
-            from ..errors import ConfigError
-            raise ConfigError(f"{config_path}: the demo needs the project checkout's configs/")
+        from ..resources import demo_config
+        config_path = demo_config()
         keys = self.dir / "keys"
         for stem in ("vehicle", "cloud"):
             if not (keys / f"{stem}.key").exists():
                 generate_keypair(keys, stem=stem)
         trust = self.dir / "trust.toml"
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
-                         'allow = ["charge.*", "doors.*", "state.*"]\n')
+                         'allow = ["charge.*", "doors.*", "state.*", "diag.*"]\n')
         broker = None
         protocol = "auto"
         if self.args.broker:
-            host, _, port = self.args.broker.rpartition(":")
+            host, port = broker_address(self.args.broker)
             self.say(f"broker: {host}:{port}")
         else:
             broker = EmbeddedBroker().start()
@@ -111,6 +119,7 @@ class Demo:
             f"modem.port={modem.path!r}", "modem.poll_interval_s=5",
             f"gnss.port={gnss.path!r}",
             f"storage.dir={str(self.dir / 'state')!r}",
+            f"control.socket={str(self.dir / 'control.sock')!r}",  # no /run/tcu-agent needed
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
@@ -176,6 +185,11 @@ class Demo:
                 self._telemetry_line(body)
             elif kind == "responses" and body.get("id") in self.statuses:
                 self.statuses[body["id"]].append((time.monotonic(), body))
+            elif kind == "diagnostics":
+                shown = ", ".join(f"{n} " + (" ".join(d["code"] for d in e["dtcs"])
+                                             if len(e["dtcs"]) <= 3 else f"{len(e['dtcs'])} DTCs")
+                                  if e["dtcs"] else f"{n} none" for n, e in body["ecus"].items())
+                self.say(f"cloud: diagnostics record verified: {shown}")
             elif kind == "status":
                 self.say(f"cloud: vehicle {'online' if body['online'] else 'offline'} "
                          f"(agent {body['agent']}), signature verified")
@@ -241,8 +255,33 @@ class Demo:
             time.sleep(0.1)
         stop = self._send(cloud, vin, "charge.stop")
         self.results["charge.stop"] = self._wait(stop, 10)
+        self._diagnostics(agent, cloud, vin)
         time.sleep(max(0.0, end - time.monotonic()))  # the rest of --duration: live telemetry
         return all(r and r["status"] == "SUCCEEDED" for r in self.results.values())
+
+    def _diagnostics(self, agent, cloud, vin) -> None:
+        """A charger fault sets a DTC; the cloud reads it remotely, then clears it."""
+        state = agent.simulator.vehicle.state
+        state.fault = True
+        self.say("vehicle: charger fault (the VCU stores P0D27)")
+        time.sleep(0.2)
+        read = self._wait(self._send(cloud, vin, "diag.read_dtcs", {"ecus": ["vcu", "bms"]}), 10)
+        self.results["diag.read_dtcs"] = read
+        if read and read.get("result"):
+            for name, ecu in read["result"]["ecus"].items():
+                codes = [f"{d['code']} (0x{d['status']:02X})" for d in ecu.get("dtcs", [])]
+                self.say(f"cloud: {name}: " + (ecu["error"] if "error" in ecu else
+                                               ", ".join(codes[:3]) + (f" +{len(codes) - 3} more"
+                                                                       if len(codes) > 3 else "")
+                                               or "no DTCs"))
+            vcu = read["result"]["ecus"].get("vcu", {}).get("dtcs", [])
+            if not any(d["code"] == "P0D27" for d in vcu):  # the demo must show it remotely
+                self.say("cloud: the VCU did not report P0D27")
+                self.results["diag.read_dtcs"] = {**read, "status": "FAILED"}
+        state.fault = False
+        self.say("vehicle: fault repaired")
+        self.results["diag.clear_dtcs"] = self._wait(
+            self._send(cloud, vin, "diag.clear_dtcs", {"ecus": ["vcu"]}), 10)
 
     def _summary(self, agent, ok: bool) -> int:
         total = sum(self.verified.values())

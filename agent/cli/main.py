@@ -11,7 +11,7 @@ from .. import __version__
 from ..errors import AgentError
 
 COMMANDS = ["run", "status", "demo", "replay", "monitor", "dbc", "keys", "verify", "simulate", "modem",
-            "update"]  # module names under agent.cli
+            "update", "diag"]  # module names under agent.cli
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as e:
         if debug:
             raise
+        _json_error(args, str(e))
         print(f"tcu-agent: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -66,6 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise
+        _json_error(args, f"internal error: {type(e).__name__}: {e}")
         print(f"tcu-agent: internal error: {type(e).__name__}: {e} (run with --debug for the "
               "traceback)", file=sys.stderr)
         return 1
+
+
+def _json_error(args, message: str) -> None:
+    """--json promises JSON on stdout: an error is {"error": ...} there too (and the usual
+    line on stderr)."""
+    if getattr(args, "json", False):
+        import json
+        print(json.dumps({"error": message}), flush=True)

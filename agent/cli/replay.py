@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import time
 
 from ..adapters.canlog import read_frames
@@ -36,6 +37,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--out", help="write the encoded batches here (a CBOR sequence, RFC 8742)")
     p.add_argument("--key", help="sign each batch with this vehicle key (COSE_Sign1, as the "
                                  "agent sends them; check with `tcu-agent verify`)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first line that is not a complete frame (default: skip "
+                        "and count such lines)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     common(p)
     p.set_defaults(func=run)
@@ -45,7 +49,7 @@ def run(args) -> int:
     if not args.config and not args.dbc:
         raise ConfigError("replay needs a config (-c CONFIG) or a CAN database (--dbc FILE)")
     log_stats: dict = {}
-    frames_in = read_frames(args.log, log_stats)  # checks the file now, reads it lazily
+    frames_in = read_frames(args.log, log_stats, strict=args.strict)  # checked now, read lazily
     if args.config:
         config = load_config(args.config, args.set)
         plans = bus_plans(config)
@@ -92,7 +96,11 @@ def run(args) -> int:
                         "decode_errors", "bad_length")}
     frames = totals["frames"]
     skipped = log_stats.get("skipped_lines", 0)
-    result = {**totals, "skipped_lines": skipped, "samples": core.samples, "batches": seq,
+    skipped_at = log_stats.get("skipped_at", [])
+    if frames and totals["unknown_ids"] * 2 > frames:
+        print(f"tcu-agent replay: warning: {totals['unknown_ids']:,} of {frames:,} frames have "
+              f"ids the CAN database does not know: the wrong DBC for this log?", file=sys.stderr)
+    result = {**totals, "skipped_lines": skipped, "skipped_at": skipped_at, "samples": core.samples, "batches": seq,
               "bytes": nbytes,
               "signals": len(core.signals), "seconds": round(seconds, 4),
               "us_per_frame": round(seconds / frames * 1e6, 3) if frames else 0.0,
@@ -105,10 +113,16 @@ def run(args) -> int:
         print(f"  decoded {totals['decoded']}, unchanged {totals['unchanged']}, "
               f"unselected {totals['unselected']}, unknown ids {totals['unknown_ids']}, "
               f"decode errors {totals['decode_errors']}, length mismatches {totals['bad_length']}"
-              + (f", unparsable lines skipped {skipped}" if skipped else ""))
+              + (f", unparsable lines skipped {skipped} ({_lines(skipped, skipped_at)})"
+                 if skipped else ""))
         print(f"  {core.samples} samples of {len(core.signals)} signals in {seq} batches, "
               f"{nbytes:,} bytes " + ("signed COSE" if args.key else "CBOR") + (f" -> {args.out}" if args.out else ""))
     return 0
+
+
+def _lines(skipped: int, at: list[int]) -> str:
+    shown = ", ".join(map(str, at))
+    return f"line{'s' if len(at) > 1 else ''} {shown}{', ...' if skipped > len(at) else ''}"
 
 
 def _open_out(path: str):

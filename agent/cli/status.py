@@ -13,30 +13,58 @@ ESSENTIAL_COUNTERS = ("commands.received", "commands.accepted", "commands.reject
 def add_parser(sub, common) -> None:
     p = sub.add_parser("status", help="state of the running agent",
                        description="Connection, broker, outbox depth, last acknowledged seq and "
-                                   "per-bus counters of the agent running with this config "
-                                   "(from its status file under storage.dir). Exit 1 when no "
-                                   "agent is running.")
+                                   "per-bus counters of the agent running with this config: "
+                                   "asked through its control socket (control.socket), else "
+                                   "read from its status file under storage.dir. Exit 1 when "
+                                   "no agent is running.")
     p.add_argument("-c", "--config", required=True, help="agent config file (TOML)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw status as JSON (errors too: {\"error\": ...})")
     common(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..adapters.statusfile import read_status
     from ..config import load_config
 
     config = load_config(args.config, args.set)
-    status, why = read_status(config.storage.dir)
+    status, source = fetch(config)
     if status is None:
-        print(f"tcu-agent status: {why}")
+        if args.json:
+            print(json.dumps({"error": source}))
+        else:
+            print(f"tcu-agent status: {source}")
         return 1
     if args.json:
-        print(json.dumps(status, indent=1))
+        print(json.dumps({**status, "source": source}, indent=1, default=str))
         return 0
     print(render(status))
+    print(_row("source", source))
     return 0
+
+
+def fetch(config) -> tuple[dict | None, str]:
+    """(status, where it came from) from the control socket, else the status file;
+    (None, why) when no agent is running."""
+    from ..adapters.control import ControlClient
+    from ..adapters.statusfile import read_status
+    from ..errors import ControlError
+    from .monitor import check_identity
+
+    sock = config.control.socket
+    try:
+        with ControlClient(sock) as client:
+            status = client.request("status")
+            check_identity(status, config)
+            status["signals"] = client.request("signals")["signals"]  # values, for --json
+        return status, f"the agent, via its control socket {sock}"
+    except ControlError as e:
+        why = str(e)
+    status, file_why = read_status(config.storage.dir)
+    if status is None:
+        return None, file_why if "no agent is running" in file_why else f"{file_why}; {why}"
+    return status, f"the status file in {config.storage.dir} (control socket: {why})"
 
 
 def render(s: dict) -> str:
@@ -62,14 +90,24 @@ def render(s: dict) -> str:
                           f"{ob.get('next_seq')}, dropped samples {ob.get('dropped_samples')}"
                           + (" (seq restarted from the clock: the outbox and its seq marks "
                              "were lost)" if ob.get("seq_from_clock") else "")))
+    key = s.get("key")
+    if isinstance(key, dict) and key.get("kid"):
+        alg = {-8: "EdDSA", -7: "ES256"}.get(key.get("alg"), key.get("alg"))
+        lines.append(_row("key", f"kid {key['kid']} ({alg})"
+                          + (f", rotated from {key['prev']}" if key.get("prev") else "")))
+    lines += _clock(s.get("clock"))
+    lines += _trust(s.get("trust"))
+    lines += _power(s.get("power"), now)
     lines += _commands(s)
     lines += _update(s.get("update"))
     for key in ("modem", "gnss"):
         section = s.get(key)
         if isinstance(section, dict):
             shown = ", ".join(f"{k} {v}" for k, v in section.items()
-                              if k != "values" and v not in (None, "", {}))
+                              if k not in ("values", "recovery") and v not in (None, "", {}))
             lines.append(_row(key, shown))
+            if key == "modem":
+                lines += _link(s.get("link_recovery"))
             lines += _table(section.get("values") or {})
     for b in s.get("buses", []):
         lines.append(_row(f"bus {b['name']}",
@@ -79,6 +117,8 @@ def render(s: dict) -> str:
                      f"{b['bus_errors']}, reopens {b['reopens']}"
                      + (f", kernel drops {b['kernel_drops']}"
                         if b.get("kernel_drops") is not None else "")
+                     + (f", listen-only (sends refused {b.get('refused_sends', 0)})"
+                        if b.get("listen_only") else "")
                      + (f", last error: {b['last_error']}" if b.get("last_error") else "")))
     return "\n".join(lines)
 
@@ -94,6 +134,65 @@ def _commands(s: dict) -> list[str]:
         for name in ESSENTIAL_COUNTERS:
             counters.setdefault(name, 0)
     return lines + _table(dict(sorted(counters.items())))
+
+
+def _clock(c) -> list[str]:
+    if not isinstance(c, dict):
+        return []
+    floor = c.get("floor_ms") or 0
+    when = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(floor / 1000)) if floor else "none yet")
+    text = f"{c.get('clock')}"
+    if c.get("clock") == "behind":
+        text += (f": the system clock is {_dur((c.get('behind_ms') or 0) / 1000)} behind the "
+                 f"time floor; checks use the floor")
+    text += f", floor {when}" + (f" (from {c['floor_source']})" if floor else "")
+    if c.get("gnss_skew_ms") is not None:
+        text += f", system - GNSS {c['gnss_skew_ms']:+d} ms"
+        if c.get("gnss_skew_warning"):
+            text += " (OFF BY MORE THAN THE ALLOWED SKEW)"
+    return [_row("clock", text)]
+
+
+def _trust(t) -> list[str]:
+    if not isinstance(t, dict) or not t:
+        return []
+    source = t.get("source")
+    text = (f"version {t.get('version')} from {source}" if source == "tuf" or t.get("version")
+            else f"factory store {source}")
+    if t.get("target"):
+        text += f" (target {t['target']})"
+    if t.get("refreshing"):
+        text += ", refreshing"
+    if t.get("last_error"):
+        text += f", last refresh failed: {t['last_error']}"
+    return [_row("trust", text)]
+def _power(p, now: float) -> list[str]:
+    """The power state (README "Power") and the link recovery, when configured."""
+    if not isinstance(p, dict):
+        return []
+    text = f"{p.get('state')} for {_dur((now - (p.get('since_ms') or now)) / 1000)} " \
+           f"({p.get('reason')})"
+    if p.get("volts") is not None:
+        text += f", 12 V battery {p['volts']:.2f} V"
+    text += f", heartbeats {p.get('heartbeats', 0)}, dropped samples {p.get('dropped_samples', 0)}"
+    if p.get("on_sleep"):
+        text += f", on-sleep command {p['on_sleep'].get('last')}"
+    return [_row("power", text)]
+
+
+def _link(r) -> list[str]:
+    if not isinstance(r, dict):
+        return []
+    if "steps" not in r:
+        return [_row("link", str(r.get("state")))]
+    steps = ", ".join(f"{k} {v}" for k, v in (r.get("steps") or {}).items())
+    text = f"recovery {r.get('state')}: steps {steps}; capped {r.get('capped')}, " \
+           f"recoveries {r.get('recoveries')}"
+    if r.get("last_step"):
+        text += f", last {r['last_step']}"
+    if r.get("power_cycle"):
+        text += f", power cycle {r['power_cycle'].get('last')}"
+    return [_row("link", text)]
 
 
 def _update(u) -> list[str]:

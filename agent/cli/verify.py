@@ -36,7 +36,9 @@ def run(args) -> int:
         keys[kid_of(key)] = key
     good = bad = 0
     for path in args.files:
+        found = 0
         for where, message in messages_in(Path(path)):
+            found += 1
             try:
                 v = verify(message, keys)
             except VerificationError as e:
@@ -46,6 +48,10 @@ def run(args) -> int:
             good += 1
             print(json.dumps({"file": where, "kid": v.kid.hex(), "content_type": v.content_type,
                               "payload": v.payload}, default=_json_default))
+        if not found:  # "0 verified" and exit 0 would read as a pass
+            empty = Path(path).stat().st_size == 0
+            raise LogFormatError(f"{path}: {'empty file, ' if empty else ''}no signed messages "
+                                 "to verify")
     print(f"{good} verified, {bad} failed", file=sys.stderr)
     return 1 if bad else 0
 

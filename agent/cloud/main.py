@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = keys.add_parser("generate", help="write cloud.key (0600) and cloud.pub")
     g.add_argument("--dir", required=True)
     g.add_argument("--force", action="store_true")
-    g.add_argument("--stem", default="cloud", help="file names (default cloud.key/cloud.pub)")
+    g.add_argument("--stem", default="cloud",
+                   help="write STEM.key and STEM.pub (default: cloud), e.g. one key per fleet")
+    g.add_argument("--alg", choices=("eddsa", "es256"), default="eddsa",
+                   help="eddsa: Ed25519 (default); es256: ECDSA P-256")
     g.set_defaults(func=_keys_generate)
 
     c = sub.add_parser("command", help="sign and send a command; print its statuses",
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _keys_generate(args) -> int:
     from ..adapters.keys import generate_keypair
 
-    private, public, kid = generate_keypair(args.dir, force=args.force, stem=args.stem)
+    private, public, kid = generate_keypair(args.dir, force=args.force, stem=args.stem, alg=args.alg)
     print(kid)
     print(f"wrote {private} and {public}; add the public key to each vehicle's trust store",
           file=sys.stderr)
@@ -157,9 +160,13 @@ def _command(args) -> int:
                "iat": now, "exp": now + int(args.ttl * 1000)}
     prefix = args.prefix or f"vehicles/{args.vin}"
     done = threading.Event()
-    outcome = {"status": None, "sent": None, "ours": False}
+    outcome = {"status": None, "sent": None, "ours": False, "vehicle": {}}
 
     def on_message(topic: str, data: bytes) -> None:
+        if topic.endswith("/status"):  # the retained record: does this vehicle exist, online?
+            outcome["vehicle"] = _vehicle_status(data)
+            seen.set()
+            return
         if vehicle:
             try:
                 body = verify(data, vehicle).payload
@@ -188,15 +195,36 @@ def _command(args) -> int:
             outcome["status"] = body["status"]
             done.set()
 
-    client = connect(args, [f"{prefix}/responses"], on_message)
+    seen = threading.Event()
+    client = connect(args, [f"{prefix}/responses", f"{prefix}/status"], on_message)
     try:
+        never = f"no vehicle status was ever seen on {prefix}/status"
+        if not seen.wait(RETAINED_WAIT_S):
+            print(f"tcu-cloud: {never}: no vehicle with this VIN has connected to this broker "
+                  "(sending anyway)", file=sys.stderr)
+        elif outcome["vehicle"].get("online") is False:
+            print(f"tcu-cloud: the vehicle is offline (its retained status on {prefix}/status "
+                  "says online: false); the command waits for it", file=sys.stderr)
         outcome["sent"] = time.monotonic()  # before: the answer can beat the PUBACK
         client.publish(f"{prefix}/commands", signer.sign(payload))
         if not done.wait(args.timeout if args.timeout is not None else args.ttl + 10):
-            print(json.dumps({"id": cid, "error": "no terminal status before the timeout"}))
+            why = "no terminal status before the timeout" if seen.is_set() else never
+            print(json.dumps({"id": cid, "error": why}))
     finally:
         client.close()
     return 0 if outcome["status"] == "SUCCEEDED" else 1
+
+
+RETAINED_WAIT_S = 1.0  # a broker sends the retained status right after the subscription
+
+
+def _vehicle_status(data: bytes) -> dict:
+    from ..core.cose import decode_unverified
+    try:
+        body = decode_unverified(data)[2]
+    except Exception:  # not ours to judge here: it exists, that is what matters
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 NULL_ID_NOTE = ("carries no id (the vehicle could not verify the command); taken as the answer "

@@ -167,6 +167,48 @@ def add_target(directory: Path, file: Path, version: str, hardware_id: str,
     return info
 
 
+def add_trust_target(directory: Path, file: Path, trust_version: int, name: str = "trust.toml",
+                     vins: list[str] | None = None, hardware_ids: list[str] | None = None,
+                     expires_days: float = 365) -> TargetFile:
+    """Publish a trust store file (every key inline) as target `name` with the signed custom
+    fields {"trust_version", ? "vins", ? "hardware_ids"} that vehicles check (core/trust.py)."""
+    if type(trust_version) is not int or trust_version < 1:
+        raise RepoError(f"trust version {trust_version!r}: must be an integer >= 1")
+    info = add_target(directory, file, str(trust_version), "-", name=name,
+                      expires_days=expires_days)
+    custom: dict[str, Any] = {"trust_version": trust_version}
+    if vins:
+        custom["vins"] = list(vins)
+    if hardware_ids:
+        custom["hardware_ids"] = list(hardware_ids)
+    targets = _load(directory, Targets.type)
+    targets.signed.targets[name].unrecognized_fields["custom"] = custom
+    targets.signed.version += 1
+    targets.sign(_signer(directory, Targets.type))
+    _write(directory, targets)
+    publish(directory, expires_days)
+    return targets.signed.targets[name]
+
+
+def rotate_root_key(directory: Path, expires_days: float = 365) -> int:
+    """Replace the root key: root N+1 lists the new key and is signed by the old and the new
+    one (clients that trust N can follow). Returns the new root version."""
+    directory = Path(directory)
+    old = _signer(directory, Root.type)
+    new = CryptoSigner.generate_ed25519()
+    md = _load(directory, Root.type)
+    md.signed.revoke_key(old.public_key.keyid, Root.type)
+    md.signed.add_key(new.public_key, Root.type)
+    md.signed.version += 1
+    md.signed.expires = _now() + timedelta(days=expires_days)
+    md.signatures.clear()
+    md.sign(old, append=True)
+    md.sign(new, append=True)
+    atomic_write(directory / "keys" / f"{Root.type}.pem", new.private_bytes, mode=0o600)
+    _write(directory, md, versioned=True)
+    return md.signed.version
+
+
 def expire_timestamp(directory: Path, seconds_ago: float = 3600) -> None:
     """Re-sign timestamp.json (new version) with an expiry in the past. For tests."""
     resign(directory, Timestamp.type, expires=_now() - timedelta(seconds=seconds_ago))
@@ -287,6 +329,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--expires-days", type=float, default=365)
     a.set_defaults(func=_do_add_target)
 
+    t = actions.add_parser("add-trust", help="publish a trust store (keys inline) as a target "
+                                             "vehicles fetch with trust.refresh")
+    t.add_argument("dir")
+    t.add_argument("file")
+    t.add_argument("--trust-version", type=int, required=True, help="integer, never lower "
+                   "than the last one (vehicles refuse a rollback)")
+    t.add_argument("--name", default="trust.toml", help="target name (trust.toml)")
+    t.add_argument("--vin", action="append", default=[], help="only for this VIN; repeatable")
+    t.add_argument("--hardware-id", action="append", default=[], help="only for this hardware "
+                   "id; repeatable")
+    t.add_argument("--expires-days", type=float, default=365)
+    t.set_defaults(func=_do_add_trust)
+
+    r = actions.add_parser("rotate-root", help="new root key; root N+1 signed by old and new")
+    r.add_argument("dir")
+    r.set_defaults(func=lambda args: print(rotate_root_key(Path(args.dir))) or 0)
+
     s = actions.add_parser("serve", help="serve metadata/ and targets/ on 127.0.0.1")
     s.add_argument("dir")
     s.add_argument("--port", type=int, default=8080)
@@ -310,6 +369,19 @@ def _do_add_target(args: argparse.Namespace) -> int:
     info = add_target(Path(args.dir), Path(args.file), args.version, args.hardware_id,
                       name=args.name, expires_days=args.expires_days)
     print(f"{info.path} {info.length} sha256:{info.hashes['sha256']}")
+    return 0
+
+
+def _do_add_trust(args: argparse.Namespace) -> int:
+    from ..adapters.truststore import parse_trust_store
+    from ..errors import ConfigError
+    try:  # refuse here what every vehicle would refuse
+        parse_trust_store(Path(args.file).read_bytes(), args.file, ())
+    except (OSError, ConfigError) as e:
+        raise RepoError(f"{args.file}: {e}") from None
+    info = add_trust_target(Path(args.dir), Path(args.file), args.trust_version, args.name,
+                            args.vin, args.hardware_id, args.expires_days)
+    print(f"{info.path} trust_version {args.trust_version} sha256:{info.hashes['sha256']}")
     return 0
 
 

@@ -16,6 +16,14 @@ is the answer and nothing after it runs:
  10. the name is in the command registry (core/registry.py)                    UNKNOWN_COMMAND
  11. parameters: the name's family's check_params raised ParamError            BAD_PARAMS
 
+`CommandGate.precheck(message)` is the cheap prefix of steps 1-2 (size, envelope structure,
+kid lookup; no signature, no payload decoding): it lets the runtime drop garbage and strangers
+for microseconds before any budget is spent (core/ratelimit.py Admission). It gives the same
+reasons and details as check() for what it refuses, and a `Screened` with the message's
+fingerprint otherwise: sha256 over the protected header, payload and signature bytes -- the
+signed parts. The unprotected header is not signed, so copies padded there are the same
+command and have the same fingerprint.
+
 Choices where the protocol is silent:
 - The id is only ever read from a VERIFIED payload: a rejection for steps 1-3 carries
   id None. Echoing an unauthenticated id would let anyone who can publish on the commands
@@ -52,11 +60,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
 from agent.errors import ParamError, VerificationError
 
 from . import cose
+from .clock import TrustedClock
 from .protocol import (
     BAD_ENVELOPE,
     BAD_PARAMS,
@@ -66,6 +73,7 @@ from .protocol import (
     REPLAYED,
     UNAUTHORIZED,
     UNKNOWN_COMMAND,
+    UNKNOWN_KEY,
     WRONG_VEHICLE,
 )
 from .registry import Registry
@@ -85,10 +93,12 @@ class GateLimits:
 
 @dataclass(frozen=True, slots=True)
 class TrustedKey:
-    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs)."""
+    """A cloud key allowed to issue the command names matching `allow` (fnmatch globs).
+
+    The key is Ed25519 or P-256 (TypeError otherwise); its type fixes the alg it signs with."""
 
     name: str
-    public_key: Ed25519PublicKey
+    public_key: cose.PublicKey
     allow: tuple[str, ...]
     kid: bytes = field(init=False)
 
@@ -123,7 +133,7 @@ class TrustStore:
         return self._by_kid.get(kid)
 
     @property
-    def public_keys(self) -> Mapping[bytes, Ed25519PublicKey]:
+    def public_keys(self) -> Mapping[bytes, cose.PublicKey]:
         """kid -> public key, as cose.verify wants it."""
         return self._public
 
@@ -179,12 +189,23 @@ class Redelivery:
     id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A message that passed precheck(): well-formed COSE_Sign1 under a trusted kid."""
+
+    kid: bytes
+    fingerprint: bytes  # sha256 of the signed parts (see the module docstring)
+
+
 Outcome = Accepted | Rejected | Redelivery
 Seen = Callable[[str], "bytes | None"]
 
 
 # -- the gate ------------------------------------------------------------------------------
 
+# First bytes a tagged item can start with: tag 18 itself (0xd2), or a tag number in the
+# following 1-8 bytes (non-shortest 18, the 55799 self-describe prefix): cose decides those.
+_TAG_HEADS = frozenset({0xD2, 0xD8, 0xD9, 0xDA, 0xDB})
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}", re.ASCII)
 _FIELDS = ("v", "id", "vin", "name", "params", "iat", "exp")
 
@@ -201,7 +222,12 @@ def _is_uint(value: Any) -> bool:
 class CommandGate:
     """Decides what to do with one message from the commands topic. See the module docstring."""
 
-    def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry):
+    def __init__(self, trust: TrustStore, vin: str, limits: GateLimits, registry: Registry,
+                 clock: TrustedClock | None = None):
+        """clock: the time floor (core/clock.py); with it, check() takes mono_ms and evaluates
+        the time window against clock.now_ms(now_ms, mono_ms), and an accepted command's iat
+        raises the floor."""
+        self.clock = clock
         self._trust = trust
         self.vin = vin
         self.registry = registry
@@ -226,13 +252,42 @@ class CommandGate:
         if lost_at_ms is not None:
             self._replay_floor_ms = max(self._replay_floor_ms, lost_at_ms + self.max_skew_ms)
 
-    def check(self, message: bytes, now_ms: int, seen: Seen) -> Outcome:
+    def precheck(self, message: bytes) -> Screened | Rejected:
+        """Steps 1-2 without the signature or the payload (see the module docstring); a
+        Rejected here is what check() would answer. Never raises."""
+        try:
+            size = memoryview(message).nbytes
+            if size > self.max_message_bytes:
+                return Rejected(None, BAD_ENVELOPE, f"message is {size} bytes, over the "
+                                                    f"{self.max_message_bytes}-byte limit")
+            if size == 0 or message[0] not in _TAG_HEADS:  # no CBOR tag at all: no decoding
+                return Rejected(None, BAD_ENVELOPE, "not a tagged COSE_Sign1 (CBOR tag 18)")
+            env = cose._parse(message, self.max_message_bytes)
+        except VerificationError as e:
+            return Rejected(None, e.reason, str(e))
+        except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
+            return Rejected(None, BAD_ENVELOPE, f"unexpected {type(e).__name__} reading a command")
+        if self._trust.get(env.kid) is None:
+            return Rejected(None, UNKNOWN_KEY, f"unknown signing key kid={env.kid.hex()}")
+        h = hashlib.sha256()
+        for part in (env.protected, env.payload, env.signature):
+            h.update(len(part).to_bytes(4, "big"))
+            h.update(part)
+        return Screened(env.kid, h.digest())
+
+    def check(self, message: bytes, now_ms: int, seen: Seen, mono_ms: int = 0) -> Outcome:
         """Accepted, Rejected or Redelivery for one received message. Never raises.
 
         `seen(id)` returns the digest recorded for that id, or None (the replay store).
+        now_ms is the system clock; mono_ms a monotonic clock (only used with a `clock`).
         """
         try:
-            return self._check(message, now_ms, seen)
+            if self.clock is None:
+                return self._check(message, now_ms, seen)
+            outcome = self._check(message, self.clock.now_ms(now_ms, mono_ms), seen)
+            if isinstance(outcome, Accepted):
+                self.clock.observe(outcome.command.iat, mono_ms, "command")
+            return outcome
         except Exception as e:  # noqa: BLE001 - a network-facing path must answer, fail closed
             return Rejected(None, INTERNAL_ERROR, f"unexpected {type(e).__name__} checking a command")
 

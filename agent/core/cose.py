@@ -1,8 +1,10 @@
-"""COSE_Sign1 with Ed25519: the envelope of every message (PROTOCOL.md §2).
+"""COSE_Sign1 with Ed25519 or ECDSA P-256: the envelope of every message (PROTOCOL.md §2).
 
-    18([ bstr .cbor {1: -8, 3: content_type, 4: kid}, {}, payload: bstr, signature: bstr ])
+    18([ bstr .cbor {1: alg, 3: content_type, 4: kid}, {}, payload: bstr, signature: bstr ])
 
-The signature covers the standard Sig_structure ["Signature1", protected, h'', payload].
+alg is -8 (EdDSA, Ed25519) or -7 (ES256: ECDSA P-256 with SHA-256, the signature the 64-byte
+r||s of RFC 9053 §2.1). The signature covers the standard Sig_structure
+["Signature1", protected, h'', payload].
 Payloads are CBOR maps with text keys, optionally wrapped in a zlib stream (RFC 1950).
 
 Pure code: no file or network I/O. Key files live in agent.adapters.keys.
@@ -12,10 +14,20 @@ disagree about what was signed):
 - trailing bytes after the COSE structure, the protected header or the zlib stream are rejected;
 - duplicate map keys are rejected (protected header and payload);
 - alg/kid/content type must be protected; the same labels in the unprotected map are rejected,
-  other unprotected labels are ignored; a `crit` (label 2) header is rejected;
+  other unprotected labels are ignored; a `crit` (label 2) header is rejected in either map
+  (RFC 9052 §3.1 only allows it protected, and we understand no critical extension);
+- the alg must be the one of the key `kid` names (-8 for Ed25519, -7 for P-256); any other
+  pairing is BAD_SIGNATURE (alg confusion), an alg that is neither is BAD_ENVELOPE;
+- no CBOR item anywhere (envelope, protected header, payload) may carry a tag that a decoder
+  would turn into plain data: bignums (tags 2/3: an `iat` of 2(h'01') is not the integer 1
+  here), string references (25/256), shared values (28/29), the self-describe prefix 55799
+  (the message is exactly 18([...]); two parsers must not disagree on where it starts);
 - the payload is plain data: maps, arrays, text, bytes, int (within the 64-bit range of CBOR
   major types 0/1), float, bool, null. Whatever decodes to anything else (datetimes, decimals,
-  bignums, shared references, undefined, other simple values, ...) is rejected.
+  undefined, other simple values, ...) is rejected.
+- ES256 signatures are accepted with either s or n-s (RFC 9053 does not require low-S and
+  third-party signers do not normalise); nothing here keys on the signature bytes: a
+  re-delivery is told by the payload bytes.
 """
 
 from __future__ import annotations
@@ -29,16 +41,27 @@ from typing import Any
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
+from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.errors import VerificationError
 
 __all__ = [
     "ALG_EDDSA",
+    "ALG_ES256",
+    "PublicKey",
+    "SigningKey",
+    "alg_of",
+    "software_key",
     "CT_CBOR",
     "CT_CBOR_ZLIB",
     "MAX_PAYLOAD",
@@ -51,6 +74,10 @@ __all__ = [
 
 COSE_SIGN1_TAG = 18
 ALG_EDDSA = -8
+ALG_ES256 = -7
+ALGS = (ALG_EDDSA, ALG_ES256)
+ALG_NAMES = {ALG_EDDSA: "EdDSA", ALG_ES256: "ES256"}
+PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey  # P-256 only, see alg_of
 CT_CBOR = "application/cbor"
 CT_CBOR_ZLIB = "application/cbor+zlib"
 CONTENT_TYPES = (CT_CBOR, CT_CBOR_ZLIB)
@@ -63,6 +90,24 @@ _ENVELOPE_SLACK = 4096
 _SIG_CONTEXT = b"\x6aSignature1"  # CBOR tstr "Signature1"
 _SCALARS = frozenset({str, bytes, float, bool, type(None)})  # plus int, range-checked
 _INT_MIN, _INT_MAX = -(1 << 64), (1 << 64) - 1  # what CBOR encodes without a bignum tag
+# Every tag cbor2 would decode into something else (see the module docstring): refused while
+# decoding. Tags it leaves alone come out as CBORTag, which _is_plain refuses in a payload.
+_DECODED_TAGS = (0, 1, 2, 3, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261,
+                 1004, 43000, 55799)
+_P256_ORDER_BYTES = 32
+
+
+class _TagRefused(ValueError):
+    pass
+
+
+def _refuse_tag(tag: int):
+    def refuse(*_args):
+        raise _TagRefused(f"CBOR tag {tag} is not allowed")
+    return refuse
+
+
+_NO_TAG_DECODERS = {tag: _refuse_tag(tag) for tag in _DECODED_TAGS}
 
 
 def _head(major: int, n: int) -> bytes:
@@ -89,10 +134,73 @@ def _sig_structure(protected: bytes, payload: bytes) -> bytes:
     return b"\x84" + _SIG_CONTEXT + _bstr(protected) + b"\x40" + _bstr(payload)
 
 
-def kid_of(public_key: Ed25519PublicKey) -> bytes:
-    """Key id: the first 8 bytes of SHA-256 of the 32-byte raw Ed25519 public key."""
-    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-    return hashlib.sha256(raw).digest()[:8]
+def alg_of(public_key: Any) -> int:
+    """The COSE alg for a public key: -8 for Ed25519, -7 for P-256; TypeError for others."""
+    if isinstance(public_key, Ed25519PublicKey):
+        return ALG_EDDSA
+    if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ec.SECP256R1):
+        return ALG_ES256
+    raise TypeError(f"unsupported key type {type(public_key).__name__} "
+                    f"(Ed25519 or ECDSA P-256 only)")
+
+
+def public_bytes(public_key: PublicKey) -> bytes:
+    """32-byte raw Ed25519 key, or the 65-byte uncompressed P-256 point 0x04||x||y."""
+    if alg_of(public_key) == ALG_EDDSA:
+        return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return public_key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+
+
+def kid_of(public_key: PublicKey) -> bytes:
+    """Key id: the first 8 bytes of SHA-256 of public_bytes(public_key) (PROTOCOL.md §2)."""
+    return hashlib.sha256(public_bytes(public_key)).digest()[:8]
+
+
+def es256_raw(der_signature: bytes) -> bytes:
+    """A DER ECDSA P-256 signature as COSE wants it: r||s, 32 bytes each."""
+    r, s = decode_dss_signature(der_signature)
+    return r.to_bytes(_P256_ORDER_BYTES, "big") + s.to_bytes(_P256_ORDER_BYTES, "big")
+
+
+class SigningKey:
+    """What Signer signs with: `alg`, `public_key` and sign(data) -> the COSE signature.
+
+    sign() gets the whole Sig_structure (it hashes for ES256 itself). Subclass or duck-type it
+    for keys held elsewhere (agent.adapters.pkcs11); software_key() wraps an in-memory key.
+    """
+
+    alg: int
+    public_key: PublicKey
+
+    def sign(self, data: bytes) -> bytes:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Ed25519Key(SigningKey):
+    def __init__(self, key: Ed25519PrivateKey):
+        self._key, self.alg, self.public_key = key, ALG_EDDSA, key.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        return self._key.sign(data)
+
+
+class _P256Key(SigningKey):
+    def __init__(self, key: ec.EllipticCurvePrivateKey):
+        self._key, self.alg, self.public_key = key, ALG_ES256, key.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        return es256_raw(self._key.sign(data, ec.ECDSA(SHA256())))
+
+
+def software_key(private_key: Any) -> SigningKey:
+    """Wrap an Ed25519 or P-256 private key from `cryptography`; TypeError for anything else."""
+    if isinstance(private_key, Ed25519PrivateKey):
+        return _Ed25519Key(private_key)
+    if (isinstance(private_key, ec.EllipticCurvePrivateKey)
+            and isinstance(private_key.curve, ec.SECP256R1)):
+        return _P256Key(private_key)
+    raise TypeError(f"Signer needs an Ed25519 or P-256 private key or a SigningKey, "
+                    f"not {type(private_key).__name__}")
 
 
 def _is_plain(value: Any) -> bool:
@@ -142,19 +250,26 @@ class _Prepared:
 
 
 class Signer:
-    """Signs payload dicts as tagged COSE_Sign1 messages with one Ed25519 key."""
+    """Signs payload dicts as tagged COSE_Sign1 messages with one key.
 
-    def __init__(self, private_key: Ed25519PrivateKey):
-        if not isinstance(private_key, Ed25519PrivateKey):
-            raise TypeError("Signer needs an Ed25519PrivateKey")
-        self._key = private_key
-        self.public_key: Ed25519PublicKey = private_key.public_key()
+    `key` is an Ed25519 or P-256 private key from `cryptography`, or a SigningKey (a key in a
+    token: only sign(bytes) -> bytes crosses into it).
+    """
+
+    def __init__(self, key: Any):
+        if not isinstance(key, SigningKey):
+            key = software_key(key)
+        self._key = key
+        self.alg: int = key.alg
+        self.public_key: PublicKey = key.public_key
+        if alg_of(self.public_key) != self.alg:
+            raise TypeError(f"alg {self.alg} does not match the {type(self.public_key).__name__}")
         self.kid: bytes = kid_of(self.public_key)
         # Encode the protected header once per content type: signing a message then only
-        # costs the payload encoding, (maybe) zlib, and the Ed25519 signature.
+        # costs the payload encoding, (maybe) zlib, and the signature.
         self._prepared = {}
         for ct in CONTENT_TYPES:
-            protected = cbor2.dumps({_H_ALG: ALG_EDDSA, _H_KID: self.kid, _H_CT: ct}, canonical=True)
+            protected = cbor2.dumps({_H_ALG: self.alg, _H_KID: self.kid, _H_CT: ct}, canonical=True)
             self._prepared[ct] = _Prepared(
                 content_type=ct,
                 sig_prefix=b"\x84" + _SIG_CONTEXT + _bstr(protected) + b"\x40",
@@ -190,6 +305,8 @@ class Signer:
                 prep, body = plain, raw
         head = _head(2, len(body))
         signature = self._key.sign(prep.sig_prefix + head + body)
+        if type(signature) is not bytes or len(signature) != 64:  # Ed25519 and r||s alike
+            raise ValueError(f"the signing key returned {len(signature)} bytes, not 64")
         return prep.msg_prefix + head + body + b"\x58\x40" + signature
 
 
@@ -217,11 +334,13 @@ class Verified:
     content_type: str
     payload: dict
     payload_bytes: bytes
+    alg: int = ALG_EDDSA
 
 
 @dataclass(frozen=True, slots=True)
 class _Envelope:
     protected: bytes
+    alg: int
     kid: bytes
     content_type: str
     payload: bytes  # as carried, possibly zlib-compressed
@@ -236,11 +355,13 @@ def _decode_one(data: bytes, what: str) -> Any:
     """Decode exactly one CBOR item filling all of `data`; any failure is BAD_ENVELOPE."""
     stream = io.BytesIO(data)
     try:
-        value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False).decode()
+        value = cbor2.CBORDecoder(stream, allow_duplicate_keys=False,
+                                  semantic_decoders=_NO_TAG_DECODERS).decode()
     # cbor2 raises CBORDecodeError but also ValueError/TypeError/OverflowError/... from
     # semantic tag decoders; every one of them just means "not acceptable CBOR".
     except Exception as exc:  # noqa: BLE001
-        raise _bad(f"{what} is not valid CBOR: {exc}") from None
+        cause = exc.__cause__ if isinstance(exc.__cause__, _TagRefused) else exc
+        raise _bad(f"{what} is not valid CBOR: {cause}") from None
     if stream.tell() != len(data):
         raise _bad(f"{what} has {len(data) - stream.tell()} trailing bytes")
     return value
@@ -272,9 +393,9 @@ def _parse(message: Any, max_message: int) -> _Envelope:
     if not isinstance(header, Mapping):
         raise _bad("protected header is not a CBOR map")
     alg = header.get(_H_ALG)
-    if type(alg) is not int or alg != ALG_EDDSA:
-        raise _bad(f"alg must be {ALG_EDDSA} (EdDSA), got {alg!r}")
-    if _H_CRIT in header:
+    if type(alg) is not int or alg not in ALGS:
+        raise _bad(f"alg must be {ALG_EDDSA} (EdDSA) or {ALG_ES256} (ES256), got {alg!r}")
+    if _H_CRIT in header or _H_CRIT in unprotected:
         raise _bad("critical header parameters (label 2) are not supported")
     content_type = header.get(_H_CT)
     if type(content_type) is not str or content_type not in CONTENT_TYPES:
@@ -285,7 +406,7 @@ def _parse(message: Any, max_message: int) -> _Envelope:
     for label in (_H_ALG, _H_CT, _H_KID):
         if label in unprotected:
             raise _bad(f"header label {label} must only be in the protected header")
-    return _Envelope(protected, kid, content_type, payload, signature)
+    return _Envelope(protected, alg, kid, content_type, payload, signature)
 
 
 def _inflate(data: bytes, limit: int) -> bytes:
@@ -319,29 +440,49 @@ def _open_payload(env: _Envelope, max_payload: int) -> tuple[dict, bytes]:
     return payload, data
 
 
+def _signature_ok(key: PublicKey, signature: bytes, data: bytes) -> bool:
+    try:
+        if isinstance(key, Ed25519PublicKey):
+            key.verify(signature, data)
+            return True
+        if len(signature) != 2 * _P256_ORDER_BYTES:
+            return False
+        r = int.from_bytes(signature[:_P256_ORDER_BYTES], "big")
+        s = int.from_bytes(signature[_P256_ORDER_BYTES:], "big")
+        key.verify(encode_dss_signature(r, s), data, ec.ECDSA(SHA256()))
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
 def verify(
     message: bytes,
-    keys: Mapping[bytes, Ed25519PublicKey],
+    keys: Mapping[bytes, PublicKey],
     max_payload: int = MAX_PAYLOAD,
 ) -> Verified:
-    """Verify a COSE_Sign1 message against trusted keys (kid -> public key).
+    """Verify a COSE_Sign1 message against trusted keys (kid -> Ed25519 or P-256 public key).
 
-    Raises VerificationError with reason BAD_ENVELOPE (malformed envelope, wrong alg,
+    Raises VerificationError with reason BAD_ENVELOPE (malformed envelope, unsupported alg,
     unsupported content type, oversized, payload not a CBOR map with text keys),
-    UNKNOWN_KEY (kid not in `keys`) or BAD_SIGNATURE. The payload is only decompressed
-    and decoded after the signature checks out. Any input yields a Verified or a
-    VerificationError, never another exception.
+    UNKNOWN_KEY (kid not in `keys`) or BAD_SIGNATURE (including an alg that is not the one
+    of the key's type). The payload is only decompressed and decoded after the signature
+    checks out. Any input yields a Verified or a VerificationError, never another exception.
     """
     env = _parse(message, max_payload + _ENVELOPE_SLACK)
     key = keys.get(env.kid)
     if key is None:
         raise VerificationError("UNKNOWN_KEY", f"unknown signing key kid={env.kid.hex()}")
     try:
-        key.verify(env.signature, _sig_structure(env.protected, env.payload))
-    except InvalidSignature:
-        raise VerificationError("BAD_SIGNATURE", f"signature does not verify for kid={env.kid.hex()}") from None
+        key_alg = alg_of(key)
+    except TypeError:
+        raise VerificationError("BAD_SIGNATURE", f"kid={env.kid.hex()} names an unsupported key") from None
+    if env.alg != key_alg:
+        raise VerificationError("BAD_SIGNATURE", f"alg {env.alg} ({ALG_NAMES[env.alg]}) does not "
+                                f"match kid={env.kid.hex()}, a {ALG_NAMES[key_alg]} key")
+    if not _signature_ok(key, env.signature, _sig_structure(env.protected, env.payload)):
+        raise VerificationError("BAD_SIGNATURE", f"signature does not verify for kid={env.kid.hex()}")
     payload, payload_bytes = _open_payload(env, max_payload)
-    return Verified(env.kid, env.content_type, payload, payload_bytes)
+    return Verified(env.kid, env.content_type, payload, payload_bytes, env.alg)
 
 
 def decode_unverified(message: bytes, max_payload: int = MAX_PAYLOAD) -> tuple[bytes, str, dict]:

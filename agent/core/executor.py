@@ -12,18 +12,31 @@ Rules (README "Remote commands"):
   * preconditions are checked on arrival and again when a queued command starts;
   * if the `already` conditions hold, the command SUCCEEDS at once without sending;
   * SUCCEEDED only when every `confirm` condition holds after the frames were sent;
-    TIMED_OUT with NO_RESPONSE otherwise; a CAN write error: FAILED with WRITE_FAILED.
+    TIMED_OUT with NO_RESPONSE otherwise; a CAN write error: FAILED with WRITE_FAILED;
+  * on a sleeping bus (`power`, core/power.py) an action with `wake` frames sends them first
+    (ACCEPTED "waking the vehicle"), waits up to `wake_timeout_ms` for its buses to talk and
+    its preconditions to hold, then goes on as usual (TIMED_OUT NO_RESPONSE if the vehicle
+    stays asleep, REJECTED PRECONDITION_FAILED if it woke and they fail); an action without
+    wake frames is REJECTED PRECONDITION_FAILED "the vehicle is asleep".
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from agent.errors import ParamError
 
-from .protocol import ACCEPTED, FAILED, REJECTED, SUCCEEDED, TERMINAL_STATUSES, TIMED_OUT
+from .protocol import (
+    ACCEPTED,
+    FAILED,
+    INTERNAL_ERROR,
+    REJECTED,
+    SUCCEEDED,
+    TERMINAL_STATUSES,
+    TIMED_OUT,
+)
 from .conditions import Condition, Lookup, Param, check_all
 from .registry import Family, no_params, show
 
@@ -75,6 +88,20 @@ class ActionPlan:
     timeout_ms: int
     stale_ms: int
     frames: tuple[FramePlan, ...]
+    wake: tuple[FramePlan, ...] = ()
+    wake_timeout_ms: int = 3000
+
+    @property
+    def buses(self) -> tuple[int, ...]:
+        return tuple(sorted({fp.bus for fp in self.frames}))
+
+
+class BusPower(Protocol):
+    """What the executor asks the power machine (core/power.py PowerMachine)."""
+
+    def bus_asleep(self, bus: int, now_ms: int) -> bool: ...
+
+    def bus_heard_since(self, bus: int, t_ms: int) -> bool: ...
 
 
 @dataclass
@@ -84,6 +111,7 @@ class _Run:
     params: Mapping[str, Any]
     started_ms: int = 0
     sends: list = field(default_factory=list)  # [(due_ms, Send)], in time order
+    waking_since: int | None = None  # wake frames sent at this time; not started yet
 
 
 class Executor:
@@ -96,6 +124,8 @@ class Executor:
         self._running: dict[str, _Run] = {}
         self._queued: dict[str, deque[_Run]] = {}
         self._counters: dict[tuple[int, int], int] = {}  # (bus, can_id) -> last counter sent
+        self.power: BusPower | None = None  # set when the agent follows the power state
+        self.bus_names: list[str] = []  # for details: "bus pt", else "bus 0"
 
     @property
     def busy(self) -> bool:
@@ -112,9 +142,13 @@ class Executor:
         if plan is None:
             return [Status(command_id, REJECTED, "UNKNOWN_COMMAND",
                            f"no action is configured for {name} on this vehicle")]
-        ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, params)
-        if not ok:
-            return [Status(command_id, REJECTED, "PRECONDITION_FAILED", why)]
+        sleeping = self._sleeping(plan, now_ms)
+        if sleeping and not plan.wake:
+            return [self._asleep(command_id, plan, sleeping)]
+        if not sleeping:  # asleep, the values are old: checked once the vehicle is awake
+            ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, params)
+            if not ok:
+                return [Status(command_id, REJECTED, "PRECONDITION_FAILED", why)]
         run = _Run(command_id, plan, dict(params))
         current = self._running.get(plan.actuator)
         out: list = []
@@ -140,8 +174,58 @@ class Executor:
         # read too early, so the frames are sent and the confirmation decides.
         return out + self._start(run, now_ms, announce=True, shortcut=not superseding)
 
+    def _sleeping(self, plan: ActionPlan, now_ms: int) -> list[int]:
+        if self.power is None:
+            return []
+        return [b for b in plan.buses if self.power.bus_asleep(b, now_ms)]
+
+    def _asleep(self, command_id: str, plan: ActionPlan, buses: list[int]) -> Status:
+        names = ", ".join(self._bus_name(b) for b in buses)
+        return Status(command_id, REJECTED, "PRECONDITION_FAILED",
+                      f"the vehicle is asleep ({names} silent) and {plan.name} has no wake "
+                      "frames configured")
+
+    def _bus_name(self, bus: int) -> str:
+        return f"bus {self.bus_names[bus] if bus < len(self.bus_names) else bus}"
+
+    def _wake(self, run: _Run, now_ms: int, announce: bool) -> list:
+        """Send the wake frames; poll() starts the run once the buses talk."""
+        try:
+            run.sends = self._plan_sends(run, now_ms, run.plan.wake)
+        except Exception as e:  # a wake frame that does not encode: a config error, said once
+            return [Status(run.id, REJECTED, "BAD_PARAMS", f"cannot encode a wake frame: {e}")]
+        run.waking_since = run.started_ms = now_ms
+        self._running[run.plan.actuator] = run
+        out = [Status(run.id, ACCEPTED, detail="waking the vehicle")] if announce else []
+        return out + self._due(run, now_ms)
+
+    def _poll_waking(self, run: _Run, now_ms: int) -> list:
+        plan = run.plan
+        out = self._due(run, now_ms)
+        awake = all(self.power.bus_heard_since(b, run.waking_since) for b in plan.buses)
+        ok, why = (check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, run.params)
+                   if awake else (False, ""))
+        if awake and ok:
+            del self._running[plan.actuator]
+            run.waking_since = None
+            return out + self._start(run, now_ms, announce=False)
+        if now_ms - run.started_ms < plan.wake_timeout_ms:
+            return out
+        del self._running[plan.actuator]
+        if awake:
+            out.append(Status(run.id, REJECTED, "PRECONDITION_FAILED", why))
+        else:
+            out.append(Status(run.id, TIMED_OUT, "NO_RESPONSE",
+                              f"the vehicle did not wake within {plan.wake_timeout_ms} ms"))
+        return out + self._next(plan.actuator, now_ms)
+
     def _start(self, run: _Run, now_ms: int, announce: bool, shortcut: bool = True) -> list:
         plan = run.plan
+        sleeping = self._sleeping(plan, now_ms)
+        if sleeping:
+            if not plan.wake:
+                return [self._asleep(run.id, plan, sleeping)]
+            return self._wake(run, now_ms, announce)
         if not announce:  # it waited in the queue: the vehicle may have changed meanwhile
             ok, why = check_all(plan.preconditions, self.lookup, now_ms, plan.stale_ms, run.params)
             if not ok:
@@ -153,16 +237,16 @@ class Executor:
                 return out + [Status(run.id, SUCCEEDED, detail="already in that state",
                                      result=self._result(run))]
         try:
-            run.sends = self._plan_sends(run, now_ms)
+            run.sends = self._plan_sends(run, now_ms, plan.frames)
         except Exception as e:  # cantools: a value out of the signal's range, a bad choice
             return [Status(run.id, REJECTED, "BAD_PARAMS", f"cannot encode: {e}")]
         run.started_ms = now_ms
         self._running[plan.actuator] = run
         return out + self._due(run, now_ms)
 
-    def _plan_sends(self, run: _Run, now_ms: int) -> list:
+    def _plan_sends(self, run: _Run, now_ms: int, frames) -> list:
         sends = []
-        for fp in run.plan.frames:
+        for fp in frames:
             values = dict(fp.defaults)
             last = self.last_frame(fp.bus, fp.can_id)
             if last is not None:  # read-modify-write: keep what the vehicle last said
@@ -204,6 +288,9 @@ class Executor:
         """Send what is due, confirm or time out running commands, start queued ones."""
         out: list = []
         for actuator, run in list(self._running.items()):
+            if run.waking_since is not None:
+                out.extend(self._poll_waking(run, now_ms))
+                continue
             out.extend(self._due(run, now_ms))
             plan = run.plan
             done, why = check_all(plan.confirm, self.lookup, now_ms, plan.stale_ms, run.params)
@@ -224,6 +311,22 @@ class Executor:
                 del self._running[actuator]
                 return [Status(command_id, FAILED, "WRITE_FAILED", detail)] + \
                     self._next(actuator, now_ms)
+        return []
+
+    def abort(self, command_id: str, detail: str, now_ms: int) -> list:
+        """Drop a command before it acts (its ACCEPTED could not be stored): nothing more of
+        it is sent. Returns its REJECTED/INTERNAL_ERROR and what starts next on its actuator.
+        A command not running or queued here: []."""
+        for actuator, run in list(self._running.items()):
+            if run.id == command_id:
+                del self._running[actuator]
+                return [Status(command_id, REJECTED, INTERNAL_ERROR, detail)] + \
+                    self._next(actuator, now_ms)
+        for queue in self._queued.values():
+            for run in list(queue):
+                if run.id == command_id:
+                    queue.remove(run)
+                    return [Status(command_id, REJECTED, INTERNAL_ERROR, detail)]
         return []
 
     def _next(self, actuator: str, now_ms: int) -> list:

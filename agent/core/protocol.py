@@ -60,9 +60,26 @@ class Topics:
         self.diagnostics = f"{prefix}/diagnostics"
 
 
-def status_record(vin: str, t_ms: int, online: bool) -> dict:
-    """§5: the online/offline record (the offline one is the MQTT will)."""
-    return {"v": 1, "vin": vin, "t": t_ms, "online": online, "agent": __version__}
+POWER_STATES = frozenset({"awake", "asleep", "protect"})
+
+
+def status_record(vin: str, t_ms: int, online: bool, power: str | None = None, *,
+                  clock: str | None = None, key: dict | None = None) -> dict:
+    """§5: the online/offline record (the offline one is the MQTT will). `power` (§10) is
+    left out when awake or unknown: absent means awake. clock: "ok" or "behind"
+    (core/clock.py); key: {"kid", "prev", "proof"} after a key rotation."""
+    out = {"v": 1, "vin": vin, "t": t_ms, "online": online, "agent": __version__}
+    if power is not None and power != "awake":
+        if power not in POWER_STATES:
+            raise ValueError(f"unknown power state {power!r}")
+        out["power"] = power
+    if clock is not None:
+        if clock not in ("ok", "behind"):
+            raise ValueError(f"clock must be 'ok' or 'behind', not {clock!r}")
+        out["clock"] = clock
+    if key is not None:
+        out["key"] = dict(key)
+    return out
 
 
 def state_payload(vin: str, t_ms: int, values: dict) -> dict:

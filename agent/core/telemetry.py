@@ -168,6 +168,8 @@ class TelemetryCore:
         self.last_internal_error = ""
         self._next_tick = -1.0
         self._next_heartbeat_ms = 0
+        self.quiet = False  # the vehicle sleeps: no timeouts, no heartbeats (set_quiet)
+        self._resumed_ms = -1  # timeouts and heartbeats count from here after a quiet spell
 
     @property
     def samples(self) -> int:
@@ -356,6 +358,23 @@ class TelemetryCore:
 
     # -- time-driven work -----------------------------------------------------------------
 
+    def set_quiet(self, quiet: bool, t: float) -> None:
+        """Asleep (power.py): a silent bus is no news, so no nulls from timeouts and no
+        heartbeats. On resuming, both count from `t`: a signal times out only if its frames
+        stay away for its timeout after the wake, and no heartbeat burst re-sends old values;
+        and every signal is sent again with its first frame."""
+        if self.quiet and not quiet:
+            self._resumed_ms = int(t * 1000)
+            # The first frames after the wake are news even if unchanged: decoded in full and
+            # sent, so the cloud sees the vehicle's values as they are now.
+            for c in self.counters:
+                for entry in c.entries.values():
+                    if entry is not None:
+                        entry.last = entry.prev = None
+                        for sig in entry.signals:
+                            sig.raw = sig.sent = MISSING
+        self.quiet = quiet
+
     def tick(self, t: float) -> None:
         """Advance time to `t` (UTC seconds): throttled values, timeouts, heartbeats, batch age.
         Live, this is the agent's clock (see the module docstring)."""
@@ -373,13 +392,18 @@ class TelemetryCore:
                 else:
                     keep.append(s)
             self._throttled = keep
-        for entry in self._timed:
-            if entry.mux or (entry.seen >= 0 and now - int(entry.seen * 1000) > entry.timeout):
-                self._expire(entry, now)
-        if now >= self._next_heartbeat_ms:
+        if not self.quiet:
+            resumed = self._resumed_ms
+            for entry in self._timed:
+                if entry.mux or (entry.seen >= 0 and now - max(int(entry.seen * 1000), resumed)
+                                 > entry.timeout):
+                    self._expire(entry, now)
+        if now >= self._next_heartbeat_ms and not self.quiet:
             self._next_heartbeat_ms = now + 1000
+            resumed = self._resumed_ms
             for s in self._heartbeats:
-                if s.sent is not MISSING and s.pending is MISSING and now - s.sent_ms >= s.heartbeat:
+                if s.sent is not MISSING and s.pending is MISSING and \
+                        now - max(s.sent_ms, resumed) >= s.heartbeat:
                     self._emit(s, now, s.value)
         deadline = self.batches.deadline_ms
         if deadline is not None and now >= deadline:
@@ -389,7 +413,7 @@ class TelemetryCore:
         for s in entry.signals:
             if not s.timeout or s.raw is MISSING:
                 continue
-            seen = self.observed_ms(s)
+            seen = max(self.observed_ms(s), self._resumed_ms)
             if now - seen > s.timeout:
                 # Forget the frame so that the next one is decoded in full and re-sent.
                 entry.last = entry.prev = None
@@ -415,11 +439,11 @@ class TelemetryCore:
             s.msg.seen = t
             self._update([s], [(0, value)], t_ms, True)
 
-    def _external(self, name: str) -> SignalState:
-        spec = SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0, map=None,
-                          deadband=self.value_deadbands.get(name, 0.0), min_interval_ms=0,
-                          heartbeat_ms=self.external_heartbeat_ms,
-                          timeout_ms=0, state=False, multiplexed=False)
+    def _external(self, name: str, spec: SignalSpec | None = None) -> SignalState:
+        spec = spec or SignalSpec(message="", signal=name, out=name, scale=1.0, offset=0.0,
+                                  map=None, deadband=self.value_deadbands.get(name, 0.0),
+                                  min_interval_ms=0, heartbeat_ms=self.external_heartbeat_ms,
+                                  timeout_ms=0, state=False, multiplexed=False)
         s = SignalState(spec)
         MessageState(_NoFrame(name), [s])
         self.signals.append(s)
@@ -427,6 +451,19 @@ class TelemetryCore:
         if s.heartbeat:
             self._heartbeats.append(s)
         return s
+
+    def add_value_signal(self, spec: SignalSpec) -> None:
+        """Declare a non-CAN value (an OBD-II PID) with its own sampling policy, before its
+        first feed_values(); spec.out is its name."""
+        if spec.out not in self._by_name:
+            self._external(spec.out, spec)
+
+    def ignore_ids(self, bus: int, can_keys) -> None:
+        """Frames with these ids on this bus are known non-telemetry (diagnostic requests and
+        responses): counted as unselected, never as unknown ids. DBC messages keep theirs."""
+        entries = self.counters[bus].entries
+        for key in can_keys:
+            entries.setdefault(key, None)
 
     def flush(self) -> None:
         """Close the open batch now (shutdown, end of a replay)."""

@@ -20,7 +20,9 @@ Decisions worth knowing:
   good; a connection closed before any CONNACK (or no CONNACK in time) is retried at once with
   3.1.1, and 3.1.1 is kept only if that works (a TLS rejection looks the same and must not pin
   us to 3.1.1). Failures back off exponentially with jitter between reconnect_min_s and
-  reconnect_max_s; the delay resets after a successful connect. MQTT 5 CONNECTs announce a
+  reconnect_max_s; the delay resets once a connection has proved healthy (a PUBACK that acked a
+  row, or HEALTHY_S connected), not on CONNACK alone: a broker that accepts the CONNECT and then
+  refuses or drops every publish (an ACL) must not be hammered at reconnect_min_s forever. MQTT 5 CONNECTs announce a
   Maximum Packet Size when one is given (the agent refuses larger commands anyway).
 * Stop: the connection ends cleanly (the broker discards the will) when the offline record the
   caller queued was acknowledged, rows left or not; if a status row is still in the outbox (or
@@ -238,6 +240,9 @@ class Wait:
     until: float
 
 
+HEALTHY_S = 10.0  # a connection up this long resets the reconnect backoff
+
+
 class _Cursor:
     """Where publishing stands on one connection: the last row id in order (`all`), the last
     urgent row id (`urgent`), and the ids (ascending) of urgent rows sent ahead that `all` has
@@ -262,6 +267,8 @@ class _Conn:
     granted: bool = True
     done: list[int] = field(default_factory=list)
     problem: str | None = None
+    connected_at: float = 0.0  # machine time of the CONNACK
+    acked: bool = False  # a PUBACK acked a row on this connection
     urgent: bool = True  # the fill's current pass
     filling: bool = False
     room: int = 0  # what the Peek out asked for
@@ -427,7 +434,7 @@ class UplinkMachine:
             return
         if self.choice.connected():
             out.append(Log("info", works_with_311(self.p.where)))
-        self._delay = self.p.reconnect_min_s
+        self._conn.connected_at = self._now
         # The broker's Receive Maximum (MQTT 5) caps our window: exceeding it is a protocol error.
         self.window = min(self.p.max_inflight, ev.receive_maximum or 65535)
         self.state, self.reconnect_delay = "connected", 0.0
@@ -557,6 +564,7 @@ class UplinkMachine:
             c.problem = c.problem or f"broker {self.p.where} refused a message: {ev.reason}"
         else:
             c.done.append(c.sent.pop(ev.mid))
+            c.acked = True
 
     def _on_Subscribed(self, ev: Subscribed, out: list) -> None:
         c = self._conn
@@ -593,7 +601,9 @@ class UplinkMachine:
             out.append(Inspect())
             return
         out.append(Close(False, self.protocol))
-        self._conn = None
+        c, self._conn = self._conn, None
+        if c is not None and (c.acked or self._now - c.connected_at >= HEALTHY_S):
+            self._delay = self.p.reconnect_min_s  # it worked: the next outage starts afresh
         self._schedule(self._now, out)
 
     def _on_OutboxInfo(self, ev: OutboxInfo, out: list) -> None:

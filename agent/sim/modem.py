@@ -6,6 +6,9 @@
     modem.delay_s = 2.0          # slow answers;  modem.mute = True: no answers at all
     modem.garbage_every = 3      # noise before every 3rd answer (binary, or a cut-off line)
     modem.unplug(); modem.replug()
+    modem.lose_registration(until="cfun")  # searching until AT+CFUN=0 then AT+CFUN=1
+    modem.lose_registration(until="reset")  # ... until AT+CFUN=1,1 (a radio toggle is not enough)
+    modem.cut_answers = 1        # the next answer stops mid-line, and nothing follows it
     modem.stop()
 
 Answers follow 3GPP TS 27.007 framing (V.250, verbose): echo until ATE0, "\\r\\n<info>\\r\\n"
@@ -66,6 +69,13 @@ class SimulatedModem(PtyDevice):
         self._noisy = 0
         self._queue: list[tuple[float, bytes]] = []  # (due monotonic, bytes): delayed answers
         self._qlock = threading.Lock()  # replug() (test thread) resets what _step() uses
+        self.cfun = 1  # AT+CFUN: 1 full functionality, 0 radio off
+        self.supply_v = 3.8  # AT+CBC
+        self.lost_until = ""  # "cfun" / "reset": registration lost until that is done
+        self.cut_answers = 0  # this many answers are cut off mid-line
+        self.reset_s = 0.3  # a reset (AT+CFUN=1,1): silent this long, then a fresh boot
+        self.resets = 0
+        self._booting_until = 0.0
 
     # -- driving it from a test -----------------------------------------------------------
 
@@ -78,6 +88,18 @@ class SimulatedModem(PtyDevice):
         for name, n in (("+CEREG", self.cereg_n), ("+CREG", self.creg_n)):
             if urc and n:
                 self.write(f"\r\n{name}: {stat}{self._location(n, stat)}\r\n".encode())
+
+    def lose_registration(self, until: str = "cfun") -> None:
+        """Registration drops to searching (URC announced) and stays lost until `until` is
+        done: "cfun" (radio off, then on) or "reset" (AT+CFUN=1,1)."""
+        if until not in ("cfun", "reset"):
+            raise ValueError(f"until: 'cfun' or 'reset', not {until!r}")
+        self.lost_until = until
+        self.set_registration(2)
+
+    @property
+    def registered(self) -> bool:
+        return self.eps_stat in (1, 5) and self.cfun == 1
 
     def ring(self) -> None:
         """An incoming call: the URC every modem sends."""
@@ -111,10 +133,15 @@ class SimulatedModem(PtyDevice):
             text = line.decode("ascii", "replace")
             self.received.append(text)
             self.received_at.append(time.monotonic())
+            if time.monotonic() < self._booting_until:
+                continue  # rebooting: nothing is read
             out = (line + b"\r") if self.echo else b""
             answer = self._answer(text)
             if self.mute:
                 continue
+            if self.cut_answers > 0:  # a glitch: half a line, then nothing
+                self.cut_answers -= 1
+                answer = answer[: max(3, len(answer) // 2)].rstrip(b"\r\n")
             self._answers += 1
             if self.garbage_every and self._answers % self.garbage_every == 0 and self.noise:
                 out = self.noise[self._noisy % len(self.noise)] + out
@@ -173,6 +200,34 @@ class SimulatedModem(PtyDevice):
         if cmd == "AT+CREG?":
             return [f"+CREG: {self.creg_n},{self.cs_stat}"
                     f"{self._location(self.creg_n, self.cs_stat)}"]
+        if cmd == "AT+CFUN?":
+            return [f"+CFUN: {self.cfun}"]
+        if cmd in ("AT+CFUN=0", "AT+CFUN=4"):
+            self.cfun = 0
+            self.eps_stat = self.cs_stat = 0
+            return []
+        if cmd == "AT+CFUN=1":
+            if self.cfun != 1:
+                self.cfun = 1
+                if self.lost_until == "cfun":
+                    self.lost_until = ""
+                if not self.lost_until:
+                    self.set_registration(1)
+            return []
+        if cmd == "AT+CFUN=1,1":
+            self.resets += 1
+            self._booting_until = time.monotonic() + self.reset_s
+            self.lost_until = ""
+            self.echo, self.cmee, self.cereg_n, self.creg_n = True, 0, 0, 0  # a fresh boot
+            self.cfun = 1
+            self.eps_stat = self.cs_stat = 1
+            return []
+        if cmd == "AT+CBC":
+            if self.profile == "ec25":
+                return [f"+CBC: 0,76,{int(round(self.supply_v * 1000))}"]
+            return [f"+CBC: {self.supply_v:.3f}V"]
+        if cmd == "AT+CGACT?":
+            return [f"+CGACT: 1,{1 if self.registered else 0}"]
         if cmd == "AT+COPS?":
             if self.eps_stat in (1, 5) and self.operator:
                 return [f'+COPS: 0,0,"{self.operator}",{self.act}']

@@ -5,6 +5,9 @@ the body controller react to the telematics unit's requests after realistic dela
 what a real car refuses: no charging without a cable, out of P or with a charger fault, no
 unlocking while moving. While `drive` is on the speed follows a repeating urban drive cycle.
 Request frames with a wrong checksum are ignored (counted), as a real ECU would.
+Asleep (`asleep = true` in a timeline) every ECU stops sending; a network-management frame
+(NM_TCU) wakes them, as does `asleep = false`. `battery_v` is the 12 V battery the body
+controller reports (BCM_Status.BatteryVoltage); a timeline may let it sag.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Any
 
 import cantools
 
-DBC = Path(__file__).resolve().parents[2] / "dbc" / "demo_ev.dbc"
+from ..resources import demo_dbc
+
 
 CAPACITY_KWH = 64.0
 REACTION_S = 0.3  # ECU reaction to a request
@@ -31,7 +35,7 @@ DRIVE_CYCLE = ((0, 0.0, 4), (50, 1.5, 12), (0, 2.0, 5), (40, 1.5, 8), (30, 1.0, 
 
 # What a timeline entry may change (the keys SimulatorConfig accepts).
 TIMELINE_KEYS = ("soc", "speed_kph", "charge_limit", "plugged", "locked", "drive", "fault",
-                 "driver_door_open", "gear")
+                 "driver_door_open", "gear", "asleep", "battery_v")
 
 
 def _cycle_points(cycle) -> list[tuple[float, float]]:
@@ -79,6 +83,8 @@ class VehicleState:
     driver_door_open: bool = False
     last_lock_result: str = "NONE"
     odometer_km: float = 12345.6
+    asleep: bool = False  # every ECU silent until a wake frame (NM_TCU) or asleep = false
+    battery_v: float = 12.6  # the 12 V battery
 
 
 @dataclass(order=True)
@@ -92,14 +98,15 @@ class SimulatedVehicle:
     """Feed it time (`step`) and received frames (`receive`); take the frames it sends."""
 
     def __init__(self, state: VehicleState | None = None, timeline=(), charge_rate_pct_per_s:
-                 float | None = None, dbc: Path = DBC):
-        self.db = cantools.database.load_file(str(dbc))
+                 float | None = None, dbc: Path | None = None):
+        self.db = cantools.database.load_file(str(dbc or demo_dbc()))
         self.state = state or VehicleState()
         # Default: a 7.4 kW charger (32 A at 230 V) on a 64 kWh pack; the demo speeds it up.
         self.charge_rate = charge_rate_pct_per_s
         self.now = None
         self.ignored_requests = 0
         self.handled_requests = 0
+        self.wakes = 0  # woken by a wake frame
         self._events: list[_Event] = []
         self._seq = 0
         self._counters: dict[str, int] = {}
@@ -114,6 +121,7 @@ class SimulatedVehicle:
         self._periodic = [(m, m.cycle_time / 1000.0) for m in self.db.messages if m.cycle_time]
         self._next_send = {m.name: 0.0 for m, _ in self._periodic}
         self._requests = {m.frame_id: m for m in self.db.messages if m.senders == ["TCU"]}
+        self.ecus: list = []  # diagnosable ECUs (sim/ecus.py), answering ISO-TP requests
 
     # -- time -----------------------------------------------------------------------------
 
@@ -130,7 +138,11 @@ class SimulatedVehicle:
             heapq.heappop(self._events).action()
         self._drive(now, dt)
         self._physics(dt)
-        frames = []
+        frames: list[tuple[int, bytes]] = []
+        if self.state.asleep:  # every ECU is quiet, diagnostics included
+            return frames
+        for ecu in self.ecus:
+            frames += ecu.step(now)
         for msg, period in self._periodic:
             if now >= self._next_send[msg.name]:
                 self._next_send[msg.name] = max(self._next_send[msg.name] + period, now)
@@ -196,8 +208,19 @@ class SimulatedVehicle:
     # -- requests from the telematics unit ------------------------------------------------
 
     def receive(self, can_id: int, data: bytes) -> None:
+        for ecu in self.ecus:
+            ecu.receive(can_id, data, self.now or 0.0)
         msg = self._requests.get(can_id)
         if msg is None:
+            return
+        if msg.name == "NM_TCU":
+            if self.state.asleep:
+                self.state.asleep = False
+                self.wakes += 1
+                self._next_send = {name: self.now or 0.0 for name in self._next_send}
+            return
+        if self.state.asleep:  # a sleeping ECU does not see application frames
+            self.ignored_requests += 1
             return
         checksum = next((s.name for s in msg.signals if s.name.endswith("Checksum")), None)
         if checksum:
@@ -264,7 +287,8 @@ class SimulatedVehicle:
         elif msg.name == "BCM_Status":
             values = {"DoorsLocked": "LOCKED" if s.locked else "UNLOCKED",
                       "DriverDoorOpen": int(s.driver_door_open), "PassengerDoorOpen": 0,
-                      "TrunkOpen": 0, "LastLockResult": s.last_lock_result, "BCM_Counter": n}
+                      "TrunkOpen": 0, "LastLockResult": s.last_lock_result, "BCM_Counter": n,
+                      "BatteryVoltage": max(0.0, min(20.46, round(s.battery_v, 2)))}
         else:
             values = {sig.name: 0 for sig in msg.signals}
         data = bytearray(msg.encode(values))

@@ -10,8 +10,12 @@ Usage::
             c.wait_for(lambda msgs: any(m.payload == b"hi" for m in msgs))
 
 TLS (server auth): ``Mosquitto(cafile=..., certfile=..., keyfile=...)``;
-mutual TLS: add ``require_certificate=True``. Persistence (retained messages
-survive ``restart()``): ``Mosquitto(persistence=True)``.
+mutual TLS: add ``require_certificate=True`` (and ``use_identity_as_username=True``
+to make the certificate's CN the user name). Persistence (retained messages
+survive ``restart()``): ``Mosquitto(persistence=True)``. Access control:
+``acl_file=``, ``password_file=`` (see ``make_password_file``), ``allow_anonymous=False``.
+The clients speak MQTT 5 unless given ``protocol="3.1.1"``; ``username=``/``password=``
+log in.
 
 Processes are never left behind: every spawned broker is terminated when the
 ``Mosquitto`` object is closed, garbage-collected, or at interpreter exit, and
@@ -45,7 +49,9 @@ __all__ = [
     "ConnectResult",
     "publish",
     "try_connect",
+    "try_publish",
     "find_mosquitto",
+    "make_password_file",
     "topics",
 ]
 
@@ -141,6 +147,12 @@ class Mosquitto:
     workdir:
         Where config, log and (default) persistence go. A temp dir, removed by
         ``close()``, is used when omitted.
+    acl_file, password_file:
+        Mosquitto's ``acl_file`` / ``password_file`` (per-client topic rights, logins).
+    allow_anonymous:
+        Let clients without a user name in (the default; off with an ACL).
+    use_identity_as_username:
+        Mutual TLS: the client certificate's CN is the user name (for the ACL).
     extra_config:
         Extra lines appended to the generated mosquitto.conf.
     start_timeout:
@@ -160,6 +172,10 @@ class Mosquitto:
         persistence: bool = False,
         persistence_dir: PathLike | None = None,
         workdir: PathLike | None = None,
+        acl_file: PathLike | None = None,
+        password_file: PathLike | None = None,
+        allow_anonymous: bool = True,
+        use_identity_as_username: bool = False,
         extra_config: Sequence[str] = (),
         start_timeout: float = 5.0,
         log_type: Sequence[str] = ("all",),
@@ -187,6 +203,12 @@ class Mosquitto:
         self.persistence_dir = (
             Path(persistence_dir) if persistence_dir else self.workdir / "persist"
         )
+        if use_identity_as_username and not require_certificate:
+            raise ValueError("use_identity_as_username=True needs require_certificate=True")
+        self.acl_file = Path(acl_file) if acl_file else None
+        self.password_file = Path(password_file) if password_file else None
+        self.allow_anonymous = allow_anonymous
+        self.use_identity_as_username = use_identity_as_username
         self.extra_config = list(extra_config)
         self.start_timeout = start_timeout
         self.log_type = list(log_type)
@@ -266,7 +288,12 @@ class Mosquitto:
             ]
         else:
             lines.append("persistence false")
-        lines += ["", f"listener {port} {LOOPBACK}", "allow_anonymous true"]
+        if self.acl_file:
+            lines.append(f"acl_file {self.acl_file}")
+        if self.password_file:
+            lines.append(f"password_file {self.password_file}")
+        lines += ["", f"listener {port} {LOOPBACK}",
+                  f"allow_anonymous {'true' if self.allow_anonymous else 'false'}"]
         if self.tls:
             lines += [
                 f"cafile {self.cafile}",
@@ -274,6 +301,8 @@ class Mosquitto:
                 f"keyfile {self.keyfile}",
                 f"require_certificate {'true' if self.require_certificate else 'false'}",
             ]
+            if self.use_identity_as_username:
+                lines.append("use_identity_as_username true")
         lines += self.extra_config
         return "\n".join(lines) + "\n"
 
@@ -439,6 +468,16 @@ class ConnectResult:
     detail: str
 
 
+def make_password_file(path: PathLike, users: dict[str, str]) -> Path:
+    """A mosquitto password file (hashed with mosquitto_passwd) for *users* (name: password)."""
+    path = Path(path)
+    path.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+    path.chmod(0o600)
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    subprocess.run([tool, "-U", str(path)], check=True, capture_output=True, timeout=30)
+    return path
+
+
 def _new_client(
     client_id: str | None,
     *,
@@ -446,15 +485,26 @@ def _new_client(
     cert: PathLike | None,
     key: PathLike | None,
     reconnect: bool = True,
+    protocol: str = "5",
+    username: str | None = None,
+    password: str | None = None,
+    session: bool = False,
 ) -> mqtt.Client:
     if (cert is None) != (key is None):
         raise ValueError("client cert and key go together")
+    if protocol not in ("5", "3.1.1"):
+        raise ValueError(f"protocol must be '5' or '3.1.1', not {protocol!r}")
+    v5 = protocol == "5"
     client = mqtt.Client(
         mqtt.CallbackAPIVersion.VERSION2,
         client_id=client_id or f"test-{uuid.uuid4().hex[:12]}",
-        protocol=mqtt.MQTTv5,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        # 3.1.1: a persistent session is clean_session=False (MQTT 5: see _connect)
+        clean_session=None if v5 else not session,
         reconnect_on_failure=reconnect,
     )
+    if username is not None:
+        client.username_pw_set(username, password)
     if ca is not None or cert is not None:
         client.tls_set(
             ca_certs=str(ca) if ca is not None else None,
@@ -489,10 +539,17 @@ class _FirstOutcome:
         return self.result
 
 
-def _connect(client: mqtt.Client, host: str, port: int, keepalive: int) -> ConnectResult | None:
-    """client.connect(); a ConnectResult on immediate failure, else None."""
+def _connect(client: mqtt.Client, host: str, port: int, keepalive: int,
+             session: bool = False) -> ConnectResult | None:
+    """client.connect(); a ConnectResult on immediate failure, else None. *session*: keep
+    the session (MQTT 5: clean start off, an hour's session expiry) across disconnects."""
+    kw = {}
+    if session and client.protocol == mqtt.MQTTv5:
+        props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        kw = {"clean_start": False, "properties": props}
     try:
-        client.connect(host, port, keepalive=keepalive)
+        client.connect(host, port, keepalive=keepalive, **kw)
     except Exception as e:  # ssl.SSLError, ConnectionRefusedError, ...
         return ConnectResult(False, f"connect() failed: {type(e).__name__}: {e}")
     return None
@@ -507,6 +564,9 @@ def try_connect(
     key: PathLike | None = None,
     client_id: str | None = None,
     timeout: float = 5.0,
+    protocol: str = "5",
+    username: str | None = None,
+    password: str | None = None,
 ) -> ConnectResult:
     """Connect once (MQTT v5) and report whether the broker accepted us.
 
@@ -515,7 +575,8 @@ def try_connect(
     reason in ``detail``. (With TLS 1.3 a rejected client certificate shows up
     after the handshake, as a dropped connection, not as a connect() error.)
     """
-    client = _new_client(client_id, ca=ca, cert=cert, key=key, reconnect=False)
+    client = _new_client(client_id, ca=ca, cert=cert, key=key, reconnect=False,
+                         protocol=protocol, username=username, password=password)
     first = _FirstOutcome()
     client.on_connect = lambda c, u, f, rc, p: first.connack(rc)
     client.on_disconnect = lambda c, u, f, rc, p: first.dropped(rc)
@@ -542,10 +603,14 @@ def publish(
     cert: PathLike | None = None,
     key: PathLike | None = None,
     timeout: float = 5.0,
+    protocol: str = "5",
+    username: str | None = None,
+    password: str | None = None,
 ) -> None:
     """Connect, publish one message, wait until the broker has it (QoS>0),
     disconnect. Raises AssertionError if the broker refuses us."""
-    client = _new_client(None, ca=ca, cert=cert, key=key, reconnect=False)
+    client = _new_client(None, ca=ca, cert=cert, key=key, reconnect=False,
+                         protocol=protocol, username=username, password=password)
     first = _FirstOutcome()
     client.on_connect = lambda c, u, f, rc, p: first.connack(rc)
     client.on_disconnect = lambda c, u, f, rc, p: first.dropped(rc)
@@ -565,11 +630,67 @@ def publish(
         client.loop_stop()
 
 
+def try_publish(
+    host: str,
+    port: int,
+    topic: str,
+    payload: bytes | str,
+    *,
+    retain: bool = False,
+    ca: PathLike | None = None,
+    cert: PathLike | None = None,
+    key: PathLike | None = None,
+    timeout: float = 5.0,
+    protocol: str = "5",
+    username: str | None = None,
+    password: str | None = None,
+    client_id: str | None = None,
+) -> str:
+    """Publish one QoS 1 message and say what the broker did with it, for tests of refusals:
+    "acked", "refused: <reason>" (an MQTT 5 PUBACK with a failure reason), "closed: <reason>"
+    (the broker dropped the connection instead of a PUBACK), "not connected: <detail>" or
+    "no PUBACK within <timeout>s"."""
+    client = _new_client(client_id, ca=ca, cert=cert, key=key, reconnect=False,
+                         protocol=protocol, username=username, password=password)
+    first = _FirstOutcome()
+    outcome: list[str] = []
+    done = threading.Event()
+
+    def on_publish(c, u, mid, rc, p):
+        outcome.append(f"refused: {rc}" if rc.is_failure else "acked")
+        done.set()
+
+    def on_disconnect(c, u, f, rc, p):
+        first.dropped(rc)
+        outcome.append(f"closed: {rc}")
+        done.set()
+
+    client.on_connect = lambda c, u, f, rc, p: first.connack(rc)
+    client.on_disconnect = on_disconnect
+    client.on_publish = on_publish
+    res = _connect(client, host, port, 10)
+    if res is None:
+        client.loop_start()
+        res = first.wait(timeout)
+    try:
+        if not res.ok:
+            return f"not connected: {res.detail}"
+        client.publish(topic, payload, qos=1, retain=retain)
+        if not done.wait(timeout):
+            return f"no PUBACK within {timeout}s"
+        return outcome[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 class Consumer:
     """Subscribes to *topic* (QoS 1 by default) and records every message.
 
     Reconnects (and resubscribes) automatically if the broker restarts.
-    ``messages`` returns a snapshot list of :class:`Message`.
+    ``messages`` returns a snapshot list of :class:`Message`. With ``session=True`` the
+    broker keeps the subscription while we are away (a broker restart included, if it
+    persists sessions) and delivers what was published meanwhile: give a ``client_id``.
     """
 
     def __init__(
@@ -584,10 +705,16 @@ class Consumer:
         cert: PathLike | None = None,
         key: PathLike | None = None,
         keepalive: int = 10,
+        protocol: str = "5",
+        username: str | None = None,
+        password: str | None = None,
+        session: bool = False,
     ) -> None:
         self.host, self.port, self.topic, self.qos = host, port, topic, qos
         self.keepalive = keepalive
-        self._client = _new_client(client_id, ca=ca, cert=cert, key=key)
+        self.session = session
+        self._client = _new_client(client_id, ca=ca, cert=cert, key=key, protocol=protocol,
+                                   username=username, password=password, session=session)
         self._client.reconnect_delay_set(min_delay=0.1, max_delay=1)  # type: ignore[arg-type]
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -640,8 +767,9 @@ class Consumer:
         (TLS rejection, CONNACK failure, ...), or after *timeout*.
         """
         end = time.monotonic() + timeout
+        seen = len(self._errors)
         if not self._started:
-            failed = _connect(self._client, self.host, self.port, self.keepalive)
+            failed = _connect(self._client, self.host, self.port, self.keepalive, self.session)
             if failed is not None:
                 raise AssertionError(f"consumer: {self.host}:{self.port}: {failed.detail}")
             self._client.loop_start()
@@ -650,12 +778,18 @@ class Consumer:
             if not res.ok:
                 self.stop()
                 raise AssertionError(f"consumer: {self.host}:{self.port}: {res.detail}")
-        self.wait_subscribed(max(0.0, end - time.monotonic()))
+        self.wait_subscribed(max(0.0, end - time.monotonic()), since=seen)
         return self
 
-    def wait_subscribed(self, timeout: float = 5.0) -> None:
-        """Block until (re)connected and (re)subscribed."""
-        if not self._subscribed.wait(timeout):
+    def wait_subscribed(self, timeout: float = 5.0, *, since: int | None = None) -> None:
+        """Block until (re)connected and (re)subscribed; fail at once on a SUBACK refusing
+        the filter (one after the first *since* errors: default, from now on)."""
+        end = time.monotonic() + timeout
+        seen = len(self._errors) if since is None else since
+        while not self._subscribed.wait(min(0.05, max(0.0, end - time.monotonic()))):
+            refused = any(e.startswith("SUBACK") for e in self._errors[seen:])
+            if time.monotonic() < end and not refused:
+                continue
             raise AssertionError(
                 f"consumer for {self.topic!r} on {self.host}:{self.port} not subscribed "
                 f"within {timeout}s (connected={self.connected}, errors={self._errors})"
@@ -670,6 +804,11 @@ class Consumer:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def errors(self) -> list[str]:
+        """Refusals seen so far (a failed CONNACK, a SUBACK refusing the filter)."""
+        return list(self._errors)
 
     def wait_disconnected(self, timeout: float = 5.0) -> None:
         end = time.monotonic() + timeout

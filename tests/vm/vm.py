@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # the checkout whose tests run in the guest
 WANTED_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay", "can", "can_raw", "can_dev",
-                  "vcan"]
+                  "vcan", "can_isotp"]  # can-isotp.ko: the kernel's ISO-TP sockets (diagnostics)
 DEFAULT_PYTEST_ARGS = ["-m", "vcan"]
 RUNNER_FAILED = 2
 
@@ -99,7 +99,8 @@ def fetch_kernel(cache: Path) -> tuple[Path, Path]:
         return cached[-1], cached[-1].parent / "modules"
     dest = cache / pkg
     vmlinuz = dest / "vmlinuz"
-    if vmlinuz.is_file() and (dest / "modules" / ".complete").exists():
+    if vmlinuz.is_file() and (dest / "modules" / ".complete").exists() and all(
+            (dest / "modules" / f"{_norm(n)}.ko").exists() for n in WANTED_MODULES):
         say(f"kernel: {pkg} (cached in {dest})")
         return vmlinuz, dest / "modules"
     say(f"kernel: downloading {pkg} (apt-get download) ...")
@@ -270,7 +271,11 @@ R={result_mount}
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export HOME=/root TMPDIR=/tmp LANG=C.UTF-8 PYTHONUNBUFFERED=1 TCU_VCAN_REQUIRED=1
 export TCU_IN_VM=1
-cd {shlex.quote(str(ROOT))} || {{ echo 2 > $R/status; exit 2; }}
+if ! cd {shlex.quote(str(ROOT))}; then
+    echo "the guest cannot reach the checkout {ROOT}" > $R/error
+    echo 2 > $R/status
+    exit 2
+fi
 ip link set lo up
 for i in 0 1; do
     ip link add dev vcan$i type vcan && ip link set up vcan$i
@@ -278,6 +283,7 @@ done
 ip -brief link
 if [ ! -x {shlex.quote(str(venv_python))} ]; then
     echo "tcu-vm: no virtual environment at {venv_python} (run ./run test once on the host)"
+    echo "no virtual environment at {venv_python} in the guest (run ./run test once on the host)" > $R/error
     echo 2 > $R/status
     exit 2
 fi
@@ -298,6 +304,7 @@ def boot(vmlinuz: Path, initrd: Path, pytest_args: list[str], timeout_s: float) 
         res = Path(result)
         os.chmod(result, 0o755)
         (res / "job.sh").write_text(job_script("/run/tcu-vm", pytest_args))
+        (res / "checkout").write_text(f"{ROOT}\n")  # tests/vm/init mounts it in the guest
         cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "max", "-m", "1024", "-smp", "2",
                "-nographic", "-no-reboot", "-nic", "none",
                "-kernel", str(vmlinuz), "-initrd", str(initrd),
@@ -334,6 +341,8 @@ def boot(vmlinuz: Path, initrd: Path, pytest_args: list[str], timeout_s: float) 
         log.close()
         elapsed = time.monotonic() - t0
         status_file = res / "status"
+        if (res / "error").exists():  # the guest could not start pytest: say why, not "exit 2"
+            die(f"in the guest: {(res / 'error').read_text().strip()}")
         if not status_file.exists():
             die(f"the guest wrote no test status (qemu exit {proc.returncode} after "
                 f"{elapsed:.1f} s): it did not boot or the job did not run; see the guest| lines")

@@ -1,0 +1,88 @@
+"""The persisted time floor (agent.core.clock): `{storage}/clock.json`, written atomically.
+
+    {"floor_ms": 1767225600000, "source": "gnss"}
+
+Written (temp file, fsync, rename, fsync of the directory) when an observation raised the
+floor, and every `save_interval_ms` of monotonic time so that the stored floor keeps up with
+the time the vehicle has been running. An unreadable or corrupt file is logged and treated as
+no floor: the floor only protects against a clock behind it, it never refuses anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..core.clock import SOURCES, TrustedClock
+from .atomic import atomic_write
+
+log = logging.getLogger("agent.clock")
+
+FILE = "clock.json"
+SAVE_INTERVAL_MS = 10 * 60 * 1000
+
+
+def mono_ms() -> int:
+    """Monotonic ms for the clock: CLOCK_BOOTTIME where there is one (counts suspend too)."""
+    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return time.clock_gettime_ns(clock) // 1_000_000
+
+
+def system_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ClockStore:
+    def __init__(self, directory: Path, save_interval_ms: int = SAVE_INTERVAL_MS,
+                 mono=mono_ms):
+        self.path = Path(directory) / FILE
+        self.save_interval_ms = save_interval_ms
+        self._mono = mono
+        floor, source = self._load()
+        self.clock = TrustedClock(floor, "stored" if floor else "none", self._mono())
+        self.loaded_source = source
+        self._saved_mono = self._mono()
+        self._saved_floor = floor
+        self.save_failures = 0
+
+    def _load(self) -> tuple[int, str]:
+        try:
+            raw = json.loads(self.path.read_text())
+            floor, source = raw["floor_ms"], raw["source"]
+            if type(floor) is not int or floor < 0 or source not in SOURCES:
+                raise ValueError("bad values")
+            return floor, source
+        except FileNotFoundError:
+            return 0, "none"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("time floor %s unreadable (%s): starting without one", self.path, e)
+            return 0, "none"
+
+    def save(self) -> bool:
+        state = self.clock.state(self._mono())
+        data = json.dumps({"floor_ms": state.floor_ms, "source": state.source}).encode()
+        try:
+            atomic_write(self.path, data, 0o600)
+        except OSError as e:
+            self.save_failures += 1
+            log.error("cannot store the time floor: %s", e)
+            return False
+        self._saved_mono = self._mono()
+        self._saved_floor = self.clock.floor_ms
+        return True
+
+    def observed(self, raised: bool) -> None:
+        """Call after clock.observe()/gnss_fix(): persist a raised floor at once."""
+        if raised:
+            self.save()
+
+    def tick(self) -> None:
+        """Call now and then: persist a floor raised since the last save (an accepted command's
+        iat), and the advancing bound every save_interval_ms."""
+        if not self.clock.floor_ms:
+            return
+        if (self.clock.floor_ms != self._saved_floor
+                or self._mono() - self._saved_mono >= self.save_interval_ms):
+            self.save()
