@@ -615,6 +615,25 @@ class DiagnosticsConfig:
 
 
 @dataclass(frozen=True)
+class CampaignsConfig:
+    """Collection campaigns (PROTOCOL.md §8), applied by `campaign.apply` commands."""
+
+    max_buffer_bytes: int = 16 << 20  # every pre-trigger ring and window history together
+    max_conditions: int = 512  # active condition campaigns (at least 256)
+    max_campaigns: int = 1024
+    stale_ms: int = 5000  # an input older than this makes a condition false
+    assumed_period_ms: int = 10  # sizing rings of messages without a DBC cycle time
+    max_capture_ms: int = 600_000  # pre_ms and post_ms at most
+    max_window_ms: int = 600_000  # avg/min/max windows at most
+
+    def validate(self, where: str) -> None:
+        for name in ("max_buffer_bytes", "max_conditions", "max_campaigns", "stale_ms",
+                     "assumed_period_ms", "max_capture_ms", "max_window_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{where}.{name}: must be > 0")
+
+
+@dataclass(frozen=True)
 class Config:
     vehicle: VehicleConfig
     bus: tuple[BusConfig, ...]
@@ -631,6 +650,7 @@ class Config:
     control: ControlConfig = ControlConfig()
     trust: TrustRefreshConfig | None = None  # needs [updates]: its TUF root and repositories
     diagnostics: DiagnosticsConfig | None = None
+    campaigns: CampaignsConfig | None = None  # campaign.* commands; needs [commands]
     path: Path | None = None  # the file it came from (not a TOML key)
 
     def validate(self, where: str) -> None:
@@ -642,6 +662,9 @@ class Config:
             raise ConfigError(f"bus: duplicate bus name {sorted(dupes)[0]!r}")
         if self.updates is not None and self.commands is None:
             raise ConfigError("updates: needs a [commands] section (updates arrive as commands)")
+        if self.campaigns is not None and self.commands is None:
+            raise ConfigError("campaigns: needs a [commands] section (campaigns arrive as "
+                              "commands)")
         if self.trust is not None and self.updates is None:
             raise ConfigError("trust: needs an [updates] section (its trusted_root, "
                               "allowed_repositories and hardware_id)")

@@ -496,3 +496,82 @@ def test_concurrent_appends_and_drain_from_two_threads(tmp_path):
     assert [r.seq for r in received if r.kind == "telemetry"] == list(range(1, total // 10 + 1))
     assert ob.stats()["messages"] == 0
     ob.close()
+
+
+# -- campaign priority and quotas (PROTOCOL.md §8) ----------------------------------------------
+
+def test_backlog_goes_lower_priority_first_with_ascending_row_ids(tmp_path):
+    with Outbox(tmp_path) as ob:
+        ob.append_telemetry(Builder(), 1, 0, TOPIC)  # base telemetry: priority 5
+        ob.append_telemetry(Builder(), 1, 0, TOPIC, priority=9, campaign="late")
+        ob.append("response", "r", b"r1", 0)
+        ob.append_telemetry(Builder(), 1, 0, TOPIC, priority=0, campaign="first")
+        ob.append_telemetry(Builder(), 1, 0, TOPIC)
+        urgent = ob.peek(10, urgent=True)
+        assert [r.kind for r in urgent] == ["response"]
+        rows = ob.peek(10)
+        # the response handed out by the urgent pass keeps its place; then 0, the 5s, the 9
+        assert [r.seq for r in rows] == [None, 3, 1, 4, 2]
+        ids = [r.id for r in rows]
+        assert ids == sorted(ids) and len(set(ids)) == 5  # the uplink's cursor keeps working
+        assert ob.peek(10, after_id=ids[-1]) == []
+        assert ob.peek(10, after_id=ids[1]) == rows[2:]
+        assert ob.ack_many([r.id for r in rows]) == 5
+        assert ob.stats()["messages"] == 0 and ob.stats()["last_acked_seq"] == 4
+
+
+def test_a_row_appended_while_paging_is_handed_out_once(tmp_path):
+    """The uplink pages with after_id; rows of any priority appended meanwhile are all
+    handed out, each once, under ascending numbers."""
+    import random
+
+    rnd = random.Random(3)
+    with Outbox(tmp_path) as ob:
+        seen: list[int] = []
+        after = 0
+        for step in range(400):
+            for _ in range(rnd.randint(0, 3)):
+                ob.append_telemetry(Builder(), 1, 0, TOPIC, priority=rnd.randint(0, 9),
+                                    campaign=rnd.choice([None, "a", "b"]))
+            rows = ob.peek(rnd.randint(1, 4), after)
+            for r in rows:
+                assert r.id > after
+                after = r.id
+                seen.append(r.seq)
+            if rows and rnd.random() < 0.5:
+                ob.ack_many([r.id for r in rows])
+        while rows := ob.peek(50, after):
+            after = rows[-1].id
+            seen += [r.seq for r in rows]
+        assert sorted(seen) == list(range(1, ob.stats()["next_seq"]))
+
+
+def test_a_campaign_quota_evicts_its_own_oldest_and_counts_the_drop(tmp_path):
+    with Outbox(tmp_path) as ob:
+        base = ob.append_telemetry(Builder(size=1000), 10, 0, TOPIC)
+        for _ in range(4):
+            ob.append_telemetry(Builder(size=1000), 7, 0, TOPIC, campaign="q", max_bytes=2500)
+        assert ob.campaign_bytes() == {"q": 2000}
+        assert seqs(ob) == [base, 4, 5]  # q's seq 2 and 3 evicted, base telemetry kept
+        build = Builder()
+        ob.append_telemetry(build, 1, 0, TOPIC)
+        # seq 5 reported seq 2's 7 samples (evicted by seq 4), the next batch seq 3's
+        assert [r.payload for r in ob.peek(10) if r.seq == 5] == [b"seq=5 drop=7;" + b"." * 987]
+        assert build.calls == [(6, 7)]
+        assert ob.stats()["evicted_batches"] == 2 and ob.stats()["dropped_samples"] == 14
+        # a single batch over the quota goes too (the new row is included)
+        ob.append_telemetry(Builder(size=3000), 3, 0, TOPIC, campaign="tiny", max_bytes=100)
+        assert "tiny" not in ob.campaign_bytes()
+
+
+def test_an_outbox_from_before_campaigns_is_migrated(tmp_path):
+    with Outbox(tmp_path) as ob:
+        ob.append_telemetry(Builder(), 1, 0, TOPIC)
+    with sqlite3.connect(tmp_path / "outbox.db") as conn:
+        conn.execute("DROP INDEX messages_priority")
+        conn.execute("DROP INDEX messages_campaign")
+        conn.execute("ALTER TABLE messages DROP COLUMN priority")
+        conn.execute("ALTER TABLE messages DROP COLUMN campaign")
+    with Outbox(tmp_path) as ob:
+        ob.append_telemetry(Builder(), 1, 0, TOPIC, priority=0, campaign="c")
+        assert seqs(ob) == [2, 1]

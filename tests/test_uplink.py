@@ -956,10 +956,16 @@ def test_a_200_mb_command_is_refused_and_rss_stays_bounded(make_broker, tmp_path
         up = Uplink(MqttConfig(host="127.0.0.1", port={b.port}, protocol={protocol!r},
                                reconnect_min_s=0.05, reconnect_max_s=0.2), ob, "tcu-big",
                     will=lambda: ({STATUS!r}, b"offline"), max_packet_size=65536 + HEADER_ROOM)
-        up.subscribe({COMMANDS!r}, lambda t, p: print("got", len(p), flush=True))
+        import threading
+        out = threading.Lock()  # paho's thread and this one print: whole lines, never mixed
+        def say(text):
+            with out:
+                sys.stdout.write(text + "\\n")
+                sys.stdout.flush()
+        up.subscribe({COMMANDS!r}, lambda t, p: say(f"got {{len(p)}}"))
         up.start()
         for line in sys.stdin:
-            print(json.dumps(up.status()), flush=True)
+            say(json.dumps(up.status()))
     """)
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, text=True,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)

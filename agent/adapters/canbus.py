@@ -157,6 +157,17 @@ class BusReader(DeviceThread):
             self.errors += 1
             raise BusError(f"bus {self.cfg.name}: write failed: {e}") from e
 
+    def set_filters(self, filters: list[dict] | None) -> None:
+        """Replace the receive filters at run time (None: receive all); kept for reopens.
+        On SocketCAN this sets the kernel filters of the open socket."""
+        self.filters = filters
+        bus = self._bus
+        if bus is not None:
+            try:
+                bus.set_filters(filters)
+            except (can.CanError, OSError, ValueError) as e:  # next reopen applies them
+                log.warning("bus %s: cannot set receive filters: %s", self.cfg.name, e)
+
     # Drivers raise CanError, OSError, ValueError, ImportError...: every fault is retried.
     def _open(self) -> None:
         self._bus = self.open()

@@ -35,6 +35,19 @@ Decisions worth knowing:
   the old ones, so an uplink holding ``after_id`` does not skip new rows. The samples and
   carried drops of the telemetry lost with the corrupt file (kept as in-memory totals) are
   added to ``pending_drop`` (its samples to ``dropped_samples`` too).
+* Campaign priority (PROTOCOL.md §8): every row has a ``priority`` (0 first; base telemetry,
+  responses, state and status have ``DEFAULT_PRIORITY``, 5) and campaign batches name their
+  ``campaign``. Which row goes next is decided when ``peek`` hands it out, not when it is
+  stored: rows not handed out yet are taken by (priority, id), so when the link is scarce the
+  backlog drains lower numbers first. The uplink pages with ``after_id``; to keep that working
+  unchanged, a row is handed out under an order number (``Row.id``) that is larger than every
+  number handed out before: its own id when that is larger (rows handed out in insertion order
+  keep their ids), else the next free number. Without campaigns the order is insertion order,
+  as before. ``ack`` takes those numbers. The uplink's urgent pass (responses, state, status
+  first) is unchanged; the in-order pass returns the rows it already handed out first.
+* Campaign quota: a campaign batch stored with ``max_bytes`` evicts that campaign's own oldest
+  rows (the new one included) until the campaign holds at most that much; the loss is counted
+  in ``drop`` like any eviction.
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ EARLIER_RUN_FILES = ("replay.db", "replay.mark", "status.json", "update", RESERV
                      MIRROR_NAME, DB_NAME + "-wal")
 KINDS = ("telemetry", "state", "status", "response")
 _REPLACEABLE = ("state", "status")
+DEFAULT_PRIORITY = 5  # base telemetry and every record that is not a campaign's
 _META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
 
 _SCHEMA = (
@@ -72,9 +86,13 @@ _SCHEMA = (
         kind TEXT NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL,
         seq INTEGER, samples INTEGER NOT NULL DEFAULT 0,
         created_ms INTEGER NOT NULL, size INTEGER NOT NULL,
-        carried_drop INTEGER NOT NULL DEFAULT 0)""",
+        carried_drop INTEGER NOT NULL DEFAULT 0,
+        priority INTEGER NOT NULL DEFAULT 5, campaign TEXT)""",
     # (kind, rowid): oldest telemetry for eviction, rows of one kind for replacement.
     "CREATE INDEX IF NOT EXISTS messages_kind ON messages(kind)",
+    # (priority, rowid): the next rows to hand out; campaign: one campaign's rows (quota).
+    "CREATE INDEX IF NOT EXISTS messages_priority ON messages(priority)",
+    "CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign)",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
 )
 
@@ -116,6 +134,10 @@ class Outbox(GuardedDb):
         self._queued_samples = self._queued_drop = 0  # of the telemetry rows in the database
         self._max_id = 0
         self._over_budget = False
+        # Order numbers handed out by peek (see the module docstring): row id <-> number.
+        self._ord_of: dict[int, int] = {}
+        self._id_of: dict[int, int] = {}
+        self._ord_hi = 0
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -131,14 +153,16 @@ class Outbox(GuardedDb):
     # ---- public API -------------------------------------------------------------------------
 
     def append_telemetry(self, build: Callable[[int, int], bytes], samples: int, now_ms: int,
-                         topic: str, extra_drop: int = 0) -> int:
+                         topic: str, extra_drop: int = 0, *, priority: int = DEFAULT_PRIORITY,
+                         campaign: str | None = None, max_bytes: int | None = None) -> int:
         """Queue one telemetry batch and return its seq.
 
         ``build(seq, drop)`` returns the signed payload; it runs inside the insert transaction
         (it may run twice if the database is recovered from corruption meanwhile). If it raises,
         nothing is stored and no seq is consumed. ``extra_drop``: samples lost before they
         reached the outbox; added to ``drop`` (and carried on if this batch is evicted) and to
-        ``dropped_samples``. Raises StorageError.
+        ``dropped_samples``. ``priority``, ``campaign`` and ``max_bytes``: a campaign's batch
+        (see the module docstring). Raises StorageError.
         """
         for name, value in (("samples", samples), ("extra_drop", extra_drop)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -154,9 +178,13 @@ class Outbox(GuardedDb):
                 meta = {"next_seq": seq + 1, "pending_drop": 0}
                 if extra_drop:
                     meta["dropped_samples"] = self._meta["dropped_samples"] + extra_drop
-                row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms, drop)
+                row_id = self._insert("telemetry", topic, payload, seq, samples, now_ms, drop,
+                                      priority, campaign)
                 queued = [samples, drop]
-                total = self._evict(self._bytes + len(payload), meta, queued)
+                total = self._bytes + len(payload)
+                if campaign is not None and max_bytes is not None:
+                    total = self._evict_campaign(campaign, max_bytes, total, meta, queued)
+                total = self._evict(total, meta, queued)
                 self._put_meta(meta)
             self._committed(row_id, total, meta, queued)
             return seq
@@ -178,10 +206,11 @@ class Outbox(GuardedDb):
             with self._txn():
                 total = self._bytes
                 if kind in _REPLACEABLE:
-                    for (size,) in self._conn.execute(
-                            "DELETE FROM messages WHERE kind = ? AND topic = ? RETURNING size",
-                            (kind, topic)).fetchall():
+                    for (size, old_id) in self._conn.execute(
+                            "DELETE FROM messages WHERE kind = ? AND topic = ?"
+                            " RETURNING size, id", (kind, topic)).fetchall():
                         total -= size
+                        self._forget(old_id)
                 row_id = self._insert(kind, topic, payload, None, 0, now_ms)
                 # (replaced state/status rows carry no samples: only eviction changes `queued`)
                 queued = [0, 0]
@@ -193,19 +222,67 @@ class Outbox(GuardedDb):
         return self._guarded(op)
 
     def peek(self, limit: int, after_id: int | None = None, urgent: bool = False) -> list[Row]:
-        """Return up to ``limit`` queued rows with id > ``after_id``, oldest first; with
-        ``urgent``, only the rows that are not telemetry (responses, state, status)."""
+        """Return up to ``limit`` queued rows whose ``Row.id`` is > ``after_id``, in the order
+        to send them: rows handed out before first (by their number), then new ones by
+        (priority, id); with ``urgent``, only the rows that are not telemetry (responses,
+        state, status). Without campaigns that is insertion order."""
         def op() -> list[Row]:
-            where = " AND kind IN ('response', 'state', 'status')" if urgent else ""
-            cur = self._conn.execute(
-                "SELECT id, kind, topic, payload, seq, created_ms FROM messages"
-                f" WHERE id > ?{where} ORDER BY id LIMIT ?", (after_id or 0, limit))
-            rows = [Row(*r) for r in cur.fetchall()]
-            if rows:
-                self._max_id = max(self._max_id, rows[-1].id)
+            after = after_id or 0
+            rows: list[Row] = []
+            kinds = ("response", "state", "status") if urgent else None
+            # 1. rows handed out before, above the cursor (re-sent after a reconnect)
+            for number in sorted(o for o in self._id_of if o > after):
+                if len(rows) >= limit:
+                    break
+                row = self._row(self._id_of[number], number, kinds)
+                if row is not None:
+                    rows.append(row)
+            # 2. new rows, best first
+            if len(rows) < limit:
+                where = []
+                args: list = []
+                if kinds:
+                    where.append("kind IN ('response', 'state', 'status')")
+                if after > self._ord_hi:  # a cursor from elsewhere: plain id paging
+                    where.append("id > ?")
+                    args.append(after)
+                sql = "SELECT id FROM messages" + (" WHERE " + " AND ".join(where) if where
+                                                   else "") + " ORDER BY priority, id"
+                picked = []
+                for (row_id,) in self._conn.execute(sql, args):
+                    if row_id in self._ord_of:
+                        continue
+                    picked.append(row_id)
+                    if len(rows) + len(picked) >= limit:
+                        break
+                for row_id in picked:
+                    number = max(row_id, self._ord_hi + 1)
+                    self._ord_hi = number
+                    self._ord_of[row_id] = number
+                    self._id_of[number] = row_id
+                    row = self._row(row_id, number, None)
+                    if row is not None:
+                        rows.append(row)
+                        self._max_id = max(self._max_id, row_id)
             return rows
 
         return self._guarded(op)
+
+    def _row(self, row_id: int, number: int, kinds) -> Row | None:
+        """The row handed out as `number`, or None (and forgotten) when it is gone."""
+        r = self._conn.execute("SELECT kind, topic, payload, seq, created_ms FROM messages"
+                               " WHERE id = ?", (row_id,)).fetchone()
+        if r is None:
+            self._forget(row_id)
+            return None
+        if kinds is not None and r[0] not in kinds:
+            return None
+        return Row(number, *r)
+
+    def _forget(self, row_id: int) -> None:
+        number = self._ord_of.pop(row_id, None)
+        if number is not None:
+            self._id_of.pop(number, None)
 
     def ack(self, row_id: int) -> bool:
         """Delete a row the broker acknowledged; False if it was already gone."""
@@ -216,9 +293,15 @@ class Outbox(GuardedDb):
 
         Unknown ids (already acked, replaced or evicted) are ignored. Raises StorageError.
         """
-        ids = list(row_ids)
+        numbers = list(row_ids)
 
         def op() -> int:
+            ids = []
+            for number in numbers:  # numbers from peek -> row ids
+                row_id = self._id_of.get(number)
+                if row_id is None and number in self._ord_of:
+                    continue  # that row was handed out under another number
+                ids.append(number if row_id is None else row_id)
             deleted = freed = 0
             meta: dict[str, int] = {}
             queued = [0, 0]
@@ -236,10 +319,12 @@ class Outbox(GuardedDb):
                         if seq is not None and seq > last:
                             last = meta["last_acked_seq"] = seq
                 self._put_meta(meta)
+            for row_id in ids:
+                self._forget(row_id)
             self._committed(None, self._bytes - freed, meta, queued)
             return deleted
 
-        return self._guarded(op) if ids else 0
+        return self._guarded(op) if numbers else 0
 
     def stats(self) -> dict:
         """Counts for status display: messages, bytes, oldest_ms, by_kind, seq and drop counters."""
@@ -265,6 +350,12 @@ class Outbox(GuardedDb):
                     "seq_from_clock": self.seq_from_clock}
 
         return self._guarded(op)
+
+    def campaign_bytes(self) -> dict[str, int]:
+        """Bytes each campaign holds in the outbox (its quota counts these)."""
+        return self._guarded(lambda: dict(self._conn.execute(
+            "SELECT campaign, SUM(size) FROM messages WHERE campaign IS NOT NULL"
+            " GROUP BY campaign").fetchall()))
 
     def close(self) -> None:
         """Close the database (idempotent)."""
@@ -294,36 +385,56 @@ class Outbox(GuardedDb):
                 pass  # the transaction may already be gone; the original error matters
             raise
 
-    def _insert(self, kind, topic, payload, seq, samples, now_ms, carried_drop=0) -> int:
+    def _insert(self, kind, topic, payload, seq, samples, now_ms, carried_drop=0,
+                priority=DEFAULT_PRIORITY, campaign=None) -> int:
         cur = self._conn.execute(
             "INSERT INTO messages (kind, topic, payload, seq, samples, created_ms, size,"
-            " carried_drop) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (kind, topic, payload, seq, samples, now_ms, len(payload), carried_drop))
+            " carried_drop, priority, campaign) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, topic, payload, seq, samples, now_ms, len(payload), carried_drop, priority,
+             campaign))
         return cur.lastrowid
 
     def _evict(self, total: int, meta: dict[str, int], queued: list[int]) -> int:
         """Delete oldest telemetry until within budget; record the loss in ``meta`` and take
         it off ``queued`` ([samples, carried drops] delta of this transaction)."""
+        return self._evict_where("kind = 'telemetry'", (), total, total, self._max_bytes,
+                                 meta, queued)
+
+    def _evict_campaign(self, campaign: str, max_bytes: int, total: int,
+                        meta: dict[str, int], queued: list[int]) -> int:
+        """Delete the campaign's oldest rows until it holds at most ``max_bytes``."""
+        held = self._conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages"
+                                  " WHERE campaign = ?", (campaign,)).fetchone()[0]
+        return self._evict_where("campaign = ?", (campaign,), total, held, max_bytes, meta,
+                                 queued)
+
+    def _evict_where(self, where: str, args: tuple, total: int, held: int, budget: int,
+                     meta: dict[str, int], queued: list[int]) -> int:
+        """Delete the oldest rows matching ``where`` while ``held`` (their bytes) is over
+        ``budget``; returns the new ``total``."""
         batches = samples = carried = 0
-        while total > self._max_bytes:
+        while held > budget:
             oldest = self._conn.execute(
-                "SELECT id, size, samples, carried_drop FROM messages WHERE kind = 'telemetry'"
-                " ORDER BY id LIMIT 64"
+                f"SELECT id, size, samples, carried_drop FROM messages WHERE {where}"
+                " ORDER BY id LIMIT 64", args
             ).fetchall()
             if not oldest:
                 break  # only rows we must never drop are left: stay over budget
             for row_id, size, count, drop in oldest:
-                if total <= self._max_bytes:
+                if held <= budget:
                     break
                 self._conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                self._forget(row_id)
                 total -= size
+                held -= size
                 batches += 1
                 samples += count
                 carried += drop  # the loss this batch was reporting is not reported now
         if batches:
             meta["pending_drop"] = (meta.get("pending_drop", self._meta["pending_drop"])
                                     + samples + carried)
-            meta["evicted_batches"] = self._meta["evicted_batches"] + batches
+            meta["evicted_batches"] = (meta.get("evicted_batches", self._meta["evicted_batches"])
+                                       + batches)
             meta["dropped_samples"] = (meta.get("dropped_samples", self._meta["dropped_samples"])
                                        + samples)
             queued[0] -= samples
@@ -355,12 +466,16 @@ class Outbox(GuardedDb):
     def _open_schema(self, conn: sqlite3.Connection) -> None:
         carry = self._carry
         conn.execute("BEGIN IMMEDIATE")
-        for statement in _SCHEMA:
-            conn.execute(statement)
+        conn.execute(_SCHEMA[0])
         columns = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
         if "carried_drop" not in columns:  # a database from before the column existed
             conn.execute("ALTER TABLE messages ADD COLUMN carried_drop INTEGER NOT NULL"
                          " DEFAULT 0")
+        if "priority" not in columns:  # from before campaigns
+            conn.execute("ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 5")
+            conn.execute("ALTER TABLE messages ADD COLUMN campaign TEXT")
+        for statement in _SCHEMA[1:]:
+            conn.execute(statement)
         # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps
         # the values of an existing one).
         defaults = {k: carry.get(k, 0) for k in _META_KEYS}

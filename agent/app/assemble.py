@@ -37,7 +37,7 @@ def bus_plans(config: Config, cache_dir: Path | None = None) -> list[BusPlan]:
             dbs.append(cache[path])
         buses.append((bus.name, dbs))
     try:
-        watch = [(c.signal, where) for where, c in _conditions(config)]
+        watch = [(s, where) for where, c in _conditions(config) for s in c.signals]
         return resolve(selection(config.telemetry), buses, watch)
     except ConfigError as e:
         raise _in_file(config, e) from None

@@ -177,6 +177,7 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
     """Every family's handler for this config. Raises ConfigError (a configured action whose
     name another family owns)."""
     from .assemble import action_plans
+    from .campaignservice import CampaignHandler
 
     actions = action_plans(config, plans)
     cfg = config.commands
@@ -188,6 +189,9 @@ def handlers(config: Config, plans: Sequence[BusPlan], core: TelemetryCore,
         UpdateHandler(updates, health),
         *diag_handlers(config, core, publisher),
     ]
+    if config.campaigns is not None:
+        out.append(CampaignHandler(config, plans, core, readers,
+                                   publisher.batch if publisher is not None else None))
     from .trustservice import TrustHandler
 
     out.append(TrustHandler(config, frozenset().union(*(h.family.commands for h in out))))

@@ -30,6 +30,7 @@ from ..core.uplink import HEADER_ROOM
 from ..adapters.outbox import Outbox
 from ..config import Config
 from ..core.batch import Batch
+from ..core.campaigns import DEFAULT_PRIORITY
 from ..core.clock import rmc_time_ms
 from ..core.cose import Signer
 from ..core.protocol import Topics, state_payload, status_record
@@ -112,8 +113,13 @@ class Publisher:
 
         try:
             # extra_drop: stored with the batch, so the loss is carried on if it is evicted
-            seq = self.outbox.append_telemetry(build, batch.samples, now_ms(),
-                                               self.topics.telemetry, extra_drop=self._lost)
+            # A campaign's batch (§8) carries its priority and outbox quota; base telemetry
+            # has the default priority and no quota of its own.
+            campaign = getattr(batch, "campaign", None)
+            seq = self.outbox.append_telemetry(
+                build, batch.samples, now_ms(), self.topics.telemetry, extra_drop=self._lost,
+                priority=getattr(batch, "priority", DEFAULT_PRIORITY), campaign=campaign,
+                max_bytes=getattr(batch, "max_bytes", None) if campaign else None)
         except Exception:
             self._lost += batch.samples
             raise
@@ -284,6 +290,7 @@ class Publisher:
             return self._final
         self.clock.now_ms(now_ms(), mono_ms())
         return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
+                "outbox_campaigns": self.outbox.campaign_bytes(),
                 "kid": self.signer.kid.hex(), "clock": self.clock.status(),
                 "key": {"kid": self.signer.kid.hex(), "alg": self.signer.alg,
                         "prev": self.key_record["prev"].hex() if self.key_record else None},

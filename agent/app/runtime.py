@@ -259,6 +259,8 @@ class Agent:
         self.core.flush()
         self._deliver()
         if self.commands:
+            for h in self.commands.handlers:  # campaigns: open captures go out
+                getattr(h, "close", lambda: None)()
             self.commands.close()
         if self.updates is not None:
             self.updates.close()

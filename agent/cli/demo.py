@@ -2,7 +2,8 @@
 
 A broker (embedded amqtt, or --broker), the simulated EV on a virtual CAN bus, the agent
 signing its telemetry and executing commands, and a cloud-side view that verifies every
-message: charge.start, the state of charge rising, charge.stop, and a summary.
+message: a campaign that captures current and voltage around the start of charging,
+charge.start, the state of charge rising, charge.stop, and a summary.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Demo:
         self.values: dict[str, object] = {}
         self.statuses: dict[str, list] = {}
         self.soc_first = self.soc_last = None
+        self.capture: list[dict] = []  # the campaign's batches
 
     def say(self, text: str) -> None:
         if not self.args.quiet:
@@ -93,7 +95,8 @@ class Demo:
                 generate_keypair(keys, stem=stem)
         trust = self.dir / "trust.toml"
         trust.write_text(f'[[key]]\nname = "demo-cloud"\npublic_key = "{keys / "cloud.pub"}"\n'
-                         'allow = ["charge.*", "doors.*", "state.*", "diag.*"]\n')
+                         'allow = ["charge.*", "doors.*", "state.*", "diag.*", '
+                         '"campaign.*"]\n')
         broker = None
         protocol = "auto"
         if self.args.broker:
@@ -123,7 +126,7 @@ class Demo:
             f"signing.key_file={str(keys / 'vehicle.key')!r}",
             f"commands.trust_store={str(trust)!r}", f"mqtt.host={host!r}", f"mqtt.port={port}",
             f"bus.0.channel='demo-{uuid.uuid4().hex[:8]}'", "mqtt.reconnect_min_s=0.2",
-            f"mqtt.protocol={protocol!r}"])
+            f"mqtt.protocol={protocol!r}", "campaigns.max_buffer_bytes=4194304"])
         vin = config.vehicle.vin
         vkey = load_public_key(str(keys / "vehicle.pub"))
         self.keys = {kid_of(vkey): vkey}
@@ -178,7 +181,11 @@ class Demo:
             return
         with self.lock:
             self.verified[kind] = self.verified.get(kind, 0) + 1
-            if kind == "telemetry":
+            if kind == "telemetry" and "campaign" in body:
+                self.seqs.append(body["seq"])
+                self.capture.append(body)
+                self._campaign_line(body)
+            elif kind == "telemetry":
                 self.seqs.append(body["seq"])
                 for name, samples in body["sig"].items():
                     self.values[name] = samples[-1][1]
@@ -210,6 +217,14 @@ class Demo:
                  f"{shown} %, charger {self.values.get(CHARGE, '?')}, "
                  f"limit {self.values.get(LIMIT, '?')} %, doors "
                  f"{'locked' if locked else 'unlocked' if locked is False else '?'}{cell}{where}")
+
+    def _campaign_line(self, body) -> None:
+        n = sum(len(s) for s in body["sig"].values())
+        t0 = (body["t0"] - body["trigger"]) / 1000
+        t1 = (body["t0"] + max(s[-1][0] for s in body["sig"].values()) - body["trigger"]) / 1000
+        self.say(f"cloud: campaign {body['campaign']} batch seq {body['seq']} verified: {n} "
+                 f"samples of {', '.join(sorted(body['sig']))} from {t0:+.1f} s to {t1:+.1f} s "
+                 "around the trigger")
 
     def _send(self, cloud, vin: str, name: str, params=None) -> str:
         now = int(time.time() * 1000)
@@ -248,6 +263,13 @@ class Demo:
         up = agent.publisher.uplink.status()
         self.say(f"agent: uplink {up['state']} to {up['broker']} with MQTT {up['protocol']}")
         self.results = {}
+        from ..cloud.main import load_campaign
+        campaign = load_campaign(str(Path(__file__).resolve().parents[2] / "configs"
+                                     / "campaign-charging.toml"))
+        applied = self._send(cloud, vin, "campaign.apply", {"campaign": campaign})
+        self.results["campaign.apply"] = self._wait(applied, 10)
+        # Let the ring fill with up to 5 s of samples before charging starts (if time allows).
+        time.sleep(min(5.0, max(0.0, end - time.monotonic() - 10)))
         start = self._send(cloud, vin, "charge.start")
         self.results["charge.start"] = self._wait(start, 10)
         charge_until = time.monotonic() + max(2.0, (end - time.monotonic()) - 5)
@@ -296,7 +318,17 @@ class Demo:
                                           else "no terminal status"))
         if self.soc_first is not None:
             print(f"         state of charge {self.soc_first:.1f} % -> {self.soc_last:.1f} %")
-        good = ok and self.failed == 0 and total > 0 and not gaps and seqs[:1] == [1]
+        fired = [b for b in self.capture if b.get("trigger")]
+        if fired:
+            trig = fired[0]["trigger"]
+            times = [b["t0"] + dt for b in fired for s in b["sig"].values() for dt, _ in s]
+            print(f"         campaign {fired[0]['campaign']}: fired when charging started, "
+                  f"{sum(len(s) for b in fired for s in b['sig'].values())} samples from "
+                  f"{(min(times) - trig) / 1000:+.1f} s to {(max(times) - trig) / 1000:+.1f} s")
+        else:
+            print("         campaign: no capture received")
+        good = (ok and bool(fired) and self.failed == 0 and total > 0 and not gaps
+                and seqs[:1] == [1])
         print(f"demo {'OK' if good else 'FAILED'}")
         sys.stdout.flush()
         return 0 if good else 1

@@ -100,6 +100,7 @@ def render(s: dict) -> str:
     lines += _power(s.get("power"), now)
     lines += _commands(s)
     lines += _update(s.get("update"))
+    lines += _campaigns(s.get("campaign"), s.get("outbox_campaigns") or {})
     for key in ("modem", "gnss"):
         section = s.get(key)
         if isinstance(section, dict):
@@ -204,6 +205,23 @@ def _update(u) -> list[str]:
     if u.get("reason"):
         text += f", last {u['reason']}" + (f": {u['detail']}" if u.get("detail") else "")
     return [_row("update", text)]
+
+
+def _campaigns(c, outbox: dict) -> list[str]:
+    """One line per applied campaign: state, firings, bytes in its buffers and the outbox."""
+    rows = c.get("campaigns") if isinstance(c, dict) else None
+    if not rows:
+        return []
+    lines = [_row("campaigns", f"{len(rows)} applied")]
+    for r in rows:
+        text = (f"{r.get('id')} v{r.get('version')} {r.get('state')} {r.get('kind')}, priority "
+                f"{r.get('priority')}, firings {r.get('firings')}, batches {r.get('batches')}, "
+                f"held {r.get('held_bytes', 0):,} bytes in buffers, "
+                f"{outbox.get(r.get('id'), 0):,} in the outbox")
+        if r.get("ring_overflow"):
+            text += f", ring overflow {r['ring_overflow']}"
+        lines.append(f"  {text}")
+    return lines
 
 
 def _row(label: str, text: str) -> str:

@@ -4,6 +4,7 @@
     tcu-cloud command --broker HOST:PORT --vin VIN --key cloud.key --name charge.set_limit \
         --param percent=80 [--ttl 60] [--pub vehicle.pub]
     tcu-cloud listen --broker HOST:PORT --vin VIN --pub vehicle.pub
+    tcu-cloud campaign apply FILE.toml|json / remove ID / list  --broker ... --key cloud.key
 
 It speaks PROTOCOL.md exactly as a third-party cloud service would: it signs commands with
 its own key and verifies everything the vehicle sends.
@@ -100,9 +101,63 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("--duration", type=_seconds, help="exit after this many seconds")
     li.set_defaults(func=_listen)
 
+    _campaign_parser(sub)
     from .repo import add_parser as add_repo_parser
     add_repo_parser(sub)
     return p
+
+
+def _campaign_parser(sub) -> None:
+    """`tcu-cloud campaign apply FILE | remove ID | list`: campaign.* commands (§8)."""
+    camp = sub.add_parser("campaign", help="collection campaigns (campaign.apply/remove/list)",
+                          description="Sign and send campaign.apply (the campaign from a TOML "
+                                      "or JSON file), campaign.remove or campaign.list; print "
+                                      "the statuses like `command`.").add_subparsers(
+        dest="campaign_command", metavar="ACTION", required=True)
+    for action, help_text in (("apply", "apply the campaign in FILE (.toml or .json)"),
+                              ("remove", "remove campaign ID"), ("list", "list campaigns")):
+        a = camp.add_parser(action, help=help_text)
+        if action == "apply":
+            a.add_argument("file", help="campaign document (PROTOCOL.md §8), TOML or JSON")
+        elif action == "remove":
+            a.add_argument("campaign_id", metavar="ID")
+        _connection(a)
+        a.add_argument("--key", required=True, help="cloud private key (PKCS#8 PEM)")
+        a.add_argument("--ttl", type=_seconds, default=60.0, help="seconds until exp (60)")
+        a.add_argument("--id", help="command id (default: a fresh random one)")
+        a.add_argument("--pub", help="vehicle public key: verify the responses (recommended)")
+        a.add_argument("--timeout", type=_seconds, help="give up after this many s")
+        a.set_defaults(func=_campaign, name=f"campaign.{action}", param=[])
+
+
+def _campaign(args) -> int:
+    if args.campaign_command == "apply":
+        args.params = {"campaign": load_campaign(args.file)}
+    elif args.campaign_command == "remove":
+        args.params = {"id": args.campaign_id}
+    else:
+        args.params = {}
+    return _command(args)
+
+
+def load_campaign(path: str) -> dict:
+    """A campaign from a .toml or .json file: the CAMPAIGN map itself, or {campaign: ...}."""
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise AgentError(f"{path}: cannot read: {e}") from None
+    try:
+        doc = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise AgentError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: {e}")
+    if isinstance(doc, dict) and set(doc) == {"campaign"}:
+        doc = doc["campaign"]
+    if not isinstance(doc, dict) or "id" not in doc:
+        raise AgentError(f"{path}: expected a campaign map with an `id` (PROTOCOL.md §8)")
+    return doc
 
 
 def _connection(p: argparse.ArgumentParser) -> None:
@@ -153,7 +208,7 @@ def _command(args) -> int:
     if args.pub:
         key = load_public_key(args.pub)
         vehicle = {kid_of(key): key}
-    params = dict(_param(p) for p in args.param)
+    params = getattr(args, "params", None) or dict(_param(p) for p in args.param)
     now = int(time.time() * 1000)
     cid = args.id or f"c-{uuid.uuid4().hex[:20]}"
     payload = {"v": 1, "id": cid, "vin": args.vin, "name": args.name, "params": params,

@@ -74,7 +74,7 @@ class SignalState(Column):
 
 class MessageState:
     __slots__ = ("message", "decode", "fast", "prev", "length", "signals", "seen", "last",
-                 "timeout", "mux", "present", "carried")
+                 "timeout", "mux", "present", "carried", "tap")
 
     def __init__(self, message, signals: list[SignalState]):
         self.message = message
@@ -89,8 +89,13 @@ class MessageState:
         self.mux = any(s.spec.multiplexed for s in signals)
         self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
         self.carried: list[int] = []  # after a short frame: indices of the signals it carried
+        self.tap = None  # campaigns: fn(t, data) given every full frame (see set_taps)
         for s in signals:
             s.msg = self
+
+
+def _no_signals(data, prev):
+    return 0, ()
 
 
 class _NoFrame:
@@ -147,6 +152,7 @@ class TelemetryCore:
         self.future_frames = 0  # live: frames stamped beyond clock + skew (clamped)
         self.batches = BatchBuilder(max_batch_age_ms, max_batch_bytes)
         self.counters: list[BusCounters] = []
+        self._messages = [plan.messages for plan in plans]  # for run-time selection
         self.state_changed = False  # set when a signal marked `state` changes; caller resets
         self.signals: list[SignalState] = []
         for plan in plans:
@@ -228,6 +234,8 @@ class TelemetryCore:
                     self._short_frame(entry, c, t, data)
                     continue
             entry.seen = t
+            if entry.tap is not None:
+                entry.tap(t, data)
             if data == entry.last:
                 c.unchanged += 1
                 continue
@@ -475,6 +483,33 @@ class TelemetryCore:
 
     def take_batches(self) -> list[Batch]:
         return self.batches.take()
+
+    # -- run-time selection (campaigns) ---------------------------------------------------
+
+    def set_taps(self, taps: Mapping[tuple[int, int], Any]) -> None:
+        """Hand every full frame of these (bus index, can key) messages to tap(t, data), also
+        of messages [telemetry] does not select (they are decoded from now on, not sent);
+        messages no longer listed go back to what [telemetry] makes of them."""
+        for c_index, c in enumerate(self.counters):
+            for key, entry in list(c.entries.items()):
+                if entry is None or entry.tap is None or (c_index, key) in taps:
+                    continue
+                entry.tap = None
+                if not entry.signals:  # selected for a campaign only
+                    c.entries[key] = None
+        for (bus, key), tap in taps.items():
+            c = self.counters[bus]
+            entry = c.entries.get(key, MISSING)
+            if entry is MISSING:
+                continue  # not in this bus's databases
+            if entry is None:
+                entry = c.entries[key] = MessageState(self._messages[bus][key], [])
+                entry.fast = _no_signals  # the tap decodes what it needs
+            entry.tap = tap
+
+    def tapped(self, bus: int) -> list[int]:
+        """Can keys of bus `bus` that must be received: selected or tapped."""
+        return [k for k, e in self.counters[bus].entries.items() if e is not None]
 
     # -- views ----------------------------------------------------------------------------
 

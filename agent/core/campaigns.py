@@ -1,0 +1,984 @@
+"""Collection campaigns (PROTOCOL.md §8): validation, start/expiry, and the engine. Sans-I/O.
+
+A campaign arrives as `campaign.apply`; `check_campaign` validates the whole document
+against this vehicle's signals and limits before anything changes. The engine runs the
+active ones on frames the telemetry core hands it through per-message taps (every full
+frame of a tapped message, at arrival rate):
+
+- every signal a running campaign reads has one `Sig` (its latest value), and each time
+  window of a condition one `Agg` (a running avg/min/max over a bounded deque);
+- conditions run as generated straight-line Python (`_codegen`, the semantics of
+  expr.compile_condition);
+- a condition is evaluated only when one of its inputs changes value (the index
+  signal -> conditions), plus on each tick for conditions with windows (their value moves as
+  samples age out) and for those currently true (an input may have gone stale);
+- a condition campaign's signals are kept as raw frames in one bounded ring per message
+  (`pre_ms` at arrival rate, shared by the campaigns reading it, decoded only on firing); on
+  firing those samples and those of the next `post_ms` go out as batches tagged
+  campaign/trigger;
+- a time campaign takes the latest value of each signal every `period_ms`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import cbor2
+from cantools.database.namedsignalvalue import NamedSignalValue
+
+from ..errors import ParamError
+from . import expr as E
+from .batch import Batch, BatchBuilder, Column
+from .fastdecode import compile_message
+from .registry import Family, no_params, show
+from .selection import BusPlan, SignalSpec
+
+APPLY, REMOVE, LIST = "campaign.apply", "campaign.remove", "campaign.list"
+WAITING, ACTIVE, EXPIRED = "waiting", "active", "expired"
+MAX_DOC_BYTES = 256 * 1024  # a campaign document, CBOR-encoded
+SAMPLE_BYTES = 128  # what one buffered (t, frame) or (t, value) costs in memory, for the budget
+DEFAULT_PRIORITY = 5  # a campaign without `priority`; base telemetry has the same
+MIN_PERIOD_MS = 100  # the engine ticks every 100 ms
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_campaigns: int = 1024
+    max_conditions: int = 512  # active condition campaigns
+    max_signals: int = 256  # per campaign
+    max_buffer_bytes: int = 16 << 20  # every ring and window history together
+    max_capture_ms: int = 600_000  # pre_ms, post_ms
+    max_window_ms: int = 600_000  # N of avg/min/max
+    assumed_period_ms: int = 10  # a message without a DBC cycle time: assume 100 Hz
+
+
+# -- what this vehicle's signals are --------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ref:
+    bus: int
+    key: int  # can key of the message
+    message: Any  # cantools Message
+    signal: str
+    spec: SignalSpec | None  # set when named by a [telemetry] output name: values are shaped
+
+    @property
+    def period_ms(self) -> int:
+        return self.message.cycle_time or 0
+
+
+class Catalog:
+    """Every name a campaign may use: each `Message.Signal` of the buses' DBCs and each
+    [telemetry] output name."""
+
+    def __init__(self, plans: Sequence[BusPlan]):
+        self.refs: dict[str, Ref] = {}
+        for b, plan in enumerate(plans):
+            for key, msg in plan.messages.items():
+                for sig in msg.signals:
+                    self.refs.setdefault(f"{msg.name}.{sig.name}", Ref(b, key, msg, sig.name, None))
+        for b, plan in enumerate(plans):
+            for key, mp in plan.selected.items():
+                for spec in mp.signals:
+                    if spec.emit and spec.out not in self.refs:
+                        self.refs[spec.out] = Ref(b, key, mp.message, spec.signal, spec)
+
+    def get(self, name: str) -> Ref | None:
+        return self.refs.get(name)
+
+
+# -- the document ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SignalReq:
+    name: str
+    min_interval_ms: int = 0
+    deadband: float = 0.0
+
+
+@dataclass(frozen=True)
+class Campaign:
+    id: str
+    version: int
+    signals: tuple[SignalReq, ...]
+    start: int = 0
+    expiry: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    period_ms: int | None = None  # a time campaign
+    condition: str | None = None  # a condition campaign
+    rising_edge: bool = True
+    min_interval_ms: int = 0
+    pre_ms: int = 0
+    post_ms: int = 0
+    max_bytes: int | None = None
+    doc: Mapping = field(default_factory=dict, compare=False, repr=False)  # as applied
+    tree: E.Node | None = field(default=None, compare=False, repr=False)
+
+    def state(self, now_ms: int) -> str:
+        if self.expiry is not None and now_ms >= self.expiry:
+            return EXPIRED
+        return WAITING if now_ms < self.start else ACTIVE
+
+    def inputs(self) -> list[str]:
+        names = [s.name for s in self.signals]
+        if self.tree is not None:
+            names += [n for n in E.signals(self.tree) if n not in names]
+        return names
+
+
+def _uint(v, where: str, lo: int = 0, hi: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        rng = f"{lo}-{hi}" if hi is not None else f">= {lo}"
+        raise ParamError(f"{where}: must be an integer {rng}, not {show(v)}")
+    return v
+
+
+def _keys(m, allowed: set[str], where: str) -> None:
+    if not isinstance(m, Mapping):
+        raise ParamError(f"{where}: must be a map, not {show(m)}")
+    extra = sorted(k for k in m if k not in allowed)
+    if extra:
+        raise ParamError(f"{where}: unknown key {show(extra[0])} (known: {', '.join(sorted(allowed))})")
+
+
+def parse_campaign(doc, catalog: Catalog, limits: Limits) -> Campaign:
+    """The whole document checked; raises ParamError with a detail naming the field."""
+    _keys(doc, {"id", "version", "start", "expiry", "priority", "signals", "trigger",
+                "max_bytes"}, "campaign")
+    size = len(cbor2.dumps(dict(doc)))
+    if size > MAX_DOC_BYTES:
+        raise ParamError(f"campaign: {size} bytes, over the {MAX_DOC_BYTES}-byte limit")
+    for k in ("id", "version", "signals", "trigger"):
+        if k not in doc:
+            raise ParamError(f"campaign.{k}: missing")
+    cid = doc["id"]
+    if not isinstance(cid, str) or not _ID.match(cid):
+        raise ParamError(f"campaign.id: 1-64 characters [A-Za-z0-9._:-], not {show(cid)}")
+    version = _uint(doc["version"], "campaign.version")
+    start = _uint(doc.get("start", 0), "campaign.start")
+    expiry = doc.get("expiry")
+    if expiry is not None:
+        _uint(expiry, "campaign.expiry")
+        if expiry <= start:
+            raise ParamError("campaign.expiry: must be after start")
+    priority = _uint(doc.get("priority", DEFAULT_PRIORITY), "campaign.priority", 0, 9)
+    max_bytes = doc.get("max_bytes")
+    if max_bytes is not None:
+        _uint(max_bytes, "campaign.max_bytes", 1)
+
+    sigs = doc["signals"]
+    if not isinstance(sigs, list) or not sigs:
+        raise ParamError("campaign.signals: must be a non-empty list")
+    if len(sigs) > limits.max_signals:
+        raise ParamError(f"campaign.signals: {len(sigs)} signals, more than "
+                         f"{limits.max_signals}")
+    reqs = []
+    for i, s in enumerate(sigs):
+        where = f"campaign.signals.{i}"
+        _keys(s, {"name", "min_interval_ms", "deadband"}, where)
+        name = s.get("name")
+        if not isinstance(name, str) or not name:
+            raise ParamError(f"{where}.name: must be a signal name")
+        deadband = s.get("deadband", 0.0)
+        if isinstance(deadband, bool) or not isinstance(deadband, (int, float)) \
+                or not deadband >= 0 or math.isinf(deadband):
+            raise ParamError(f"{where}.deadband: must be a number >= 0, not {show(deadband)}")
+        reqs.append(SignalReq(name, _uint(s.get("min_interval_ms", 0), f"{where}.min_interval_ms"),
+                              float(deadband)))
+    names = [r.name for r in reqs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ParamError(f"campaign.signals: {dupes[0]!r} is listed twice")
+
+    trig = doc["trigger"]
+    fields: dict[str, Any] = {}
+    tree = None
+    if isinstance(trig, Mapping) and "period_ms" in trig:
+        _keys(trig, {"period_ms"}, "campaign.trigger")
+        fields["period_ms"] = _uint(trig["period_ms"], "campaign.trigger.period_ms",
+                                    MIN_PERIOD_MS, 86_400_000)
+    elif isinstance(trig, Mapping) and "condition" in trig:
+        _keys(trig, {"condition", "rising_edge", "min_interval_ms", "pre_ms", "post_ms"},
+              "campaign.trigger")
+        text = trig["condition"]
+        if not isinstance(text, str):
+            raise ParamError("campaign.trigger.condition: must be a string")
+        try:
+            tree = E.parse(text)
+        except E.ExprError as e:
+            raise ParamError(f"campaign.trigger.condition: {e}") from None
+        for fn, sig, n in E.windows(tree):
+            if n > limits.max_window_ms:
+                raise ParamError(f"campaign.trigger.condition: {fn}({sig}, {n}): window over "
+                                 f"{limits.max_window_ms} ms")
+        edge = trig.get("rising_edge", True)
+        if type(edge) is not bool:
+            raise ParamError("campaign.trigger.rising_edge: must be true or false")
+        fields.update(condition=text, rising_edge=edge,
+                      min_interval_ms=_uint(trig.get("min_interval_ms", 0),
+                                            "campaign.trigger.min_interval_ms"),
+                      pre_ms=_uint(trig.get("pre_ms", 0), "campaign.trigger.pre_ms", 0,
+                                   limits.max_capture_ms),
+                      post_ms=_uint(trig.get("post_ms", 0), "campaign.trigger.post_ms", 0,
+                                    limits.max_capture_ms))
+    else:
+        raise ParamError("campaign.trigger: must be {period_ms} (time) or {condition, ...} "
+                         "(condition)")
+    c = Campaign(cid, version, tuple(reqs), start, expiry, priority, max_bytes=max_bytes,
+                 doc=dict(doc), tree=tree, **fields)
+    unknown = [n for n in c.inputs() if catalog.get(n) is None]
+    if unknown:
+        raise ParamError(f"campaign: unknown signal(s) {', '.join(unknown[:8])}"
+                         f"{' ...' if len(unknown) > 8 else ''} (use an output name or "
+                         "Message.Signal of this vehicle's databases)")
+    need = buffer_bytes(c, catalog, limits)
+    if need > limits.max_buffer_bytes:
+        raise ParamError(f"campaign: its buffers need {need} bytes, over campaigns."
+                         f"max_buffer_bytes ({limits.max_buffer_bytes}); shorten pre_ms or "
+                         "windows, or name fewer signals")
+    return c
+
+
+def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
+    """Samples in `ms` at the faster of the DBC cycle time and `assumed_period_ms` (senders
+    are often faster than their DBC says), or one per `min_interval_ms`."""
+    period = min(ref.period_ms or limits.assumed_period_ms, limits.assumed_period_ms)
+    return math.ceil(ms / max(period, min_interval_ms, 1)) + 1
+
+
+def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
+    """Memory the campaign's rings and window histories may hold: a ring of frames per
+    message it captures from (pre_ms at the rate of `_capacity`), a history per window.
+    Each is a bounded deque of exactly this capacity."""
+    total = 0
+    if c.condition is not None and c.pre_ms:
+        messages = {}
+        for s in c.signals:
+            ref = catalog.get(s.name)
+            messages[(ref.bus, ref.key)] = ref
+        for ref in messages.values():
+            total += _capacity(c.pre_ms, ref, 0, limits) * SAMPLE_BYTES
+    if c.tree is not None:
+        for _fn, sig, n in E.windows(c.tree):
+            total += _capacity(n, catalog.get(sig), 0, limits) * SAMPLE_BYTES
+    return total
+
+
+def campaign_family(catalog: Catalog, limits: Limits) -> Family:
+    """The `campaign` family, its checks bound to this vehicle's signals and limits."""
+
+    def check(name: str, params: Mapping) -> None:
+        if name == APPLY:
+            _keys(params, {"campaign"}, "params")
+            if "campaign" not in params:
+                raise ParamError("params.campaign: missing")
+            parse_campaign(params["campaign"], catalog, limits)
+        elif name == REMOVE:
+            _keys(params, {"id"}, "params")
+            cid = params.get("id")
+            if not isinstance(cid, str) or not _ID.match(cid):
+                raise ParamError(f"params.id: a campaign id, not {show(cid)}")
+        else:
+            no_params(name, params)
+
+    return Family("campaign", frozenset((APPLY, REMOVE, LIST)), check)
+
+
+# -- batches --------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class CampaignBatch(Batch):
+    campaign: str = ""
+    trigger: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    max_bytes: int | None = None
+
+    def payload(self, vin: str, seq: int, drop: int = 0) -> dict:
+        body = Batch.payload(self, vin, seq, drop)
+        body["campaign"] = self.campaign
+        if self.trigger is not None:
+            body["trigger"] = self.trigger
+        return body
+
+
+# -- the engine -----------------------------------------------------------------------------
+
+def _map_key(v) -> str:
+    if type(v) is str:
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
+def _decoder(message, names: list[str]) -> Callable[[bytes], list]:
+    """fn(data) -> the values of `names` (value-table names as strings; None if absent)."""
+    fast = compile_message(message, names)
+    named = NamedSignalValue
+    if fast is not None:
+        n = len(names)
+        length = message.length
+
+        def decode(data: bytes) -> list:
+            out = [None] * n
+            if len(data) == length:
+                for i, v in fast(data, None)[1]:
+                    out[i] = v.name if type(v) is named else v
+            return out
+        return decode
+
+    def slow(data: bytes) -> list:
+        try:
+            values = message.decode(data, True, True, False, True)
+        except Exception:  # noqa: BLE001 - a bad frame; the core counts it
+            return [None] * len(names)
+        return [v.name if type(v) is named else v
+                for v in (values.get(name) for name in names)]
+    return slow
+
+
+class Sig:
+    """One signal some running campaign reads."""
+
+    __slots__ = ("name", "ref", "value", "conditions", "tap")
+
+    def __init__(self, name: str, ref: Ref):
+        self.name, self.ref = name, ref
+        self.value: Any = None  # condition inputs: decoded when their bits change
+        self.conditions: list[Group] = []  # evaluated when this signal changes
+        self.tap: Tap | None = None
+
+
+_NUM = (int, float)
+
+
+class Agg:
+    """avg/min/max of one signal over the last `n` ms, kept up to date as samples arrive
+    (a running sum, or a monotonic deque), so a query costs O(1) amortised. Samples that are
+    not numbers (null after a timeout, names) are not counted."""
+
+    __slots__ = ("fn", "name", "n", "cap", "q", "total")
+
+    def __init__(self, fn: str, name: str, n: int, cap: int):
+        self.fn, self.name, self.n, self.cap = fn, name, n, cap
+        self.q: deque = deque()  # (t, v); for min/max only the candidates
+        self.total = 0
+
+    def add(self, t: int, v) -> None:
+        if v.__class__ not in _NUM:
+            return
+        q = self.q
+        if self.fn == "avg":
+            q.append((t, v))
+            self.total += v
+            if len(q) > self.cap:  # faster than sized for: the oldest goes
+                self.total -= q.popleft()[1]
+        else:
+            if self.fn == "min":
+                while q and q[-1][1] >= v:
+                    q.pop()
+            else:
+                while q and q[-1][1] <= v:
+                    q.pop()
+            q.append((t, v))
+            if len(q) > self.cap:
+                q.popleft()
+        if q[0][0] < t - self.n:
+            self._prune(t)
+
+    def _prune(self, now: int) -> None:
+        q, lo = self.q, now - self.n
+        avg = self.fn == "avg"
+        while q and q[0][0] < lo:
+            t, v = q.popleft()
+            if avg:
+                self.total -= v
+        if avg and not q:
+            self.total = 0  # no drift carried into the next run of samples
+
+    def query(self, now: int):
+        """The aggregate at `now`, or None when no sample is in the window."""
+        self._prune(now)
+        q = self.q
+        if not q:
+            return None
+        return self.total / len(q) if self.fn == "avg" else q[0][1]
+
+    def __len__(self) -> int:
+        return len(self.q)
+
+
+class Tap:
+    """One tapped message: the last frame, a ring of frames for captures, and decoders for
+    the condition inputs (on change) and window signals (every frame)."""
+
+    __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "aggs",
+                 "wdecode", "wlast", "active")
+
+    def __init__(self, message):
+        self.message = message
+        self.last_t = -1
+        self.last: bytes | None = None
+        self.ring: deque | None = None  # (t_ms, data)
+        self.conds: list[Sig] = []
+        self.fast = None
+        self.prev = None
+        self.aggs: list[tuple[Agg, Ref]] = []
+        self.wdecode = None
+        self.wlast: list | None = None  # the window signals' values in `last`
+        self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
+
+
+class Part:
+    """The signals one campaign captures from one message."""
+
+    __slots__ = ("tap", "cols", "decode", "refs")
+
+    def __init__(self, tap: Tap, cols: list[int], decode, refs: list[Ref]):
+        self.tap, self.cols, self.decode, self.refs = tap, cols, decode, refs
+
+
+class Group:
+    """The running campaigns with one condition text: evaluated once for all of them."""
+
+    __slots__ = ("fn", "members", "windowed", "true")
+
+    def __init__(self, fn, windowed: bool):
+        self.fn, self.windowed = fn, windowed
+        self.members: list[Running] = []
+        self.true = False  # the last evaluation
+
+
+class Running:
+    """One active campaign's run-time state."""
+
+    def __init__(self, c: Campaign, now_ms: int, batch_age_ms: int, batch_bytes: int):
+        self.c = c
+        self.windowed = bool(c.tree is not None and E.windows(c.tree))
+        self.cols = [Column(s.name) for s in c.signals]
+        self.builder = BatchBuilder(batch_age_ms, batch_bytes)
+        self.parts: list[Part] = []
+        self.last_in: list[tuple[int, Any]] = [(-1, None)] * len(c.signals)  # filter state
+        self.prev = False
+        self.last_fire = None
+        self.capture_until = -1  # capturing while now <= this
+        self.trigger_ms: int | None = None
+        self.firings = 0
+        self.overflow = 0  # firings whose pre_ms reached further back than the ring held
+        self.next_due = now_ms + (c.period_ms or 0)
+        self.batches = 0
+
+
+class CampaignEngine:
+    """Runs the active campaigns. Feed it through `taps()` (installed on the telemetry core),
+    call `tick(now_ms)` often, and take `take_batches()`."""
+
+    def __init__(self, catalog: Catalog, limits: Limits = Limits(), stale_ms: int = 5000,
+                 batch_age_ms: int = 1000, batch_bytes: int = 65536):
+        self.catalog, self.limits, self.stale_ms = catalog, limits, stale_ms
+        self.batch_age_ms, self.batch_bytes = batch_age_ms, batch_bytes
+        self.applied: dict[str, Campaign] = {}
+        self.running: dict[str, Running] = {}
+        self.sigs: dict[str, Sig] = {}
+        self.aggs: dict[tuple[str, str, int], Agg] = {}
+        self.tapmap: dict[tuple[int, int], Tap] = {}
+        self.closed: list[CampaignBatch] = []
+        self.changed = True  # the set of tapped messages may differ: re-install taps
+        self.evaluations = 0
+        self.errors = 0  # taps that raised (bugs), counted
+        self.last_error = ""
+        self._now = 0
+        self._ticked: list[Group] = []  # windowed conditions, re-evaluated per tick
+        self._next_change = -1  # ms of the next start or expiry among the applied
+        self.groups: dict[str, Group] = {}  # condition text -> its running campaigns
+        self._fns: dict[str, Any] = {}  # condition text -> generated code
+        self._timed: list[Running] = []  # time campaigns
+        self._capturing: dict[str, Running] = {}  # condition campaigns after a trigger
+        self._cache: dict = {}  # compiled decoders (the catalog's messages live as long)
+
+    # -- applying -----------------------------------------------------------------------
+
+    def check_apply(self, c: Campaign) -> str:
+        """'' if `c` may replace/join the applied ones, else the BAD_PARAMS detail."""
+        old = self.applied.get(c.id)
+        if old is not None and c.version <= old.version:
+            return (f"campaign {c.id}: version {c.version} is not newer than the applied "
+                    f"version {old.version}")
+        others = [x for x in self.applied.values() if x.id != c.id]
+        if len(others) + 1 > self.limits.max_campaigns:
+            return f"campaign {c.id}: {self.limits.max_campaigns} campaigns are applied already"
+        if c.condition is not None and \
+                sum(x.condition is not None for x in others) + 1 > self.limits.max_conditions:
+            return (f"campaign {c.id}: {self.limits.max_conditions} condition campaigns are "
+                    "applied already (campaigns.max_conditions)")
+        used = sum(buffer_bytes(x, self.catalog, self.limits) for x in others)
+        need = buffer_bytes(c, self.catalog, self.limits)
+        if used + need > self.limits.max_buffer_bytes:
+            return (f"campaign {c.id}: its buffers need {need} bytes, only "
+                    f"{self.limits.max_buffer_bytes - used} of campaigns.max_buffer_bytes "
+                    f"({self.limits.max_buffer_bytes}) are free; shorten pre_ms or windows, "
+                    "or remove a campaign")
+        return ""
+
+    def apply(self, c: Campaign, now_ms: int) -> None:
+        """Install (or replace) a checked campaign."""
+        self._stop(c.id)
+        self.applied[c.id] = c
+        self._next_change = -1
+        self._sync(now_ms)
+        self._rebuild()
+
+    def remove(self, cid: str, now_ms: int) -> bool:
+        if cid not in self.applied:
+            return False
+        self._stop(cid)
+        del self.applied[cid]
+        self._rebuild()
+        return True
+
+    def list(self, now_ms: int) -> list[dict]:
+        return [{"id": c.id, "version": c.version, "state": c.state(now_ms)}
+                for c in sorted(self.applied.values(), key=lambda c: c.id)]
+
+    def _sync(self, now_ms: int) -> list[str]:
+        """Start the campaigns whose time has come, stop and drop the expired; returns the
+        ids of expired ones (removed)."""
+        if now_ms < self._next_change:
+            return []
+        expired = []
+        started = False
+        nxt = float("inf")  # the next start or expiry: nothing to do before it
+        for c in list(self.applied.values()):
+            if c.start > now_ms:
+                nxt = min(nxt, c.start)
+            elif c.expiry is not None and c.expiry > now_ms:
+                nxt = min(nxt, c.expiry)
+            state = c.state(now_ms)
+            if state == EXPIRED:
+                self._stop(c.id)
+                del self.applied[c.id]
+                expired.append(c.id)
+            elif state == ACTIVE and c.id not in self.running:
+                self.running[c.id] = Running(c, now_ms, self.batch_age_ms, self.batch_bytes)
+                started = True
+        self._next_change = nxt
+        if expired or started:
+            self._rebuild()
+        return expired
+
+    def _stop(self, cid: str) -> None:
+        r = self.running.pop(cid, None)
+        if r is not None:
+            self._close(r)
+            self._capturing.pop(cid, None)
+            for part in r.parts:
+                part.tap.active = [x for x in part.tap.active if x[0] is not r]
+
+    def _rebuild(self) -> None:
+        """Signals, taps, rings, window aggregates and the condition index for the running
+        set; what stays keeps its values, aggregates and ring contents."""
+        old_taps = self.tapmap
+        self.tapmap = {}
+        self._ticked = []
+        self.groups = {}
+        self._timed = [r for r in self.running.values() if r.c.period_ms is not None]
+        used: set[str] = set()
+        used_aggs: set[tuple[str, str, int]] = set()
+        for sg in self.sigs.values():
+            sg.conditions = []
+
+        def sig(name: str) -> Sig:
+            used.add(name)
+            s = self.sigs.get(name)
+            if s is None:
+                s = self.sigs[name] = Sig(name, self.catalog.get(name))
+            key = (s.ref.bus, s.ref.key)
+            tap = self.tapmap.get(key)
+            if tap is None:
+                tap = self.tapmap[key] = Tap(s.ref.message)
+                prev = old_taps.get(key)
+                if prev is not None:
+                    tap.last_t, tap.last, tap.ring = prev.last_t, prev.last, prev.ring
+            s.tap = tap
+            return s
+
+        ring_cap: dict[tuple[int, int], int] = {}
+        for r in self.running.values():
+            c = r.c
+            by_msg: dict[tuple[int, int], list[int]] = {}
+            for i, req in enumerate(c.signals):
+                s = sig(req.name)
+                by_msg.setdefault((s.ref.bus, s.ref.key), []).append(i)
+            r.parts = []
+            for key, cols in by_msg.items():
+                tap = self.tapmap[key]
+                refs = [self.sigs[c.signals[i].name].ref for i in cols]
+                r.parts.append(Part(tap, cols, self._decoder(tap.message,
+                                                             [x.signal for x in refs]), refs))
+                if c.condition is not None and c.pre_ms:
+                    cap = _capacity(c.pre_ms, refs[0], 0, self.limits)
+                    ring_cap[key] = max(ring_cap.get(key, 0), cap)
+            if c.tree is not None:
+                group = self.groups.get(c.condition)
+                if group is None:
+                    group = self.groups[c.condition] = Group(None, r.windowed)
+                    for name in E.value_signals(c.tree):
+                        sig(name).conditions.append(group)
+                    if r.windowed:
+                        self._ticked.append(group)
+                group.members.append(r)
+                group.true = group.true or r.prev
+                for fn, name, n in E.windows(c.tree):
+                    sg = sig(name)
+                    used_aggs.add((fn, name, n))
+                    if (fn, name, n) not in self.aggs:
+                        self.aggs[(fn, name, n)] = Agg(fn, name, n,
+                                                       _capacity(n, sg.ref, 0, self.limits))
+        gone = [n for n in self.sigs if n not in used]
+        gone_aggs = [k for k in self.aggs if k not in used_aggs]
+        for name in gone:
+            del self.sigs[name]
+        for key in gone_aggs:
+            del self.aggs[key]
+        if gone or gone_aggs:
+            self._fns = {}  # generated code holds those objects: build it again
+        for text, group in self.groups.items():
+            if text not in self._fns:
+                self._fns[text] = _codegen(group.members[0].c.tree, self.sigs, self.aggs,
+                                           self.stale_ms)
+            group.fn = self._fns[text]
+        for s in self.sigs.values():
+            if s.conditions:
+                s.tap.conds.append(s)
+        for (fn, name, n), agg in self.aggs.items():
+            self.sigs[name].tap.aggs.append((agg, self.sigs[name].ref))
+        for key, tap in self.tapmap.items():
+            cap = ring_cap.get(key, 0)
+            tap.ring = deque(tap.ring or (), maxlen=cap) if cap else None
+            if tap.conds:
+                names = [s.ref.signal for s in tap.conds]
+                tap.fast = self._compiled(tap.message, names)
+                if tap.fast is None:  # multiplexed / float: decode and compare
+                    tap.fast = _changes(self._decoder(tap.message, names))
+            if tap.aggs:
+                tap.wdecode = self._decoder(tap.message, [ref.signal for _a, ref in tap.aggs])
+                tap.wlast = None
+        for r in self.running.values():  # captures in progress carry on
+            if r.capture_until >= 0:
+                for part in r.parts:
+                    part.tap.active.append((r, part))
+        self.changed = True
+
+    def _decoder(self, message, names: list[str]):
+        key = ("d", id(message), tuple(names))
+        if key not in self._cache:
+            self._cache[key] = _decoder(message, names)
+        return self._cache[key]
+
+    def _compiled(self, message, names: list[str]):
+        key = ("c", id(message), tuple(names))
+        if key not in self._cache:
+            self._cache[key] = compile_message(message, names)
+        return self._cache[key]
+
+    # -- taps: what the telemetry core must hand over ------------------------------------
+
+    def taps(self) -> dict[tuple[int, int], Callable[[float, bytes], None]]:
+        """(bus, can key) -> tap(t_seconds, data) for every message a running campaign reads."""
+        self.changed = False
+        return {k: self._tap_fn(tap) for k, tap in self.tapmap.items()}
+
+    def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
+        length = tap.message.length
+
+        def fn(t: float, data: bytes) -> None:
+            t_ms = int(t * 1000)
+            same = data == tap.last  # a repeated frame: the same values (about half of them)
+            tap.last_t, tap.last = t_ms, data
+            ring = tap.ring
+            if ring is not None:
+                ring.append((t_ms, data))
+            try:
+                if tap.active:
+                    self._capture_post(tap, t_ms, data)
+                if tap.aggs:
+                    values = tap.wlast
+                    if not same or values is None:
+                        values = tap.wlast = [
+                            v if v is None or ref.spec is None else _shape(ref.spec, v)
+                            for (_a, ref), v in zip(tap.aggs, tap.wdecode(data))]
+                    for (agg, _ref), v in zip(tap.aggs, values):
+                        if v is not None:
+                            agg.add(t_ms, v)
+                if same:
+                    return  # condition inputs unchanged
+                if tap.conds and len(data) == length:
+                    tap.prev, changed = tap.fast(data, tap.prev)
+                    if changed:
+                        dirty = []
+                        conds = tap.conds
+                        for i, v in changed:
+                            s = conds[i]
+                            if type(v) is NamedSignalValue:
+                                v = v.name
+                            if s.ref.spec is not None:
+                                v = _shape(s.ref.spec, v)
+                            if v != s.value or type(v) is not type(s.value):
+                                s.value = v
+                                dirty.extend(s.conditions)
+                        if dirty:
+                            self._evaluate(dirty, t_ms)
+            except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
+                self._failed(e)
+        return fn
+
+    def _failed(self, e: Exception) -> None:
+        self.errors += 1
+        self.last_error = f"{type(e).__name__}: {e}"[:200]
+
+    # -- captures -------------------------------------------------------------------------
+
+    def _capture(self, r: Running, part: Part, t_ms: int, data: bytes) -> None:
+        """The campaign's signals of this frame into its batch (with their own filters)."""
+        reqs = r.c.signals
+        for i, ref, v in zip(part.cols, part.refs, part.decode(data)):
+            if v is None:
+                continue
+            if ref.spec is not None:
+                v = _shape(ref.spec, v)
+            req = reqs[i]
+            if req.min_interval_ms or req.deadband:
+                lt, lv = r.last_in[i]
+                if req.min_interval_ms and lt >= 0 and t_ms - lt < req.min_interval_ms:
+                    continue
+                if req.deadband and lt >= 0 and type(v) is not str and type(lv) is not str \
+                        and lv is not None and abs(v - lv) <= req.deadband:
+                    continue
+                r.last_in[i] = (t_ms, v)
+            r.builder.add(r.cols[i], t_ms, v)
+
+    def _capture_post(self, tap: Tap, t_ms: int, data: bytes) -> None:
+        for r, part in tap.active:
+            if r.capture_until >= t_ms:
+                self._capture(r, part, t_ms, data)
+
+    # -- conditions -----------------------------------------------------------------------
+
+    def window(self, fn: str, name: str, n_ms: int) -> float:
+        """avg/min/max(name, n_ms) at the engine's current time (for views and tests)."""
+        agg = self.aggs.get((fn, name, n_ms))
+        v = None if agg is None else agg.query(self._now)
+        if v is None:
+            raise E.Unknown(f"{name}: no sample in the last {n_ms} ms")
+        return v
+
+    def _evaluate(self, groups, now_ms: int) -> None:
+        self._now = now_ms
+        seen = set()
+        for g in groups:
+            if id(g) in seen:
+                continue
+            seen.add(id(g))
+            self.evaluations += 1
+            ok = g.true = g.fn(now_ms)
+            for r in g.members:
+                fire = ok and (not r.prev or not r.c.rising_edge)
+                r.prev = ok
+                if not fire or r.capture_until >= now_ms:
+                    continue  # (a firing during a capture of the same campaign is not new)
+                if r.last_fire is not None and now_ms - r.last_fire < r.c.min_interval_ms:
+                    continue
+                self._fire(r, now_ms)
+
+    def _fire(self, r: Running, now_ms: int) -> None:
+        r.firings += 1
+        r.last_fire = now_ms
+        r.trigger_ms = now_ms
+        lo = now_ms - r.c.pre_ms
+        r.last_in = [(-1, None)] * len(r.c.signals)
+        for part in r.parts:
+            ring = part.tap.ring
+            if not ring:
+                continue
+            if ring[0][0] > lo and len(ring) == ring.maxlen:
+                r.overflow += 1  # frames came faster than the ring was sized for
+            for t, data in ring:
+                if lo <= t <= now_ms:
+                    self._capture(r, part, t, data)
+        self._close(r)  # the pre-trigger part goes out at once
+        r.capture_until = now_ms + r.c.post_ms
+        self._capturing[r.c.id] = r
+        if r.c.post_ms:
+            for part in r.parts:
+                part.tap.active.append((r, part))
+
+    def _close(self, r: Running) -> None:
+        b = r.builder
+        if b.close() is None:
+            return
+        for batch in b.take():
+            r.batches += 1
+            self.closed.append(CampaignBatch(batch.t0, batch.t_end, batch.sig, batch.samples,
+                                             r.c.id, r.trigger_ms, r.c.priority, r.c.max_bytes))
+
+    # -- time -------------------------------------------------------------------------------
+
+    def tick(self, now_ms: int) -> list[str]:
+        """Start/expiry, time campaigns, capture ends, batch age, conditions that move with
+        time. Returns the ids of campaigns that expired (and were removed)."""
+        expired = self._sync(now_ms)
+        self._now = now_ms
+        again = [g for g in self.groups.values() if g.true and not g.windowed]
+        if self._ticked or again:  # windows move with time; a true input may go stale
+            self._evaluate(self._ticked + again, now_ms)
+        for r in self._timed + list(self._capturing.values()):
+            c = r.c
+            if c.period_ms is not None and now_ms >= r.next_due:
+                r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
+                self._sample_latest(r, now_ms)
+            if r.capture_until >= 0 and now_ms > r.capture_until:
+                r.capture_until = -1
+                del self._capturing[c.id]
+                for part in r.parts:
+                    part.tap.active = [x for x in part.tap.active if x[0] is not r]
+                self._close(r)
+                r.trigger_ms = None
+            deadline = r.builder.deadline_ms
+            if deadline is not None and now_ms >= deadline:
+                self._close(r)
+        return expired
+
+    def _sample_latest(self, r: Running, now_ms: int) -> None:
+        """A time campaign: the latest value of each signal (not stale) at `now_ms`."""
+        for part in r.parts:
+            tap = part.tap
+            if tap.last is None or now_ms - tap.last_t > self.stale_ms:
+                continue
+            for i, ref, v in zip(part.cols, part.refs, part.decode(tap.last)):
+                if v is not None:
+                    r.builder.add(r.cols[i], now_ms, _shape(ref.spec, v) if ref.spec else v)
+
+    def flush(self) -> None:
+        for r in self.running.values():
+            self._close(r)
+
+    def take_batches(self) -> list[CampaignBatch]:
+        out, self.closed = self.closed, []
+        return out
+
+    # -- views ----------------------------------------------------------------------------
+
+    def held_bytes(self, cid: str) -> int:
+        """Bytes in the rings and histories this campaign reads (rings are shared)."""
+        r = self.running.get(cid)
+        if r is None:
+            return 0
+        n = sum(len(p.tap.ring) for p in r.parts if p.tap.ring is not None)
+        if r.c.tree is not None:
+            n += sum(len(self.aggs[w]) for w in E.windows(r.c.tree) if w in self.aggs)
+        return n * SAMPLE_BYTES
+
+    def status(self, now_ms: int) -> list[dict]:
+        out = []
+        for c in sorted(self.applied.values(), key=lambda c: c.id):
+            r = self.running.get(c.id)
+            out.append({"id": c.id, "version": c.version, "state": c.state(now_ms),
+                        "kind": "condition" if c.condition is not None else "time",
+                        "priority": c.priority, "firings": r.firings if r else 0,
+                        "batches": r.batches if r else 0, "held_bytes": self.held_bytes(c.id),
+                        "ring_overflow": r.overflow if r else 0,
+                        "capturing": bool(r and r.capture_until >= now_ms)})
+        return out
+
+
+def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int):
+    """The condition as straight-line Python, fn(now_ms) -> bool, with the semantics of
+    expr.compile_expr + holds (the tests check the two agree): every input is checked first
+    (never seen, stale, null, or of the wrong kind for how it is used: false), then one
+    expression; a type mismatch or a division by zero is false."""
+    env: dict[str, Any] = {"_NUM": _NUM}
+    pre: list[str] = []
+    names: dict[str, str] = {}
+    wins: dict[tuple, str] = {}
+    checked: set[tuple[str, str]] = set()
+
+    def value(name: str, ctx: str) -> str:
+        var = names.get(name)
+        if var is None:
+            var = names[name] = f"v{len(names)}"
+            env[f"S{var}"] = sigs[name]
+            pre.append(f"    t = S{var}.tap.last_t")
+            pre.append(f"    if t < 0 or now - t > {int(stale_ms)}: return False")
+            pre.append(f"    {var} = S{var}.value")
+            pre.append(f"    if {var} is None: return False")
+        if (name, ctx) not in checked:
+            checked.add((name, ctx))
+            if ctx == "num":
+                pre.append(f"    if {var}.__class__ not in _NUM: return False")
+            elif ctx == "bool":
+                pre.append(f"    if {var} is not True and {var} is not False: return False")
+        return var
+
+    def window(node: E.Node) -> str:
+        key = (node.op, node.args[0], node.args[1])
+        var = wins.get(key)
+        if var is None:
+            var = wins[key] = f"w{len(wins)}"
+            env[f"A{var}"] = aggs[key]
+            pre.append(f"    {var} = A{var}.query(now)")
+            pre.append(f"    if {var} is None: return False")
+        return var
+
+    def emit(n: E.Node, ctx: str) -> str:
+        op, a = n.op, n.args
+        if op in ("num", "str"):
+            return repr(a[0])
+        if op == "bool":
+            return "True" if a[0] else "False"
+        if op == "sig":
+            return value(a[0], ctx)
+        if op in E.WINDOWS:
+            return window(n)
+        if op == "neg":
+            return f"(-{emit(a[0], 'num')})"
+        if op == "abs":
+            return f"abs({emit(a[0], 'num')})"
+        if op == "not":
+            return f"(not {emit(a[0], 'bool')})"
+        if op in ("and", "or"):
+            return f"({emit(a[0], 'bool')} {op} {emit(a[1], 'bool')})"
+        if op in E.CMP:
+            return f"({emit(a[0], 'cmp')} {op} {emit(a[1], 'cmp')})"
+        return f"({emit(a[0], 'num')} {op} {emit(a[1], 'num')})"  # + - * /
+
+    body = emit(tree, "bool")
+    src = "\n".join(["def cond(now):", *pre, "    try:", f"        return {body} is True",
+                     "    except (TypeError, ZeroDivisionError, OverflowError):",
+                     "        return False"])
+    exec(compile(src, "<condition>", "exec"), env)  # noqa: S102 - generated from our own tree
+    return env["cond"]
+
+
+def _changes(decode):
+    """A change-detecting decoder (like fastdecode's) over a plain one: (values, changed)."""
+    def fn(data, prev):
+        values = decode(data)
+        if prev is None:
+            return values, list(enumerate(values))
+        return values, [(i, v) for i, (v, p) in enumerate(zip(values, prev)) if v != p]
+    return fn
+
+
+def _shape(spec: SignalSpec, v):
+    """A [telemetry] output name's value: its map or scale (no deadband or throttle)."""
+    if spec.map is not None:
+        out = spec.map.get(_map_key(v))
+        return v if out is None else out
+    if (spec.scale != 1.0 or spec.offset != 0.0) and type(v) is not str:
+        return v * spec.scale + spec.offset
+    return v
