@@ -17,7 +17,7 @@ def test_receive_filters_are_replaced_at_run_time(tmp_path):
     channel = f"sel-{uuid.uuid4().hex}"
     got: list[int] = []
     cfg = BusConfig(name="pt", interface="virtual", channel=channel, dbc=(tmp_path / "x.dbc",))
-    reader = BusReader(0, cfg, lambda bus, t, can_id, data: got.append(can_id),
+    reader = BusReader(0, cfg, lambda frames: got.extend(f[2] for f in frames),
                        receive_filters([0x100]))
     reader.start()
     sender = can.Bus(interface="virtual", channel=channel)

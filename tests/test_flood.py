@@ -118,7 +118,7 @@ def test_lanes_are_bounded_and_a_command_passes_a_full_frame_lane(svc):
     s, t0 = svc, int(time.time() * 1000)
     a = s.agent
     for i in range(FRAME_LANE + 500):  # the core thread is not running: nothing is taken
-        a._enqueue(0, 0.0, 0x123, b"\0" * 8)
+        a._enqueue([(0, 0.0, 0x123, b"\0" * 8)])  # one burst of one frame
     cid, message = command(s.signer(), t0)
     a._on_command("commands", message)
     junk = [b"junk %d" % i for i in range(3 * a._command_lane_size)]

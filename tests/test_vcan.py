@@ -394,3 +394,37 @@ max_batch_age_ms = 300
         sim.stop()
     text = (tmp_path / "agent.log").read_text(errors="replace")
     assert "failed on socketcan" not in text, text  # the bus never faulted
+
+
+def test_frames_the_kernel_drops_on_a_full_socket_are_counted():
+    """SO_RXQ_OVFL on a real CAN_RAW socket: the reader's kernel_drops is the kernel's count."""
+    import can
+
+    from agent.adapters.canbus import BusReader
+    from agent.config import BusConfig
+
+    got: list = []
+    cfg = BusConfig("v", "socketcan", "vcan0", (Path("unused.dbc"),), filters=False)
+    r = BusReader(0, cfg, got.extend)
+    r._open()
+    try:
+        assert r._raw is not None  # the raw SocketCAN path
+        r._raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # most of a burst drops
+        with can.Bus(interface="socketcan", channel="vcan0") as tx:
+            for i in range(2000):  # nothing reads meanwhile
+                tx.send(can.Message(arbitration_id=0x321, data=i.to_bytes(2, "little"),
+                                    is_extended_id=False))
+            while True:
+                before = len(got)
+                r._read_raw(got)
+                if len(got) == before:
+                    break
+            # The count rides on the frames queued after a drop: one more, read, carries it.
+            tx.send(can.Message(arbitration_id=0x322, data=b"\x01", is_extended_id=False))
+            r._read_raw(got)
+        assert got[-1][2] == 0x322
+        assert r.kernel_drops and r.kernel_drops > 1000
+        assert len(got) + r.kernel_drops == 2001
+        assert r.status()["kernel_drops"] == r.kernel_drops
+    finally:
+        r._close()

@@ -116,6 +116,8 @@ def render(s: dict) -> str:
                      f"{b['frames']} ({b['fps']:.0f}/s), unknown ids {b['unknown_ids']}, decode "
                      f"errors {b['decode_errors']}, bad length {b['bad_length']}, bus errors "
                      f"{b['bus_errors']}, reopens {b['reopens']}"
+                     + (f", kernel drops {b['kernel_drops']}"
+                        if b.get("kernel_drops") is not None else "")
                      + (f", listen-only (sends refused {b.get('refused_sends', 0)})"
                         if b.get("listen_only") else "")
                      + (f", last error: {b['last_error']}" if b.get("last_error") else "")))
