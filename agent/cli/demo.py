@@ -264,8 +264,8 @@ class Demo:
         self.say(f"agent: uplink {up['state']} to {up['broker']} with MQTT {up['protocol']}")
         self.results = {}
         from ..cloud.main import load_campaign
-        campaign = load_campaign(str(Path(__file__).resolve().parents[2] / "configs"
-                                     / "campaign-charging.toml"))
+        from ..resources import data_file
+        campaign = load_campaign(str(data_file("configs", "campaign-charging.toml")))
         applied = self._send(cloud, vin, "campaign.apply", {"campaign": campaign})
         self.results["campaign.apply"] = self._wait(applied, 10)
         # Let the ring fill with up to 5 s of samples before charging starts (if time allows).
