@@ -249,22 +249,9 @@ class TelemetryCore:
                     update(entry.signals, changed, int(t * 1000), full)
                 continue
             entry.prev = None  # the fast path resynchronises on the next frame of normal length
-            try:
-                values = entry.decode(data, True, True, False, True)
-            except Exception:  # cantools raises several types on bad frames; never fatal
-                c.decode_errors += 1
-                continue
-            c.decoded += 1
-            t_ms = int(t * 1000)
-            changed = []
-            for i, s in enumerate(entry.signals):
-                v = values.get(s.sig, MISSING)
-                if v is not MISSING:
-                    changed.append((i, v))
-                    s.seen_ms = t_ms
-            if entry.mux:
-                entry.present = set(values)
-            update(entry.signals, changed, t_ms, True)
+            changed = self._decode(entry, c, t, data)
+            if changed is not None:
+                update(entry.signals, changed, int(t * 1000), True)
 
     def _short_frame(self, entry: MessageState, c: BusCounters, t: float, data: bytes) -> None:
         """A frame shorter than its DBC length: decode what it carries completely (cantools'
@@ -277,12 +264,21 @@ class TelemetryCore:
                 entry.signals[i].seen_ms = t_ms
             return
         entry.last = data
-        entry.carried = []
+        changed = self._decode(entry, c, t, data)
+        entry.carried = [i for i, _ in changed or ()]
+        if changed is not None:
+            self._update(entry.signals, changed, int(t * 1000), True)
+
+    @staticmethod
+    def _decode(entry: MessageState, c: BusCounters, t: float, data: bytes) -> list | None:
+        """cantools' decode (multiplexed messages, floats, frames of another length; a short
+        one yields only the signals it carries completely): [(index, value), ...] with their
+        seen_ms set, or None (counted) when the frame does not decode."""
         try:
             values = entry.decode(data, True, True, False, True)
         except Exception:  # cantools raises several types on bad frames; never fatal
             c.decode_errors += 1
-            return
+            return None
         c.decoded += 1
         t_ms = int(t * 1000)
         changed = []
@@ -291,10 +287,9 @@ class TelemetryCore:
             if v is not MISSING:
                 changed.append((i, v))
                 s.seen_ms = t_ms
-                entry.carried.append(i)
         if entry.mux:
             entry.present = set(values)
-        self._update(entry.signals, changed, t_ms, True)
+        return changed
 
     def _update(self, signals: list[SignalState], changed, t_ms: int, full: bool) -> None:
         """Sample new values: changed = [(index into signals, decoded value), ...]."""
