@@ -209,7 +209,7 @@ def _command(args) -> int:
     from .client import connect
 
     signer = Signer(load_private_key(_existing_key(args.key)))
-    if args.grant:
+    if getattr(args, "grant", None):  # tcu-cloud campaign shares this path, without --grant
         from .grant import command_signer
         signer = command_signer(load_private_key(args.key), args.grant)
     vehicle = {}
