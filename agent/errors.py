@@ -14,12 +14,16 @@
     ├── ParseError (ValueError) a device line with the wrong format
     │   ├── NmeaError          an NMEA sentence (.reason: checksum, format, unsupported)
     │   └── AtParseError       an AT information line
+    ├── ExprError (ValueError) a condition that does not parse or is over a limit (.pos)
     ├── UpdateError            an update step failed (.reason: §7 reason, .detail)
     │   ├── TargetRefused      this vehicle refuses the target: REJECTED
     │   ├── IllegalTransition  an event the update state machine does not allow now
     │   ├── SlotError          installing into / switching / confirming a slot failed
     │   └── FetchError         downloading or verifying a TUF target failed
     └── RepoError              the tcu-cloud test repository cannot be used
+
+Exceptions that only carry control flow inside one module (a device that stopped answering, a
+corrupt SQLite file about to be moved aside, an unknown condition input) stay private there.
 
 Messages say what was wrong, where, and what to do; the CLI prints them as one line and
 exits 2.
@@ -136,3 +140,13 @@ class FetchError(UpdateError):
 class RepoError(AgentError):
     """The test repository directory (tcu-cloud repo) is missing, incomplete or cannot be
     written."""
+
+
+class ExprError(AgentError, ValueError):
+    """A condition (PROTOCOL.md §8 language) that does not parse or is over a limit; `pos` is
+    the 1-based character position, `message` the text without it."""
+
+    def __init__(self, message: str, pos: int):
+        super().__init__(f"{message} at position {pos}")
+        self.message = message
+        self.pos = pos

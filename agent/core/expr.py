@@ -28,6 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
+from agent.errors import ExprError  # noqa: F401 - raised here, caught as E.ExprError
+
 MAX_CHARS = 1024
 MAX_DEPTH = 10
 MAX_NESTING = 32  # parentheses / unary operators while parsing (keeps recursion bounded)
@@ -37,15 +39,6 @@ KEYWORDS = ("and", "or", "not", "true", "false")
 CMP = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
        ">": operator.gt, ">=": operator.ge}
 ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-
-
-class ExprError(ValueError):
-    """A syntax or limit error; `pos` is the 1-based character position."""
-
-    def __init__(self, message: str, pos: int):
-        super().__init__(f"{message} at position {pos}")
-        self.message = message
-        self.pos = pos
 
 
 class Unknown(Exception):
