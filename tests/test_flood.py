@@ -8,6 +8,7 @@ Mosquitto and the simulated EV on a virtual bus, and watch the bus."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import random
@@ -279,8 +280,11 @@ def test_a_failed_accepted_write_sends_nothing_and_is_answered_truthfully(live):
     assert len(r.statuses(cid)) == 2 and r.watch.requests_since(t) == []
 
 
-def test_a_full_disk_still_answers_a_command(tmp_path):
-    from support.tmpfs import fill, tmpfs
+@contextlib.contextmanager
+def _tiny_disk_agent(tmp_path):
+    """An agent whose storage.dir is a 2 MB tmpfs, connected to a fresh Mosquitto; yields
+    (agent, the tmpfs, send(): the id of a genuine command published, answers(id))."""
+    from support.tmpfs import tmpfs
 
     broker = Mosquitto().start()
     keys, trust = _keys_and_trust(tmp_path)
@@ -291,60 +295,55 @@ def test_a_full_disk_still_answers_a_command(tmp_path):
         agent = Agent(load_config(ROOT / "configs" / "demo.toml", overrides))
         agent.start()
         consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/responses").start()
-        try:
-            assert wait_until(lambda: agent.publisher.uplink.status()["state"] == "connected")
-            time.sleep(0.3)
-            filler = fill(tiny / "filler")
+
+        def send() -> str:
             cid, message = command(Signer(load_private_key(keys / "cloud.key")),
                                    int(time.time() * 1000))
             publish(broker.host, broker.port, f"vehicles/{VIN}/commands", message)
-            assert wait_until(lambda: agent.status()["counters"].get("commands.received"))
-            time.sleep(1.0)  # the command is handled while the disk is full
-            filler.unlink()  # room again: what was kept in memory is stored and sent
-            mine = lambda: [p for p in (verify(m.payload, vehicle).payload  # noqa: E731
-                                        for m in consumer.messages) if p.get("id") == cid]
-            assert wait_until(mine)
-            terminal = [p for p in mine() if p["status"] in ("SUCCEEDED", "FAILED", "REJECTED")]
-            assert len(terminal) == 1, mine()
+            return cid
+
+        def answers(cid: str) -> list:
+            return [p for p in (verify(m.payload, vehicle).payload for m in consumer.messages)
+                    if p.get("id") == cid]
+        try:
+            assert wait_until(lambda: agent.publisher.uplink.status()["state"] == "connected")
+            time.sleep(0.3)
+            yield agent, tiny, send, answers
         finally:
             consumer.stop()
             agent.stop()
     broker.close()
+
+
+def _terminal(answers: list) -> list:
+    return [p for p in answers if p["status"] in ("SUCCEEDED", "FAILED", "REJECTED")]
+
+
+def test_a_full_disk_still_answers_a_command(tmp_path):
+    from support.tmpfs import fill
+
+    with _tiny_disk_agent(tmp_path) as (agent, tiny, send, answers):
+        filler = fill(tiny / "filler")
+        cid = send()
+        assert wait_until(lambda: agent.status()["counters"].get("commands.received"))
+        time.sleep(1.0)  # the command is handled while the disk is full
+        filler.unlink()  # room again: what was kept in memory is stored and sent
+        assert wait_until(lambda: answers(cid))
+        assert len(_terminal(answers(cid))) == 1, answers(cid)
 
 
 def test_a_disk_that_stays_full_answers_from_memory(tmp_path):
     """No room comes back: the status the outbox cannot store goes out from memory (the
     uplink's publish_volatile), so the cloud still gets exactly one terminal answer."""
-    from support.tmpfs import fill, tmpfs
+    from support.tmpfs import fill
 
-    broker = Mosquitto().start()
-    keys, trust = _keys_and_trust(tmp_path)
-    vehicle = {kid_of(k): k for k in [load_public_key(str(keys / "vehicle.pub"))]}
-    with tmpfs(tmp_path / "tiny", "2m") as tiny:
-        overrides = _overrides(tmp_path, keys, trust, broker.port, f"fl-{uuid.uuid4().hex}",
-                               [f"storage.dir={str(tiny / 'state')!r}"])
-        agent = Agent(load_config(ROOT / "configs" / "demo.toml", overrides))
-        agent.start()
-        consumer = Consumer(broker.host, broker.port, f"vehicles/{VIN}/responses").start()
-        try:
-            assert wait_until(lambda: agent.publisher.uplink.status()["state"] == "connected")
-            time.sleep(0.3)
-            fill(tiny / "filler")  # and it stays full
-            cid, message = command(Signer(load_private_key(keys / "cloud.key")),
-                                   int(time.time() * 1000))
-            publish(broker.host, broker.port, f"vehicles/{VIN}/commands", message)
-            mine = lambda: [p for p in (verify(m.payload, vehicle).payload  # noqa: E731
-                                        for m in consumer.messages) if p.get("id") == cid]
-            terminal = lambda: [p for p in mine()  # noqa: E731
-                                if p["status"] in ("SUCCEEDED", "FAILED", "REJECTED")]
-            assert wait_until(terminal, timeout=20.0)
-            time.sleep(1.5)  # no second, different answer follows
-            assert len(terminal()) == 1, mine()
-            assert agent.publisher.status()["volatile"]["pending"] == 0
-        finally:
-            consumer.stop()
-            agent.stop()
-    broker.close()
+    with _tiny_disk_agent(tmp_path) as (agent, tiny, send, answers):
+        fill(tiny / "filler")  # and it stays full
+        cid = send()
+        assert wait_until(lambda: _terminal(answers(cid)), timeout=20.0)
+        time.sleep(1.5)  # no second, different answer follows
+        assert len(_terminal(answers(cid))) == 1, answers(cid)
+        assert agent.publisher.status()["volatile"]["pending"] == 0
 
 
 # -- the vehicle's clock -------------------------------------------------------------------
