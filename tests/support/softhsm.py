@@ -7,6 +7,7 @@ tokens that exist then: in-process tests share one token directory per test proc
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -53,6 +54,7 @@ def shared_token() -> dict:
     global _shared
     if _shared is None:
         directory = Path(tempfile.mkdtemp(prefix="softhsm-"))
+        atexit.register(shutil.rmtree, directory, True)
         _shared = make_token(directory, labels=("tcu", "spare"))
         os.environ["SOFTHSM2_CONF"] = str(_shared["conf"])
     return _shared
