@@ -226,6 +226,7 @@ def scenario(rate: int, nbus: int, frames: list[bytes], broker, dbc: Path, secon
         kernel = sum(b.get("kernel_drops", 0) for b in status.get("buses", []))
         passes = diff(st1.get("passes", {}), st0.get("passes", {}))
         gcs = diff(st1.get("gc", {}), st0.get("gc", {}))
+        split_s = diff(st1.get("cpu_s", {}), st0.get("cpu_s", {}))
         outbox_bps = (st1.get("outbox_bytes", 0) - st0.get("outbox_bytes", 0)) / span
         disk_bps = (wb1 - wb0) / span
         return {
@@ -247,6 +248,10 @@ def scenario(rate: int, nbus: int, frames: list[bytes], broker, dbc: Path, secon
             "pause_p99_ms": percentile(passes, 0.99),
             "pause_max_ms": round((max((int(k) for k, v in passes.items() if v), default=-1)
                                    + 1) * 0.1, 1),
+            # LIVE_SPLIT=1: the core thread's CPU per offered frame, by step (the rest: the
+            # loop itself, queue wake-ups, commands and records)
+            "core_split_us": {k: round(v / frames_window * 1e6, 2) for k, v in split_s.items()}
+            if frames_window else {},
             "gc_pauses": sum(gcs.values()), "gc_max_ms": round(st1.get("gc_max_ms", 0), 1),
         }
 
@@ -284,7 +289,9 @@ def main(argv=None) -> int:
                           f"{r['socket_drops']}, agent's count {r['kernel_drops']})  disk "
                           f"{r['disk_write_Bps']:,} B/s vs outbox {r['outbox_Bps']:,} B/s  "
                           f"pause p99 {r['pause_p99_ms']} ms max {r['pause_max_ms']} ms  "
-                          f"gc max {r['gc_max_ms']} ms  load {r['loadavg']:.1f}", flush=True)
+                          f"gc max {r['gc_max_ms']} ms  load {r['loadavg']:.1f}"
+                          + (f"  core split us/frame {r['core_split_us']}"
+                             if r["core_split_us"] else ""), flush=True)
     if args.json:
         print(json.dumps({"results": results, "targets": TARGETS}))
     return 0

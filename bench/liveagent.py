@@ -38,7 +38,7 @@ from agent.app import runtime  # noqa: E402
 
 BUCKET_S = 1e-4
 stats = {"passes": Counter(), "gc": Counter(), "gc_max_ms": 0.0, "outbox_bytes": 0,
-         "threads": {}}
+         "threads": {}, "cpu_s": Counter(), "calls": Counter()}
 
 
 class TimedQueue:
@@ -80,13 +80,38 @@ if os.environ.get("LIVE_PROFILE"):  # LIVE_PROFILE=out.prof: cProfile of the cor
     _loop = runtime.Agent._core_loop
 
     def _profiled(self):
-        prof = cProfile.Profile()
+        prof = cProfile.Profile(time.thread_time)  # CPU of this thread, not waits
         try:
             prof.runcall(_loop, self)
         finally:
             prof.dump_stats(os.environ["LIVE_PROFILE"])
 
     runtime.Agent._core_loop = _profiled
+
+
+
+def _cpu_timed(owner, name: str, label: str) -> None:
+    """Wrap owner.name to add its CPU time (this thread's) to stats["cpu_s"][label]."""
+    fn = getattr(owner, name)
+
+    def timed(*a, **k):
+        t = time.thread_time()
+        try:
+            return fn(*a, **k)
+        finally:
+            stats["cpu_s"][label] += time.thread_time() - t
+            stats["calls"][label] += 1
+
+    setattr(owner, name, timed)
+
+
+if os.environ.get("LIVE_SPLIT"):  # where the core thread's CPU goes, by step
+    from agent.app import publisher as publisher_mod
+    from agent.core import telemetry as telemetry_mod
+    _cpu_timed(telemetry_mod.TelemetryCore, "feed_many", "feed")
+    _cpu_timed(telemetry_mod.TelemetryCore, "tick", "tick")
+    _cpu_timed(publisher_mod.Publisher, "batch", "sign_and_store")
+    _cpu_timed(runtime.Agent, "_write_status", "status")
 
 _append_telemetry = outbox_mod.Outbox.append_telemetry
 _append = outbox_mod.Outbox.append

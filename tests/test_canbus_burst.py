@@ -194,3 +194,76 @@ def test_status_shows_kernel_drops_only_where_the_interface_counts_them():
            "bus_errors": 0, "reopens": 0}
     assert "kernel drops 7" in render({"buses": [{**bus, "kernel_drops": 7}]})
     assert "kernel drops" not in render({"buses": [{**bus, "kernel_drops": None}]})
+
+
+def test_read_pace_keeps_the_socket_at_most_half_full():
+    from agent.adapters.canbus import read_pace
+
+    assert read_pace(0, 4000.0, 0.1) == 0.1  # capacity unknown: the hand-off interval
+    assert read_pace(1000, 0.0, 0.1) == 0.1  # nothing arriving yet
+    assert read_pace(1000, 4000.0, 0.1) == 0.1  # 400 frames wait, the socket holds 1000
+    assert read_pace(200, 4000.0, 0.1) == pytest.approx(0.025)  # 100 of 200 then
+    assert read_pace(10, 1e6, 0.1) == 0.001  # never a busy loop
+
+
+def slow_reader(rx, sink, idle_s: float) -> BusReader:
+    cfg = BusConfig("b", "dgramcan", f"fd:{rx.fileno()}", (Path("unused.dbc"),), filters=False)
+    return BusReader(2, cfg, sink, burst_s=idle_s, busy_burst_s=0.01)
+
+
+def test_frames_wait_for_the_hand_off_interval_unless_a_command_is_busy():
+    rx, tx = udp_pair()
+    sink = Sink()
+    r = slow_reader(rx, sink, idle_s=1.5)
+    r.start()
+    try:
+        assert r.wait_open(5)
+        tx.send(can_frame(0x100, b"\x01"))  # the first frame after a quiet spell: at once
+        sink.wait(1)
+        sent = time.monotonic()
+        tx.send(can_frame(0x100, b"\x02"))  # within the idle interval: it waits for it
+        time.sleep(0.3)
+        assert len(sink.frames) == 1
+        r.set_busy(True)  # a command waits for the bus: what is read is handed over now
+        frames = sink.wait(2, timeout=2)
+        assert len(frames) == 2 and time.monotonic() - sent < 2.0
+        handed = time.monotonic()
+        tx.send(can_frame(0x100, b"\x03"))  # while busy: within the busy interval
+        frames = sink.wait(3, timeout=2)
+        assert len(frames) == 3 and time.monotonic() - handed < 1.0
+        r.set_busy(False)
+        time.sleep(0.05)
+        tx.send(can_frame(0x100, b"\x04"))  # the busy interval is over: handed over at once
+        sink.wait(4, timeout=2)
+        sent = time.monotonic()
+        tx.send(can_frame(0x100, b"\x05"))
+        time.sleep(0.3)
+        assert len(sink.frames) == 4  # idle again: waits for the long interval
+        sink.wait(5, timeout=10)
+        assert time.monotonic() - sent >= 1.0
+    finally:
+        r.stop()
+        rx.close()
+        tx.close()
+    assert [f[3] for f in sink.frames] == [b"\x01", b"\x02", b"\x03", b"\x04", b"\x05"]
+
+
+def test_frames_read_but_not_handed_over_are_not_lost_when_the_bus_closes():
+    rx, tx = udp_pair(rcvbuf=8192)  # a small socket: read often, hand over once a second
+    sink = Sink()
+    r = slow_reader(rx, sink, idle_s=30.0)
+    try:
+        r._open()
+        assert r._capacity >= 1
+        tx.send(can_frame(0x100, b"\x01"))
+        tx.send(can_frame(0x100, b"\x02"))
+        r._handoff_at = time.monotonic() + 30  # as after a hand-off
+        while len(r._pending) < 2:
+            r._read_once()
+        assert sink.frames == []
+        r._close()  # a fault or a stop: what was read goes on
+    finally:
+        r._close()
+        rx.close()
+        tx.close()
+    assert [f[3] for f in sink.frames] == [b"\x01", b"\x02"]

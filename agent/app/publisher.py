@@ -77,6 +77,7 @@ class Publisher:
         self._just_connected = threading.Event()
         self._final: dict | None = None
         self._lost = 0  # samples of batches the outbox could not store (disk full)
+        self._batch_lock = threading.Lock()  # batch() runs on two threads (see there)
         self.power: str | None = None  # §10 power state carried by the status records
         self.keepalive_s: int | None = None  # asleep: the longer MQTT keepalive wanted
         self._volatile: deque[tuple[str, bytes]] = deque()  # (topic, signed status)
@@ -107,26 +108,33 @@ class Publisher:
 
     def batch(self, batch: Batch) -> int:
         """Sign and queue a telemetry batch; returns its seq. Raises StorageError when the
-        outbox cannot take it: its samples are then reported in the next batch's `drop`."""
+        outbox cannot take it: its samples are then reported in the next batch's `drop`.
+        Thread-safe: base telemetry comes from the batch store's thread (app/batchstore.py),
+        campaign captures from the core thread."""
         def build(seq: int, drop: int) -> bytes:
             return self.signer.sign(batch.payload(self.vin, seq, drop))
 
-        try:
-            # extra_drop: stored with the batch, so the loss is carried on if it is evicted
-            # A campaign's batch (§8) carries its priority and outbox quota; base telemetry
-            # has the default priority and no quota of its own.
-            campaign = getattr(batch, "campaign", None)
-            seq = self.outbox.append_telemetry(
-                build, batch.samples, now_ms(), self.topics.telemetry, extra_drop=self._lost,
-                priority=getattr(batch, "priority", DEFAULT_PRIORITY), campaign=campaign,
-                max_bytes=getattr(batch, "max_bytes", None) if campaign else None)
-        except Exception:
-            self._lost += batch.samples
-            raise
-        self._lost = 0
+        with self._batch_lock:
+            try:
+                # extra_drop: stored with the batch, so the loss is carried on if it is evicted
+                # A campaign's batch (§8) carries its priority and outbox quota; base
+                # telemetry has the default priority and no quota of its own.
+                campaign = getattr(batch, "campaign", None)
+                seq = self.outbox.append_telemetry(
+                    build, batch.samples, now_ms(), self.topics.telemetry,
+                    extra_drop=self._lost,
+                    priority=getattr(batch, "priority", DEFAULT_PRIORITY), campaign=campaign,
+                    max_bytes=getattr(batch, "max_bytes", None) if campaign else None)
+            except Exception:
+                self._lost += batch.samples
+                raise
+            self._lost = 0
         self.uplink.wake()
-        self.clockstore.tick()
         return seq
+
+    def tick(self) -> None:
+        """From the core thread now and then: the time floor's periodic save."""
+        self.clockstore.tick()
 
     def state(self, values: dict, t_ms: int | None = None) -> dict:
         """Sign and queue a state record (§4); returns its payload."""
@@ -277,20 +285,28 @@ class Publisher:
         self._append("status", self.topics.status, self._status_record(True, t_ms))
 
     def skipped(self, samples: int) -> None:
-        """Samples of batches not published (protect): reported in the next batch's `drop`."""
-        self._lost += samples
+        """Samples of batches not published (protect, a full batch store): reported in the
+        next batch's `drop`. Any thread."""
+        with self._batch_lock:
+            self._lost += samples
+
+    def storage_status(self) -> dict:
+        if self._final is not None:
+            return {k: self._final[k] for k in ("outbox", "outbox_campaigns") if k in self._final}
+        return {"outbox": self.outbox.stats(), "outbox_campaigns": self.outbox.campaign_bytes()}
 
     def set_keepalive(self, seconds: int | None) -> None:
         """The MQTT keepalive while asleep (None: the configured one)."""
         self.keepalive_s = seconds
         self.uplink.set_keepalive(seconds)  # from the next connection on
 
-    def status(self) -> dict:
+    def status(self, storage: bool = True) -> dict:
+        """Everything `tcu-agent status` shows of the uplink; storage=False leaves out the
+        outbox's counts (storage_status: queries that wait for a commit in progress)."""
         if self._final is not None:
             return self._final
         self.clock.now_ms(now_ms(), mono_ms())
-        return {"uplink": self.uplink.status(), "outbox": self.outbox.stats(),
-                "outbox_campaigns": self.outbox.campaign_bytes(),
+        return {"uplink": self.uplink.status(), **(self.storage_status() if storage else {}),
                 "kid": self.signer.kid.hex(), "clock": self.clock.status(),
                 "key": {"kid": self.signer.kid.hex(), "alg": self.signer.alg,
                         "prev": self.key_record["prev"].hex() if self.key_record else None},

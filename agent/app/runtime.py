@@ -1,7 +1,8 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
 Threads: one reader per bus (adapters/canbus.py) pushes lists of frames into the frames lane
-(one list per burst, at most one per 10 ms and bus); the
+(one list per burst, at most one per 100 ms and bus, per 10 ms while a command waits for the
+bus: the core loop tells the readers, `BusReader.set_busy`); the
 MQTT thread screens each command message (CommandService.screen) and puts what passes into the
 commands lane; the serial devices (values) and the update worker (events) use the other lane.
 The items are declared in messages.py. Every lane is bounded: a full one drops what arrives and
@@ -27,6 +28,7 @@ from ..adapters.canbus import BusReader, check_interface, receive_filters
 from ..adapters.sdnotify import Notifier, Watchdog
 from ..adapters.statusfile import write_status
 from .assemble import bus_plans, telemetry_core
+from .batchstore import BatchStore
 from ..config import Config
 from ..core.batch import Batch
 from .messages import CommandMessage, CoreMessage, Frame, UpdateEvent, Values
@@ -66,7 +68,11 @@ class Agent:
             from .publisher import Publisher  # paho and SQLite only where they are used
 
             self.publisher = Publisher(config)
-        self.on_batch = on_batch or (self.publisher.batch if self.publisher else self._log_batch)
+        self.store = None  # signs and stores batches off the core thread (app/batchstore.py)
+        if on_batch is None and self.publisher:
+            self.store = BatchStore(self.publisher.batch, self.publisher.skipped)
+            on_batch = self.store.put
+        self.on_batch = on_batch or self._log_batch
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
@@ -86,6 +92,7 @@ class Agent:
                       else i not in writes)
             for i, (bus, plan) in enumerate(zip(config.bus, self.plans))
         ]
+        self._readers_busy = False
         self.simulator = None
         self.updates = None
         if self.publisher and config.commands is not None:
@@ -228,6 +235,8 @@ class Agent:
                                              **dict(bus.options)).start()
         if self.publisher:
             self.publisher.start()
+        if self.store is not None:
+            self.store.start()
         if self.updates is not None:  # an update interrupted or waiting to be confirmed
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.start(now_ms), now_ms, "update")
@@ -265,6 +274,8 @@ class Agent:
             self.commands.close()
         if self.updates is not None:
             self.updates.close()
+        if self.store is not None:
+            self.store.stop()  # every closed batch signed and stored before the uplink stops
         if self.publisher:
             left = self.publisher.stop(STOP_DRAIN_S)
             if left:
@@ -336,6 +347,10 @@ class Agent:
             if self._failing_passes < FAILING_PASSES_MAX:
                 self.watchdog.kick()
             busy = self.commands is not None and self.commands.busy
+            if busy is not self._readers_busy:  # a command waits for the bus: hand frames
+                self._readers_busy = busy  # over every 10 ms, not every 100
+                for reader in self.readers:
+                    reader.set_busy(busy)
             try:
                 item = self._frames.get(timeout=0.01 if busy else TICK_S)
             except queue.Empty:
@@ -397,24 +412,49 @@ class Agent:
 
     def _publish_records(self, now_ms: int) -> None:
         pub = self.publisher
+        pub.tick()
         if pub.take_connected():
             pub.online()
-            pub.state(self.state_values(), now_ms)
+            self._state_record(now_ms)
         if self.core.state_changed:
             self.core.state_changed = False
             pub.state_limit.want()
         if pub.state_limit.due(now_ms):
-            pub.state(self.state_values(), now_ms)
+            self._state_record(now_ms)
+
+    def _state_record(self, now_ms: int) -> None:
+        """A §4 state record: the values taken now, signed and stored on the batch store's
+        thread (a record of every signal costs as much as a batch)."""
+        values = self.state_values()
+        if self.store is not None and self.store.running:
+            self.store.call(lambda: self.publisher.state(values, now_ms))
+        else:
+            self.publisher.state(values, now_ms)
 
     def state_values(self) -> dict:
         """The §4 values: the signals marked `state`, or every signal if none is marked."""
         return self.core.snapshot(state_only=self._state_only)
 
     def _write_status(self, running: bool) -> None:
+        """The status file and the control socket's copy. Built here (the core thread owns
+        what it reads); the outbox's counts are added and the file written on the batch
+        store's thread, where they wait for a commit in progress rather than the core loop."""
         if not self.publish:
             return
         try:
-            status = self.status(running)
+            status = self.status(running, storage=False)
+        except Exception as e:  # a bug behind status(): never fatal
+            log.warning("cannot take the status: %s", e)
+            return
+        if self.store is not None and self.store.running:
+            self.store.call(lambda: self._store_status(status))
+        else:
+            self._store_status(status)
+
+    def _store_status(self, status: dict) -> None:
+        try:
+            if self.publisher:
+                status.update(self.publisher.storage_status())
             self.last_status = {**status, "pid": os.getpid(), "written_ms": int(time.time() * 1000)}
             write_status(self.config.storage.dir, status)
         except Exception as e:  # disk full, a broken outbox behind status(): never fatal
@@ -505,7 +545,7 @@ class Agent:
     def snapshot(self) -> dict:
         return self.core.snapshot()
 
-    def status(self, running: bool = True) -> dict:
+    def status(self, running: bool = True, storage: bool = True) -> dict:
         out = {"vin": self.config.vehicle.vin, "running": running,
                "started_ms": int(self.started_at * 1000), "buses": self.bus_status(),
                "batches": self.batches_closed, "samples": self.core.samples,
@@ -518,8 +558,11 @@ class Agent:
                                       "dropped": self.lane_dropped["commands"]},
                          "other": {"depth": self._other.qsize(),
                                    "dropped": self.lane_dropped["other"]}}}
+        if self.store is not None:  # closed batches waiting to be signed and stored
+            out["lanes"]["batches"] = {"depth": self.store.waiting,
+                                       "dropped": self.store.refused}
         if self.publisher:
-            out.update(self.publisher.status())
+            out.update(self.publisher.status(storage))
         if self.commands:
             out.update(self.commands.status())
         for service in self.serial:
