@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             time.sleep(0.05)
         time.sleep(0.3)
 
-        to_frame, to_status, failures = [], [], 0
+        to_frame, to_status, failures, no_frame = [], [], 0, 0
         for i in range(args.count):
             percent = 60 if i % 2 else 90
             cid = f"bench-{i}"
@@ -152,8 +152,12 @@ def main(argv=None) -> int:
             if cid not in terminal or terminal[cid][1] != "SUCCEEDED":
                 failures += 1
                 continue
-            frame_t = next(t for t, limit in responder.frames[n_frames:] if limit == percent)
-            to_frame.append((frame_t - t0) * 1000)
+            frame_t = next((t for t, limit in responder.frames[n_frames:] if limit == percent),
+                           None)
+            if frame_t is None:  # succeeded without a frame seen by the responder (yet)
+                no_frame += 1
+            else:
+                to_frame.append((frame_t - t0) * 1000)
             to_status.append((terminal[cid][0] - t0) * 1000)
         cloud.loop_stop()
         agent.stop()
@@ -162,6 +166,7 @@ def main(argv=None) -> int:
         responder.bus.shutdown()
 
     result = {"commands": args.count, "succeeded": len(to_status), "failures": failures,
+              "no_frame_seen": no_frame,
               "to_frame_ms": {"p50": round(pct(to_frame, 50), 2), "p99": round(pct(to_frame, 99), 2),
                               "max": round(max(to_frame), 2)},
               "to_status_ms": {"p50": round(pct(to_status, 50), 2),

@@ -2,19 +2,71 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cbor2
 
 
-@dataclass(frozen=True, slots=True)
 class Batch:
-    """A closed batch. `sig` maps output name -> [[dt_ms, value], ...] in time order."""
+    """A closed batch. `sig` maps output name -> [[dt_ms, value], ...] in time order.
 
-    t0: int  # UTC ms of the first sample
-    t_end: int  # UTC ms of the last sample
-    sig: dict
-    samples: int
+    BatchBuilder.close() only takes the columns' sample lists (`Batch.of`); t0, t_end and
+    `sig` are worked out on first use, which for live telemetry is on the thread that signs
+    and stores the batch (app/batchstore.py), not in the core loop."""
+
+    __slots__ = ("_t0", "_t_end", "_sig", "_cols", "samples")
+
+    def __init__(self, t0: int, t_end: int, sig: dict, samples: int):
+        self._t0, self._t_end, self._sig = t0, t_end, sig
+        self._cols: list | None = None
+        self.samples = samples
+
+    @classmethod
+    def of(cls, cols: list[tuple[str, list]], samples: int) -> "Batch":
+        """From (output name, [(t_ms, value), ...]) columns, each in arrival order."""
+        b = cls.__new__(cls)
+        b._cols, b.samples = cols, samples
+        return b
+
+    @property
+    def t0(self) -> int:  # UTC ms of the first sample
+        self._build()
+        return self._t0
+
+    @property
+    def t_end(self) -> int:  # UTC ms of the last sample
+        self._build()
+        return self._t_end
+
+    @property
+    def sig(self) -> dict:
+        self._build()
+        return self._sig
+
+    def _build(self) -> None:
+        cols = self._cols
+        if cols is None:
+            return
+        t0 = min(buf[0][0] for _out, buf in cols)
+        t_end = t0
+        sig = {}
+        for out, buf in cols:
+            rows = []
+            last = t0
+            for t, v in buf:
+                if t < last:
+                    t = last  # clocks of two buses may disagree; keep each signal in time order
+                rows.append([t - t0, v])
+                last = t
+            sig[out] = rows
+            if last > t_end:
+                t_end = last
+        self._t0, self._t_end, self._sig, self._cols = t0, t_end, sig, None
+
+    def __eq__(self, other) -> bool:
+        return (type(other) is type(self) and self.samples == other.samples
+                and self.t0 == other.t0 and self.t_end == other.t_end and self.sig == other.sig)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(t0={self.t0}, t_end={self.t_end}, samples={self.samples})"
 
     def payload(self, vin: str, seq: int, drop: int = 0) -> dict:
         """The protocol payload for this batch. `drop` = samples lost since the previous one."""
@@ -82,25 +134,15 @@ class BatchBuilder:
             self.close()
 
     def close(self) -> Batch | None:
-        """Close the open batch (if any) and append it to `closed`."""
+        """Close the open batch (if any) and append it to `closed`: O(columns), the rows are
+        built when the batch is first read."""
         if not self.n:
             return None
-        t0 = min(col.buf[0][0] for col in self.touched)
-        t_end = t0
-        sig = {}
+        cols = []
         for col in self.touched:
-            rows = []
-            last = t0
-            for t, v in col.buf:
-                if t < last:
-                    t = last  # clocks of two buses may disagree; keep each signal in time order
-                rows.append([t - t0, v])
-                last = t
-            sig[col.out] = rows
+            cols.append((col.out, col.buf))
             col.buf = []
-            if last > t_end:
-                t_end = last
-        batch = Batch(t0, t_end, sig, self.n)
+        batch = Batch.of(cols, self.n)
         self.closed.append(batch)
         self.closed_samples += self.n
         self.touched = []
