@@ -409,7 +409,7 @@ def test_frames_the_kernel_drops_on_a_full_socket_are_counted():
     r._open()
     try:
         assert r._raw is not None  # the raw SocketCAN path
-        r._raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # most of a burst drops
+        r._raw.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # most of a burst drops
         with can.Bus(interface="socketcan", channel="vcan0") as tx:
             for i in range(2000):  # nothing reads meanwhile
                 tx.send(can.Message(arbitration_id=0x321, data=i.to_bytes(2, "little"),
