@@ -53,6 +53,9 @@ BUSY_BURST_S = 0.01  # the same while a command waits for the bus (set_busy)
 READ_S = 0.01  # interfaces other than SocketCAN: read this often, hand off by burst_s
 BURST_MAX = 4096  # frames per hand-off
 RCVBUF = 1 << 20  # bytes of socket receive buffer asked for (SocketCAN)
+# python-can interfaces that filter in software, testing each filter against each frame: the
+# reader filters them by id instead (kernel and hardware filters stay with the driver).
+SOFTWARE_FILTERS = frozenset({"slcan", "virtual", "serial", "udp_multicast"})
 FRAME_TRUESIZE = 2048  # kernel bytes a queued frame may take of the receive buffer (at most)
 
 CAN_EFF_FLAG = 0x80000000
@@ -89,6 +92,13 @@ def receive_filters(keys: Iterable[int]) -> list[dict] | None:
         return None
     return [{"can_id": k & 0x1FFFFFFF, "can_mask": 0x1FFFFFFF if k & EFF_FLAG else 0x7FF,
              "extended": bool(k & EFF_FLAG)} for k in keys]
+
+
+def accepted(filters: list[dict] | None) -> set[int] | None:
+    """The can keys receive_filters() lets through, as a set (None: all)."""
+    if not filters:
+        return None
+    return {f["can_id"] | EFF_FLAG if f.get("extended") else f["can_id"] for f in filters}
 
 
 def check_interface(cfg: BusConfig, where: str) -> None:
@@ -128,6 +138,8 @@ class BusReader(DeviceThread):
         self.kernel_drops: int | None = None  # SocketCAN only: frames dropped in the kernel
         self._drops_before = 0  # of the sockets closed since start (the count is per socket)
         self._raw: rawcan.RawReader | None = None
+        self._accept: set[int] | None = None  # can keys let through when filtered here
+        self._soft = False  # the interface filters in software: we filter (by id) instead
         self._capacity = 0  # frames the socket's receive buffer holds (0: unknown)
         self.idle_burst_s, self.busy_burst_s = burst_s, busy_burst_s
         self.burst_s = burst_s
@@ -151,6 +163,9 @@ class BusReader(DeviceThread):
             kwargs["fd"] = True
         if self.filters:
             kwargs["can_filters"] = self.filters
+        if self.cfg.interface == "slcan":  # python-can's, read in chunks (adapters/slcan.py)
+            from .slcan import BufferedSlcanBus
+            return BufferedSlcanBus(channel=self.cfg.channel, **kwargs)
         return can.Bus(interface=self.cfg.interface, channel=self.cfg.channel, **kwargs)
 
     def send(self, can_id: int, data: bytes, timeout: float = 0.2) -> None:
@@ -178,7 +193,9 @@ class BusReader(DeviceThread):
         On SocketCAN this sets the kernel filters of the open socket."""
         self.filters = filters
         bus = self._bus
-        if bus is not None:
+        if bus is not None and self._soft:  # filtered here, not by python-can
+            self._accept = accepted(filters)
+        elif bus is not None:
             try:
                 bus.set_filters(filters)
             except (can.CanError, OSError, ValueError) as e:  # next reopen applies them
@@ -200,6 +217,10 @@ class BusReader(DeviceThread):
     # Drivers raise CanError, OSError, ValueError, ImportError...: every fault is retried.
     def _open(self) -> None:
         self._bus = self.open()
+        self._soft = self.cfg.interface in SOFTWARE_FILTERS
+        self._accept = accepted(self.filters) if self._soft else None
+        if self._soft and self.filters:
+            self._bus.set_filters(None)
         sock = raw_socket(self._bus)
         self._raw = rawcan.RawReader(sock, fd=self.cfg.fd) if sock is not None else None
         if sock is not None:
@@ -253,7 +274,7 @@ class BusReader(DeviceThread):
         """Any python-can interface: block for one message, then take what is waiting."""
         recv = self._bus.recv
         msg = recv(timeout=self._wait_s())
-        index, now = self.index, time.time()
+        index, now, accept = self.index, time.time(), self._accept
         lo, hi = now - CLOCK_SKEW_S, now + CLOCK_SKEW_S
         while msg is not None:
             if msg.is_error_frame:
@@ -263,6 +284,9 @@ class BusReader(DeviceThread):
                 if not lo < t < hi:
                     t = now
                 can_id = msg.arbitration_id | EFF_FLAG if msg.is_extended_id else msg.arbitration_id
+                if accept is not None and can_id not in accept:
+                    msg = recv(timeout=0.0)
+                    continue
                 out.append((index, t, can_id, bytes(msg.data)))
                 if len(out) >= BURST_MAX:
                     return
