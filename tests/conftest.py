@@ -104,7 +104,8 @@ CORE_FILES = {"test_core.py", "test_command_gate.py", "test_cose.py", "test_cose
               "test_at.py", "test_nmea.py", "test_layering.py", "test_config.py",
               "test_executor.py", "test_real_logs.py", "test_replaystore.py", "test_truststore.py",
               "test_hardening.py", "test_clock.py", "test_devicethread.py", "test_slots.py",
-              "test_update_service.py", "test_expr.py", "test_campaigns.py", "test_grants.py"}
+              "test_update_service.py", "test_expr.py", "test_campaigns.py", "test_grants.py",
+              "test_batchstore.py", "test_rawcan.py"}
 
 
 def pytest_collection_modifyitems(config, items):
