@@ -88,11 +88,17 @@ _SCHEMA = (
         created_ms INTEGER NOT NULL, size INTEGER NOT NULL,
         carried_drop INTEGER NOT NULL DEFAULT 0,
         priority INTEGER NOT NULL DEFAULT 5, campaign TEXT)""",
-    # (kind, rowid): oldest telemetry for eviction, rows of one kind for replacement.
-    "CREATE INDEX IF NOT EXISTS messages_kind ON messages(kind)",
-    # (priority, rowid): the next rows to hand out; campaign: one campaign's rows (quota).
+    # Every index a telemetry row is in costs a page write at its insert and at its delete,
+    # so the indexes that telemetry does not need leave it out (partial indexes). Oldest
+    # telemetry for eviction: the rowid order itself.
+    # (priority, rowid): the next rows to hand out.
     "CREATE INDEX IF NOT EXISTS messages_priority ON messages(priority)",
-    "CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign)",
+    # The urgent rows, and the state/status row a new one replaces.
+    "CREATE INDEX IF NOT EXISTS messages_urgent ON messages(kind, topic)"
+    " WHERE kind IN ('response', 'state', 'status')",
+    # One campaign's rows (quota); base telemetry has none.
+    "CREATE INDEX IF NOT EXISTS messages_campaign ON messages(campaign)"
+    " WHERE campaign IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID",
 )
 
@@ -207,7 +213,8 @@ class Outbox(GuardedDb):
                 total = self._bytes
                 if kind in _REPLACEABLE:
                     for (size, old_id) in self._conn.execute(
-                            "DELETE FROM messages WHERE kind = ? AND topic = ?"
+                            "DELETE FROM messages WHERE kind IN ('response', 'state', 'status')"
+                            " AND kind = ? AND topic = ?"
                             " RETURNING size, id", (kind, topic)).fetchall():
                         total -= size
                         self._forget(old_id)
@@ -305,7 +312,9 @@ class Outbox(GuardedDb):
             deleted = freed = 0
             meta: dict[str, int] = {}
             queued = [0, 0]
-            with self._txn():
+            # Not fsynced: a power cut may undo acks, and the rows are then sent again (the
+            # cloud de-duplicates by seq); the next durable commit makes them durable too.
+            with self._txn(durable=False):
                 last = self._meta["last_acked_seq"]
                 for row_id in ids:
                     # fetchall: a RETURNING statement left unfinished would block COMMIT.
@@ -373,7 +382,11 @@ class Outbox(GuardedDb):
     # ---- transactions and bookkeeping -------------------------------------------------------
 
     @contextmanager
-    def _txn(self):
+    def _txn(self, durable: bool = True):
+        """One transaction; ``durable=False`` commits without the fsync (synchronous=NORMAL):
+        safe against a crash of the process, not against a power cut."""
+        if not durable:
+            self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -384,6 +397,9 @@ class Outbox(GuardedDb):
             except sqlite3.Error:
                 pass  # the transaction may already be gone; the original error matters
             raise
+        finally:
+            if not durable:
+                self._conn.execute("PRAGMA synchronous=FULL")
 
     def _insert(self, kind, topic, payload, seq, samples, now_ms, carried_drop=0,
                 priority=DEFAULT_PRIORITY, campaign=None) -> int:
@@ -474,6 +490,11 @@ class Outbox(GuardedDb):
         if "priority" not in columns:  # from before campaigns
             conn.execute("ALTER TABLE messages ADD COLUMN priority INTEGER NOT NULL DEFAULT 5")
             conn.execute("ALTER TABLE messages ADD COLUMN campaign TEXT")
+        # Full indexes of earlier versions (the campaign one is partial now).
+        conn.execute("DROP INDEX IF EXISTS messages_kind")
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'messages_campaign'"
+                        " AND sql NOT LIKE '%WHERE%'").fetchone():
+            conn.execute("DROP INDEX messages_campaign")
         for statement in _SCHEMA[1:]:
             conn.execute(statement)
         # A fresh database starts at the reserve's high-water mark (INSERT OR IGNORE keeps

@@ -1,6 +1,7 @@
 """SQLite plumbing shared by the durable stores (outbox, replay store).
 
-WAL with synchronous=FULL (the car loses power), a quick_check when an existing file is
+WAL with synchronous=FULL (the car loses power), 512-byte pages and no secure_delete (fewer
+bytes written per commit: flash wears), a quick_check when an existing file is
 opened, one lock around one connection, and corruption handled by moving the files aside
 and starting afresh rather than stopping the agent. Each store supplies its schema
 (`_open_schema(conn)`) and what a recovery means for it (`_recovered(cause, aside)`).
@@ -17,6 +18,10 @@ from pathlib import Path
 from ..errors import StorageError
 from .atomic import fsync_dir
 
+# Small pages for new files: a commit writes every page it touched (WAL frame = page + 24
+# bytes), and these stores' rows are small or span overflow pages, so 512-byte pages write
+# the least (bench/diskwrites.py). An existing file keeps the page size it was made with.
+PAGE_SIZE = 512
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
@@ -50,10 +55,16 @@ class GuardedDb:
         conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
                                timeout=10.0)
         try:
+            if not existed:
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise StorageError(f"{self._what} {self._db_path}: WAL mode is unavailable on "
                                    "this filesystem; put it on a local disk")
             conn.execute("PRAGMA synchronous=FULL")
+            # Debian's SQLite zeroes deleted content by default (SQLITE_SECURE_DELETE): every
+            # freed overflow page would be written once more. Nothing here is secret from
+            # whoever can read the file anyway.
+            conn.execute("PRAGMA secure_delete=OFF")
             if existed:
                 check = conn.execute("PRAGMA quick_check(1)").fetchone()
                 if check is None or check[0] != "ok":
