@@ -78,6 +78,7 @@ EARLIER_RUN_FILES = ("replay.db", "replay.mark", "status.json", "update", RESERV
 KINDS = ("telemetry", "state", "status", "response")
 _REPLACEABLE = ("state", "status")
 DEFAULT_PRIORITY = 5  # base telemetry and every record that is not a campaign's
+ACK_HOLD_S = 5.0  # held acks are committed by then at the latest (without fsync)
 _META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
 
 _SCHEMA = (
@@ -140,6 +141,7 @@ class Outbox(GuardedDb):
         self._queued_samples = self._queued_drop = 0  # of the telemetry rows in the database
         self._max_id = 0
         self._over_budget = False
+        self._held_since: float | None = None  # monotonic s since acks are held uncommitted
         # Order numbers handed out by peek (see the module docstring): row id <-> number.
         self._ord_of: dict[int, int] = {}
         self._id_of: dict[int, int] = {}
@@ -312,8 +314,8 @@ class Outbox(GuardedDb):
             deleted = freed = 0
             meta: dict[str, int] = {}
             queued = [0, 0]
-            # Not fsynced: a power cut may undo acks, and the rows are then sent again (the
-            # cloud de-duplicates by seq); the next durable commit makes them durable too.
+            # Held, not committed (group commit, module docstring): losing an ack only means
+            # sending its row again, and the cloud de-duplicates by seq.
             with self._txn(durable=False):
                 last = self._meta["last_acked_seq"]
                 for row_id in ids:
@@ -366,10 +368,25 @@ class Outbox(GuardedDb):
             "SELECT campaign, SUM(size) FROM messages WHERE campaign IS NOT NULL"
             " GROUP BY campaign").fetchall()))
 
+    def flush(self) -> None:
+        """Commit held acks now, with an fsync (e.g. before the power goes). Raises
+        StorageError."""
+        def op() -> None:
+            if self._conn.in_transaction:
+                self._commit()
+
+        self._guarded(op)
+
     def close(self) -> None:
-        """Close the database (idempotent)."""
+        """Commit held acks and close the database (idempotent)."""
         with self._lock:
             if self._conn is not None:
+                try:
+                    if self._conn.in_transaction:
+                        self._commit()
+                except sqlite3.Error as e:
+                    log.warning("outbox %s: acks not stored at close (%s); those rows will be "
+                                "sent again", self._db_path, e)
                 self._conn.close()
                 self._conn = None
 
@@ -383,23 +400,68 @@ class Outbox(GuardedDb):
 
     @contextmanager
     def _txn(self, durable: bool = True):
-        """One transaction; ``durable=False`` commits without the fsync (synchronous=NORMAL):
-        safe against a crash of the process, not against a power cut."""
-        if not durable:
-            self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.execute("BEGIN IMMEDIATE")
+        """One operation's changes, committed with an fsync (``durable``), or held: left in
+        the open transaction, which the next durable operation commits with its own (group
+        commit: the pages both touch are written once), or `_guarded` after ACK_HOLD_S.
+        Held changes are lost with the process; only acks are held (module docstring)."""
+        conn = self._conn
+        if not conn.in_transaction:
+            conn.execute("BEGIN IMMEDIATE")
+        conn.execute("SAVEPOINT op")
         try:
             yield
-            self._conn.execute("COMMIT")
+            conn.execute("RELEASE op")
         except BaseException:
-            try:
-                self._conn.execute("ROLLBACK")
+            try:  # undo this operation only: held acks stay
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
             except sqlite3.Error:
                 pass  # the transaction may already be gone; the original error matters
+            if self._held_since is not None and not conn.in_transaction:
+                self._held_since = None  # SQLite rolled it all back (e.g. disk full)
+                try:
+                    self._load_counters(conn)
+                except sqlite3.Error:
+                    pass  # a broken database: the original error is the one to handle
             raise
-        finally:
-            if not durable:
-                self._conn.execute("PRAGMA synchronous=FULL")
+        if not durable:
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+            return
+        self._commit()
+
+    def _commit(self, sync: bool = True) -> None:
+        """COMMIT (with fsync unless not `sync`); on failure roll back everything, held acks
+        included, and take the counters from the database again."""
+        held, self._held_since = self._held_since, None
+        try:
+            if not sync:
+                self._conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._conn.execute("COMMIT")
+            finally:
+                if not sync:
+                    self._conn.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            try:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if held is not None:  # the held acks are undone: their rows are queued again
+                self._load_counters(self._conn)
+            raise
+
+    def _guarded(self, op):
+        with self._lock:
+            result = super()._guarded(op)
+            if self._held_since is not None and \
+                    time.monotonic() - self._held_since >= ACK_HOLD_S:
+                try:
+                    super()._guarded(lambda: self._commit(sync=False))
+                except StorageError as e:  # the acked rows are sent again: what a lost ack means
+                    log.warning("%s", e)
+            return result
 
     def _insert(self, kind, topic, payload, seq, samples, now_ms, carried_drop=0,
                 priority=DEFAULT_PRIORITY, campaign=None) -> int:
@@ -508,6 +570,11 @@ class Outbox(GuardedDb):
                          " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence"
                          " WHERE name = 'messages')", (self._max_id,))
         conn.execute("COMMIT")
+        self._held_since = None
+        self._load_counters(conn)
+
+    def _load_counters(self, conn: sqlite3.Connection) -> None:
+        """The in-memory mirror, from the database."""
         self._meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         self._bytes = conn.execute("SELECT COALESCE(SUM(size), 0) FROM messages").fetchone()[0]
         self._queued_samples, self._queued_drop = conn.execute(
