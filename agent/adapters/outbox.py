@@ -78,7 +78,7 @@ EARLIER_RUN_FILES = ("replay.db", "replay.mark", "status.json", "update", RESERV
 KINDS = ("telemetry", "state", "status", "response")
 _REPLACEABLE = ("state", "status")
 DEFAULT_PRIORITY = 5  # base telemetry and every record that is not a campaign's
-ACK_HOLD_S = 5.0  # held acks are committed by then at the latest (without fsync)
+ACK_HOLD_S = 5.0  # held acks are committed by then at the latest
 _META_KEYS = ("next_seq", "pending_drop", "last_acked_seq", "evicted_batches", "dropped_samples")
 
 _SCHEMA = (
@@ -122,7 +122,7 @@ class Outbox(GuardedDb):
     _what = "outbox"
 
     def __init__(self, directory: str | os.PathLike, max_bytes: int = 64 * 1024 * 1024,
-                 *, reserve_block: int = 1000):
+                 *, reserve_block: int = 1000, ack_hold_s: float = ACK_HOLD_S):
         """Open (or create) ``directory/outbox.db``; a corrupt database is moved aside.
 
         Raises StorageError when the directory or database cannot be used at all.
@@ -142,6 +142,7 @@ class Outbox(GuardedDb):
         self._max_id = 0
         self._over_budget = False
         self._held_since: float | None = None  # monotonic s since acks are held uncommitted
+        self._ack_hold_s = ack_hold_s
         # Order numbers handed out by peek (see the module docstring): row id <-> number.
         self._ord_of: dict[int, int] = {}
         self._id_of: dict[int, int] = {}
@@ -430,18 +431,12 @@ class Outbox(GuardedDb):
             return
         self._commit()
 
-    def _commit(self, sync: bool = True) -> None:
-        """COMMIT (with fsync unless not `sync`); on failure roll back everything, held acks
-        included, and take the counters from the database again."""
+    def _commit(self) -> None:
+        """COMMIT (fsync); on failure roll back everything, held acks included, and take the
+        counters from the database again."""
         held, self._held_since = self._held_since, None
         try:
-            if not sync:
-                self._conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                self._conn.execute("COMMIT")
-            finally:
-                if not sync:
-                    self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("COMMIT")
         except BaseException:
             try:
                 if self._conn.in_transaction:
@@ -449,16 +444,19 @@ class Outbox(GuardedDb):
             except sqlite3.Error:
                 pass
             if held is not None:  # the held acks are undone: their rows are queued again
-                self._load_counters(self._conn)
+                try:
+                    self._load_counters(self._conn)
+                except sqlite3.Error:
+                    pass  # a broken database: the original error is the one to handle
             raise
 
     def _guarded(self, op):
         with self._lock:
             result = super()._guarded(op)
             if self._held_since is not None and \
-                    time.monotonic() - self._held_since >= ACK_HOLD_S:
+                    time.monotonic() - self._held_since >= self._ack_hold_s:
                 try:
-                    super()._guarded(lambda: self._commit(sync=False))
+                    super()._guarded(lambda: self._conn.in_transaction and self._commit())
                 except StorageError as e:  # the acked rows are sent again: what a lost ack means
                     log.warning("%s", e)
             return result
