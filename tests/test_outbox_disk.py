@@ -176,3 +176,25 @@ def test_status_file_is_rewritten_in_place_and_always_whole(tmp_path):
     assert why == "" and status["buses"] == [] and status["pid"] == os.getpid()
     assert json.loads(path.read_text())["buses"] == []
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp files
+
+
+def test_a_small_outbox_with_large_pages_is_rebuilt_with_small_ones(tmp_path):
+    db = sqlite3.connect(tmp_path / "outbox.db")  # as an earlier version made it
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    with Outbox(tmp_path) as ob:
+        ob.append_telemetry(build, 1, 0, TOPIC)
+        ob.append("response", "vehicles/VIN1/responses", b"r1", 0)
+    db = sqlite3.connect(tmp_path / "outbox.db")
+    db.execute("PRAGMA page_size=4096")
+    db.execute("PRAGMA journal_mode=DELETE")
+    db.execute("VACUUM")  # back to 4 KiB pages, rows kept
+    assert db.execute("PRAGMA page_size").fetchone()[0] == 4096
+    db.execute("PRAGMA journal_mode=WAL")
+    db.close()
+    with Outbox(tmp_path) as ob:
+        assert ob._conn.execute("PRAGMA page_size").fetchone()[0] == 512
+        assert ob._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert [(r.seq, r.payload[:2]) for r in ob.peek(10)] == [(1, b"1;"), (None, b"r1")]
+        assert ob.append_telemetry(build, 1, 0, TOPIC) == 2

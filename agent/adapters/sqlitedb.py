@@ -9,6 +9,7 @@ and starting afresh rather than stopping the agent. Each store supplies its sche
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -21,7 +22,10 @@ from .atomic import fsync_dir
 # Small pages for new files: a commit writes every page it touched (WAL frame = page + 24
 # bytes), and these stores' rows are small or span overflow pages, so 512-byte pages write
 # the least (bench/diskwrites.py). An existing file keeps the page size it was made with.
+log = logging.getLogger("agent.sqlitedb")
+
 PAGE_SIZE = 512
+REBUILD_MAX_BYTES = 1 << 20  # an existing file up to this size is rebuilt with PAGE_SIZE
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
@@ -69,11 +73,31 @@ class GuardedDb:
                 check = conn.execute("PRAGMA quick_check(1)").fetchone()
                 if check is None or check[0] != "ok":
                     raise CorruptDatabase(f"quick_check: {check[0] if check else 'no result'}")
+                self._small_pages(conn)
             self._open_schema(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+
+    def _small_pages(self, conn: sqlite3.Connection) -> None:
+        """A file made with larger pages (an earlier version) is rebuilt with PAGE_SIZE while
+        it is small (VACUUM, which can change the page size only outside WAL mode; atomic
+        through the rollback journal). A large one keeps its pages: rebuilding it would
+        write more than it saves."""
+        if conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE:
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._db_path.stat().st_size > REBUILD_MAX_BYTES:
+            return
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            conn.execute("VACUUM")
+        except sqlite3.Error as e:  # e.g. no room for the copy: it only costs flash writes
+            log.warning("%s %s keeps its larger pages (%s)", self._what, self._db_path, e)
+        finally:
+            conn.execute("PRAGMA journal_mode=WAL")
 
     def _open_or_recover(self) -> None:
         """Open at start; a corrupt file is moved aside and replaced (`_recover`)."""
