@@ -198,3 +198,17 @@ def test_a_small_outbox_with_large_pages_is_rebuilt_with_small_ones(tmp_path):
         assert ob._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert [(r.seq, r.payload[:2]) for r in ob.peek(10)] == [(1, b"1;"), (None, b"r1")]
         assert ob.append_telemetry(build, 1, 0, TOPIC) == 2
+
+
+def test_a_reader_holding_the_status_lock_never_blocks_the_writer(tmp_path):
+    import fcntl
+
+    write_status(tmp_path, {"n": 1})
+    with open(tmp_path / "status.json", "rb") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_SH)  # a `tcu-agent status` stopped mid-read
+        started = time.monotonic()
+        write_status(tmp_path, {"n": 2})  # skipped, not waited for
+        assert time.monotonic() - started < 1.0
+    assert json.loads((tmp_path / "status.json").read_text())["n"] == 1
+    write_status(tmp_path, {"n": 3})
+    assert read_status(tmp_path)[0]["n"] == 3

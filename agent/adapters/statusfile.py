@@ -29,7 +29,8 @@ def write_status(directory: Path, status: dict) -> None:
                       default=str, indent=1).encode() + b"\n"
     fd = os.open(Path(directory) / NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if not _lock(fd, fcntl.LOCK_EX):
+            return  # a reader stuck holding it: this second's status is skipped, not waited for
         size = os.fstat(fd).st_size
         if size > 2 * len(data) + 4096:  # once much larger (many buses then): start afresh
             os.ftruncate(fd, 0)
@@ -39,12 +40,23 @@ def write_status(directory: Path, status: dict) -> None:
         os.close(fd)  # releases the lock
 
 
+def _lock(fd: int, how: int) -> bool:
+    """flock without ever blocking for long: the core thread writes this file."""
+    for _ in range(20):
+        try:
+            fcntl.flock(fd, how | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            time.sleep(0.001)
+    return False
+
+
 def read_status(directory: Path) -> tuple[dict | None, str]:
     """(status, why-not): status is None when no agent is running there."""
     path = Path(directory) / NAME
     try:
         with open(path, "rb") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            _lock(f.fileno(), fcntl.LOCK_SH)  # else read anyway: a stopped writer holds it
             status = json.loads(f.read())
     except FileNotFoundError:
         return None, f"no agent has run with storage.dir {directory} (no {NAME})"
