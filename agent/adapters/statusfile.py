@@ -35,6 +35,8 @@ def write_status(directory: Path, status: dict) -> None:
         if size > 2 * len(data) + 4096:  # once much larger (many buses then): start afresh
             os.ftruncate(fd, 0)
             size = 0
+        if len(data) > size:  # room first: a full disk must not leave half a new status
+            os.posix_fallocate(fd, 0, len(data))
         os.pwrite(fd, data.ljust(size, b" "), 0)
     finally:
         os.close(fd)  # releases the lock
