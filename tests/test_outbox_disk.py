@@ -110,6 +110,11 @@ def test_a_failed_write_keeps_the_held_acks(tmp_path):
         raise RuntimeError("signing failed")
 
     with Outbox(tmp_path) as ob:
+        try:
+            ob.append_telemetry(broken, 1, 0, TOPIC)
+        except RuntimeError:
+            pass
+        assert not ob._conn.in_transaction  # nothing held, nothing left open
         for _ in range(2):
             ob.append_telemetry(build, 1, 0, TOPIC)
         first = ob.peek(10)[0]

@@ -416,19 +416,23 @@ class Outbox(GuardedDb):
         commit: the pages both touch are written once), or `_guarded` after ACK_HOLD_S.
         Held changes are lost with the process; only acks are held (module docstring)."""
         conn = self._conn
-        if not conn.in_transaction:
+        began = not conn.in_transaction  # else acks are held in the open one
+        if began:
             conn.execute("BEGIN IMMEDIATE")
         conn.execute("SAVEPOINT op")
         try:
             yield
             conn.execute("RELEASE op")
         except BaseException:
-            try:  # undo this operation only: held acks stay
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+            try:
+                if began:
+                    conn.execute("ROLLBACK")
+                else:  # undo this operation only: held acks stay
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
             except sqlite3.Error:
                 pass  # the transaction may already be gone; the original error matters
-            if self._held_since is not None and not conn.in_transaction:
+            if not began and not conn.in_transaction:
                 self._held_since = None  # SQLite rolled it all back (e.g. disk full)
                 try:
                     self._load_counters(conn)
