@@ -5,9 +5,9 @@
 Written (temp file, fsync, rename, fsync of the directory) when an observation raised the
 floor more than RAISE_MIN_MS above the stored one carried forward by the monotonic time since
 it was written, and every `save_interval_ms` of monotonic time so that the stored floor keeps
-up with the time the vehicle has been running. GNSS fixes raise the floor every second or two
-by a few ms (the two clocks' jitter); writing each of those would be a flash page and two
-fsyncs a second for nothing a restart would miss more than it already misses (up to
+up with the time the vehicle has been running. With a monotonic clock a little slow against
+GNSS, nearly every fix (one a second) raises the floor by a few ms; writing each would be a
+flash page and two fsyncs a second for less than a restart already misses (up to
 `save_interval_ms` of running time). An unreadable or corrupt file is logged and treated as
 no floor: the floor only protects against a clock behind it, it never refuses anything itself.
 """
