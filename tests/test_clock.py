@@ -167,6 +167,32 @@ def test_floor_survives_a_restart_and_keeps_up_with_running_time(tmp_path):
     assert not list(tmp_path.glob(".clock.json.*"))  # no temp file left behind
 
 
+def test_gnss_fixes_keeping_pace_are_not_written_each_second(tmp_path):
+    """A fix a second, the monotonic clock a little slow (here 1 ms/s): nearly every fix
+    raises the floor by a few ms. Stored once, then only every save interval or when the
+    floor jumps by RAISE_MIN_MS or more."""
+    mono = Mono()
+    store = ClockStore(tmp_path, save_interval_ms=60_000, mono=mono)
+    path = tmp_path / "clock.json"
+    raised = writes = 0
+    inode = None
+    for second in range(59):
+        mono.ms = second * 1000
+        jitter = (3, -2, 1, 0)[second % 4]
+        was = store.clock.bound_ms(mono.ms)
+        store.observed(store.clock.gnss_fix(NOW + second * 1001 + jitter, NOW, mono.ms, 30_000))
+        raised += store.clock.bound_ms(mono.ms) > was
+        store.tick()
+        if path.stat().st_ino != inode:
+            writes, inode = writes + 1, path.stat().st_ino
+    assert raised >= 10 and writes == 1  # the first fix only
+    store.observed(store.clock.gnss_fix(NOW + 60_000, NOW, mono.ms, 30_000))  # a 2 s jump
+    assert json.loads(path.read_text())["floor_ms"] == NOW + 60_000
+    mono.ms = 58_000 + 60_000
+    store.tick()  # the interval
+    assert json.loads(path.read_text())["floor_ms"] == NOW + 120_000
+
+
 @pytest.mark.parametrize("text", ["", "{", "[]", '{"floor_ms": "x", "source": "gnss"}',
                                   '{"floor_ms": -1, "source": "gnss"}',
                                   '{"floor_ms": 5, "source": "sundial"}'])

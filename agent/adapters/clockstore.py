@@ -3,8 +3,12 @@
     {"floor_ms": 1767225600000, "source": "gnss"}
 
 Written (temp file, fsync, rename, fsync of the directory) when an observation raised the
-floor, and every `save_interval_ms` of monotonic time so that the stored floor keeps up with
-the time the vehicle has been running. An unreadable or corrupt file is logged and treated as
+floor more than RAISE_MIN_MS above the stored one carried forward by the monotonic time since
+it was written, and every `save_interval_ms` of monotonic time so that the stored floor keeps
+up with the time the vehicle has been running. With a monotonic clock a little slow against
+GNSS, nearly every fix (one a second) raises the floor by a few ms; writing each would be a
+flash page and two fsyncs a second for less than a restart already misses (up to
+`save_interval_ms` of running time). An unreadable or corrupt file is logged and treated as
 no floor: the floor only protects against a clock behind it, it never refuses anything itself.
 """
 
@@ -22,6 +26,7 @@ log = logging.getLogger("agent.clock")
 
 FILE = "clock.json"
 SAVE_INTERVAL_MS = 10 * 60 * 1000
+RAISE_MIN_MS = 1000  # smaller raises wait for the interval
 
 
 def mono_ms() -> int:
@@ -44,7 +49,7 @@ class ClockStore:
         self.clock = TrustedClock(floor, "stored" if floor else "none", self._mono())
         self.loaded_source = source
         self._saved_mono = self._mono()
-        self._saved_floor = floor
+        self._saved_bound = floor  # the floor_ms last written (0: none)
         self.save_failures = 0
 
     def _load(self) -> tuple[int, str]:
@@ -70,12 +75,21 @@ class ClockStore:
             log.error("cannot store the time floor: %s", e)
             return False
         self._saved_mono = self._mono()
-        self._saved_floor = self.clock.floor_ms
+        self._saved_bound = state.floor_ms
         return True
 
+    def _raised(self) -> bool:
+        """The floor is RAISE_MIN_MS or more above the stored one carried forward."""
+        mono = self._mono()
+        if not self._saved_bound:
+            return True
+        return (self.clock.bound_ms(mono) - self._saved_bound - (mono - self._saved_mono)
+                >= RAISE_MIN_MS)
+
     def observed(self, raised: bool) -> None:
-        """Call after clock.observe()/gnss_fix(): persist a raised floor at once."""
-        if raised:
+        """Call after clock.observe()/gnss_fix(): persist a floor raised by RAISE_MIN_MS or
+        more at once."""
+        if raised and self._raised():
             self.save()
 
     def tick(self) -> None:
@@ -83,6 +97,5 @@ class ClockStore:
         iat), and the advancing bound every save_interval_ms."""
         if not self.clock.floor_ms:
             return
-        if (self.clock.floor_ms != self._saved_floor
-                or self._mono() - self._saved_mono >= self.save_interval_ms):
+        if self._mono() - self._saved_mono >= self.save_interval_ms or self._raised():
             self.save()

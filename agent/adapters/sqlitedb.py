@@ -1,6 +1,7 @@
 """SQLite plumbing shared by the durable stores (outbox, replay store).
 
-WAL with synchronous=FULL (the car loses power), a quick_check when an existing file is
+WAL with synchronous=FULL (the car loses power), 512-byte pages and no secure_delete (fewer
+bytes written per commit: flash wears), a quick_check when an existing file is
 opened, one lock around one connection, and corruption handled by moving the files aside
 and starting afresh rather than stopping the agent. Each store supplies its schema
 (`_open_schema(conn)`) and what a recovery means for it (`_recovered(cause, aside)`).
@@ -8,6 +9,7 @@ and starting afresh rather than stopping the agent. Each store supplies its sche
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -17,6 +19,13 @@ from pathlib import Path
 from ..errors import StorageError
 from .atomic import fsync_dir
 
+# Small pages for new files: a commit writes every page it touched (WAL frame = page + 24
+# bytes), and these stores' rows are small or span overflow pages, so 512-byte pages write
+# the least (bench/diskwrites.py). An existing file keeps the page size it was made with.
+log = logging.getLogger("agent.sqlitedb")
+
+PAGE_SIZE = 512
+REBUILD_MAX_BYTES = 1 << 20  # an existing file up to this size is rebuilt with PAGE_SIZE
 _CORRUPT_CODES = (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
 
 
@@ -50,19 +59,45 @@ class GuardedDb:
         conn = sqlite3.connect(self._db_path, isolation_level=None, check_same_thread=False,
                                timeout=10.0)
         try:
+            if not existed:
+                conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
             if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise StorageError(f"{self._what} {self._db_path}: WAL mode is unavailable on "
                                    "this filesystem; put it on a local disk")
             conn.execute("PRAGMA synchronous=FULL")
+            # Debian's SQLite zeroes deleted content by default (SQLITE_SECURE_DELETE): every
+            # freed overflow page would be written once more. Nothing here is secret from
+            # whoever can read the file anyway.
+            conn.execute("PRAGMA secure_delete=OFF")
             if existed:
                 check = conn.execute("PRAGMA quick_check(1)").fetchone()
                 if check is None or check[0] != "ok":
                     raise CorruptDatabase(f"quick_check: {check[0] if check else 'no result'}")
+                self._small_pages(conn)
             self._open_schema(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+
+    def _small_pages(self, conn: sqlite3.Connection) -> None:
+        """A file made with larger pages (an earlier version) is rebuilt with PAGE_SIZE while
+        it is small (VACUUM, which can change the page size only outside WAL mode; atomic
+        through the rollback journal). A large one keeps its pages: rebuilding it would
+        write more than it saves."""
+        if conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE:
+            return
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        if self._db_path.stat().st_size > REBUILD_MAX_BYTES:
+            return
+        try:
+            conn.execute("PRAGMA journal_mode=DELETE")
+            conn.execute(f"PRAGMA page_size={PAGE_SIZE}")
+            conn.execute("VACUUM")
+        except sqlite3.Error as e:  # e.g. no room for the copy: it only costs flash writes
+            log.warning("%s %s keeps its larger pages (%s)", self._what, self._db_path, e)
+        finally:
+            conn.execute("PRAGMA journal_mode=WAL")
 
     def _open_or_recover(self) -> None:
         """Open at start; a corrupt file is moved aside and replaced (`_recover`)."""
