@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from typing import Callable
@@ -43,6 +44,7 @@ OTHER_LANE = 4096  # values waiting (update events are never dropped)
 COMMANDS_PER_PASS = 16  # commands checked per pass: each may cost a signature check
 _WAKE = None  # put on the frames lane to wake the core thread for another lane
 STATUS_EVERY_S = 1.0
+GIL_SWITCH_S = 0.001
 STOP_DRAIN_S = 3.0  # on SIGTERM: how long to keep publishing what is queued
 FAILING_PASSES_MAX = 100  # passes failing in a row before the watchdog pings stop
 RESTART_EXIT_CODE = 75  # "restart me": after an update switched slots (systemd restarts on it)
@@ -310,6 +312,9 @@ class Agent:
         # Collected first, so that start-up garbage is not kept for good with them.
         gc.collect()
         gc.freeze()
+        # The core, reader and store threads share the GIL: a thread that wants it gets it
+        # after at most this long (Python's default, 5 ms, was most of the core loop's p99).
+        sys.setswitchinterval(GIL_SWITCH_S)
         while not stop.wait(self.watchdog.wait_s(1.0)):
             self.watchdog.ping()  # only while the core loop kicked within the interval
         self.notifier.stopping("stopping: publishing what is queued")
