@@ -8,7 +8,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
-from ..adapters.dbc import load_database
+from ..adapters.dbc import DecoderCache, load_database
 from ..config import ActionConfig, Config, SamplingConfig, SignalConfig, TelemetryConfig
 from ..core.conditions import Param, parse_condition
 from ..core.executor import ActionPlan, FramePlan
@@ -38,9 +38,19 @@ def bus_plans(config: Config, cache_dir: Path | None = None) -> list[BusPlan]:
         buses.append((bus.name, dbs))
     try:
         watch = [(s, where) for where, c in _conditions(config) for s in c.signals]
-        return resolve(selection(config.telemetry), buses, watch)
+        plans = Plans(resolve(selection(config.telemetry), buses, watch))
     except ConfigError as e:
         raise _in_file(config, e) from None
+    if cache_dir is not None:
+        plans.decoders = DecoderCache(cache_dir)
+    return plans
+
+
+class Plans(list):
+    """bus_plans()' list of BusPlan, with the decoder cache that goes with its databases'
+    cache (None without one) for the first telemetry_core() built from them."""
+
+    decoders: DecoderCache | None = None
 
 
 def selection(telemetry: TelemetryConfig) -> Selection:
@@ -149,5 +159,10 @@ FRAME_SKEW_S = 1.0  # live: a frame may be stamped at most this far past the age
 def telemetry_core(plans: list[BusPlan], telemetry: TelemetryConfig,
                    live: bool = False) -> TelemetryCore:
     """The core for these plans; `live` (the agent, not a replay) runs on the agent's clock."""
-    return TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes,
-                         frame_skew_s=FRAME_SKEW_S if live else None)
+    decoders = getattr(plans, "decoders", None)
+    core = TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes,
+                         frame_skew_s=FRAME_SKEW_S if live else None, codes=decoders)
+    if decoders is not None:  # it served this core: saved, and not kept in memory
+        decoders.save()
+        plans.decoders = None
+    return core
