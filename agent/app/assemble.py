@@ -6,15 +6,16 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from ..adapters.dbc import DecoderCache, load_database
 from ..config import ActionConfig, Config, SamplingConfig, SignalConfig, TelemetryConfig
-from ..core.conditions import Param, parse_condition
-from ..core.executor import ActionPlan, FramePlan
 from ..core.selection import BusPlan, Sampling, Selection, SignalChoice, can_key, resolve
 from ..core.telemetry import TelemetryCore
 from ..errors import ConfigError, DbcError
+
+if TYPE_CHECKING:  # the executor is imported only where there are [commands]
+    from ..core.executor import ActionPlan
 
 _PARAM = re.compile(r"^\{(\w+)\}$")
 
@@ -81,6 +82,9 @@ def action_plans(config: Config, plans: list[BusPlan]) -> dict[str, ActionPlan]:
 
 
 def _action(action: ActionConfig, plans: list[BusPlan], config: Config, where: str) -> ActionPlan:
+    from ..core.conditions import Param, parse_condition
+    from ..core.executor import ActionPlan, FramePlan
+
     def conds(items, key):
         return tuple(parse_condition(text, f"{where}.{key}.{j}") for j, text in enumerate(items))
 
@@ -119,26 +123,32 @@ def _find_message(name: str, bus_name: str, plans: list[BusPlan], config: Config
                       f"{bus_name or 'any bus'}")
 
 
+def _condition(text: str, where: str):
+    from ..core.conditions import parse_condition  # imported only where there are conditions
+
+    return parse_condition(text, where)
+
+
 def _conditions(config: Config):
     if config.updates is not None:
         for j, text in enumerate(config.updates.preconditions):
             where = f"updates.preconditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if config.diagnostics is not None:
         for j, text in enumerate(config.diagnostics.clear_preconditions):
             where = f"diagnostics.clear_preconditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if getattr(config, "rental", None) is not None:
         for j, text in enumerate(config.rental.end_conditions):
             where = f"rental.end_conditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if config.commands is None:
         return
     for i, action in enumerate(config.commands.action):
         for key in ("preconditions", "already", "confirm"):
             for j, text in enumerate(getattr(action, key)):
                 where = f"commands.action.{i}.{key}.{j}"
-                yield where, parse_condition(text, where)
+                yield where, _condition(text, where)
 
 
 def _in_file(config: Config, e: ConfigError) -> ConfigError:
