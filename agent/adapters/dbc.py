@@ -70,7 +70,7 @@ class DecoderCache:
         self._known: dict = {}
         self._used: dict = {}
         try:
-            data = self.path.read_bytes()  # our own storage dir, written by save()
+            data = memoryview(self.path.read_bytes())  # our own storage dir, written by save()
             # A damaged code object could crash the interpreter at every start: checked first.
             if len(data) < 8 or zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little") \
                     or data[:4] != _MAGIC:
@@ -101,7 +101,8 @@ class DecoderCache:
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             data = marshal.dumps(self._used)
             with open(tmp, "wb") as f:
-                f.write(_MAGIC + zlib.crc32(data).to_bytes(4, "little") + data)
+                f.write(_MAGIC + zlib.crc32(data).to_bytes(4, "little"))
+                f.write(data)
             os.replace(tmp, self.path)
             self._known = dict(self._used)
         except Exception as e:  # a full or read-only disk: the next start compiles again
