@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
 import marshal
@@ -45,6 +46,7 @@ def load_database(path: str | Path, cache_dir: Path | None = None) -> cantools.d
     except Exception as e:  # a torn or foreign file: parse again and replace it
         log.warning("DBC cache %s unreadable (%s); parsing %s", cached, e, path)
     db = _parse(path)
+    gc.collect()  # the parser leaves cycles, and the agent starts with the collector off
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
