@@ -1,6 +1,6 @@
 """Start-up cost: `tcu-agent run` imports what running needs before it is ready, not the other
-commands, the simulator, the cloud side or the optional services; the parser of one command
-still parses like the full one."""
+commands, the simulator, the cloud side or the optional services, and builds the agent with
+the collector off (frozen, then on again); the parser of one command parses like the full one."""
 
 from __future__ import annotations
 
@@ -21,21 +21,22 @@ NOT_BEFORE_READY = (
     "agent.core.executor", "agent.app.commandservice", "agent.app.updateservice",
     "agent.app.diagservice", "paho", "tuf", "pkcs11")
 # The agent as `tcu-agent run` starts it, with a log handler that, on the "running:" line (the
-# one READY=1 goes with), writes the names of the modules imported so far to stdout.
+# one READY=1 goes with), writes to stdout the modules imported so far and the collector's state.
 WATCH = """
-import json, logging, sys
+import gc, json, logging, sys
 class Ready(logging.Handler):
     def emit(self, record):
         if record.getMessage().startswith("running: vin"):
-            print(json.dumps(sorted(sys.modules)), flush=True)
+            print(json.dumps({"modules": sorted(sys.modules), "gc_enabled": gc.isenabled(),
+                              "frozen": gc.get_freeze_count()}), flush=True)
 logging.getLogger("agent.app.runtime").addHandler(Ready())
 from agent.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def imports_before_ready(config) -> list[str]:
-    """Every module a real `tcu-agent run` process had imported when it was ready."""
+def at_ready(config) -> dict:
+    """What a real `tcu-agent run` process had imported when it was ready, and its collector."""
     proc = subprocess.Popen([sys.executable, "-c", WATCH, "run", "-c", str(config)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -62,12 +63,15 @@ dir = "{tmp_path / 'state'}"
 [telemetry]
 messages = ["*"]
 """)
-    names = imports_before_ready(config)
+    ready = at_ready(config)
+    names = ready["modules"]
     # The scan sees the imports that matter (or the check below would prove nothing).
     assert {"agent.cli.run", "agent.app.runtime", "agent.adapters.canbus", "can",
             "cantools"} <= set(names), names
     early = [n for n in names if any(n == m or n.startswith(m + ".") for m in NOT_BEFORE_READY)]
     assert not early, early
+    # Built with the collector off: what was built is frozen, and the collector is back on.
+    assert ready["gc_enabled"] and ready["frozen"] > 10_000, ready["frozen"]
 
 
 def test_the_top_level_help_still_lists_every_command():

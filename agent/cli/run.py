@@ -22,6 +22,7 @@ def run(args) -> int:
     # parsing left is collected while the heap is small, the collector is off while the
     # agent is built, and what was built is frozen (out of every later scan) before it is
     # back on.
+    collecting = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
@@ -32,5 +33,6 @@ def run(args) -> int:
         agent = Agent(config)
     finally:
         gc.freeze()
-        gc.enable()
+        if collecting:
+            gc.enable()
     return agent.run_forever()
