@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
+import marshal
 import os
 import pickle
 import re
+import sys
+import zlib
 from pathlib import Path
+from types import CodeType
 
 import cantools
 
@@ -16,6 +21,7 @@ from ..errors import DbcError
 FORMATS = (".dbc", ".kcd", ".arxml", ".sym", ".cdd")  # the suffixes cantools reads
 _LINE = re.compile(r"line (\d+), column (\d+)")
 log = logging.getLogger("agent.dbc")
+_MAGIC = b"TCUD"  # decoder cache files: magic, CRC-32 of the rest, marshal data
 
 
 def load_database(path: str | Path, cache_dir: Path | None = None) -> cantools.database.can.Database:
@@ -40,6 +46,7 @@ def load_database(path: str | Path, cache_dir: Path | None = None) -> cantools.d
     except Exception as e:  # a torn or foreign file: parse again and replace it
         log.warning("DBC cache %s unreadable (%s); parsing %s", cached, e, path)
     db = _parse(path)
+    gc.collect()  # the parser leaves cycles, and the agent starts with the collector off
     try:
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -49,6 +56,59 @@ def load_database(path: str | Path, cache_dir: Path | None = None) -> cantools.d
     except Exception as e:  # a full or read-only disk: the next start parses again
         log.warning("cannot write the DBC cache under %s: %s", cache_dir, e)
     return db
+
+
+class DecoderCache:
+    """The telemetry core's compiled decoders (core/fastdecode.py), kept next to the parsed
+    databases: a warm start loads their code objects instead of compiling them again (the
+    Tesla DBC's: ~35 ms of CPU). Given to the core as its `codes`; `save()` afterwards keeps
+    what this start used, if that changed. Keyed by the decoder's own source text, so a
+    changed database or selection only compiles what is new. Any fault: compile, carry on."""
+
+    def __init__(self, cache_dir: Path):
+        # marshal's format is the interpreter's own: one file per Python build
+        tag = f"{sys.implementation.cache_tag}-{sys.hexversion:x}"
+        self.path = Path(cache_dir) / f"decoders-{tag}.marshal"
+        self._known: dict = {}
+        self._used: dict = {}
+        try:
+            data = memoryview(self.path.read_bytes())  # our own storage dir, written by save()
+            # A damaged code object could crash the interpreter at every start: checked first.
+            if len(data) < 8 or zlib.crc32(data[8:]) != int.from_bytes(data[4:8], "little") \
+                    or data[:4] != _MAGIC:
+                raise ValueError("bad checksum")
+            known = marshal.loads(data[8:])
+            if type(known) is not dict or any(type(c) is not CodeType for c in known.values()):
+                raise ValueError("not a table of code objects")
+            self._known = known
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # a torn or foreign file: compile, and replace it
+            log.warning("decoder cache %s unreadable (%s); compiling", self.path, e)
+
+    def get(self, key):
+        code = self._known.get(key)
+        if code is not None:
+            self._used[key] = code
+        return code
+
+    def __setitem__(self, key, code) -> None:
+        self._used[key] = code
+
+    def save(self) -> None:
+        if self._used.keys() == self._known.keys():
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            data = marshal.dumps(self._used)
+            with open(tmp, "wb") as f:
+                f.write(_MAGIC + zlib.crc32(data).to_bytes(4, "little"))
+                f.write(data)
+            os.replace(tmp, self.path)
+            self._known = dict(self._used)
+        except Exception as e:  # a full or read-only disk: the next start compiles again
+            log.warning("cannot write the decoder cache %s: %s", self.path, e)
 
 
 def _parse(path: Path) -> cantools.database.can.Database:

@@ -16,18 +16,27 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.subscribeoptions import SubscribeOptions
+from typing import TYPE_CHECKING
 
 from agent.config import MqttConfig
 from agent.core import uplink as core
 from agent.errors import UplinkError
 
-from .mqttclient import close_client, describe, new_client, read_password, tls_context
+from .mqttfiles import describe, read_password, tls_context
 from .outbox import Outbox
 
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
 log = logging.getLogger("agent.mqtt")
+
+
+def _paho():
+    """paho's client module: imported by the worker when it first connects, so that the agent
+    is ready (buses and outbox open) without it; a dict look-up after that."""
+    import paho.mqtt.client
+
+    return paho.mqtt.client
 
 
 class Uplink:
@@ -69,7 +78,7 @@ class Uplink:
         """QoS 1, once, no outbox row; UplinkError (keep it, retry) when not connected now."""
         with self._lock:
             client = self._client if self._m.state == "connected" else None
-        if client is None or client.publish(topic, payload, qos=1).rc != mqtt.MQTT_ERR_SUCCESS:
+        if client is None or client.publish(topic, payload, qos=1).rc != _paho().MQTT_ERR_SUCCESS:
             raise UplinkError(f"no connection to {self._cfg.host}:{self._cfg.port} now")
 
     def set_keepalive(self, seconds: int | None) -> None:  # of the next connections; None: config
@@ -151,6 +160,8 @@ class Uplink:
                     todo.extend(self._m.send(ev, time.monotonic()))
 
     def _do_Connect(self, a: core.Connect):
+        from .mqttclient import new_client
+
         self._client = self._paho_error = None
         try:
             will = self._will()  # freshly signed for every attempt
@@ -166,7 +177,7 @@ class Uplink:
                            keepalive=self._keepalive or self._cfg.keepalive,
                            properties=client.connect_properties,
                            clean_start=True if a.protocol == "5" else
-                           mqtt.MQTT_CLEAN_START_FIRST_ONLY)
+                           _paho().MQTT_CLEAN_START_FIRST_ONLY)
         except (OSError, ValueError) as e:  # refused, unreachable, TLS handshake (ssl.SSLError)
             return core.ConnectFailed(describe(e))
         client.loop_start()
@@ -176,8 +187,8 @@ class Uplink:
             info = self._client.publish(a.topic, a.payload, qos=1, retain=a.retain)
         except ValueError as e:  # can never be sent (bad topic, absurd size)
             return core.Sent(a.row_id, error=f"{a.topic}: {e}")
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return core.Sent(a.row_id, error=mqtt.error_string(info.rc), fatal=True)
+        if info.rc != _paho().MQTT_ERR_SUCCESS:
+            return core.Sent(a.row_id, error=_paho().error_string(info.rc), fatal=True)
         return core.Sent(a.row_id, mid=info.mid)
 
     def _do_Peek(self, a: core.Peek):
@@ -194,12 +205,16 @@ class Uplink:
             return core.OutboxInfo(None, None)
 
     def _do_Subscribe(self, a: core.Subscribe):
+        from paho.mqtt.subscribeoptions import SubscribeOptions
+
         opts = (SubscribeOptions(qos=1, retainHandling=a.retain_handling)
                 if a.retain_handling is not None else 1)
         rc, mid = self._client.subscribe([(t, opts) for t in a.filters])
-        return core.Subscribed(mid if rc == mqtt.MQTT_ERR_SUCCESS else None, a.filters)
+        return core.Subscribed(mid if rc == _paho().MQTT_ERR_SUCCESS else None, a.filters)
 
     def _do_Close(self, a: core.Close) -> None:
+        from .mqttclient import close_client
+
         client, self._client = self._client, None
         close_client(client, a.with_will, a.protocol)
 
@@ -220,7 +235,8 @@ class Uplink:
         with self._lock:
             if not self._m.deliver(msg.retain):
                 return
-            targets = [cb for t, cb in self._subs.items() if mqtt.topic_matches_sub(t, msg.topic)]
+            matches = _paho().topic_matches_sub
+            targets = [cb for t, cb in self._subs.items() if matches(t, msg.topic)]
         for callback in targets:
             try:
                 callback(msg.topic, bytes(msg.payload))
@@ -230,7 +246,7 @@ class Uplink:
     def _on_paho_log(self, client, userdata, level, buf) -> None:
         # The socket/TLS detail behind "connection lost": the first error is the cause; paho's
         # "Client is not connected" that follows is not.
-        if level == mqtt.MQTT_LOG_ERR and not buf.startswith("Client is not connected"):
+        if level == _paho().MQTT_LOG_ERR and not buf.startswith("Client is not connected"):
             self._paho_error = self._paho_error or buf
 
     def _too_big(self, size: int) -> bool:

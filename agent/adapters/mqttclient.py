@@ -1,5 +1,6 @@
-"""A paho client that reports in the uplink machine's events (agent/core/uplink.py), and the
-TLS context and password the agent's MQTT settings ask for. Used by ``adapters/mqtt.py``."""
+"""A paho client that reports in the uplink machine's events (agent/core/uplink.py). Used by
+``adapters/mqtt.py``, from its worker thread: paho is imported when the uplink first connects,
+not while the agent starts (the files the settings name are checked by ``mqttfiles.py``)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import MqttConfig, TlsConfig
+from agent.config import MqttConfig
 from agent.core import uplink as core
-from agent.errors import UplinkError
 
 log = logging.getLogger("agent.mqtt")
 
@@ -73,40 +72,12 @@ def new_client(cfg: MqttConfig, client_id: str, protocol: str, will: tuple[str, 
     return client
 
 
-def tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
-    if tls.ca is None:
-        return None
-    try:
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if tls.cert is not None:
-            ctx.load_cert_chain(str(tls.cert), str(tls.key) if tls.key else None)
-    except (OSError, ssl.SSLError, ValueError) as e:
-        raise UplinkError(f"mqtt.tls: cannot load the CA/certificate/key: {describe(e)}") \
-            from None
-    return ctx
-
-
-def read_password(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UplinkError(f"mqtt.password_file: cannot read {path}: {e}") from None
-    return lines[0] if lines else ""
-
-
 def _no_delay(client, userdata, sock) -> None:
     """Disable Nagle: a PUBLISH held back by delayed ACKs (up to 40 ms) would ruin latency."""
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except (OSError, AttributeError):  # not a TCP socket: nothing to tune
         pass
-
-
-def describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
 
 
 def close_client(client, with_will: bool, protocol: str) -> None:

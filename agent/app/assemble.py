@@ -6,15 +6,16 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from ..adapters.dbc import load_database
+from ..adapters.dbc import DecoderCache, load_database
 from ..config import ActionConfig, Config, SamplingConfig, SignalConfig, TelemetryConfig
-from ..core.conditions import Param, parse_condition
-from ..core.executor import ActionPlan, FramePlan
 from ..core.selection import BusPlan, Sampling, Selection, SignalChoice, can_key, resolve
 from ..core.telemetry import TelemetryCore
 from ..errors import ConfigError, DbcError
+
+if TYPE_CHECKING:  # the executor is imported only where there are [commands]
+    from ..core.executor import ActionPlan
 
 _PARAM = re.compile(r"^\{(\w+)\}$")
 
@@ -38,9 +39,19 @@ def bus_plans(config: Config, cache_dir: Path | None = None) -> list[BusPlan]:
         buses.append((bus.name, dbs))
     try:
         watch = [(s, where) for where, c in _conditions(config) for s in c.signals]
-        return resolve(selection(config.telemetry), buses, watch)
+        plans = Plans(resolve(selection(config.telemetry), buses, watch))
     except ConfigError as e:
         raise _in_file(config, e) from None
+    if cache_dir is not None:
+        plans.decoders = DecoderCache(cache_dir)
+    return plans
+
+
+class Plans(list):
+    """bus_plans()' list of BusPlan, with the decoder cache that goes with its databases'
+    cache (None without one) for the first telemetry_core() built from them."""
+
+    decoders: DecoderCache | None = None
 
 
 def selection(telemetry: TelemetryConfig) -> Selection:
@@ -71,6 +82,9 @@ def action_plans(config: Config, plans: list[BusPlan]) -> dict[str, ActionPlan]:
 
 
 def _action(action: ActionConfig, plans: list[BusPlan], config: Config, where: str) -> ActionPlan:
+    from ..core.conditions import Param, parse_condition
+    from ..core.executor import ActionPlan, FramePlan
+
     def conds(items, key):
         return tuple(parse_condition(text, f"{where}.{key}.{j}") for j, text in enumerate(items))
 
@@ -109,26 +123,32 @@ def _find_message(name: str, bus_name: str, plans: list[BusPlan], config: Config
                       f"{bus_name or 'any bus'}")
 
 
+def _condition(text: str, where: str):
+    from ..core.conditions import parse_condition  # imported only where there are conditions
+
+    return parse_condition(text, where)
+
+
 def _conditions(config: Config):
     if config.updates is not None:
         for j, text in enumerate(config.updates.preconditions):
             where = f"updates.preconditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if config.diagnostics is not None:
         for j, text in enumerate(config.diagnostics.clear_preconditions):
             where = f"diagnostics.clear_preconditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if getattr(config, "rental", None) is not None:
         for j, text in enumerate(config.rental.end_conditions):
             where = f"rental.end_conditions.{j}"
-            yield where, parse_condition(text, where)
+            yield where, _condition(text, where)
     if config.commands is None:
         return
     for i, action in enumerate(config.commands.action):
         for key in ("preconditions", "already", "confirm"):
             for j, text in enumerate(getattr(action, key)):
                 where = f"commands.action.{i}.{key}.{j}"
-                yield where, parse_condition(text, where)
+                yield where, _condition(text, where)
 
 
 def _in_file(config: Config, e: ConfigError) -> ConfigError:
@@ -149,5 +169,10 @@ FRAME_SKEW_S = 1.0  # live: a frame may be stamped at most this far past the age
 def telemetry_core(plans: list[BusPlan], telemetry: TelemetryConfig,
                    live: bool = False) -> TelemetryCore:
     """The core for these plans; `live` (the agent, not a replay) runs on the agent's clock."""
-    return TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes,
-                         frame_skew_s=FRAME_SKEW_S if live else None)
+    decoders = getattr(plans, "decoders", None)
+    core = TelemetryCore(plans, telemetry.max_batch_age_ms, telemetry.max_batch_bytes,
+                         frame_skew_s=FRAME_SKEW_S if live else None, codes=decoders)
+    if decoders is not None:  # it served this core: saved, and not kept in memory
+        decoders.save()
+        plans.decoders = None
+    return core

@@ -27,10 +27,9 @@ from ..adapters.atomic import atomic_write
 from ..adapters.keys import commit_rotation, load_private_key, load_signing_key, next_key_paths
 from ..adapters.mqtt import Uplink
 from ..core.uplink import HEADER_ROOM
-from ..adapters.outbox import Outbox
+from ..adapters.outbox import DEFAULT_PRIORITY, Outbox
 from ..config import Config
 from ..core.batch import Batch
-from ..core.campaigns import DEFAULT_PRIORITY
 from ..core.clock import rmc_time_ms
 from ..core.cose import Signer
 from ..core.protocol import Topics, state_payload, status_record

@@ -21,7 +21,9 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with `only` the parser of that one command (the same
+    parse for its command lines, without importing the other commands' modules)."""
     parser = Parser(
         prog="tcu-agent",
         description="Telematics agent: reads CAN, sends signed telemetry, runs verified commands.")
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMANDS:
+    for name in [only] if only else COMMANDS:
         module = import_module(f"agent.cli.{name.replace('-', '_')}")
         module.add_parser(sub, _common)
     return parser
@@ -45,8 +47,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="logging level on stderr (default: info)")
 
 
+def command_of(argv: list[str]) -> str | None:
+    """The command an argument list names, when nothing before it needs the full parser
+    (help, version, an abbreviated or unknown option): None means build them all."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--debug" or arg.startswith("--log-level="):
+            i += 1
+        elif arg == "--log-level":
+            i += 2
+        else:
+            return arg if arg in COMMANDS else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    # Only the named command's module: `run` starts without importing replay, demo, diag ...
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False)
     level = "debug" if debug else getattr(args, "log_level", "info")

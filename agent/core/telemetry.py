@@ -76,10 +76,10 @@ class MessageState:
     __slots__ = ("message", "decode", "fast", "prev", "length", "signals", "seen", "last",
                  "timeout", "mux", "present", "carried", "tap")
 
-    def __init__(self, message, signals: list[SignalState]):
+    def __init__(self, message, signals: list[SignalState], codes=None):
         self.message = message
         self.decode = message.decode
-        self.fast = compile_message(message, [s.sig for s in signals])
+        self.fast = compile_message(message, [s.sig for s in signals], codes)
         self.prev = None  # the last frame as a little-endian int, for the fast path
         self.length = message.length
         self.signals = signals
@@ -142,7 +142,9 @@ class TelemetryCore:
     def __init__(self, plans: Sequence[BusPlan], max_batch_age_ms: int = 1000,
                  max_batch_bytes: int = 65536, external_heartbeat_ms: int = 60_000,
                  value_deadbands: Mapping[str, float] | None = None,
-                 frame_skew_s: float | None = None):
+                 frame_skew_s: float | None = None, codes=None):
+        # `codes`: decoders compiled by an earlier start (fastdecode.compile_message), for
+        # the messages built here; not kept.
         self.external_heartbeat_ms = external_heartbeat_ms
         # Deadbands of named values from other sources (feed_values), e.g. the modem's signal
         # strength; set before the first value of that name arrives.
@@ -160,7 +162,7 @@ class TelemetryCore:
             for key, mp in plan.selected.items():
                 states = [SignalState(s) for s in mp.signals]
                 self.signals.extend(states)
-                entries[key] = MessageState(mp.message, states)
+                entries[key] = MessageState(mp.message, states, codes)
             self.counters.append(BusCounters(plan.name, entries))
         self._timed = [m for c in self.counters for m in c.entries.values()
                        if m is not None and m.timeout]
