@@ -50,7 +50,12 @@ def start_control(agent):
 
 
 def install(server, agent) -> None:
-    meta = signal_meta(agent)
+    metas: list[dict] = []  # built on the first request for signals, not before ready
+
+    def meta() -> dict:
+        if not metas:
+            metas.append(signal_meta(agent))
+        return metas[0]
 
     def identity() -> dict:
         return {"vin": agent.config.vehicle.vin, "storage_dir": str(agent.config.storage.dir)}
@@ -67,7 +72,7 @@ def install(server, agent) -> None:
         for name, (t_ms, value) in sorted(agent.snapshot().items()):
             out[name] = {"value": value, "t_ms": t_ms,
                          "age_s": round((now_ms - t_ms) / 1000, 3) if t_ms >= 0 else None,
-                         **meta.get(name, {})}
+                         **meta().get(name, {})}
         return {**identity(), "t_ms": now_ms, "signals": out}
 
     def section(key: str):

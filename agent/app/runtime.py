@@ -23,7 +23,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from ..adapters.canbus import BusReader, check_interface, receive_filters
 from ..adapters.sdnotify import Notifier, Watchdog
@@ -32,7 +32,11 @@ from .assemble import bus_plans, telemetry_core
 from .batchstore import BatchStore
 from ..config import Config
 from ..core.batch import Batch
-from .messages import CommandMessage, CoreMessage, Frame, UpdateEvent, Values
+from .messages import CommandMessage, Frame, Values
+
+if TYPE_CHECKING:
+    from ..core.updates import UpdateEvent
+    from .messages import CoreMessage
 
 log = logging.getLogger("agent.app.runtime")
 
@@ -505,14 +509,15 @@ class Agent:
             self.core.feed_values(item.t, item.values)
             if self.publisher is not None:
                 self.publisher.gnss_values(item.values, int(item.t * 1000))
-        elif type(item) is UpdateEvent:
+        elif type(item) is CommandMessage:
+            if self.commands is not None:
+                try:
+                    self.commands.handle(item, int(time.time() * 1000))
+                except Exception:  # a bug here must not stop ingest; the gate never raises
+                    log.exception("command handling failed")
+        elif self.updates is not None:  # the other kind: the update worker's UpdateEvent
             now_ms = int(time.time() * 1000)
             self.commands.report(self.updates.on_event(item, now_ms), now_ms, "update")
-        elif type(item) is CommandMessage and self.commands is not None:
-            try:
-                self.commands.handle(item, int(time.time() * 1000))
-            except Exception:  # a bug here must not stop ingest; the gate itself never raises
-                log.exception("command handling failed")
 
     def _deliver(self) -> None:
         for batch in self.core.take_batches():
