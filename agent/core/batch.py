@@ -9,7 +9,9 @@ import cbor2
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """A closed batch. `sig` maps output name -> [[dt_ms, value], ...] in time order."""
+    """A closed batch. `sig` maps output name -> [(dt_ms, value), ...] in time order (CBOR
+    arrays on the wire; tuples, because tuples of numbers and strings leave the garbage
+    collector's young generations at its first pass, where lists stay in them)."""
 
     t0: int  # UTC ms of the first sample
     t_end: int  # UTC ms of the last sample
@@ -36,17 +38,19 @@ class Column:
 
     def __init__(self, out: str):
         self.out = out
-        self.buf: list = []  # (t_ms, value) of the open batch
+        # The open batch's rows as they will be sent: (dt_ms from the batch's t0, value)
+        # (built as samples arrive, so that closing a batch is not another pass over them).
+        self.buf: list = []
 
 
 class BatchBuilder:
     """Accumulates samples in columns; closes a batch by age or estimated size.
 
-    The hot path in TelemetryCore inlines add(); keep the two in step.
+    The hot path in TelemetryCore inlines add(); keep them in step.
     """
 
     __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "n", "budget", "closed",
-                 "closed_samples")
+                 "closed_samples", "late")
 
     def __init__(self, max_age_ms: int = 1000, max_bytes: int = 65536):
         self.max_age_ms = max_age_ms
@@ -57,6 +61,9 @@ class BatchBuilder:
         self.t0 = -1  # time of the first sample of the open batch
         self.n = 0
         self.budget = max_bytes - 64  # estimated bytes left before the batch must close
+        # A sample earlier than t0 or than its column's previous one (clocks of two buses, or
+        # a frame and a tick, may disagree): close() then puts the rows back in time order.
+        self.late = False
 
     @property
     def open_samples(self) -> int:
@@ -74,7 +81,10 @@ class BatchBuilder:
             self.budget -= len(col.out) + 4
             if self.t0 < 0:
                 self.t0 = t_ms
-        buf.append((t_ms, value))
+        dt = t_ms - self.t0
+        if dt < 0 or (buf and dt < buf[-1][0]):
+            self.late = True
+        buf.append((dt, value))
         self.n += 1
         # Worst-case CBOR size of a sample: array(1) + dt(<=5) + value(<=9, or the string).
         self.budget -= 15 if type(value) is not str else 15 + len(value)
@@ -85,21 +95,18 @@ class BatchBuilder:
         """Close the open batch (if any) and append it to `closed`."""
         if not self.n:
             return None
-        t0 = min(col.buf[0][0] for col in self.touched)
-        t_end = t0
         sig = {}
-        for col in self.touched:
-            rows = []
-            last = t0
-            for t, v in col.buf:
-                if t < last:
-                    t = last  # clocks of two buses may disagree; keep each signal in time order
-                rows.append([t - t0, v])
-                last = t
-            sig[col.out] = rows
-            col.buf = []
-            if last > t_end:
-                t_end = last
+        if self.late:
+            t0, t_end = self._reorder(sig)
+        else:  # the rows are ready as they are
+            t0 = self.t0
+            t_end = t0
+            for col in self.touched:
+                buf = col.buf
+                sig[col.out] = buf
+                col.buf = []
+                if buf[-1][0] + t0 > t_end:
+                    t_end = buf[-1][0] + t0
         batch = Batch(t0, t_end, sig, self.n)
         self.closed.append(batch)
         self.closed_samples += self.n
@@ -107,7 +114,29 @@ class BatchBuilder:
         self.t0 = -1
         self.n = 0
         self.budget = self.max_bytes - 64
+        self.late = False
         return batch
+
+    def _reorder(self, sig: dict) -> tuple[int, int]:
+        """Rows against the earliest sample, each signal in time order (a late sample is
+        taken at its predecessor's time)."""
+        base = self.t0
+        t0 = min(base + col.buf[0][0] for col in self.touched)
+        t_end = t0
+        for col in self.touched:
+            last = t0
+            rows = []
+            for dt, v in col.buf:
+                t = base + dt
+                if t < last:
+                    t = last
+                rows.append((t - t0, v))
+                last = t
+            sig[col.out] = rows
+            col.buf = []
+            if last > t_end:
+                t_end = last
+        return t0, t_end
 
     def take(self) -> list[Batch]:
         out, self.closed = self.closed, []
