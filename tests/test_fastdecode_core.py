@@ -181,7 +181,7 @@ def test_generated_sampler_equals_the_generic_path(frames, max_batch_bytes):
             core.state_changed = False
             core.feed(0, t, key, data)
         assert fast.state_changed == slow.state_changed
-        assert fast.batches.n == slow.batches.n
+        assert fast.batches.open_samples == slow.batches.open_samples
         assert len(fast.batches.closed) == len(slow.batches.closed)
     for core in (fast, slow):
         core.tick(t + 0.05)

@@ -49,7 +49,7 @@ class BatchBuilder:
     The hot path in TelemetryCore inlines add(); keep them in step.
     """
 
-    __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "n", "budget", "closed",
+    __slots__ = ("max_age_ms", "max_bytes", "touched", "t0", "budget", "closed",
                  "closed_samples", "late")
 
     def __init__(self, max_age_ms: int = 1000, max_bytes: int = 65536):
@@ -59,7 +59,6 @@ class BatchBuilder:
         self.closed_samples = 0  # samples in every batch closed so far
         self.touched: list[Column] = []  # columns with samples in the open batch
         self.t0 = -1  # time of the first sample of the open batch
-        self.n = 0
         self.budget = max_bytes - 64  # estimated bytes left before the batch must close
         # A sample earlier than t0 or than its column's previous one (clocks of two buses, or
         # a frame and a tick, may disagree): close() then puts the rows back in time order.
@@ -67,25 +66,32 @@ class BatchBuilder:
 
     @property
     def open_samples(self) -> int:
-        return self.n
+        # Counted when asked (status, the end of a replay), not on the hot path.
+        return sum(len(col.buf) for col in self.touched)
 
     @property
     def deadline_ms(self) -> int | None:
         """When the open batch must close by age, or None when nothing is open."""
         return None if self.t0 < 0 else self.t0 + self.max_age_ms
 
+    def open_column(self, col: Column, t_ms: int) -> int:
+        """Before the first sample of `col` in the open batch (at `t_ms`): its dt."""
+        self.touched.append(col)
+        self.budget -= len(col.out) + 4
+        if self.t0 < 0:
+            self.t0 = t_ms
+        elif t_ms < self.t0:
+            self.late = True
+        return t_ms - self.t0
+
     def add(self, col: Column, t_ms: int, value) -> None:
         buf = col.buf
         if not buf:
-            self.touched.append(col)
-            self.budget -= len(col.out) + 4
-            if self.t0 < 0:
-                self.t0 = t_ms
+            self.open_column(col, t_ms)
         dt = t_ms - self.t0
         if dt < 0 or (buf and dt < buf[-1][0]):
             self.late = True
         buf.append((dt, value))
-        self.n += 1
         # Worst-case CBOR size of a sample: array(1) + dt(<=5) + value(<=9, or the string).
         self.budget -= 15 if type(value) is not str else 15 + len(value)
         if self.budget <= 0:
@@ -93,8 +99,9 @@ class BatchBuilder:
 
     def close(self) -> Batch | None:
         """Close the open batch (if any) and append it to `closed`."""
-        if not self.n:
+        if not self.touched:
             return None
+        n = self.open_samples
         sig = {}
         if self.late:
             t0, t_end = self._reorder(sig)
@@ -107,12 +114,11 @@ class BatchBuilder:
                 col.buf = []
                 if buf[-1][0] + t0 > t_end:
                     t_end = buf[-1][0] + t0
-        batch = Batch(t0, t_end, sig, self.n)
+        batch = Batch(t0, t_end, sig, n)
         self.closed.append(batch)
-        self.closed_samples += self.n
+        self.closed_samples += n
         self.touched = []
         self.t0 = -1
-        self.n = 0
         self.budget = self.max_bytes - 64
         self.late = False
         return batch

@@ -90,7 +90,7 @@ def plan(message, signal_names: Sequence[str], env: dict[str, Any]) -> list[Sign
             if sig.start + sig.length > nbits:
                 return None  # signal extends past the DBC length: leave it to cantools
             bits = mask << sig.start
-            raw = [f"r = (le >> {sig.start}) & {mask}"]
+            raw = [f"r = (le >> {sig.start}) & {mask}" if sig.start else f"r = le & {mask}"]
         else:
             # DBC Motorola start bit = the MSB; count its position from the top of the frame.
             msb = (sig.start // 8) * 8 + (7 - sig.start % 8)
@@ -100,7 +100,8 @@ def plan(message, signal_names: Sequence[str], env: dict[str, Any]) -> list[Sign
             # Change detection on the little-endian diff with the signal's scattered bit mask;
             # the big-endian integer is built only when such a signal changed.
             bits = _motorola_le_mask(sig.start, sig.length)
-            raw = ["if be is None:", "    be = _from(data, 'big')", f"r = (be >> {shift}) & {mask}"]
+            raw = ["if be is None:", "    be = _from(data, 'big')",
+                   f"r = (be >> {shift}) & {mask}" if shift else f"r = be & {mask}"]
         if sig.is_signed:
             raw.append(f"if r & {1 << (sig.length - 1)}: r -= {1 << sig.length}")
         conv = sig.conversion

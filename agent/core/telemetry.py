@@ -110,8 +110,8 @@ def _sampler(entry: MessageState, b: BatchBuilder, update):
     for signals without shaping (keep the three in step); shaped signals go through update().
     fn(data, prev, t) -> the frame as an int, for the next call's `prev`."""
     signals = entry.signals
-    env: dict[str, Any] = {"_from": int.from_bytes, "_b": b, "_update": update,
-                           "_signals": signals}
+    env: dict[str, Any] = {"_from": int.from_bytes, "_b": b, "_open": b.open_column,
+                           "_update": update, "_signals": signals}
     sigs = plan(entry.message, [s.sig for s in signals], env)
     if sigs is None:
         return None
@@ -121,14 +121,12 @@ def _sampler(entry: MessageState, b: BatchBuilder, update):
              "    le = _from(data, 'little')",
              "    dl = le ^ prev",
              "    be = None" if any("be = _from" in line for sig in sigs for line in sig.raw) else "",
-             "    t_ms = int(t * 1000)",
-             "    t0 = _b.t0",
-             "    dt = t_ms - t0 if t0 >= 0 else 0",  # the first sample sets t0 (below)
-             "    if dt < 0:",
-             "        _b.late = True",
-             "    n = 0"]
-    if named:
-        lines.append("    cost = 0")
+             "    t_ms = int(t * 1000.0)",  # the same value as * 1000, a cheaper multiply
+             # No open batch (t0 < 0): the first sample opens its column, which sets t0 and
+             # gives the right dt; a sample earlier than t0 is seen there too, or, in a column
+             # with rows, as earlier than the column's last row (sent_ms).
+             "    dt = t_ms - _b.t0",
+             "    n = 0"]  # the samples' estimated size, as BatchBuilder.add() counts it
     if shaped:
         lines.append("    out = []")
 
@@ -141,9 +139,13 @@ def _sampler(entry: MessageState, b: BatchBuilder, update):
                     f"{pad}out.append(({sig.index}, c if c is not None else {sig.value}))"]
         env[f"_S{sig.index}"] = s
         code = [f"{pad}s = _S{sig.index}"]
+        v = "v"
         if sig.choices is None:
-            code += [f"{pad}v = {sig.value}",
-                     f"{pad}s.raw = s.value = s.sent = v"]
+            if sig.value == "r":
+                v = "r"
+            else:
+                code.append(f"{pad}v = {sig.value}")
+            code.append(f"{pad}s.raw = s.value = s.sent = {v}")
         else:  # raw keeps the NamedSignalValue, the sample is its name
             code += [f"{pad}c = {sig.choices}.get(r)",
                      f"{pad}if c is None:",
@@ -152,23 +154,19 @@ def _sampler(entry: MessageState, b: BatchBuilder, update):
                      f"{pad}else:",
                      f"{pad}    s.raw = c",
                      f"{pad}    v = s.value = s.sent = c.name",
-                     f"{pad}    cost += len(v)"]
+                     f"{pad}    n += len(v)"]
         return code + [f"{pad}buf = s.buf",
                        f"{pad}if not buf:",
-                       f"{pad}    _b.touched.append(s)",
-                       f"{pad}    _b.budget -= {len(s.out) + 4}",
-                       f"{pad}    if _b.t0 < 0:",
-                       f"{pad}        _b.t0 = t_ms",
+                       f"{pad}    dt = _open(s, t_ms)",
                        f"{pad}elif t_ms < s.sent_ms:",
                        f"{pad}    _b.late = True",
                        f"{pad}s.sent_ms = t_ms",
-                       f"{pad}buf.append((dt, v))",
-                       f"{pad}n += 1"]
+                       f"{pad}buf.append((dt, {v}))",
+                       f"{pad}n += 15"]
 
     lines += tests(sigs, emit)
     lines += ["    if n:",
-              "        _b.n += n",
-              f"        _b.budget -= 15 * n{' + cost' if named else ''}"]
+              "        _b.budget -= n"]
     if shaped:
         lines += ["    if out:",
                   "        _update(_signals, out, t_ms, False)",
@@ -265,7 +263,7 @@ class TelemetryCore:
     @property
     def samples(self) -> int:
         """Samples emitted so far (closed batches and the open one)."""
-        return self.batches.closed_samples + self.batches.n
+        return self.batches.closed_samples + self.batches.open_samples
 
     # -- per frame (hot path) -------------------------------------------------------------
 
@@ -305,19 +303,18 @@ class TelemetryCore:
                     self.future_frames += 1
                     t = latest
             c = counters[bus]
-            entry = c.entries.get(can_id, MISSING)
+            entry = c.entries.get(can_id)
             if entry is None:
-                c.unselected += 1
-                continue
-            if entry is MISSING:
+                if can_id in c.entries:
+                    c.unselected += 1
+                    continue
                 c.unknown_ids += 1
                 if len(c.unknown_id_set) < 1024:
                     c.unknown_id_set.add(can_id)
                 continue
-            size = len(data)
-            if size != entry.length:
+            if len(data) != entry.length:
                 c.bad_length += 1
-                if size < entry.length:  # carries only some signals: only those are fresh
+                if len(data) < entry.length:  # carries only some signals: only those are fresh
                     self._short_frame(entry, c, t, data)
                     continue
                 entry.prev = None  # longer: cantools decodes it; the fast path resynchronises
@@ -334,7 +331,7 @@ class TelemetryCore:
                 c.decoded += 1
                 continue
             fast = entry.fast
-            if fast is not None and size == entry.length:
+            if fast is not None and len(data) == entry.length:
                 entry.prev, changed = fast(data, None)
                 c.decoded += 1
                 if changed:
@@ -404,10 +401,7 @@ class TelemetryCore:
             # _emit() and BatchBuilder.add(), inlined: this is the per-sample hot path.
             buf = s.buf
             if not buf:
-                b.touched.append(s)
-                b.budget -= len(s.out) + 4
-                if b.t0 < 0:
-                    b.t0 = t_ms
+                b.open_column(s, t_ms)
             elif t_ms < s.sent_ms:  # sent_ms: the time of buf's last row
                 b.late = True
             s.sent = v
@@ -419,7 +413,6 @@ class TelemetryCore:
             n += 1
             cost += 15 if type(v) is not str else 15 + len(v)
         if n:
-            b.n += n
             b.budget -= cost
             if b.budget <= 0:  # closes after the frame that crossed it (<= one frame over)
                 b.close()
