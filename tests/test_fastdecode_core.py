@@ -151,13 +151,15 @@ def generic(core: TelemetryCore) -> TelemetryCore:
     return core
 
 
-def mixed_core(max_batch_bytes: int) -> TelemetryCore:
-    """Shaped and unshaped signals in the same messages: deadband, throttle, map, scale, state."""
+def mixed_core(max_batch_bytes: int, gear_mapped: bool = True) -> TelemetryCore:
+    """Shaped and unshaped signals in the same messages: deadband, throttle, map, scale, state;
+    the value-table signal (Gear) mapped or sent by name."""
     db = cantools.database.load_string(TEST_DBC, "dbc", strict=False)
+    gear = (SignalChoice(select="Gear", name="Vehicle.Gear", map={"D": "DRIVE", "7": "SEVEN"}),)
     tc = Selection(messages=("*",), defaults=Sampling(heartbeat_s=0, timeout_ms=0), signals=(
         SignalChoice(select="SOC", deadband=0.5),
         SignalChoice(select="PackCurrent", min_interval_ms=30),
-        SignalChoice(select="Gear", name="Vehicle.Gear", map={"D": "DRIVE", "7": "SEVEN"}),
+        *(gear if gear_mapped else ()),
         SignalChoice(select="Ready", state=True),
         SignalChoice(select="Temp", scale=2.0, offset=1.0)))
     return TelemetryCore(resolve(tc, [("can0", [db])]), max_batch_bytes=max_batch_bytes)
@@ -169,11 +171,12 @@ frames_st = st.lists(st.tuples(st.sampled_from([0x100, 0x200, 0x300]),
 
 
 @settings(max_examples=200, deadline=None)
-@given(frames_st, st.sampled_from([180, 400, 65536]))
-def test_generated_sampler_equals_the_generic_path(frames, max_batch_bytes):
-    """Any frames, also short, long and repeated ones: the same batches (byte for byte), values,
-    raw values, counters and state changes as the generic path."""
-    fast, slow = mixed_core(max_batch_bytes), generic(mixed_core(max_batch_bytes))
+@given(frames_st, st.sampled_from([120, 180, 400, 65536]), st.booleans())
+def test_generated_sampler_equals_the_generic_path(frames, max_batch_bytes, gear_mapped):
+    """Any frames, also short, long and repeated ones: the same batches (byte for byte, closed
+    at the same frames), values, raw values, counters and state changes as the generic path."""
+    fast = mixed_core(max_batch_bytes, gear_mapped)
+    slow = generic(mixed_core(max_batch_bytes, gear_mapped))
     t = T0
     for key, data, dt in frames:
         t += dt / 1000
@@ -182,6 +185,7 @@ def test_generated_sampler_equals_the_generic_path(frames, max_batch_bytes):
             core.feed(0, t, key, data)
         assert fast.state_changed == slow.state_changed
         assert fast.batches.open_samples == slow.batches.open_samples
+        assert fast.batches.budget == slow.batches.budget  # the same size estimate
         assert len(fast.batches.closed) == len(slow.batches.closed)
     for core in (fast, slow):
         core.tick(t + 0.05)
