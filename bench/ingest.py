@@ -24,6 +24,10 @@ names them). One core. GC: Python's defaults (enabled, thresholds (700, 10, 10),
 for all three loops alike, a gc.collect() before every timed run.
 
     python bench/ingest.py [--json] [--repeat N] [--log FILE --dbc FILE]
+
+Instruction counts, which this loaded machine does not disturb: `--only careful|agent|none`
+runs just that loop --repeat times, untimed, for a counter such as
+`valgrind --tool=cachegrind --cache-sim=no`; (Ir of `agent` - Ir of `none`) / (frames x N).
 """
 
 from __future__ import annotations
@@ -180,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dbc", default=str(DATA / "kona_ev.dbc"))
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--only", choices=("careful", "agent", "none"),
+                    help="run one loop --repeat times, untimed, print nothing (for counters)")
     args = ap.parse_args(argv)
     if not Path(args.log).is_file():
         print(f"bench/ingest.py: no log at {args.log} (needs ../shared/data)", file=sys.stderr)
@@ -193,6 +199,16 @@ def main(argv=None) -> int:
     n = len(frames)
 
     new_core = lambda: telemetry_core(plans, telemetry)  # noqa: E731
+    if args.only:
+        cores = [new_core() for _ in range(args.repeat)]  # set-up alike for all three
+        gc.collect()
+        for core in cores:
+            if args.only == "careful":
+                careful(frames, db)
+            elif args.only == "agent":
+                agent(frames, core)
+            gc.collect()
+        return 0
     # interleaved, so that a burst of load elsewhere hits all three alike
     ref_mem = base_mem = agent_mem = ref_cpu = agent_cpu = float("inf")
     for _ in range(args.repeat):
