@@ -193,7 +193,9 @@ def test_generated_sampler_equals_the_generic_path(frames, max_batch_bytes, gear
     assert fast.snapshot() == slow.snapshot()
     assert [comparable(s.raw) for s in fast.signals] == [comparable(s.raw) for s in slow.signals]
     assert fast.counters[0].as_dict() == slow.counters[0].as_dict()
-    encode = lambda core: [encode_payload(b.payload("V", 1)) for b in core.take_batches()]  # noqa: E731
+    def encode(core):
+        return [encode_payload(b.payload("V", 1)) for b in core.take_batches()]
+
     assert encode(fast) == encode(slow)
 
 

@@ -137,7 +137,8 @@ def tests(plan: list[Signal], emit: Callable[[Signal, str], list[str]]) -> list[
 
 
 def build(lines: list[str], name: str, filename: str, env: dict[str, Any]):
-    exec(compile("\n".join(line for line in lines if line), filename, "exec"), env)  # noqa: S102 - our own text
+    code = "\n".join(line for line in lines if line)
+    exec(compile(code, filename, "exec"), env)  # noqa: S102 - our own text
     return env[name]
 
 

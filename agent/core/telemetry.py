@@ -116,11 +116,11 @@ def _sampler(entry: MessageState, b: BatchBuilder, update):
     if sigs is None:
         return None
     shaped = any(s.shaped for s in signals)
-    named = any(sig.choices is not None and not signals[sig.index].shaped for sig in sigs)
+    motorola = any("be = _from" in line for sig in sigs for line in sig.raw)
     lines = ["def sample(data, prev, t):",
              "    le = _from(data, 'little')",
              "    dl = le ^ prev",
-             "    be = None" if any("be = _from" in line for sig in sigs for line in sig.raw) else "",
+             "    be = None" if motorola else "",
              "    t_ms = int(t * 1000.0)",  # the same value as * 1000, a cheaper multiply
              # No open batch (t0 < 0): the first sample opens its column, which sets t0 and
              # gives the right dt; a sample earlier than t0 is seen there too, or, in a column
