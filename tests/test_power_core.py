@@ -311,5 +311,5 @@ def test_after_a_wake_unchanged_values_are_sent_again(test_dbc):
     core.feed(0, t + 100.1, drive.frame_id, data)  # the same frame as before the sleep
     core.flush()
     [batch] = core.take_batches()
-    assert batch.sig["VCU_Drive.Speed"] == [[0, 10.0]] and batch.t0 == int((t + 100.1) * 1000)
+    assert batch.sig["VCU_Drive.Speed"] == [(0, 10.0)] and batch.t0 == int((t + 100.1) * 1000)
     assert batch.sig["VCU_Drive.Gear"][0][1] == "D"

@@ -291,15 +291,12 @@ def campaign_family(catalog: Catalog, limits: Limits) -> Family:
 
 # -- batches --------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
 class CampaignBatch(Batch):
-    __slots__ = ("campaign", "trigger", "priority", "max_bytes")
-
-    def __init__(self, t0: int, t_end: int, sig: dict, samples: int, campaign: str = "",
-                 trigger: int | None = None, priority: int = DEFAULT_PRIORITY,
-                 max_bytes: int | None = None):
-        super().__init__(t0, t_end, sig, samples)
-        self.campaign, self.trigger = campaign, trigger
-        self.priority, self.max_bytes = priority, max_bytes
+    campaign: str = ""
+    trigger: int | None = None
+    priority: int = DEFAULT_PRIORITY
+    max_bytes: int | None = None
 
     def payload(self, vin: str, seq: int, drop: int = 0) -> dict:
         body = Batch.payload(self, vin, seq, drop)

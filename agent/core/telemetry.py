@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from cantools.database.namedsignalvalue import NamedSignalValue
 
 from .batch import Batch, BatchBuilder, Column
-from .fastdecode import compile_message
+from .fastdecode import Signal, build, compile_message, plan, tests
 from .selection import BusPlan, SignalSpec
 
 MISSING = object()
@@ -68,18 +68,20 @@ class SignalState(Column):
         self.seen_ms = -1  # multiplexed signals only: when last present (else msg.seen)
         self.msg: MessageState | None = None
         self.sent: Any = MISSING
-        self.sent_ms = -1
+        self.sent_ms = -1  # time of the last sample (of buf's last row, when it has rows)
         self.pending: Any = MISSING  # throttled value waiting for its interval
 
 
 class MessageState:
-    __slots__ = ("message", "decode", "fast", "prev", "length", "signals", "seen", "last",
-                 "timeout", "mux", "present", "carried", "tap")
+    __slots__ = ("message", "decode", "fast", "step", "prev", "length", "signals", "seen",
+                 "last", "timeout", "mux", "present", "carried", "tap")
 
     def __init__(self, message, signals: list[SignalState], codes=None):
         self.message = message
         self.decode = message.decode
         self.fast = compile_message(message, [s.sig for s in signals], codes)
+        # fn(data, prev, t) -> new prev: the fast path once `prev` is known (see _sampler)
+        self.step = _no_samples
         self.prev = None  # the last frame as a little-endian int, for the fast path
         self.length = message.length
         self.signals = signals
@@ -96,6 +98,85 @@ class MessageState:
 
 def _no_signals(data, prev):
     return 0, ()
+
+
+def _no_samples(data, prev, t):
+    return 0
+
+
+def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
+    """The fast path after the first frame, generated per message: decode the signals whose
+    bits changed and sample them, with TelemetryCore._update() and BatchBuilder.add() inlined
+    for signals without shaping (keep the three in step); shaped signals go through update().
+    fn(data, prev, t) -> the frame as an int, for the next call's `prev`."""
+    signals = entry.signals
+    env: dict[str, Any] = {"_from": int.from_bytes, "_b": b, "_open": b.open_column,
+                           "_update": update, "_signals": signals}
+    sigs = plan(entry.message, [s.sig for s in signals], env)
+    if sigs is None:
+        return None
+    shaped = any(s.shaped for s in signals)
+    motorola = any("be = _from" in line for sig in sigs for line in sig.raw)
+    lines = ["def sample(data, prev, t):",
+             "    le = _from(data, 'little')",
+             "    dl = le ^ prev",
+             "    be = None" if motorola else "",
+             "    t_ms = int(t * 1000.0)",  # the same value as * 1000, a cheaper multiply
+             # No open batch (t0 < 0): the first sample opens its column, which sets t0 and
+             # gives the right dt; a sample earlier than t0 is seen there too, or, in a column
+             # with rows, as earlier than the column's last row (sent_ms).
+             "    dt = t_ms - _b.t0",
+             "    n = 0"]  # the samples' estimated size, as BatchBuilder.add() counts it
+    if shaped:
+        lines.append("    out = []")
+
+    def emit(sig: Signal, pad: str) -> list[str]:
+        s = signals[sig.index]
+        if s.shaped:  # what _update() takes: (index, decoded value)
+            if sig.choices is None:
+                return [f"{pad}out.append(({sig.index}, {sig.value}))"]
+            return [f"{pad}c = {sig.choices}.get(r)",
+                    f"{pad}out.append(({sig.index}, c if c is not None else {sig.value}))"]
+        env[f"_S{sig.index}"] = s
+        code = [f"{pad}s = _S{sig.index}"]
+        v = "v"
+        if sig.choices is None:
+            if sig.value == "r":
+                v = "r"
+            else:
+                code.append(f"{pad}v = {sig.value}")
+            code.append(f"{pad}s.raw = s.value = s.sent = {v}")
+        else:  # raw keeps the NamedSignalValue, the sample is its name
+            code += [f"{pad}c = {sig.choices}.get(r)",
+                     f"{pad}if c is None:",
+                     f"{pad}    v = {sig.value}",
+                     f"{pad}    s.raw = s.value = s.sent = v",
+                     f"{pad}else:",
+                     f"{pad}    s.raw = c",
+                     f"{pad}    v = s.value = s.sent = c.name",
+                     f"{pad}    n += len(v)"]
+        return code + [f"{pad}buf = s.buf",
+                       f"{pad}if not buf:",
+                       f"{pad}    dt = _open(s, t_ms)",
+                       f"{pad}elif t_ms < s.sent_ms:",
+                       f"{pad}    _b.late = True",
+                       f"{pad}s.sent_ms = t_ms",
+                       f"{pad}buf.append((dt, {v}))",
+                       f"{pad}n += 15"]
+
+    lines += tests(sigs, emit)
+    lines += ["    if n:",
+              "        _b.budget -= n"]
+    if shaped:
+        lines += ["    if out:",
+                  "        _update(_signals, out, t_ms, False)",
+                  "    if n and _b.budget <= 0:",
+                  "        _b.close()"]
+    else:
+        lines += ["        if _b.budget <= 0:",
+                  "            _b.close()"]
+    lines.append("    return le")
+    return build(lines, "sample", f"<sampler {entry.message.name}>", env, codes)
 
 
 class _NoFrame:
@@ -162,7 +243,9 @@ class TelemetryCore:
             for key, mp in plan.selected.items():
                 states = [SignalState(s) for s in mp.signals]
                 self.signals.extend(states)
-                entries[key] = MessageState(mp.message, states, codes)
+                entries[key] = entry = MessageState(mp.message, states, codes)
+                if entry.fast is not None:
+                    entry.step = _sampler(entry, self.batches, self._update, codes)
             self.counters.append(BusCounters(plan.name, entries))
         self._timed = [m for c in self.counters for m in c.entries.values()
                        if m is not None and m.timeout]
@@ -182,7 +265,7 @@ class TelemetryCore:
     @property
     def samples(self) -> int:
         """Samples emitted so far (closed batches and the open one)."""
-        return self.batches.closed_samples + self.batches.n
+        return self.batches.closed_samples + self.batches.open_samples
 
     # -- per frame (hot path) -------------------------------------------------------------
 
@@ -212,29 +295,31 @@ class TelemetryCore:
         # Live, frames never drive ticks; they are clamped to the runtime's clock instead.
         next_tick = float("inf") if live else self._next_tick
         latest = float("inf") if not live or self.clock is None else self.clock + self.frame_skew_s
+        edge = min(next_tick, latest)  # one comparison per frame for both
         for bus, t, can_id, data in frames:
-            if t >= next_tick:
-                self.tick(t)
-                next_tick = self._next_tick
-            elif t > latest:
-                self.future_frames += 1
-                t = latest
+            if t >= edge:
+                if not live:
+                    self.tick(t)
+                    edge = self._next_tick
+                elif t > latest:
+                    self.future_frames += 1
+                    t = latest
             c = counters[bus]
-            entry = c.entries.get(can_id, MISSING)
+            entry = c.entries.get(can_id)
             if entry is None:
-                c.unselected += 1
-                continue
-            if entry is MISSING:
+                if can_id in c.entries:
+                    c.unselected += 1
+                    continue
                 c.unknown_ids += 1
                 if len(c.unknown_id_set) < 1024:
                     c.unknown_id_set.add(can_id)
                 continue
-            size = len(data)
-            if size != entry.length:
+            if len(data) != entry.length:
                 c.bad_length += 1
-                if size < entry.length:  # carries only some signals: only those are fresh
+                if len(data) < entry.length:  # carries only some signals: only those are fresh
                     self._short_frame(entry, c, t, data)
                     continue
+                entry.prev = None  # longer: cantools decodes it; the fast path resynchronises
             entry.seen = t
             if entry.tap is not None:
                 entry.tap(t, data)
@@ -242,15 +327,18 @@ class TelemetryCore:
                 c.unchanged += 1
                 continue
             entry.last = data
+            prev = entry.prev
+            if prev is not None:  # the fast path decoded the frame before: only what changed
+                entry.prev = entry.step(data, prev, t)
+                c.decoded += 1
+                continue
             fast = entry.fast
-            if fast is not None and size == entry.length:
-                full = entry.prev is None  # else only signals whose bits changed come back
-                entry.prev, changed = fast(data, entry.prev)
+            if fast is not None and len(data) == entry.length:
+                entry.prev, changed = fast(data, None)
                 c.decoded += 1
                 if changed:
-                    update(entry.signals, changed, int(t * 1000), full)
+                    update(entry.signals, changed, int(t * 1000), True)
                 continue
-            entry.prev = None  # the fast path resynchronises on the next frame of normal length
             changed = self._decode(entry, c, t, data)
             if changed is not None:
                 update(entry.signals, changed, int(t * 1000), True)
@@ -313,19 +401,20 @@ class TelemetryCore:
             else:
                 s.value = v
             # _emit() and BatchBuilder.add(), inlined: this is the per-sample hot path.
-            s.sent = v
-            s.sent_ms = t_ms
             buf = s.buf
             if not buf:
-                b.touched.append(s)
-                b.budget -= len(s.out) + 4
-                if b.t0 < 0:
-                    b.t0 = t_ms
-            buf.append((t_ms, v))
+                b.open_column(s, t_ms)
+            elif t_ms < s.sent_ms:  # sent_ms: the time of buf's last row
+                b.late = True
+            s.sent = v
+            s.sent_ms = t_ms
+            dt = t_ms - b.t0
+            if dt < 0:
+                b.late = True
+            buf.append((dt, v))
             n += 1
             cost += 15 if type(v) is not str else 15 + len(v)
         if n:
-            b.n += n
             b.budget -= cost
             if b.budget <= 0:  # closes after the frame that crossed it (<= one frame over)
                 b.close()
@@ -407,6 +496,8 @@ class TelemetryCore:
             self._next_heartbeat_ms = now + 1000
             resumed = self._resumed_ms
             for s in self._heartbeats:
+                if s.sent_ms + s.heartbeat > now:
+                    continue  # sent within its heartbeat: most are, so this goes first
                 if s.sent is not MISSING and s.pending is MISSING and \
                         now - max(s.sent_ms, resumed) >= s.heartbeat:
                     self._emit(s, now, s.value)
