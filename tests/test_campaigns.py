@@ -513,3 +513,22 @@ def test_post_trigger_frames_go_through_the_capture_hook_while_it_runs(db):
     times = [p.t0 + dt for p in post for dt, _ in p.sig["Fast.B"]]
     assert times == [1110, 1120, 1130, 1140, 1150]  # through trigger + post_ms
     assert [v for p in post for _, v in p.sig["Fast.B"]] == [2] * 5
+
+
+def test_windowed_conditions_are_evaluated_at_ticks_only_when_their_windows_move(db):
+    core, catalog, engine = make(db)
+    start(core, engine, K.parse_campaign(doc(condition="avg(Fast.A, 100) > 50"), catalog,
+                                         engine.limits))
+    for i in range(10):  # 0 for 50 ms, then 100: avg 50 at 1090, not above
+        core.feed(0, 1 + i / 100, *frame(db, "Fast", A=0 if i < 5 else 100, B=i))
+    engine.tick(1090)
+    assert engine.running["c1"].firings == 0
+    n = engine.evaluations
+    engine.tick(1095)  # nothing arrived or aged out: the same value, not evaluated again
+    assert engine.evaluations == n
+    engine.tick(1120)  # the zeros of 1000 and 1010 aged out: 500 / 8 > 50, fired by time alone
+    assert engine.running["c1"].firings == 1 and engine.evaluations == n + 1
+    engine.tick(1400)  # everything aged out: no sample, false (evaluated once more)
+    engine.tick(1500)
+    engine.tick(1600)
+    assert engine.running["c1"].prev is False and engine.evaluations == n + 3

@@ -608,12 +608,14 @@ class Part:
 class Group:
     """The running campaigns with one condition text: evaluated once for all of them."""
 
-    __slots__ = ("fn", "members", "windowed", "true")
+    __slots__ = ("fn", "members", "windowed", "true", "aggs", "wvals")
 
     def __init__(self, fn, windowed: bool):
         self.fn, self.windowed = fn, windowed
         self.members: list[Running] = []
         self.true = False  # the last evaluation
+        self.aggs: list[Agg] = []  # its windows
+        self.wvals: list | None = None  # their values when a tick last evaluated it
 
 
 class Running:
@@ -821,6 +823,8 @@ class CampaignEngine:
         if gone or gone_aggs:
             self._fns = {}  # generated code holds those objects: build it again
         for text, group in self.groups.items():
+            tree = group.members[0].c.tree
+            group.aggs = [self.aggs[w] for w in dict.fromkeys(E.windows(tree))]
             if text not in self._fns:
                 self._fns[text] = _codegen(group.members[0].c.tree, self.sigs, self.aggs,
                                            self.stale_ms)
@@ -986,6 +990,7 @@ class CampaignEngine:
             groups = dict.fromkeys(groups)  # each once, in order
         for g in groups:
             self.evaluations += 1
+            g.wvals = None  # (a tick sets them again where it evaluates)
             ok = g.fn(now_ms)
             if not ok and not g.true:
                 continue  # false before too: no member's state changes
@@ -1043,9 +1048,19 @@ class CampaignEngine:
         self._now = now_ms
         for tap in self._windowed:  # rings hold a bounded stretch: windows take it now
             tap.catch_up()
-        again = [g for g in self.groups.values() if g.true and not g.windowed]
-        if self._ticked or again:  # windows move with time; a true input may go stale
-            self._evaluate(self._ticked + again, now_ms)
+        todo = [g for g in self.groups.values() if g.true]  # an input may have gone stale
+        moved = []  # windows move with time: a false condition whose windows did not is not
+        for g in self._ticked:  # evaluated again (its value inputs did not change either)
+            if not g.true:
+                values = [agg.query(now_ms) for agg in g.aggs]
+                if values != g.wvals:
+                    moved.append((g, values))
+        if moved:
+            todo += [g for g, _v in moved]
+        if todo:
+            self._evaluate(todo, now_ms)
+            for g, values in moved:
+                g.wvals = values
         for r in self._timed + list(self._capturing.values()):
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
