@@ -514,7 +514,7 @@ class Tap:
     (run by the core for changed frames only) and the window aggregates it feeds."""
 
     __slots__ = ("message", "ring", "conds", "fast", "mask", "prev", "aggs", "wdecode",
-                 "wmask", "wseen", "wprev", "wvalues", "gaps", "active")
+                 "wspecs", "wmask", "wseen", "wprev", "wvalues", "gaps", "active")
 
     def __init__(self, message):
         self.message = message
@@ -529,6 +529,7 @@ class Tap:
         self.prev = None  # the last changed frame as a little-endian int (fastdecode)
         self.aggs: list[tuple[Agg, Ref]] = []
         self.wdecode = None
+        self.wspecs: list[SignalSpec | None] = []  # of the window signals (output names)
         self.wmask: int | None = None  # the window signals' bits (compiled messages)
         self.wseen = self.ring[-1] if self.ring else None  # the last frame the windows took
         self.wprev: Any = None  # ... its bits (or bytes), and the window values decoded
@@ -568,11 +569,15 @@ class Tap:
                     agg.clear()
         new.reverse()
         prev, values, mask, decode = self.wprev, self.wvalues, self.wmask, self.wdecode
-        refs = [ref for _a, ref in self.aggs]
         length = self.message.length
         from_bytes = int.from_bytes
-        cuts = [(0, values)]  # (index into new, the values from there on)
-        for i, (_t, d) in enumerate(new):
+        times = []
+        cuts = [0]  # where the values change, and the values from there on
+        rows = [values]
+        i = -1
+        for t, d in new:
+            i += 1
+            times.append(int(t * 1000))
             if mask is None or len(d) != length:
                 key = d  # not compiled, or a frame of another length: the bytes decide
             else:
@@ -583,17 +588,17 @@ class Tap:
             if key == prev:
                 continue
             prev = key
-            values = [v if v is None or ref.spec is None else _shape(ref.spec, v)
-                      for ref, v in zip(refs, decode(d))]
+            values = [v if v is None or spec is None else _shape(spec, v)
+                      for spec, v in zip(self.wspecs, decode(d))]
             if i:
-                cuts.append((i, values))
+                cuts.append(i)
+                rows.append(values)
             else:
-                cuts[0] = (0, values)
+                rows[0] = values
         self.wprev, self.wvalues = prev, values
-        times = [int(t * 1000) for t, _d in new]
-        ends = [i for i, _v in cuts[1:]] + [len(new)]
+        cuts.append(i + 1)
         for j, (agg, _ref) in enumerate(self.aggs):
-            agg.extend(times, [(a, b, vals[j]) for (a, vals), b in zip(cuts, ends)])
+            agg.extend(times, [(cuts[k], cuts[k + 1], row[j]) for k, row in enumerate(rows)])
 
 
 class Part:
@@ -849,6 +854,7 @@ class CampaignEngine:
             if tap.aggs:
                 names = [ref.signal for _a, ref in tap.aggs]
                 tap.wdecode = self._decoder(tap.message, names)
+                tap.wspecs = [ref.spec for _a, ref in tap.aggs]
                 if self._compiled(tap.message, names) is not None:
                     tap.wmask = _bits(tap.message, names)
         self._windowed = [tap for tap in self.tapmap.values() if tap.aggs]
