@@ -2,19 +2,23 @@
 
 A campaign arrives as `campaign.apply`; `check_campaign` validates the whole document
 against this vehicle's signals and limits before anything changes. The engine runs the
-active ones on frames the telemetry core hands it through per-message taps (every full
-frame of a tapped message, at arrival rate):
+active ones on frames the telemetry core hands it through one tap per message (`taps()`):
+the core appends every full frame to the message's ring (no Python call) and calls the
+tap's function only for a frame that differs from the one before.
 
 - every signal a running campaign reads has one `Sig` (its latest value), and each time
-  window of a condition one `Agg` (a running avg/min/max over a bounded deque);
+  window of a condition one `Agg` (avg/min/max kept as runs of one value);
 - conditions run as generated straight-line Python (`_codegen`, the semantics of
   expr.compile_condition);
 - a condition is evaluated only when one of its inputs changes value (the index
-  signal -> conditions), plus on each tick for conditions with windows (their value moves as
-  samples age out) and for those currently true (an input may have gone stale);
-- a condition campaign's signals are kept as raw frames in one bounded ring per message
-  (`pre_ms` at arrival rate, shared by the campaigns reading it, decoded only on firing); on
-  firing those samples and those of the next `post_ms` go out as batches tagged
+  signal -> conditions; the tap masks a changed frame against its inputs' bits first), plus
+  on each tick for those currently true (an input may have gone stale) and for windowed ones
+  whose windows moved;
+- windows take the ring's new frames when queried or ticked (`Tap.catch_up`), decoding only
+  where the window signal's bits changed;
+- a condition campaign's signals come from the ring (`pre_ms` at arrival rate, shared by the
+  campaigns reading it, decoded only on firing); on firing those samples and those of the
+  next `post_ms` (taken as they arrive through a hook on the ring) go out as batches tagged
   campaign/trigger;
 - a time campaign takes the latest value of each signal every `period_ms`.
 """
