@@ -532,3 +532,17 @@ def test_windowed_conditions_are_evaluated_at_ticks_only_when_their_windows_move
     engine.tick(1500)
     engine.tick(1600)
     assert engine.running["c1"].prev is False and engine.evaluations == n + 3
+
+
+def test_a_new_campaign_reads_a_message_that_only_repeats(db):
+    """The core calls the tap for changed frames only: installing it must not wait for a
+    change of a [telemetry] message that keeps repeating."""
+    core, catalog, engine = make(db, telemetry=("Fast.A",))
+    can_id, data = frame(db, "Fast", A=150)
+    for i in range(5):
+        core.feed(0, 1 + i / 100, can_id, data)
+    start(core, engine, K.parse_campaign(doc(), catalog, engine.limits), now_ms=1050)
+    core.feed(0, 1.06, can_id, data)
+    assert engine.running["c1"].firings == 1
+    core.flush()
+    assert [v for b in core.take_batches() for _, v in b.sig.get("Fast.A", [])] == [150]

@@ -505,6 +505,8 @@ class TelemetryCore:
             if entry is None:
                 entry = c.entries[key] = MessageState(self._messages[bus][key], [])
                 entry.fast = _no_signals  # the tap decodes what it needs
+            if tap is not None and tap is not entry.tap:
+                entry.last = None  # a new tap sees the next frame, even a repeat
             entry.ring, entry.tap = ring, tap
 
     def tapped(self, bus: int) -> list[int]:
