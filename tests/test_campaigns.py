@@ -431,7 +431,8 @@ def test_generated_conditions_agree_with_the_reference(db, tree, steps, slow_see
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(1, 30), st.sampled_from([0, 7, 7, 7, 300, 1000]),
-                          st.integers(0, 3), st.booleans()), min_size=1, max_size=150),
+                          st.integers(0, 3), st.booleans(),
+                          st.sampled_from([0, 0, 0, 1, 20, 450])), min_size=1, max_size=150),
        st.sampled_from(["avg", "min", "max"]), st.integers(1, 400))
 def test_windows_read_lazily_match_brute_force(db, steps, fn, n):
     """Repeated frames, frames where only other bits change (B), several frames between two
@@ -443,13 +444,18 @@ def test_windows_read_lazily_match_brute_force(db, steps, fn, n):
     start(core, engine, c)
     seen = []
     t = 0
-    for dt, value, other, query in steps:
+    for dt, value, other, query, later in steps:
         t += dt
         core.feed(0, t / 1000, *frame(db, "Fast", A=value, B=other))
         seen.append((t, value))
         if query:
+            t += later  # (a look later than the last frame: samples may have aged out)
             engine._now = t
             inside = [v for ts, v in seen if t - n <= ts <= t]
+            if not inside:
+                with pytest.raises(E.Unknown):
+                    engine.window(fn, "Fast.A", n)
+                continue
             want = {"avg": lambda x: sum(x) / len(x), "min": min, "max": max}[fn](inside)
             assert engine.window(fn, "Fast.A", n) == pytest.approx(want)
 
@@ -475,20 +481,23 @@ def test_avg_of_one_repeated_value_is_that_value(db):
 def test_rings_take_repeated_frames_and_windows_see_the_gap(db):
     core, catalog, engine = make(db)
     d = doc(signals=("Fast.A",))
-    d["trigger"] = {"condition": "max(Fast.A, 50) > 100", "pre_ms": 100}
+    d["trigger"] = {"condition": "max(Fast.A, 50) > 100 or max(Fast.A, 2000) > 5000",
+                    "pre_ms": 100}
     start(core, engine, K.parse_campaign(d, catalog, engine.limits))
     tap = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)]
-    assert tap.ring.maxlen == 11  # pre_ms 100 at 10 ms (> the window's 6)
+    assert tap.ring.maxlen == 101  # 1 s for the 2 s window (> pre_ms 100 at 10 ms)
     can_id, data = frame(db, "Fast", A=5)
     for i in range(5):
         core.feed(0, 1 + i / 100, can_id, data)  # the same frame: every one in the ring
     assert [t for t, _d in tap.ring] == [1 + i / 100 for i in range(5)]
     engine.tick(1040)
     assert engine.window("max", "Fast.A", 50) == 5 and engine.window_gaps == 0
-    for i in range(30):  # 30 frames before the next look: more than the ring holds
-        core.feed(0, 1.05 + i / 1000, *frame(db, "Fast", A=i))
-    engine._now = 1079
-    assert engine.window("max", "Fast.A", 50) == 29 and engine.window_gaps == 1
+    for i in range(150):  # 1.5 s of frames before the next look: more than the ring holds
+        core.feed(0, 1.05 + i / 100, *frame(db, "Fast", A=200 - i))
+    engine._now = 2540
+    assert engine.window("max", "Fast.A", 50) == 56  # the 50 ms window: in the ring, exact
+    # the 2 s window restarts from the ring's newest 101 frames (200 when fed one by one)
+    assert engine.window("max", "Fast.A", 2000) == 151 and engine.window_gaps == 1
 
 
 def test_post_trigger_frames_go_through_the_capture_hook_while_it_runs(db):

@@ -484,10 +484,24 @@ class Agg:
         while q and q[0][0] < lo:
             q.popleft()
 
+    def steady(self, v) -> bool:
+        """Whether the window's value is `v` for as long as samples of `v` keep coming."""
+        if v.__class__ not in _NUM:
+            return False
+        if self.fn == "avg":
+            return self.rhead == len(self.runs) - 1 and self.runs[-1][1] == v and \
+                len(self.times) > self.head
+        return len(self.q) == 1 and self.q[0][1] == v
+
     def query(self, now: int):
         """The aggregate at `now`, or None when no sample is in the window."""
         tap = self.tap
         if tap is not None and tap.ring and tap.ring[-1] is not tap.wseen:
+            if tap.wsteady and not tap.wdirty:  # new frames, all of the one value
+                if int(tap.ring[-1][0] * 1000) < now - self.n:
+                    return None
+                v = self.runs[-1][1] if self.fn == "avg" else self.q[0][1]
+                return float(v) if self.fn == "avg" else v
             tap.catch_up()
         self._prune(now)
         if self.fn != "avg":
@@ -518,7 +532,8 @@ class Tap:
     (run by the core for changed frames only) and the window aggregates it feeds."""
 
     __slots__ = ("message", "ring", "conds", "fast", "mask", "prev", "aggs", "wdecode",
-                 "wspecs", "wmask", "wseen", "wprev", "wvalues", "gaps", "active")
+                 "wspecs", "wmask", "wseen", "wprev", "wvalues", "wle", "wdirty", "wsteady",
+                 "gaps", "active")
 
     def __init__(self, message):
         self.message = message
@@ -538,6 +553,9 @@ class Tap:
         self.wseen = self.ring[-1] if self.ring else None  # the last frame the windows took
         self.wprev: Any = None  # ... its bits (or bytes), and the window values decoded
         self.wvalues: list = []
+        self.wle: int | None = None  # the window bits of the last changed frame (tap fn)
+        self.wdirty = True  # a window bit may have moved since the last catch-up
+        self.wsteady = False  # every window holds one value, that of the newest frame
         self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
 
     @property
@@ -549,14 +567,14 @@ class Tap:
         """ms of the last full frame, -1 if none arrived."""
         return int(self.ring[-1][0] * 1000) if self.ring else -1
 
-    def catch_up(self) -> None:
+    def catch_up(self, force: bool = False) -> None:
         """The frames that arrived since the last call, into the window aggregates (the
         same result as adding each on arrival). A frame is decoded only where the window
         signals' bits changed; the frames in between make a run of the same values, so
         a repeated value costs a comparison, not a decode."""
         ring = self.ring
-        if not ring:
-            return
+        if not ring or (self.wsteady and not self.wdirty and not force):
+            return  # (steady: the frames since only repeat the windows' one value)
         seen = self.wseen
         newest = self.wseen = ring[-1]
         if newest is seen:
@@ -568,7 +586,8 @@ class Tap:
             new.append(item)
         else:
             if seen is not None:  # more frames than the ring holds came since: the newest
-                self.gaps += 1
+                if any(agg.cap > ring.maxlen for agg, _ref in self.aggs):
+                    self.gaps += 1  # (else the newest frames hold all a window keeps)
                 for agg, _ref in self.aggs:
                     agg.clear()
         new.reverse()
@@ -601,8 +620,11 @@ class Tap:
                 rows[0] = values
         self.wprev, self.wvalues = prev, values
         cuts.append(i + 1)
+        steady = self.wmask is not None
         for j, (agg, _ref) in enumerate(self.aggs):
             agg.extend(times, [(cuts[k], cuts[k + 1], row[j]) for k, row in enumerate(rows)])
+            steady = steady and agg.cap <= ring.maxlen and agg.steady(values[j])
+        self.wsteady, self.wdirty = steady, False
 
 
 class Part:
@@ -678,7 +700,8 @@ class CampaignEngine:
 
     @property
     def window_gaps(self) -> int:
-        """Window catch-ups that found frames already gone from the ring (ticks too rare)."""
+        """Window catch-ups that found frames gone from the ring that a window longer than
+        the ring would have kept (ticks too rare, or frames far faster than sized for)."""
         return sum(tap.gaps for tap in self.tapmap.values())
 
     # -- applying -----------------------------------------------------------------------
@@ -763,7 +786,7 @@ class CampaignEngine:
         """Signals, taps, rings, window aggregates and the condition index for the running
         set; what stays keeps its values, aggregates and ring contents."""
         for tap in self._windowed:  # what the rings hold goes to the windows of the old set
-            tap.catch_up()
+            tap.catch_up(force=True)
         old_taps = self.tapmap
         self.tapmap = {}
         self._ticked = []
@@ -894,28 +917,34 @@ class CampaignEngine:
         on_change(t_seconds, data) for a frame that differs from the one before (None: no
         condition reads the message)."""
         self.changed = False
-        return {k: (tap.ring, self._tap_fn(tap) if tap.conds else None)
-                for k, tap in self.tapmap.items()}
+        return {k: (tap.ring, self._tap_fn(tap) if tap.conds or tap.wmask is not None
+                    else None) for k, tap in self.tapmap.items()}
 
     def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
         """The condition inputs of one message, for a frame that differs from the one
         before: decoded where their bits changed, the conditions of those whose value
         changed evaluated."""
         length = tap.message.length
-        fast, mask, conds = tap.fast, tap.mask, tap.conds
+        fast, mask, conds, wmask = tap.fast, tap.mask, tap.conds, tap.wmask
         from_bytes = int.from_bytes
         named = NamedSignalValue
 
         def fn(t: float, data: bytes) -> None:
             if len(data) != length:
+                tap.wdirty = True
                 return
             try:
-                prev = tap.prev
-                if mask is not None and prev is not None:
-                    le = from_bytes(data, "little")
-                    if not (le ^ prev) & mask:  # most changes: counters, other signals
-                        tap.prev = le
+                le = from_bytes(data, "little")
+                if wmask is not None:  # have the window signals' bits moved? (see catch_up)
+                    if tap.wle is None or (le ^ tap.wle) & wmask:
+                        tap.wdirty = True
+                    tap.wle = le
+                    if not conds:
                         return
+                prev = tap.prev
+                if mask is not None and prev is not None and not (le ^ prev) & mask:
+                    tap.prev = le  # most changes: counters, other signals
+                    return
                 tap.prev, changed = fast(data, prev)
                 dirty = []
                 for i, v in changed:
