@@ -400,12 +400,13 @@ class Agg:
     (null after a timeout, names) are not counted."""
 
     __slots__ = ("fn", "name", "n", "cap", "times", "head", "runs", "rhead", "total", "q",
-                 "tap")
+                 "tap", "sv")
 
     def __init__(self, fn: str, name: str, n: int, cap: int):
         self.fn, self.name, self.n, self.cap = fn, name, n, cap
         self.q: deque = deque()  # min/max: (t, v) candidates
         self.tap: Tap | None = None
+        self.sv: Any = None  # steady: the one value (Tap.catch_up)
         self.clear()
 
     def clear(self) -> None:
@@ -499,9 +500,8 @@ class Agg:
         if tap is not None and tap.ring and tap.ring[-1] is not tap.wseen:
             if tap.wsteady and not tap.wdirty:  # new frames, all of the one value
                 if int(tap.ring[-1][0] * 1000) < now - self.n:
-                    return None
-                v = self.runs[-1][1] if self.fn == "avg" else self.q[0][1]
-                return float(v) if self.fn == "avg" else v
+                    return None  # (the newest is out of the window: so are all)
+                return float(self.sv) if self.fn == "avg" else self.sv
             tap.catch_up()
         self._prune(now)
         if self.fn != "avg":
@@ -624,6 +624,7 @@ class Tap:
         for j, (agg, _ref) in enumerate(self.aggs):
             agg.extend(times, [(cuts[k], cuts[k + 1], row[j]) for k, row in enumerate(rows)])
             steady = steady and agg.cap <= ring.maxlen and agg.steady(values[j])
+            agg.sv = values[j]  # the value of the newest frame
         self.wsteady, self.wdirty = steady, False
 
 
