@@ -9,8 +9,8 @@
    signals of its message. The engine ticks every 100 ms of frame time. Frames/s is per CPU
    second of the ingesting thread (time.thread_time: the machine is shared), the best of
    --repeat runs; `cost` is the throughput lost against 0 campaigns (goal: <= 25 % at 256).
-   Two mixes: conditions watching for a value above the log's maximum (they stay false: the
-   standing cost of 256 conditions, which the goal is about) and conditions at the 90th
+   Two mixes: conditions watching for a value above the log's maximum (over every frame: they
+   stay false, the standing cost of 256 conditions, which the goal is about) and conditions at the 90th
    percentile that fire (`*_firing`: the cost then includes decoding and batching the
    captured samples, which can outnumber the base telemetry's); `256_no_windows`: the
    watching mix with plain comparisons only.
@@ -67,7 +67,8 @@ def campaigns_for(plans, frames, n: int, firing: bool = False,
         if msg is None or len(msg.signals) < 2:
             continue
         values: dict[str, list] = {}
-        for data in datas[:: max(1, len(datas) // 200)]:
+        # every frame when watching: a value above the log's true maximum never fires
+        for data in datas if not firing else datas[:: max(1, len(datas) // 200)]:
             try:
                 decoded = msg.decode(data, False, True, False, True)
             except Exception:

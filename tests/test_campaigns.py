@@ -170,9 +170,9 @@ def test_at_least_256_active_conditions(db):
 @given(st.lists(st.tuples(st.integers(1, 40), st.integers(0, 1000)), min_size=1, max_size=200),
        st.sampled_from(["avg", "min", "max"]), st.integers(1, 500))
 def test_windows_match_brute_force(db, steps, fn, n):
-    core, catalog, engine = make(db)
+    core, catalog, engine = make(db, assumed_period_ms=1)  # histories for 1 ms frames
     c = K.parse_campaign(doc(condition=f"{fn}(Fast.A, {n}) > 0 or Fast.A == 0"), catalog,
-                         K.Limits(assumed_period_ms=1))
+                         engine.limits)
     start(core, engine, c)
     seen = []
     t = 0
@@ -425,3 +425,133 @@ def test_generated_conditions_agree_with_the_reference(db, tree, steps, slow_see
         engine._now = now
         want = E.holds(E.compile_condition(tree), _RefEnv(engine, now))
         assert engine.groups[text].fn(now) is want, (text, now)
+
+
+# -- the lazy paths: rings filled by the core, windows read in runs, the capture hook -------
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 30), st.sampled_from([0, 7, 7, 7, 300, 1000]),
+                          st.integers(0, 3), st.booleans(),
+                          st.sampled_from([0, 0, 0, 1, 20, 450])), min_size=1, max_size=150),
+       st.sampled_from(["avg", "min", "max"]), st.integers(1, 400))
+def test_windows_read_lazily_match_brute_force(db, steps, fn, n):
+    """Repeated frames, frames where only other bits change (B), several frames between two
+    queries (taken as runs at once; more than the ring holds: its newest cover the window):
+    the same as the reference over every arrival."""
+    core, catalog, engine = make(db, assumed_period_ms=1)  # histories for 1 ms frames
+    c = K.parse_campaign(doc(condition=f"{fn}(Fast.A, {n}) > 1000"), catalog,
+                         engine.limits)  # (A is read by the window only)
+    start(core, engine, c)
+    seen = []
+    t = 0
+    for dt, value, other, query, later in steps:
+        t += dt
+        core.feed(0, t / 1000, *frame(db, "Fast", A=value, B=other))
+        seen.append((t, value))
+        if query:
+            t += later  # (a look later than the last frame: samples may have aged out)
+            engine._now = t
+            inside = [v for ts, v in seen if t - n <= ts <= t]
+            if not inside:
+                with pytest.raises(E.Unknown):
+                    engine.window(fn, "Fast.A", n)
+                continue
+            want = {"avg": lambda x: sum(x) / len(x), "min": min, "max": max}[fn](inside)
+            assert engine.window(fn, "Fast.A", n) == pytest.approx(want)
+
+
+def test_avg_of_one_repeated_value_is_that_value(db):
+    """A running sum would drift (355.1 added and taken away again): one value is exact, so
+    `avg(x) > max(x)` never holds."""
+    core, catalog, engine = make(db)
+    c = K.parse_campaign(doc(signals=("Slow.C",), condition="avg(Slow.C, 300) > 355.5"),
+                         catalog, engine.limits)
+    start(core, engine, c)
+    for i in range(400):
+        t = 1000 + i * 10
+        core.feed(0, t / 1000, *frame(db, "Slow", C=355.5 if i < 200 else 10, D=i % 7))
+        if i % 10 == 0:
+            engine.tick(t)
+        if i == 150:
+            engine._now = t
+            assert engine.window("avg", "Slow.C", 300) == 355.5
+    assert engine.running["c1"].firings == 0
+
+
+def test_rings_take_repeated_frames_and_windows_see_the_gap(db):
+    core, catalog, engine = make(db)
+    d = doc(signals=("Fast.A",))
+    d["trigger"] = {"condition": "max(Fast.A, 50) > 100 or max(Fast.A, 2000) > 5000",
+                    "pre_ms": 100}
+    start(core, engine, K.parse_campaign(d, catalog, engine.limits))
+    tap = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)]
+    assert tap.ring.maxlen == 101  # 1 s for the 2 s window (> pre_ms 100 at 10 ms)
+    can_id, data = frame(db, "Fast", A=5)
+    for i in range(5):
+        core.feed(0, 1 + i / 100, can_id, data)  # the same frame: every one in the ring
+    assert [t for t, _d in tap.ring] == [1 + i / 100 for i in range(5)]
+    engine.tick(1040)
+    assert engine.window("max", "Fast.A", 50) == 5 and engine.window_gaps == 0
+    for i in range(150):  # 1.5 s of frames before the next look: more than the ring holds
+        core.feed(0, 1.05 + i / 100, *frame(db, "Fast", A=200 - i))
+    engine._now = 2540
+    assert engine.window("max", "Fast.A", 50) == 56  # the 50 ms window: in the ring, exact
+    # the 2 s window restarts from the ring's newest 101 frames (200 when fed one by one)
+    assert engine.window("max", "Fast.A", 2000) == 151 and engine.window_gaps == 1
+
+
+def test_post_trigger_frames_go_through_the_capture_hook_while_it_runs(db):
+    core, catalog, engine = make(db)
+    d = doc(signals=("Fast.A", "Fast.B"))
+    d["trigger"] = {"condition": "Fast.A > 100", "pre_ms": 30, "post_ms": 50}
+    start(core, engine, K.parse_campaign(d, catalog, engine.limits))
+    tap = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)]
+    quiet = frame(db, "Fast", A=1, B=2)
+    for i in range(10):
+        core.feed(0, 1 + i / 100, *quiet)
+    assert "append" not in vars(tap.ring)  # no Python call per frame while nobody captures
+    core.feed(0, 1.1, *frame(db, "Fast", A=200, B=3))
+    assert "append" in vars(tap.ring)
+    for i in range(1, 9):  # repeated frames after the trigger: each is a sample
+        core.feed(0, 1.1 + i / 100, *quiet)
+        engine.tick(1100 + i * 10)
+    engine.tick(1200)
+    assert "append" not in vars(tap.ring)
+    pre, *post = engine.take_batches()
+    assert [pre.t0 + dt for dt, _ in pre.sig["Fast.A"]] == [1070, 1080, 1090, 1100]
+    times = [p.t0 + dt for p in post for dt, _ in p.sig["Fast.B"]]
+    assert times == [1110, 1120, 1130, 1140, 1150]  # through trigger + post_ms
+    assert [v for p in post for _, v in p.sig["Fast.B"]] == [2] * 5
+
+
+def test_windowed_conditions_are_evaluated_at_ticks_only_when_their_windows_move(db):
+    core, catalog, engine = make(db)
+    start(core, engine, K.parse_campaign(doc(condition="avg(Fast.A, 100) > 50"), catalog,
+                                         engine.limits))
+    for i in range(10):  # 0 for 50 ms, then 100: avg 50 at 1090, not above
+        core.feed(0, 1 + i / 100, *frame(db, "Fast", A=0 if i < 5 else 100, B=i))
+    engine.tick(1090)
+    assert engine.running["c1"].firings == 0
+    n = engine.evaluations
+    engine.tick(1095)  # nothing arrived or aged out: the same value, not evaluated again
+    assert engine.evaluations == n
+    engine.tick(1120)  # the zeros of 1000 and 1010 aged out: 500 / 8 > 50, fired by time alone
+    assert engine.running["c1"].firings == 1 and engine.evaluations == n + 1
+    engine.tick(1400)  # everything aged out: no sample, false (evaluated once more)
+    engine.tick(1500)
+    engine.tick(1600)
+    assert engine.running["c1"].prev is False and engine.evaluations == n + 3
+
+
+def test_a_new_campaign_reads_a_message_that_only_repeats(db):
+    """The core calls the tap for changed frames only: installing it must not wait for a
+    change of a [telemetry] message that keeps repeating."""
+    core, catalog, engine = make(db, telemetry=("Fast.A",))
+    can_id, data = frame(db, "Fast", A=150)
+    for i in range(5):
+        core.feed(0, 1 + i / 100, can_id, data)
+    start(core, engine, K.parse_campaign(doc(), catalog, engine.limits), now_ms=1050)
+    core.feed(0, 1.06, can_id, data)
+    assert engine.running["c1"].firings == 1
+    core.flush()
+    assert [v for b in core.take_batches() for _, v in b.sig.get("Fast.A", [])] == [150]

@@ -137,6 +137,7 @@ class CampaignHandler:
         now_ms = int(time.time() * 1000)
         counters = dict(self.counters)
         counters["campaign_evaluations"] = self.engine.evaluations
+        counters["campaign_window_gaps"] = self.engine.window_gaps
         return {"campaigns": self.engine.status(now_ms), "counters": counters}
 
     def close(self) -> None:

@@ -2,19 +2,23 @@
 
 A campaign arrives as `campaign.apply`; `check_campaign` validates the whole document
 against this vehicle's signals and limits before anything changes. The engine runs the
-active ones on frames the telemetry core hands it through per-message taps (every full
-frame of a tapped message, at arrival rate):
+active ones on frames the telemetry core hands it through one tap per message (`taps()`):
+the core appends every full frame to the message's ring (no Python call) and calls the
+tap's function only for a frame that differs from the one before.
 
 - every signal a running campaign reads has one `Sig` (its latest value), and each time
-  window of a condition one `Agg` (a running avg/min/max over a bounded deque);
+  window of a condition one `Agg` (avg/min/max kept as runs of one value);
 - conditions run as generated straight-line Python (`_codegen`, the semantics of
   expr.compile_condition);
 - a condition is evaluated only when one of its inputs changes value (the index
-  signal -> conditions), plus on each tick for conditions with windows (their value moves as
-  samples age out) and for those currently true (an input may have gone stale);
-- a condition campaign's signals are kept as raw frames in one bounded ring per message
-  (`pre_ms` at arrival rate, shared by the campaigns reading it, decoded only on firing); on
-  firing those samples and those of the next `post_ms` go out as batches tagged
+  signal -> conditions; the tap masks a changed frame against its inputs' bits first), plus
+  on each tick for those currently true (an input may have gone stale) and for windowed ones
+  whose windows moved;
+- windows take the ring's new frames when queried or ticked (`Tap.catch_up`), decoding only
+  where the window signal's bits changed;
+- a condition campaign's signals come from the ring (`pre_ms` at arrival rate, shared by the
+  campaigns reading it, decoded only on firing); on firing those samples and those of the
+  next `post_ms` (taken as they arrive through a hook on the ring) go out as batches tagged
   campaign/trigger;
 - a time campaign takes the latest value of each signal every `period_ms`.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import math
 import re
+from bisect import bisect_left
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -43,6 +48,7 @@ MAX_DOC_BYTES = 256 * 1024  # a campaign document, CBOR-encoded
 SAMPLE_BYTES = 128  # what one buffered (t, frame) or (t, value) costs in memory, for the budget
 DEFAULT_PRIORITY = 5  # a campaign without `priority`; base telemetry has the same
 MIN_PERIOD_MS = 100  # the engine ticks every 100 ms
+CATCH_UP_MS = 1000  # windows read their message's ring at least this often (each tick)
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -251,10 +257,18 @@ def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
     return math.ceil(ms / max(period, min_interval_ms, 1)) + 1
 
 
+def _catch_up_capacity(n: int, ref: Ref, limits: Limits) -> int:
+    """What the ring of a window's message must hold so that no frame is gone before the
+    window takes it (at the next tick or query, within CATCH_UP_MS), and never more than
+    the window's own history."""
+    return min(_capacity(n, ref, 0, limits), _capacity(CATCH_UP_MS, ref, 0, limits))
+
+
 def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
     """Memory the campaign's rings and window histories may hold: a ring of frames per
-    message it captures from (pre_ms at the rate of `_capacity`), a history per window.
-    Each is a bounded deque of exactly this capacity."""
+    message it captures from (pre_ms at the rate of `_capacity`), a history per window and
+    the stretch of ring its window reads from (`_catch_up_capacity`). Each is a bounded
+    deque of at most this capacity (rings are shared: counted for each campaign)."""
     total = 0
     if c.condition is not None and c.pre_ms:
         messages = {}
@@ -265,7 +279,9 @@ def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
             total += _capacity(c.pre_ms, ref, 0, limits) * SAMPLE_BYTES
     if c.tree is not None:
         for _fn, sig, n in E.windows(c.tree):
-            total += _capacity(n, catalog.get(sig), 0, limits) * SAMPLE_BYTES
+            ref = catalog.get(sig)
+            total += (_capacity(n, ref, 0, limits)
+                      + _catch_up_capacity(n, ref, limits)) * SAMPLE_BYTES
     return total
 
 
@@ -342,6 +358,22 @@ def _decoder(message, names: list[str]) -> Callable[[bytes], list]:
     return slow
 
 
+def _bits(message, names: list[str]) -> int:
+    """The bits of these signals, as a mask on the frame read as a little-endian integer."""
+    by_name = {s.name: s for s in message.signals}
+    mask = 0
+    for name in names:
+        sig = by_name[name]
+        if sig.byte_order == "little_endian":
+            mask |= ((1 << sig.length) - 1) << sig.start
+            continue
+        pos = sig.start  # Motorola: from the MSB (bit 7 = a byte's MSB) down
+        for _ in range(sig.length):
+            mask |= 1 << pos
+            pos = pos + 15 if pos % 8 == 0 else pos - 1
+    return mask
+
+
 class Sig:
     """One signal some running campaign reads."""
 
@@ -358,80 +390,242 @@ _NUM = (int, float)
 
 
 class Agg:
-    """avg/min/max of one signal over the last `n` ms, kept up to date as samples arrive
-    (a running sum, or a monotonic deque), so a query costs O(1) amortised. Samples that are
-    not numbers (null after a timeout, names) are not counted."""
+    """avg/min/max of one signal over the samples of the last `n` ms. Samples arrive in runs
+    of one value (`Tap.catch_up`) and are kept as runs, so a sample costs its time and no
+    Python step of its own:
+    - avg: the times of the samples (a list read from `head`), the runs (index of their
+      first sample, value) and the running total of the samples from `head` on;
+    - min/max: a monotonic deque of (time, value) candidates, one per run.
+    At most `cap` samples are kept (the oldest go first). Samples that are not numbers
+    (null after a timeout, names) are not counted."""
 
-    __slots__ = ("fn", "name", "n", "cap", "q", "total")
+    __slots__ = ("fn", "name", "n", "cap", "times", "head", "runs", "rhead", "total", "q",
+                 "tap", "sv")
 
     def __init__(self, fn: str, name: str, n: int, cap: int):
         self.fn, self.name, self.n, self.cap = fn, name, n, cap
-        self.q: deque = deque()  # (t, v); for min/max only the candidates
+        self.q: deque = deque()  # min/max: (t, v) candidates
+        self.tap: Tap | None = None
+        self.sv: Any = None  # steady: the one value (Tap.catch_up)
+        self.clear()
+
+    def clear(self) -> None:
+        self.times: list[int] = []
+        self.head = 0
+        self.runs: list[tuple[int, Any]] = []  # (index into times, value)
+        self.rhead = 0  # the run holding times[head]
         self.total = 0
+        self.q.clear()
 
     def add(self, t: int, v) -> None:
-        if v.__class__ not in _NUM:
-            return
-        q = self.q
+        self.extend([t], [(0, 1, v)])
+
+    def extend(self, times: list[int], runs) -> None:
+        """Samples in arrival order, `times[i]` ms each, as runs (start, end, value): the
+        samples times[start:end] all have `value`. The same result as adding them one by
+        one; the window ends at the last."""
+        num = _NUM
         if self.fn == "avg":
-            q.append((t, v))
-            self.total += v
-            if len(q) > self.cap:  # faster than sized for: the oldest goes
-                self.total -= q.popleft()[1]
+            mine, mruns = self.times, self.runs
+            total = self.total
+            for start, end, v in runs:
+                if v.__class__ not in num:
+                    continue
+                if len(mruns) == self.rhead or mruns[-1][1] != v:
+                    mruns.append((len(mine), v))
+                mine.extend(times[start:end])
+                total += v * (end - start)
+            self.total = total
+            if len(mine) - self.head > self.cap:  # faster than sized for: the oldest go
+                self._drop(len(mine) - self.cap)
         else:
-            if self.fn == "min":
-                while q and q[-1][1] >= v:
-                    q.pop()
-            else:
-                while q and q[-1][1] <= v:
-                    q.pop()
-            q.append((t, v))
-            if len(q) > self.cap:
-                q.popleft()
-        if q[0][0] < t - self.n:
-            self._prune(t)
+            q, cap, low = self.q, self.cap, self.fn == "min"
+            for start, end, v in runs:  # of a run, only its last can be the min/max
+                if v.__class__ not in num:
+                    continue
+                if low:
+                    while q and q[-1][1] >= v:
+                        q.pop()
+                else:
+                    while q and q[-1][1] <= v:
+                        q.pop()
+                q.append((times[end - 1], v))
+                if len(q) > cap:
+                    q.popleft()
+        self._prune(times[-1])
+
+    def _drop(self, head: int) -> None:
+        """avg: the samples before index `head` leave the window."""
+        times, runs = self.times, self.runs
+        h, r, total = self.head, self.rhead, self.total
+        while h < head:
+            end = runs[r + 1][0] if r + 1 < len(runs) else len(times)
+            stop = end if end < head else head
+            total -= runs[r][1] * (stop - h)
+            h = stop
+            if h == end:
+                r += 1
+        if h >= len(times):  # empty: start over, no drift carried into the next samples
+            self.clear()
+            return
+        self.head, self.rhead, self.total = h, r, total
+        if h > 256 and h * 2 > len(times):  # compact
+            del times[:h]
+            self.runs = [(max(i - h, 0), v) for i, v in runs[r:]]
+            self.head = self.rhead = 0
 
     def _prune(self, now: int) -> None:
-        q, lo = self.q, now - self.n
-        avg = self.fn == "avg"
+        lo = now - self.n
+        if self.fn == "avg":
+            times = self.times
+            if self.head < len(times) and times[self.head] < lo:
+                self._drop(bisect_left(times, lo, self.head))
+            return
+        q = self.q
         while q and q[0][0] < lo:
-            t, v = q.popleft()
-            if avg:
-                self.total -= v
-        if avg and not q:
-            self.total = 0  # no drift carried into the next run of samples
+            q.popleft()
+
+    def steady(self, v) -> bool:
+        """Whether the window's value is `v` for as long as samples of `v` keep coming."""
+        if v.__class__ not in _NUM:
+            return False
+        if self.fn == "avg":
+            return self.rhead == len(self.runs) - 1 and self.runs[-1][1] == v and \
+                len(self.times) > self.head
+        return len(self.q) == 1 and self.q[0][1] == v
 
     def query(self, now: int):
         """The aggregate at `now`, or None when no sample is in the window."""
+        tap = self.tap
+        if tap is not None and tap.ring and tap.ring[-1] is not tap.wseen:
+            if tap.wsteady and not tap.wdirty:  # new frames, all of the one value
+                if int(tap.ring[-1][0] * 1000) < now - self.n:
+                    return None  # (the newest is out of the window: so are all)
+                return float(self.sv) if self.fn == "avg" else self.sv
+            tap.catch_up()
         self._prune(now)
-        q = self.q
-        if not q:
+        if self.fn != "avg":
+            return self.q[0][1] if self.q else None
+        k = len(self.times) - self.head
+        if not k:
             return None
-        return self.total / len(q) if self.fn == "avg" else q[0][1]
+        if self.rhead == len(self.runs) - 1:  # one value: exactly it (and the sum again)
+            v = self.runs[-1][1]
+            self.total = v * k
+            return float(v)
+        return self.total / k
 
     def __len__(self) -> int:
-        return len(self.q)
+        return len(self.times) - self.head if self.fn == "avg" else len(self.q)
+
+
+class Ring(deque):
+    """A tapped message's frames, (t seconds, data): the telemetry core appends every full
+    frame at arrival rate, a C call and no more. While a campaign captures after its
+    trigger, the engine shadows `append` on the instance (an attribute), so those frames
+    also go to the capture as they arrive; otherwise the ring is only read (on firing, by
+    windows)."""
 
 
 class Tap:
-    """One tapped message: the last frame, a ring of frames for captures, and decoders for
-    the condition inputs (on change) and window signals (every frame)."""
+    """One tapped message: its ring of frames, the change detector of its condition inputs
+    (run by the core for changed frames only) and the window aggregates it feeds."""
 
-    __slots__ = ("message", "last_t", "last", "ring", "conds", "fast", "prev", "aggs",
-                 "wdecode", "wlast", "active")
+    __slots__ = ("message", "ring", "conds", "fast", "mask", "prev", "aggs", "wdecode",
+                 "wspecs", "wmask", "wseen", "wprev", "wvalues", "wle", "wdirty", "wsteady",
+                 "gaps", "active")
 
     def __init__(self, message):
         self.message = message
-        self.last_t = -1
-        self.last: bytes | None = None
-        self.ring: deque | None = None  # (t_ms, data)
+        self.ring = Ring(maxlen=1)  # at least the last frame
+        self.gaps = 0  # window catch-ups that found frames gone from the ring
+        self.reset()
+
+    def reset(self) -> None:
         self.conds: list[Sig] = []
         self.fast = None
-        self.prev = None
+        self.mask: int | None = None  # the condition inputs' bits (compiled messages)
+        self.prev = None  # the last changed frame as a little-endian int (fastdecode)
         self.aggs: list[tuple[Agg, Ref]] = []
         self.wdecode = None
-        self.wlast: list | None = None  # the window signals' values in `last`
+        self.wspecs: list[SignalSpec | None] = []  # of the window signals (output names)
+        self.wmask: int | None = None  # the window signals' bits (compiled messages)
+        self.wseen = self.ring[-1] if self.ring else None  # the last frame the windows took
+        self.wprev: Any = None  # ... its bits (or bytes), and the window values decoded
+        self.wvalues: list = []
+        self.wle: int | None = None  # the window bits of the last changed frame (tap fn)
+        self.wdirty = True  # a window bit may have moved since the last catch-up
+        self.wsteady = False  # every window holds one value, that of the newest frame
         self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
+
+    @property
+    def last(self) -> bytes | None:
+        return self.ring[-1][1] if self.ring else None
+
+    @property
+    def last_t(self) -> int:
+        """ms of the last full frame, -1 if none arrived."""
+        return int(self.ring[-1][0] * 1000) if self.ring else -1
+
+    def catch_up(self, force: bool = False) -> None:
+        """The frames that arrived since the last call, into the window aggregates (the
+        same result as adding each on arrival). A frame is decoded only where the window
+        signals' bits changed; the frames in between make a run of the same values, so
+        a repeated value costs a comparison, not a decode."""
+        ring = self.ring
+        if not ring or (self.wsteady and not self.wdirty and not force):
+            return  # (steady: the frames since only repeat the windows' one value)
+        seen = self.wseen
+        newest = self.wseen = ring[-1]
+        if newest is seen:
+            return
+        new = []
+        for item in reversed(ring):
+            if item is seen:
+                break
+            new.append(item)
+        else:
+            if seen is not None:  # more frames than the ring holds came since: the newest
+                if any(agg.cap > ring.maxlen for agg, _ref in self.aggs):
+                    self.gaps += 1  # (else the newest frames hold all a window keeps)
+                for agg, _ref in self.aggs:
+                    agg.clear()
+        new.reverse()
+        prev, values, mask, decode = self.wprev, self.wvalues, self.wmask, self.wdecode
+        length = self.message.length
+        from_bytes = int.from_bytes
+        times = []
+        cuts = [0]  # where the values change, and the values from there on
+        rows = [values]
+        i = -1
+        for t, d in new:
+            i += 1
+            times.append(int(t * 1000))
+            if mask is None or len(d) != length:
+                key = d  # not compiled, or a frame of another length: the bytes decide
+            else:
+                key = from_bytes(d, "little")
+                if prev.__class__ is int and not (key ^ prev) & mask:
+                    prev = key
+                    continue
+            if key == prev:
+                continue
+            prev = key
+            values = [v if v is None or spec is None else _shape(spec, v)
+                      for spec, v in zip(self.wspecs, decode(d))]
+            if i:
+                cuts.append(i)
+                rows.append(values)
+            else:
+                rows[0] = values
+        self.wprev, self.wvalues = prev, values
+        cuts.append(i + 1)
+        steady = self.wmask is not None
+        for j, (agg, _ref) in enumerate(self.aggs):
+            agg.extend(times, [(cuts[k], cuts[k + 1], row[j]) for k, row in enumerate(rows)])
+            steady = steady and agg.cap <= ring.maxlen and agg.steady(values[j])
+            agg.sv = values[j]  # the value of the newest frame
+        self.wsteady, self.wdirty = steady, False
 
 
 class Part:
@@ -446,12 +640,14 @@ class Part:
 class Group:
     """The running campaigns with one condition text: evaluated once for all of them."""
 
-    __slots__ = ("fn", "members", "windowed", "true")
+    __slots__ = ("fn", "members", "windowed", "true", "aggs", "wvals")
 
     def __init__(self, fn, windowed: bool):
         self.fn, self.windowed = fn, windowed
         self.members: list[Running] = []
         self.true = False  # the last evaluation
+        self.aggs: list[Agg] = []  # its windows
+        self.wvals: list | None = None  # their values when a tick last evaluated it
 
 
 class Running:
@@ -476,7 +672,8 @@ class Running:
 
 class CampaignEngine:
     """Runs the active campaigns. Feed it through `taps()` (installed on the telemetry core),
-    call `tick(now_ms)` often, and take `take_batches()`."""
+    call `tick(now_ms)` often (at least every CATCH_UP_MS of frames), and take
+    `take_batches()`."""
 
     def __init__(self, catalog: Catalog, limits: Limits = Limits(), stale_ms: int = 5000,
                  batch_age_ms: int = 1000, batch_bytes: int = 65536):
@@ -494,12 +691,19 @@ class CampaignEngine:
         self.last_error = ""
         self._now = 0
         self._ticked: list[Group] = []  # windowed conditions, re-evaluated per tick
+        self._windowed: list[Tap] = []  # taps feeding window aggregates
         self._next_change = -1  # ms of the next start or expiry among the applied
         self.groups: dict[str, Group] = {}  # condition text -> its running campaigns
         self._fns: dict[str, Any] = {}  # condition text -> generated code
         self._timed: list[Running] = []  # time campaigns
         self._capturing: dict[str, Running] = {}  # condition campaigns after a trigger
         self._cache: dict = {}  # compiled decoders (the catalog's messages live as long)
+
+    @property
+    def window_gaps(self) -> int:
+        """Window catch-ups that found frames gone from the ring that a window longer than
+        the ring would have kept (ticks too rare, or frames far faster than sized for)."""
+        return sum(tap.gaps for tap in self.tapmap.values())
 
     # -- applying -----------------------------------------------------------------------
 
@@ -577,11 +781,13 @@ class CampaignEngine:
             self._close(r)
             self._capturing.pop(cid, None)
             for part in r.parts:
-                part.tap.active = [x for x in part.tap.active if x[0] is not r]
+                self._set_active(part.tap, [x for x in part.tap.active if x[0] is not r])
 
     def _rebuild(self) -> None:
         """Signals, taps, rings, window aggregates and the condition index for the running
         set; what stays keeps its values, aggregates and ring contents."""
+        for tap in self._windowed:  # what the rings hold goes to the windows of the old set
+            tap.catch_up(force=True)
         old_taps = self.tapmap
         self.tapmap = {}
         self._ticked = []
@@ -600,10 +806,9 @@ class CampaignEngine:
             key = (s.ref.bus, s.ref.key)
             tap = self.tapmap.get(key)
             if tap is None:
-                tap = self.tapmap[key] = Tap(s.ref.message)
-                prev = old_taps.get(key)
-                if prev is not None:
-                    tap.last_t, tap.last, tap.ring = prev.last_t, prev.last, prev.ring
+                tap = old_taps.get(key) or Tap(s.ref.message)  # its ring is kept
+                tap.reset()
+                self.tapmap[key] = tap
             s.tap = tap
             return s
 
@@ -639,6 +844,9 @@ class CampaignEngine:
                     if (fn, name, n) not in self.aggs:
                         self.aggs[(fn, name, n)] = Agg(fn, name, n,
                                                        _capacity(n, sg.ref, 0, self.limits))
+                    key = (sg.ref.bus, sg.ref.key)
+                    ring_cap[key] = max(ring_cap.get(key, 0),
+                                        _catch_up_capacity(n, sg.ref, self.limits))
         gone = [n for n in self.sigs if n not in used]
         gone_aggs = [k for k in self.aggs if k not in used_aggs]
         for name in gone:
@@ -648,6 +856,8 @@ class CampaignEngine:
         if gone or gone_aggs:
             self._fns = {}  # generated code holds those objects: build it again
         for text, group in self.groups.items():
+            tree = group.members[0].c.tree
+            group.aggs = [self.aggs[w] for w in dict.fromkeys(E.windows(tree))]
             if text not in self._fns:
                 self._fns[text] = _codegen(group.members[0].c.tree, self.sigs, self.aggs,
                                            self.stale_ms)
@@ -656,22 +866,36 @@ class CampaignEngine:
             if s.conditions:
                 s.tap.conds.append(s)
         for (fn, name, n), agg in self.aggs.items():
-            self.sigs[name].tap.aggs.append((agg, self.sigs[name].ref))
+            agg.tap = self.sigs[name].tap
+            agg.tap.aggs.append((agg, self.sigs[name].ref))
         for key, tap in self.tapmap.items():
-            cap = ring_cap.get(key, 0)
-            tap.ring = deque(tap.ring or (), maxlen=cap) if cap else None
+            cap = max(ring_cap.get(key, 0), 1)
+            if tap.ring.maxlen != cap:
+                tap.ring = Ring(tap.ring, maxlen=cap)  # (the core gets it with taps())
             if tap.conds:
                 names = [s.ref.signal for s in tap.conds]
                 tap.fast = self._compiled(tap.message, names)
                 if tap.fast is None:  # multiplexed / float: decode and compare
                     tap.fast = _changes(self._decoder(tap.message, names))
+                else:
+                    tap.mask = _bits(tap.message, names)
             if tap.aggs:
-                tap.wdecode = self._decoder(tap.message, [ref.signal for _a, ref in tap.aggs])
-                tap.wlast = None
+                names = [ref.signal for _a, ref in tap.aggs]
+                tap.wdecode = self._decoder(tap.message, names)
+                tap.wspecs = [ref.spec for _a, ref in tap.aggs]
+                if self._compiled(tap.message, names) is not None:
+                    tap.wmask = _bits(tap.message, names)
+        self._windowed = [tap for tap in self.tapmap.values() if tap.aggs]
+        active: dict[int, list] = {}
         for r in self.running.values():  # captures in progress carry on
             if r.capture_until >= 0:
                 for part in r.parts:
-                    part.tap.active.append((r, part))
+                    active.setdefault(id(part.tap), []).append((r, part))
+        for key, tap in old_taps.items():
+            if key not in self.tapmap:
+                self._set_active(tap, [])  # not tapped any more: no capture hook left
+        for tap in self.tapmap.values():
+            self._set_active(tap, active.get(id(tap), []))
         self.changed = True
 
     def _decoder(self, message, names: list[str]):
@@ -688,51 +912,53 @@ class CampaignEngine:
 
     # -- taps: what the telemetry core must hand over ------------------------------------
 
-    def taps(self) -> dict[tuple[int, int], Callable[[float, bytes], None]]:
-        """(bus, can key) -> tap(t_seconds, data) for every message a running campaign reads."""
+    def taps(self) -> dict[tuple[int, int], tuple[Ring, Callable[[float, bytes], None] | None]]:
+        """(bus, can key) -> (ring, on_change) for every message a running campaign reads:
+        the core appends (t_seconds, data) of every full frame to `ring`, and calls
+        on_change(t_seconds, data) for a frame that differs from the one before (None: no
+        condition reads the message)."""
         self.changed = False
-        return {k: self._tap_fn(tap) for k, tap in self.tapmap.items()}
+        return {k: (tap.ring, self._tap_fn(tap) if tap.conds or tap.wmask is not None
+                    else None) for k, tap in self.tapmap.items()}
 
     def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
+        """The condition inputs of one message, for a frame that differs from the one
+        before: decoded where their bits changed, the conditions of those whose value
+        changed evaluated."""
         length = tap.message.length
+        fast, mask, conds, wmask = tap.fast, tap.mask, tap.conds, tap.wmask
+        from_bytes = int.from_bytes
+        named = NamedSignalValue
 
         def fn(t: float, data: bytes) -> None:
-            t_ms = int(t * 1000)
-            same = data == tap.last  # a repeated frame: the same values (about half of them)
-            tap.last_t, tap.last = t_ms, data
-            ring = tap.ring
-            if ring is not None:
-                ring.append((t_ms, data))
+            if len(data) != length:
+                tap.wdirty = True
+                return
             try:
-                if tap.active:
-                    self._capture_post(tap, t_ms, data)
-                if tap.aggs:
-                    values = tap.wlast
-                    if not same or values is None:
-                        values = tap.wlast = [
-                            v if v is None or ref.spec is None else _shape(ref.spec, v)
-                            for (_a, ref), v in zip(tap.aggs, tap.wdecode(data))]
-                    for (agg, _ref), v in zip(tap.aggs, values):
-                        if v is not None:
-                            agg.add(t_ms, v)
-                if same:
-                    return  # condition inputs unchanged
-                if tap.conds and len(data) == length:
-                    tap.prev, changed = tap.fast(data, tap.prev)
-                    if changed:
-                        dirty = []
-                        conds = tap.conds
-                        for i, v in changed:
-                            s = conds[i]
-                            if type(v) is NamedSignalValue:
-                                v = v.name
-                            if s.ref.spec is not None:
-                                v = _shape(s.ref.spec, v)
-                            if v != s.value or type(v) is not type(s.value):
-                                s.value = v
-                                dirty.extend(s.conditions)
-                        if dirty:
-                            self._evaluate(dirty, t_ms)
+                le = from_bytes(data, "little")
+                if wmask is not None:  # have the window signals' bits moved? (see catch_up)
+                    if tap.wle is None or (le ^ tap.wle) & wmask:
+                        tap.wdirty = True
+                    tap.wle = le
+                    if not conds:
+                        return
+                prev = tap.prev
+                if mask is not None and prev is not None and not (le ^ prev) & mask:
+                    tap.prev = le  # most changes: counters, other signals
+                    return
+                tap.prev, changed = fast(data, prev)
+                dirty = []
+                for i, v in changed:
+                    s = conds[i]
+                    if type(v) is named:
+                        v = v.name
+                    if s.ref.spec is not None:
+                        v = _shape(s.ref.spec, v)
+                    if v != s.value or type(v) is not type(s.value):
+                        s.value = v
+                        dirty.extend(s.conditions)
+                if dirty:
+                    self._evaluate(dirty, int(t * 1000))
             except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
                 self._failed(e)
         return fn
@@ -743,10 +969,11 @@ class CampaignEngine:
 
     # -- captures -------------------------------------------------------------------------
 
-    def _capture(self, r: Running, part: Part, t_ms: int, data: bytes) -> None:
-        """The campaign's signals of this frame into its batch (with their own filters)."""
+    def _capture(self, r: Running, part: Part, t_ms: int, values: list) -> None:
+        """The campaign's signals of one frame (`part.decode`d) into its batch, with their
+        own filters."""
         reqs = r.c.signals
-        for i, ref, v in zip(part.cols, part.refs, part.decode(data)):
+        for i, ref, v in zip(part.cols, part.refs, values):
             if v is None:
                 continue
             if ref.spec is not None:
@@ -762,10 +989,30 @@ class CampaignEngine:
                 r.last_in[i] = (t_ms, v)
             r.builder.add(r.cols[i], t_ms, v)
 
-    def _capture_post(self, tap: Tap, t_ms: int, data: bytes) -> None:
-        for r, part in tap.active:
-            if r.capture_until >= t_ms:
-                self._capture(r, part, t_ms, data)
+    def _set_active(self, tap: Tap, active: list) -> None:
+        """The campaigns capturing from this message after their trigger: while there are
+        any, every frame the core appends to the ring also goes to them."""
+        tap.active = active
+        ring = tap.ring
+        if not active:
+            ring.__dict__.pop("append", None)
+            return
+        if "append" in ring.__dict__:
+            return
+        push = deque.append
+        engine = self
+
+        def append(item) -> None:
+            push(ring, item)
+            t, data = item
+            t_ms = int(t * 1000)
+            try:
+                for r, part in tap.active:
+                    if r.capture_until >= t_ms:
+                        engine._capture(r, part, t_ms, part.decode(data))
+            except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
+                engine._failed(e)
+        ring.append = append
 
     # -- conditions -----------------------------------------------------------------------
 
@@ -779,13 +1026,15 @@ class CampaignEngine:
 
     def _evaluate(self, groups, now_ms: int) -> None:
         self._now = now_ms
-        seen = set()
+        if len(groups) > 1:
+            groups = dict.fromkeys(groups)  # each once, in order
         for g in groups:
-            if id(g) in seen:
-                continue
-            seen.add(id(g))
             self.evaluations += 1
-            ok = g.true = g.fn(now_ms)
+            g.wvals = None  # (a tick sets them again where it evaluates)
+            ok = g.fn(now_ms)
+            if not ok and not g.true:
+                continue  # false before too: no member's state changes
+            g.true = ok
             for r in g.members:
                 fire = ok and (not r.prev or not r.c.rising_edge)
                 r.prev = ok
@@ -803,19 +1052,23 @@ class CampaignEngine:
         r.last_in = [(-1, None)] * len(r.c.signals)
         for part in r.parts:
             ring = part.tap.ring
-            if not ring:
+            if not ring or not r.c.pre_ms:
                 continue
-            if ring[0][0] > lo and len(ring) == ring.maxlen:
+            if int(ring[0][0] * 1000) > lo and len(ring) == ring.maxlen:
                 r.overflow += 1  # frames came faster than the ring was sized for
-            for t, data in ring:
-                if lo <= t <= now_ms:
-                    self._capture(r, part, t, data)
+            data = values = None
+            for t, d in ring:
+                t_ms = int(t * 1000)
+                if lo <= t_ms <= now_ms:
+                    if d != data:  # a repeated frame: the same values
+                        data, values = d, part.decode(d)
+                    self._capture(r, part, t_ms, values)
         self._close(r)  # the pre-trigger part goes out at once
         r.capture_until = now_ms + r.c.post_ms
         self._capturing[r.c.id] = r
         if r.c.post_ms:
             for part in r.parts:
-                part.tap.active.append((r, part))
+                self._set_active(part.tap, part.tap.active + [(r, part)])
 
     def _close(self, r: Running) -> None:
         b = r.builder
@@ -833,9 +1086,21 @@ class CampaignEngine:
         time. Returns the ids of campaigns that expired (and were removed)."""
         expired = self._sync(now_ms)
         self._now = now_ms
-        again = [g for g in self.groups.values() if g.true and not g.windowed]
-        if self._ticked or again:  # windows move with time; a true input may go stale
-            self._evaluate(self._ticked + again, now_ms)
+        for tap in self._windowed:  # rings hold a bounded stretch: windows take it now
+            tap.catch_up()
+        todo = [g for g in self.groups.values() if g.true]  # an input may have gone stale
+        moved = []  # windows move with time: a false condition whose windows did not is not
+        for g in self._ticked:  # evaluated again (its value inputs did not change either)
+            if not g.true:
+                values = [agg.query(now_ms) for agg in g.aggs]
+                if values != g.wvals:
+                    moved.append((g, values))
+        if moved:
+            todo += [g for g, _v in moved]
+        if todo:
+            self._evaluate(todo, now_ms)
+            for g, values in moved:
+                g.wvals = values
         for r in self._timed + list(self._capturing.values()):
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
@@ -845,7 +1110,7 @@ class CampaignEngine:
                 r.capture_until = -1
                 del self._capturing[c.id]
                 for part in r.parts:
-                    part.tap.active = [x for x in part.tap.active if x[0] is not r]
+                    self._set_active(part.tap, [x for x in part.tap.active if x[0] is not r])
                 self._close(r)
                 r.trigger_ms = None
             deadline = r.builder.deadline_ms
@@ -857,7 +1122,7 @@ class CampaignEngine:
         """A time campaign: the latest value of each signal (not stale) at `now_ms`."""
         for part in r.parts:
             tap = part.tap
-            if tap.last is None or now_ms - tap.last_t > self.stale_ms:
+            if not tap.ring or now_ms - tap.last_t > self.stale_ms:
                 continue
             for i, ref, v in zip(part.cols, part.refs, part.decode(tap.last)):
                 if v is not None:
@@ -878,7 +1143,9 @@ class CampaignEngine:
         r = self.running.get(cid)
         if r is None:
             return 0
-        n = sum(len(p.tap.ring) for p in r.parts if p.tap.ring is not None)
+        n = 0
+        if r.c.condition is not None and r.c.pre_ms:
+            n += sum(len(p.tap.ring) for p in r.parts)
         if r.c.tree is not None:
             n += sum(len(self.aggs[w]) for w in E.windows(r.c.tree) if w in self.aggs)
         return n * SAMPLE_BYTES
@@ -912,8 +1179,9 @@ def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int
         if var is None:
             var = names[name] = f"v{len(names)}"
             env[f"S{var}"] = sigs[name]
-            pre.append(f"    t = S{var}.tap.last_t")
-            pre.append(f"    if t < 0 or now - t > {int(stale_ms)}: return False")
+            pre.append(f"    r = S{var}.tap.ring")  # its last frame: when last seen
+            pre.append(f"    if not r or now - int(r[-1][0] * 1000) > {int(stale_ms)}: "
+                       "return False")
             pre.append(f"    {var} = S{var}.value")
             pre.append(f"    if {var} is None: return False")
         if (name, ctx) not in checked:

@@ -74,7 +74,7 @@ class SignalState(Column):
 
 class MessageState:
     __slots__ = ("message", "decode", "fast", "step", "prev", "length", "signals", "seen",
-                 "last", "timeout", "mux", "present", "carried", "tap")
+                 "last", "timeout", "mux", "present", "carried", "ring", "tap")
 
     def __init__(self, message, signals: list[SignalState], codes=None):
         self.message = message
@@ -91,7 +91,8 @@ class MessageState:
         self.mux = any(s.spec.multiplexed for s in signals)
         self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
         self.carried: list[int] = []  # after a short frame: indices of the signals it carried
-        self.tap = None  # campaigns: fn(t, data) given every full frame (see set_taps)
+        self.ring = None  # campaigns: (t, data) of every full frame appended (see set_taps)
+        self.tap = None  # campaigns: fn(t, data) given every changed full frame
         for s in signals:
             s.msg = self
 
@@ -321,12 +322,14 @@ class TelemetryCore:
                     continue
                 entry.prev = None  # longer: cantools decodes it; the fast path resynchronises
             entry.seen = t
-            if entry.tap is not None:
-                entry.tap(t, data)
+            if entry.ring is not None:
+                entry.ring.append((t, data))
             if data == entry.last:
                 c.unchanged += 1
                 continue
             entry.last = data
+            if entry.tap is not None:
+                entry.tap(t, data)
             prev = entry.prev
             if prev is not None:  # the fast path decoded the frame before: only what changed
                 entry.prev = entry.step(data, prev, t)
@@ -574,18 +577,20 @@ class TelemetryCore:
 
     # -- run-time selection (campaigns) ---------------------------------------------------
 
-    def set_taps(self, taps: Mapping[tuple[int, int], Any]) -> None:
-        """Hand every full frame of these (bus index, can key) messages to tap(t, data), also
-        of messages [telemetry] does not select (they are decoded from now on, not sent);
-        messages no longer listed go back to what [telemetry] makes of them."""
+    def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any]]) -> None:
+        """For these (bus index, can key) messages, taps[key] = (ring, on_change): append
+        (t, data) of every full frame to `ring` and call on_change(t, data) (if not None)
+        for each that differs from the frame before; also for messages [telemetry] does not
+        select (they are received from now on, not sent). Messages no longer listed go back
+        to what [telemetry] makes of them."""
         for c_index, c in enumerate(self.counters):
             for key, entry in list(c.entries.items()):
-                if entry is None or entry.tap is None or (c_index, key) in taps:
+                if entry is None or entry.ring is None or (c_index, key) in taps:
                     continue
-                entry.tap = None
+                entry.ring = entry.tap = None
                 if not entry.signals:  # selected for a campaign only
                     c.entries[key] = None
-        for (bus, key), tap in taps.items():
+        for (bus, key), (ring, tap) in taps.items():
             c = self.counters[bus]
             entry = c.entries.get(key, MISSING)
             if entry is MISSING:
@@ -593,7 +598,9 @@ class TelemetryCore:
             if entry is None:
                 entry = c.entries[key] = MessageState(self._messages[bus][key], [])
                 entry.fast = _no_signals  # the tap decodes what it needs
-            entry.tap = tap
+            if tap is not None and tap is not entry.tap:
+                entry.last = None  # a new tap sees the next frame, even a repeat
+            entry.ring, entry.tap = ring, tap
 
     def tapped(self, bus: int) -> list[int]:
         """Can keys of bus `bus` that must be received: selected or tapped."""
