@@ -99,12 +99,18 @@ def run_agent(tmp: Path, config: Path, frames, master: int, seconds: float, name
                 os.write(master, f"t{can_id:03X}{len(data)}{data.hex().upper()}\r".encode())
                 sent += 1
             time.sleep(0.1)
-        time.sleep(1.5)
+        # The status is taken once a second: read until the count stops moving.
+        received, stable = None, time.monotonic()
+        while time.monotonic() - stable < 2.5 and time.monotonic() < end + 15:
+            status = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "-c",
+                                     str(config)], cwd=ROOT, capture_output=True, text=True)
+            now = json.loads(status.stdout)["buses"][0]["frames"] if status.returncode == 0 \
+                else None
+            if now != received:
+                received, stable = now, time.monotonic()
+            time.sleep(0.3)
         peak_kb = vm_kb(proc.pid, "VmHWM")
         rss_kb = vm_kb(proc.pid, "VmRSS")
-        status = subprocess.run([sys.executable, "-m", "agent", "status", "--json", "-c",
-                                 str(config)], cwd=ROOT, capture_output=True, text=True)
-        received = json.loads(status.stdout)["buses"][0]["frames"] if status.returncode == 0 else None
     finally:
         proc.terminate()
         proc.wait(15)

@@ -125,9 +125,8 @@ def test_a_warm_core_takes_its_decoders_from_the_cache(tmp_path):
     assert speed_values(build_core(cfg, cache)) == [25.6]
     path = decoder_file(cache)
     table = read_decoders(path)
-    # The decoder of a message's first frame and the sampler of the frames after it.
-    assert sorted(k[0] for k in table) == ["<decoder Speed>", "<sampler Speed>"]
-    key = next(k for k in table if k[0] == "<decoder Speed>")
+    ((key, _code),) = table.items()
+    assert key[0] == "<decoder Speed>"
     # A recognisably different decoder under the same key: a warm start must run it.
     table[key] = compile("def decode(data, prev):\n    return 1, [(0, 'from the cache')]",
                          key[0], "exec")
@@ -146,7 +145,7 @@ def test_a_damaged_decoder_file_is_compiled_again_and_rewritten(tmp_path, caplog
     path.write_bytes(bytes(data))
     assert speed_values(build_core(cfg, cache)) == [25.6]
     assert "unreadable" in caplog.text and "bad checksum" in caplog.text
-    assert len(read_decoders(path)) == 2
+    assert len(read_decoders(path)) == 1
 
 
 def test_the_decoder_file_keeps_what_the_last_start_used(tmp_path):
@@ -155,13 +154,12 @@ def test_the_decoder_file_keeps_what_the_last_start_used(tmp_path):
                    + 'BO_ 512 Temp: 8 ECU\n SG_ Coolant : 0|8@1+ (1,-40) [-40|215] "C" ECU\n')
     build_core(agent_config(tmp_path, dbc), cache)
     path = decoder_file(cache)
-    assert sorted(k[0] for k in read_decoders(path)) == ["<decoder Speed>", "<decoder Temp>",
-                                                         "<sampler Speed>", "<sampler Temp>"]
+    assert sorted(k[0] for k in read_decoders(path)) == ["<decoder Speed>", "<decoder Temp>"]
     before = path.stat().st_mtime_ns
     build_core(agent_config(tmp_path, dbc), cache)  # the same decoders: not written again
     assert path.stat().st_mtime_ns == before
     build_core(agent_config(tmp_path, dbc, messages=["Temp"]), cache)
-    assert sorted(k[0] for k in read_decoders(path)) == ["<decoder Temp>", "<sampler Temp>"]
+    assert [k[0] for k in read_decoders(path)] == ["<decoder Temp>"]
 
 
 def test_a_decoder_cache_that_cannot_be_written_only_costs_the_compile(tmp_path, caplog):
