@@ -32,15 +32,17 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import can
 
 from ..config import BusConfig
 from ..core.selection import EFF_FLAG
 from ..errors import BusError, ConfigError
-from . import rawcan
 from .devicethread import DeviceThread
+
+if TYPE_CHECKING:
+    from .rawcan import RawReader
 
 log = logging.getLogger("agent.canbus")
 
@@ -59,6 +61,7 @@ SOFTWARE_FILTERS = frozenset({"slcan", "virtual", "serial", "udp_multicast"})
 FRAME_TRUESIZE = 2048  # kernel bytes a queued frame may take of the receive buffer (at most)
 
 CAN_EFF_FLAG = 0x80000000
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 assert CAN_EFF_FLAG == EFF_FLAG  # a raw can_id is then already the core's can key
 
 
@@ -73,7 +76,7 @@ def raw_socket(bus) -> socket.socket | None:
         return None
     sock = bus.socket
     try:
-        sock.setsockopt(socket.SOL_SOCKET, rawcan.SO_RXQ_OVFL, 1)
+        sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
     except OSError as e:  # an old kernel: frames are still read, drops just not counted
         log.debug("SO_RXQ_OVFL not available: %s", e)
     # Room for the bursts between reads (and a GC or scheduling stall) rather than the
@@ -137,7 +140,7 @@ class BusReader(DeviceThread):
         self.error_frames = 0
         self.kernel_drops: int | None = None  # SocketCAN only: frames dropped in the kernel
         self._drops_before = 0  # of the sockets closed since start (the count is per socket)
-        self._raw: rawcan.RawReader | None = None
+        self._raw: RawReader | None = None
         self._accept: set[int] | None = None  # can keys let through when filtered here
         self._soft = False  # the interface filters in software: we filter (by id) instead
         self._capacity = 0  # frames the socket's receive buffer holds (0: unknown)
@@ -222,7 +225,10 @@ class BusReader(DeviceThread):
         if self._soft and self.filters:
             self._bus.set_filters(None)
         sock = raw_socket(self._bus)
-        self._raw = rawcan.RawReader(sock, fd=self.cfg.fd) if sock is not None else None
+        self._raw = None
+        if sock is not None:  # ctypes and libc's recvmmsg only where they are used
+            from .rawcan import RawReader
+            self._raw = RawReader(sock, fd=self.cfg.fd)
         if sock is not None:
             if self.kernel_drops is None:
                 self.kernel_drops = 0
