@@ -99,6 +99,7 @@ def campaigns_for(plans, frames, n: int, firing: bool = False,
 
 def ingest(plans, frames, campaigns) -> tuple[float, dict]:
     core = telemetry_core(plans, TelemetryConfig(messages=("*",)))
+    core.prepare()  # the samplers built before timing, as in bench/ingest.py
     engine = K.CampaignEngine(K.Catalog(plans), K.Limits(max_buffer_bytes=1 << 30))
     t_start = int(frames[0][1] * 1000)
     for c in campaigns:

@@ -130,6 +130,31 @@ def test_batches_hold_what_careful_cantools_emits(log, dbc):
     assert sum(b.samples for b in batches) == sum(map(len, want.values()))
 
 
+def test_samplers_are_built_when_a_message_repeats_or_by_prepare():
+    """A message's sampler is generated at its second frame (no code for the messages that
+    never appear); prepare() builds them all first, with byte-identical batches."""
+    db = load_database(shared("tesla_model3.dbc"))
+    tc = Selection(messages=("*",), defaults=Sampling(heartbeat_s=0, timeout_ms=0))
+    frames = [(0, t, key, data) for t, _, key, data in
+              read_frames(shared("tesla_model3_scripted_soc.log"))][:5000]
+    lazy, ready = (TelemetryCore(resolve(tc, [("can0", [db])])) for _ in range(2))
+    ready.prepare()
+
+    def generated(core):
+        return {k for k, e in core.counters[0].entries.items()
+                if e is not None and getattr(e.step, "__name__", "") == "sample"}
+
+    assert len(generated(ready)) > 100 and not generated(lazy)
+    for core in (lazy, ready):
+        core.feed_many(frames)
+        core.flush()
+    seen = {key for _b, _t, key, _d in frames}
+    assert generated(lazy) and generated(lazy) <= seen and len(generated(lazy)) < len(seen) + 1
+    assert len(generated(lazy)) < len(generated(ready)) / 2  # most of the DBC never appears
+    assert [encode_payload(b.payload("V", 1)) for b in lazy.take_batches()] == \
+        [encode_payload(b.payload("V", 1)) for b in ready.take_batches()]
+
+
 # -- the generated sampler against the generic path ------------------------------------------
 
 def generic(core: TelemetryCore) -> TelemetryCore:

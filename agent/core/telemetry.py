@@ -273,6 +273,14 @@ class TelemetryCore:
             return step(data, prev, t)
         return first
 
+    def prepare(self) -> None:
+        """Generate every selected message's sampler now rather than at its second frame
+        (benchmarks and replays that want no compiling while they run)."""
+        for c in self.counters:
+            for entry in c.entries.values():
+                if entry is not None and entry.fast is not None and entry.signals:
+                    entry.step = _sampler(entry, self.batches, self._update)
+
     @property
     def samples(self) -> int:
         """Samples emitted so far (closed batches and the open one)."""
