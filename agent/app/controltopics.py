@@ -9,7 +9,8 @@ diag      diag.read_dtcs / clear_dtcs / read_data run by the agent's own diagnos
           preconditions as a remote command, answered to the caller only)
 
 `signals` reads the core's snapshot view (as `monitor --direct` always has); the others read
-the status the core thread takes every second (agent.last_status), and `commands` the replay
+the status the core thread takes every second, or at once for a `status` request
+(agent.last_status, agent.fresh_status), and `commands` the replay
 store through a read-only SQLite connection of its own: never the core's objects or the
 outbox's connection.
 """
@@ -61,10 +62,10 @@ def install(server, agent) -> None:
         return {"vin": agent.config.vehicle.vin, "storage_dir": str(agent.config.storage.dir)}
 
     def status(_req=None) -> dict:
-        deadline = time.monotonic() + 2.0  # just started: the core thread's first one
-        while agent.last_status is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return {**identity(), **(agent.last_status or {"running": True, "buses": []})}
+        # Taken by the core thread for this request (within a pass, ~0.1 s), not the one
+        # it wrote up to a second ago.
+        last = agent.fresh_status()
+        return {**identity(), **(last or {"running": True, "buses": []})}
 
     def signals(_req=None) -> dict:
         now_ms = int(time.time() * 1000)

@@ -82,6 +82,7 @@ class Agent:
         self._state_only = any(s.state for s in self.core.signals)
         self.commands = None
         self._reload_trust = threading.Event()
+        self._status_wanted = threading.Event()  # the control socket asks for a fresh one
         # The frames lane is also the core thread's doorbell (it blocks on it).
         self._frames: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
         self._commands_lane: queue.SimpleQueue[CommandMessage] = queue.SimpleQueue()
@@ -387,7 +388,8 @@ class Agent:
                     self._step("records", self._publish_records, int(now * 1000))
             if self.core.batches.closed:
                 self._deliver()
-            if now >= next_status:
+            if now >= next_status or self._status_wanted.is_set():
+                self._status_wanted.clear()
                 next_status = now + STATUS_EVERY_S
                 if self.link_recovery is not None:
                     self._step("link recovery", self.link_recovery.poll, int(now * 1000))
@@ -444,6 +446,20 @@ class Agent:
         """The §4 values: the signals marked `state`, or every signal if none is marked."""
         return self.core.snapshot(state_only=self._state_only)
 
+    def fresh_status(self, timeout: float = 2.0) -> dict | None:
+        """From any thread (the control socket): a status taken after this call, not the
+        one of up to a second ago; the last one if the core loop does not answer in time."""
+        asked_ms = int(time.time() * 1000)
+        self._status_wanted.set()
+        self._ring()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            last = self.last_status
+            if last is not None and last.get("taken_ms", 0) >= asked_ms:
+                return last
+            time.sleep(0.01)
+        return self.last_status
+
     def _write_status(self, running: bool) -> None:
         """The status file and the control socket's copy. Built here (the core thread owns
         what it reads); the outbox's counts are added and the file written on the batch
@@ -452,6 +468,7 @@ class Agent:
             return
         try:
             status = self.status(running, storage=False)
+            status["taken_ms"] = int(time.time() * 1000)
         except Exception as e:  # a bug behind status(): never fatal
             log.warning("cannot take the status: %s", e)
             return
@@ -461,9 +478,13 @@ class Agent:
             self._store_status(status)
 
     def _store_status(self, status: dict) -> None:
-        try:
-            if self.publisher:
+        if self.publisher:
+            try:
                 status.update(self.publisher.storage_status())
+            except Exception as e:  # a broken outbox: the rest of the status still goes out
+                status["outbox"] = {"error": str(e)[:200]}
+                log.warning("status: cannot read the outbox's counts: %s", e)
+        try:
             self.last_status = {**status, "pid": os.getpid(), "written_ms": int(time.time() * 1000)}
             write_status(self.config.storage.dir, status)
         except Exception as e:  # disk full, a broken outbox behind status(): never fatal
