@@ -115,7 +115,8 @@ def main(argv=None) -> int:
             body = verify(msg.payload, keys).payload
             if body["status"] in ("SUCCEEDED", "FAILED", "REJECTED", "TIMED_OUT"):
                 with arrived:
-                    terminal[body["id"]] = (time.perf_counter(), body["status"])
+                    terminal[body["id"]] = (time.perf_counter(), body["status"],
+                                            body.get("reason"))
                     arrived.notify_all()
 
         cloud = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -137,6 +138,7 @@ def main(argv=None) -> int:
         time.sleep(0.3)
 
         to_frame, to_status, failures, no_frame = [], [], 0, 0
+        failed_with: dict[str, int] = {}
         for i in range(args.count):
             percent = 60 if i % 2 else 90
             cid = f"bench-{i}"
@@ -151,6 +153,9 @@ def main(argv=None) -> int:
                 arrived.wait_for(lambda: cid in terminal, timeout=10)
             if cid not in terminal or terminal[cid][1] != "SUCCEEDED":
                 failures += 1
+                why = terminal[cid][1:] if cid in terminal else ("no status",)
+                failed_with[" ".join(str(w) for w in why if w)] = \
+                    failed_with.get(" ".join(str(w) for w in why if w), 0) + 1
                 continue
             frame_t = next((t for t, limit in responder.frames[n_frames:] if limit == percent),
                            None)
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
         responder.bus.shutdown()
 
     result = {"commands": args.count, "succeeded": len(to_status), "failures": failures,
-              "no_frame_seen": no_frame,
+              "no_frame_seen": no_frame, "failed_with": failed_with,
               "to_frame_ms": {"p50": round(pct(to_frame, 50), 2), "p99": round(pct(to_frame, 99), 2),
                               "max": round(max(to_frame), 2)},
               "to_status_ms": {"p50": round(pct(to_status, 50), 2),

@@ -1,7 +1,7 @@
 """The runtime: wires the bus adapters to the telemetry core and owns the threads.
 
 Threads: one reader per bus (adapters/canbus.py) pushes lists of frames into the frames lane
-(one list per burst, at most one per 100 ms and bus, per 10 ms while a command waits for the
+(one list per burst, at most one per 100 ms and bus, per 2 ms while a command waits for the
 bus: the core loop tells the readers, `BusReader.set_busy`); the
 MQTT thread screens each command message (CommandService.screen) and puts what passes into the
 commands lane; the serial devices (values) and the update worker (events) use the other lane.
@@ -358,7 +358,7 @@ class Agent:
                 self.watchdog.kick()
             busy = self.commands is not None and self.commands.busy
             if busy is not self._readers_busy:  # a command waits for the bus: hand frames
-                self._readers_busy = busy  # over every 10 ms, not every 100
+                self._readers_busy = busy  # over every 2 ms, not every 100
                 for reader in self.readers:
                     reader.set_busy(busy)
             try:
