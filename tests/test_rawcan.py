@@ -21,6 +21,11 @@ def receiver(rcvbuf: int | None = None):
     rx, tx = udp_pair(rcvbuf=rcvbuf)
     rx.setsockopt(socket.SOL_SOCKET, rawcan.SO_TIMESTAMPNS, 1)
     rx.setsockopt(socket.SOL_SOCKET, rawcan.SO_RXQ_OVFL, 1)
+    # The kernel turns receive timestamps on asynchronously: a datagram queued just after the
+    # setsockopt may carry none (then it is stamped when read). One sent and read first.
+    tx.send(can_frame(0x7FF, b""))
+    time.sleep(0.05)
+    rx.recv(64)
     return rx, tx
 
 

@@ -72,9 +72,12 @@ class UpdateRig:
             f"updates.hardware_id={HW!r}", "updates.installed_version='1.0.0'",
             f"updates.preconditions={json.dumps(ACTIVATE_WHEN)}",
             "updates.health_timeout_s=5",
+            # never the default /run/tcu-agent socket another test's agent may hold
+            f"control.socket='/tmp/tcu-upd-{uuid.uuid4().hex[:12]}.sock'",
         ]
         self.cloud = Cloud(self.broker, keys / "cloud.key", keys / "vehicle.pub")
         self.agent: Agent | None = None
+        self.procs: list[subprocess.Popen] = []  # `tcu-agent run` processes (_run_agent)
 
     def start_agent(self, *extra: str, ready: bool = True) -> Agent:
         config = load_config(ROOT / "configs" / "demo.toml", [*self.overrides, *extra])
@@ -110,6 +113,10 @@ class UpdateRig:
 
     def close(self) -> None:
         self.stop_agent()
+        for proc in self.procs:  # processes of a test that failed before stopping them
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
         self.cloud.close()
         self.server.close()
         self.broker.close()
@@ -367,7 +374,9 @@ def _run_agent(rig, kill_at: str | None = None, *extra: str) -> subprocess.Popen
     for o in [*rig.overrides, *extra]:
         args += ["--set", o]
     log = open(rig.tmp / "agent.log", "ab")
-    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    rig.procs.append(proc)
+    return proc
 
 
 def _wait_connected(rig, proc, timeout=20.0):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import cantools
@@ -76,6 +77,9 @@ class AgentProcess:
         tls = mqtt.get("tls") or {}
         tls_lines = "\n".join(f"{k} = {_toml(v)}" for k, v in tls.items())
         self.config = workdir / "agent.toml"
+        # Its own control socket: never the default /run/tcu-agent one, which an agent of
+        # another test (or one a failed test left running) may hold.
+        self.control_socket = Path(f"/tmp/tcu-ctl-{uuid.uuid4().hex[:12]}.sock")
         self.config.write_text(f"""
 [vehicle]
 vin = "{VIN}"
@@ -99,6 +103,9 @@ max_batch_age_ms = {batch_age_ms}
 select = "BMS_Status.SOC"
 name = "Vehicle.Powertrain.TractionBattery.StateOfCharge.Current"
 state = true
+
+[control]
+socket = "{self.control_socket}"
 
 [signing]
 key_file = "{self.keydir / 'vehicle.key'}"
