@@ -41,6 +41,7 @@ from .batch import Batch, BatchBuilder, Column
 from .fastdecode import compile_message
 from .registry import Family, no_params, show
 from .selection import BusPlan, SignalSpec
+from .telemetry import map_key
 
 APPLY, REMOVE, LIST = "campaign.apply", "campaign.remove", "campaign.list"
 WAITING, ACTIVE, EXPIRED = "waiting", "active", "expired"
@@ -323,14 +324,6 @@ class CampaignBatch(Batch):
 
 
 # -- the engine -----------------------------------------------------------------------------
-
-def _map_key(v) -> str:
-    if type(v) is str:
-        return v
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return str(v)
-
 
 def _decoder(message, names: list[str]) -> Callable[[bytes], list]:
     """fn(data) -> the values of `names` (value-table names as strings; None if absent)."""
@@ -1245,7 +1238,7 @@ def _changes(decode):
 def _shape(spec: SignalSpec, v):
     """A [telemetry] output name's value: its map or scale (no deadband or throttle)."""
     if spec.map is not None:
-        out = spec.map.get(_map_key(v))
+        out = spec.map.get(map_key(v))
         return v if out is None else out
     if (spec.scale != 1.0 or spec.offset != 0.0) and type(v) is not str:
         return v * spec.scale + spec.offset

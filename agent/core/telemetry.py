@@ -32,7 +32,7 @@ MISSING = object()
 TICK_S = 0.1  # how often frame time drives tick() during replay (heartbeats, timeouts, age)
 
 
-def _map_key(v) -> str:
+def map_key(v) -> str:
     """TOML table keys are strings: 3 and 3.0 both map through "3"."""
     if type(v) is str:
         return v
@@ -443,9 +443,9 @@ class TelemetryCore:
     def _shape(self, s: SignalState, t_ms: int, v):
         """Mapping, scaling, deadband and throttle; MISSING when the sample is held back."""
         if s.map is not None:
-            out = s.map.get(_map_key(v), MISSING)
+            out = s.map.get(map_key(v), MISSING)
             if out is MISSING and type(s.raw) is NamedSignalValue:
-                out = s.map.get(_map_key(s.raw.value), MISSING)  # the raw number behind a name
+                out = s.map.get(map_key(s.raw.value), MISSING)  # the raw number behind a name
             v = v if out is MISSING else out
         elif s.scale is not None and type(v) is not str:
             v = v * s.scale + s.offset
