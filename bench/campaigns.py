@@ -104,7 +104,7 @@ def ingest(plans, frames, campaigns) -> tuple[float, dict]:
     t_start = int(frames[0][1] * 1000)
     for c in campaigns:
         engine.apply(c, t_start)
-    core.set_taps(engine.taps())
+    core.set_taps(engine.taps(), engine.trim)
     chunks, chunk, edge = [], [], frames[0][1] + 0.1
     for f in frames:
         if f[1] >= edge:

@@ -62,7 +62,7 @@ def doc(cid="c1", version=1, signals=("Fast.A",), **trigger):
 
 def start(core, engine, c, now_ms=0):
     engine.apply(c, now_ms)
-    core.set_taps(engine.taps())
+    core.set_taps(engine.taps(), engine.trim)
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def test_at_least_256_active_conditions(db):
         c = K.parse_campaign(doc(f"c{i}", condition=f"Fast.A > {i}"), catalog, engine.limits)
         assert engine.check_apply(c) == ""
         engine.apply(c, 0)
-    core.set_taps(engine.taps())
+    core.set_taps(engine.taps(), engine.trim)
     can_id, data = frame(db, "Fast", A=150)
     core.feed(0, 0.001, can_id, data)
     assert sum(r.firings for r in engine.running.values()) == 150
@@ -196,8 +196,9 @@ def test_ring_buffers_stay_bounded_and_hold_the_pre_trigger_samples(db):
     c = K.parse_campaign(d, catalog, engine.limits)
     start(core, engine, c)
     run = engine.running["c1"]
-    ring = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)].ring
-    assert ring.maxlen == 31  # 300 ms of a 10 ms message, + 1: one ring of frames
+    tap = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)]
+    ring = tap.ring
+    assert tap.cap == 31  # 300 ms of a 10 ms message, + 1: one ring of frames
     sent = []
     for i in range(2000):  # 2 frames per cycle: twice the DBC rate
         t_ms = 1_000_000 + i * 5
@@ -214,8 +215,10 @@ def test_ring_buffers_stay_bounded_and_hold_the_pre_trigger_samples(db):
     assert len(batches) == 1 and batches[0].trigger == t_fire
     assert run.overflow == 1  # twice as fast as sized for: the firing is counted
     pre = [[batches[0].t0 + dt, v] for dt, v in batches[0].sig["Fast.A"]]
-    # the ring held the newest 31 arrivals: the last 155 ms of the 300, all of them intact
-    assert pre == [list(x) for x in sent[-31:]]
+    # the ring held the newest 31 arrivals (trimmed after each feed) and the trigger's
+    # frame: the last 155 ms of the 300, all of them intact
+    assert pre == [list(x) for x in sent[-32:]]
+    assert len(ring) == 31
 
 
 def test_firing_rising_edge_min_interval_and_post_capture(db):
@@ -330,7 +333,7 @@ def test_taps_select_messages_at_run_time(db):
     core.feed(0, 1.2, *frame(db, "Slow", D=3))
     assert core.lookup("Slow.D")[0] == 3  # telemetry as before
     engine.remove("c1", 2000)
-    core.set_taps(engine.taps())
+    core.set_taps(engine.taps(), engine.trim)
     assert core.tapped(0) == [slow_id]
     core.feed(0, 1.3, *frame(db, "Fast", A=2))
     assert core.counters[0].unselected == 2
@@ -348,7 +351,7 @@ def test_many_random_campaigns_never_raise(db):
         d["trigger"] = {"condition": cond, "pre_ms": rnd.randint(0, 300),
                         "post_ms": rnd.randint(0, 300), "rising_edge": rnd.random() < 0.5}
         engine.apply(K.parse_campaign(d, catalog, engine.limits), 0)
-    core.set_taps(engine.taps())
+    core.set_taps(engine.taps(), engine.trim)
     for i in range(1500):
         t = i * 3
         core.feed(0, t / 1000, *frame(db, "Fast", A=rnd.randint(0, 700), B=rnd.randint(0, 9)))
@@ -485,22 +488,28 @@ def test_rings_take_repeated_frames_and_windows_see_the_gap(db):
                     "pre_ms": 100}
     start(core, engine, K.parse_campaign(d, catalog, engine.limits))
     tap = engine.tapmap[(0, db.get_message_by_name("Fast").frame_id)]
-    assert tap.ring.maxlen == 101  # 1 s for the 2 s window (> pre_ms 100 at 10 ms)
+    assert tap.cap == 201  # the 2 s window at 10 ms (> pre_ms 100)
     can_id, data = frame(db, "Fast", A=5)
     for i in range(5):
         core.feed(0, 1 + i / 100, can_id, data)  # the same frame: every one in the ring
     assert [t for t, _d in tap.ring] == [1 + i / 100 for i in range(5)]
     engine.tick(1040)
     assert engine.window("max", "Fast.A", 50) == 5 and engine.window_gaps == 0
-    for i in range(150):  # 1.5 s of frames before the next look: more than the ring holds
-        core.feed(0, 1.05 + i / 100, *frame(db, "Fast", A=200 - i))
-    engine._now = 2540
-    assert engine.window("max", "Fast.A", 50) == 56  # the 50 ms window: in the ring, exact
-    # the 2 s window restarts from the ring's newest 101 frames (200 when fed one by one)
-    assert engine.window("max", "Fast.A", 2000) == 151 and engine.window_gaps == 1
+    sent = []
+    for i in range(1500):  # 1 ms apart, ten times faster than sized: more than the ring holds
+        t = (1050 + i) / 1000
+        core.feed(0, t, *frame(db, "Fast", A=2000 - i))
+        sent.append((int(t * 1000), 2000 - i))
+        assert len(tap.ring) <= 201
+    now = engine._now = sent[-1][0]
+    # the 50 ms window: in the ring, exact
+    assert engine.window("max", "Fast.A", 50) == max(a for t, a in sent if t >= now - 50)
+    # the 2 s window holds the ring's newest 201 frames, and the trims that cut it counted
+    assert engine.window("max", "Fast.A", 2000) == max(a for _t, a in sent[-201:])
+    assert engine.window_gaps > 0
 
 
-def test_post_trigger_frames_go_through_the_capture_hook_while_it_runs(db):
+def test_post_trigger_frames_are_taken_from_the_ring_at_ticks(db):
     core, catalog, engine = make(db)
     d = doc(signals=("Fast.A", "Fast.B"))
     d["trigger"] = {"condition": "Fast.A > 100", "pre_ms": 30, "post_ms": 50}
@@ -509,14 +518,16 @@ def test_post_trigger_frames_go_through_the_capture_hook_while_it_runs(db):
     quiet = frame(db, "Fast", A=1, B=2)
     for i in range(10):
         core.feed(0, 1 + i / 100, *quiet)
-    assert "append" not in vars(tap.ring)  # no Python call per frame while nobody captures
+    assert tap.hold is None and len(tap.ring) == tap.cap == 4
     core.feed(0, 1.1, *frame(db, "Fast", A=200, B=3))
-    assert "append" in vars(tap.ring)
-    for i in range(1, 9):  # repeated frames after the trigger: each is a sample
+    assert tap.hold is not None  # the ring keeps what the capture has yet to take
+    for i in range(1, 9):  # repeated frames after the trigger, no tick: each is a sample
         core.feed(0, 1.1 + i / 100, *quiet)
-        engine.tick(1100 + i * 10)
+    assert len(tap.ring) > tap.cap
     engine.tick(1200)
-    assert "append" not in vars(tap.ring)
+    assert tap.hold is None and "c1" not in engine._capturing
+    core.feed(0, 1.2, *quiet)
+    assert len(tap.ring) == tap.cap
     pre, *post = engine.take_batches()
     assert [pre.t0 + dt for dt, _ in pre.sig["Fast.A"]] == [1070, 1080, 1090, 1100]
     times = [p.t0 + dt for p in post for dt, _ in p.sig["Fast.B"]]

@@ -155,7 +155,7 @@ class CampaignHandler:
 
     def _install(self) -> None:
         """Taps on the core and the buses' kernel receive filters for the running set."""
-        self.core.set_taps(self.engine.taps())
+        self.core.set_taps(self.engine.taps(), self.engine.trim)
         for i, reader in enumerate(self.readers):
             if reader.cfg.filters:
                 reader.set_filters(receive_filters(self.core.tapped(i)))

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_left
-from collections import deque
+from bisect import bisect_left, bisect_right
+from operator import itemgetter, mul
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -49,7 +49,6 @@ MAX_DOC_BYTES = 256 * 1024  # a campaign document, CBOR-encoded
 SAMPLE_BYTES = 128  # what one buffered (t, frame) or (t, value) costs in memory, for the budget
 DEFAULT_PRIORITY = 5  # a campaign without `priority`; base telemetry has the same
 MIN_PERIOD_MS = 100  # the engine ticks every 100 ms
-CATCH_UP_MS = 1000  # windows read their message's ring at least this often (each tick)
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -258,18 +257,11 @@ def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
     return math.ceil(ms / max(period, min_interval_ms, 1)) + 1
 
 
-def _catch_up_capacity(n: int, ref: Ref, limits: Limits) -> int:
-    """What the ring of a window's message must hold so that no frame is gone before the
-    window takes it (at the next tick or query, within CATCH_UP_MS), and never more than
-    the window's own history."""
-    return min(_capacity(n, ref, 0, limits), _capacity(CATCH_UP_MS, ref, 0, limits))
-
-
 def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
-    """Memory the campaign's rings and window histories may hold: a ring of frames per
-    message it captures from (pre_ms at the rate of `_capacity`), a history per window and
-    the stretch of ring its window reads from (`_catch_up_capacity`). Each is a bounded
-    deque of at most this capacity (rings are shared: counted for each campaign)."""
+    """Memory the campaign's rings and window runs may hold: a ring of frames per message
+    it captures from (pre_ms at the rate of `_capacity`), and per window the ring of its
+    message over N ms and the runs of its signal (at most one per frame). Rings are
+    trimmed to this capacity after each feed, and shared: counted for each campaign."""
     total = 0
     if c.condition is not None and c.pre_ms:
         messages = {}
@@ -281,8 +273,7 @@ def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
     if c.tree is not None:
         for _fn, sig, n in E.windows(c.tree):
             ref = catalog.get(sig)
-            total += (_capacity(n, ref, 0, limits)
-                      + _catch_up_capacity(n, ref, limits)) * SAMPLE_BYTES
+            total += 2 * _capacity(n, ref, 0, limits) * SAMPLE_BYTES
     return total
 
 
@@ -368,7 +359,7 @@ def _bits(message, names: list[str]) -> int:
 
 
 class Sig:
-    """One signal some running campaign reads."""
+    """One signal some running campaign's condition reads as a value."""
 
     __slots__ = ("name", "ref", "value", "conditions", "tap")
 
@@ -380,158 +371,159 @@ class Sig:
 
 
 _NUM = (int, float)
+_T = itemgetter(0)
+
+
+class WSig:
+    """One signal some window reads, as runs of one value over the frames of its message:
+    `starts` the absolute index (see Tap) of the frame where each run begins, `values` its
+    value, `counts` the length of each run but the last (frames, repeats included). A frame
+    that repeats the value costs no Python step: the ring counts it. `lo`/`hi` bound every
+    value a window of it can hold now or later (widened as runs arrive, narrowed from the
+    runs inside the window at most once per window length), for `Group.bounds`."""
+
+    __slots__ = ("name", "ref", "tap", "starts", "values", "counts", "bad", "lo", "hi",
+                 "narrowed", "longest", "groups", "limit")
+
+    def __init__(self, name: str, ref: Ref):
+        self.name, self.ref = name, ref
+        self.tap: Tap | None = None
+        self.starts: list[int] = []
+        self.values: list = []
+        self.counts: list[int] = []
+        self.bad = 0  # runs held whose value is not a number (null, a name)
+        self.lo, self.hi = math.inf, -math.inf
+        self.narrowed = -1
+        self.longest = 0  # ms: its longest window
+        self.groups: list[Group] = []  # the windowed conditions that read it
+        self.limit = 64  # runs kept before the ones older than the ring go
+
+    def add(self, at: int, v) -> bool:
+        """A run of `v` from the frame at index `at`; True if the bounds widened."""
+        starts = self.starts
+        if starts:
+            if v == self.values[-1] and v.__class__ is self.values[-1].__class__:
+                return False
+            self.counts.append(at - starts[-1])
+        starts.append(at)
+        self.values.append(v)
+        if len(starts) > self.limit:
+            self.trim()
+        if v.__class__ not in _NUM:
+            self.bad += 1
+            return False
+        if v < self.lo or v > self.hi or v != v:
+            self.lo = min(self.lo, v) if v == v else -math.inf
+            self.hi = max(self.hi, v) if v == v else math.inf
+            return True
+        return False
+
+    def trim(self) -> None:
+        """Drop the runs that ended before the ring's oldest frame."""
+        base = self.tap.base
+        k = bisect_right(self.starts, base) - 1
+        if k > 0:
+            if self.bad:
+                self.bad -= sum(v.__class__ not in _NUM for v in self.values[:k])
+            del self.starts[:k], self.values[:k], self.counts[:k]
+        self.limit = max(64, 2 * len(self.starts))
+
+    def span(self, now: int, n: int) -> tuple[int, int, int]:
+        """(first, k, end): the index of the window's first frame, the run holding it and
+        one past the newest frame; first == end if no frame is in the window."""
+        tap = self.tap
+        end = tap.base + len(tap.ring)
+        starts = self.starts
+        if not starts:
+            return end, -1, end
+        first = max(tap.first(now - n), starts[0])
+        return first, bisect_right(starts, first) - 1, end
+
+    def window(self, fn: str, now: int, n: int):
+        """avg/min/max of the samples of the last `n` ms at `now`; None if there is none
+        that is a number."""
+        first, k, end = self.span(now, n)
+        if first >= end:
+            return None
+        starts, values = self.starts, self.values
+        last = len(starts) - 1
+        if k == last:  # one run: exactly its value
+            v = values[k]
+            if v.__class__ not in _NUM:
+                return None
+            return float(v) if fn == "avg" else v
+        if not self.bad:
+            if fn == "min":
+                return min(values[k:])
+            if fn == "max":
+                return max(values[k:])
+            total = (values[k] * (starts[k + 1] - first)
+                     + sum(map(mul, values[k + 1:last], self.counts[k + 1:last]))
+                     + values[last] * (end - starts[last]))
+            return total / (end - first)
+        total = count = 0  # some runs are not numbers: step through them
+        best = None
+        for q in range(k, last + 1):
+            v = values[q]
+            if v.__class__ not in _NUM:
+                continue
+            lo = first if q == k else starts[q]
+            hi = starts[q + 1] if q < last else end
+            if fn == "avg":
+                total += v * (hi - lo)
+                count += hi - lo
+            elif best is None or (v < best if fn == "min" else v > best):
+                best = v
+        if fn != "avg":
+            return best
+        return total / count if count else None
+
+    def narrow(self, now: int) -> None:
+        """Bounds from the runs inside the longest window now (later windows start later)."""
+        self.narrowed = now
+        first, k, end = self.span(now, self.longest)
+        nums = [v for v in self.values[max(k, 0):] if v.__class__ in _NUM]
+        if first >= end or not nums:
+            self.lo, self.hi = math.inf, -math.inf
+        elif any(v != v for v in nums):
+            self.lo, self.hi = -math.inf, math.inf
+        else:
+            self.lo, self.hi = min(nums), max(nums)
+
+    def held(self) -> int:
+        return len(self.starts)
 
 
 class Agg:
-    """avg/min/max of one signal over the samples of the last `n` ms. Samples arrive in runs
-    of one value (`Tap.catch_up`) and are kept as runs, so a sample costs its time and no
-    Python step of its own:
-    - avg: the times of the samples (a list read from `head`), the runs (index of their
-      first sample, value) and the running total of the samples from `head` on;
-    - min/max: a monotonic deque of (time, value) candidates, one per run.
-    At most `cap` samples are kept (the oldest go first). Samples that are not numbers
-    (null after a timeout, names) are not counted."""
+    """avg/min/max(signal, n ms) of a condition: read from its WSig when queried."""
 
-    __slots__ = ("fn", "name", "n", "cap", "times", "head", "runs", "rhead", "total", "q",
-                 "tap", "sv")
+    __slots__ = ("fn", "name", "n", "w")
 
-    def __init__(self, fn: str, name: str, n: int, cap: int):
-        self.fn, self.name, self.n, self.cap = fn, name, n, cap
-        self.q: deque = deque()  # min/max: (t, v) candidates
-        self.tap: Tap | None = None
-        self.sv: Any = None  # steady: the one value (Tap.catch_up)
-        self.clear()
-
-    def clear(self) -> None:
-        self.times: list[int] = []
-        self.head = 0
-        self.runs: list[tuple[int, Any]] = []  # (index into times, value)
-        self.rhead = 0  # the run holding times[head]
-        self.total = 0
-        self.q.clear()
-
-    def add(self, t: int, v) -> None:
-        self.extend([t], [(0, 1, v)])
-
-    def extend(self, times: list[int], runs) -> None:
-        """Samples in arrival order, `times[i]` ms each, as runs (start, end, value): the
-        samples times[start:end] all have `value`. The same result as adding them one by
-        one; the window ends at the last."""
-        num = _NUM
-        if self.fn == "avg":
-            mine, mruns = self.times, self.runs
-            total = self.total
-            for start, end, v in runs:
-                if v.__class__ not in num:
-                    continue
-                if len(mruns) == self.rhead or mruns[-1][1] != v:
-                    mruns.append((len(mine), v))
-                mine.extend(times[start:end])
-                total += v * (end - start)
-            self.total = total
-            if len(mine) - self.head > self.cap:  # faster than sized for: the oldest go
-                self._drop(len(mine) - self.cap)
-        else:
-            q, cap, low = self.q, self.cap, self.fn == "min"
-            for start, end, v in runs:  # of a run, only its last can be the min/max
-                if v.__class__ not in num:
-                    continue
-                if low:
-                    while q and q[-1][1] >= v:
-                        q.pop()
-                else:
-                    while q and q[-1][1] <= v:
-                        q.pop()
-                q.append((times[end - 1], v))
-                if len(q) > cap:
-                    q.popleft()
-        self._prune(times[-1])
-
-    def _drop(self, head: int) -> None:
-        """avg: the samples before index `head` leave the window."""
-        times, runs = self.times, self.runs
-        h, r, total = self.head, self.rhead, self.total
-        while h < head:
-            end = runs[r + 1][0] if r + 1 < len(runs) else len(times)
-            stop = end if end < head else head
-            total -= runs[r][1] * (stop - h)
-            h = stop
-            if h == end:
-                r += 1
-        if h >= len(times):  # empty: start over, no drift carried into the next samples
-            self.clear()
-            return
-        self.head, self.rhead, self.total = h, r, total
-        if h > 256 and h * 2 > len(times):  # compact
-            del times[:h]
-            self.runs = [(max(i - h, 0), v) for i, v in runs[r:]]
-            self.head = self.rhead = 0
-
-    def _prune(self, now: int) -> None:
-        lo = now - self.n
-        if self.fn == "avg":
-            times = self.times
-            if self.head < len(times) and times[self.head] < lo:
-                self._drop(bisect_left(times, lo, self.head))
-            return
-        q = self.q
-        while q and q[0][0] < lo:
-            q.popleft()
-
-    def steady(self, v) -> bool:
-        """Whether the window's value is `v` for as long as samples of `v` keep coming."""
-        if v.__class__ not in _NUM:
-            return False
-        if self.fn == "avg":
-            return self.rhead == len(self.runs) - 1 and self.runs[-1][1] == v and \
-                len(self.times) > self.head
-        return len(self.q) == 1 and self.q[0][1] == v
+    def __init__(self, fn: str, name: str, n: int, w: WSig):
+        self.fn, self.name, self.n, self.w = fn, name, n, w
 
     def query(self, now: int):
         """The aggregate at `now`, or None when no sample is in the window."""
-        tap = self.tap
-        if tap is not None and tap.ring and tap.ring[-1] is not tap.wseen:
-            if tap.wsteady and not tap.wdirty:  # new frames, all of the one value
-                if int(tap.ring[-1][0] * 1000) < now - self.n:
-                    return None  # (the newest is out of the window: so are all)
-                return float(self.sv) if self.fn == "avg" else self.sv
-            tap.catch_up()
-        self._prune(now)
-        if self.fn != "avg":
-            return self.q[0][1] if self.q else None
-        k = len(self.times) - self.head
-        if not k:
-            return None
-        if self.rhead == len(self.runs) - 1:  # one value: exactly it (and the sum again)
-            v = self.runs[-1][1]
-            self.total = v * k
-            return float(v)
-        return self.total / k
-
-    def __len__(self) -> int:
-        return len(self.times) - self.head if self.fn == "avg" else len(self.q)
-
-
-class Ring(deque):
-    """A tapped message's frames, (t seconds, data): the telemetry core appends every full
-    frame at arrival rate, a C call and no more. While a campaign captures after its
-    trigger, the engine shadows `append` on the instance (an attribute), so those frames
-    also go to the capture as they arrive; otherwise the ring is only read (on firing, by
-    windows)."""
+        return self.w.window(self.fn, now, self.n)
 
 
 class Tap:
-    """One tapped message: its ring of frames, the change detector of its condition inputs
-    (run by the core for changed frames only) and the window aggregates it feeds."""
+    """One tapped message: its ring of frames (the telemetry core appends every full frame;
+    the engine drops the oldest at ticks beyond `cap`), the change detector of its
+    condition inputs and the runs of its window signals. Frames are numbered from the
+    tap's first: ring[i] is frame `base + i`."""
 
-    __slots__ = ("message", "ring", "conds", "fast", "mask", "prev", "aggs", "wdecode",
-                 "wspecs", "wmask", "wseen", "wprev", "wvalues", "wle", "wdirty", "wsteady",
-                 "gaps", "active")
+    __slots__ = ("message", "ring", "base", "cap", "hold", "longest", "conds", "fast", "mask",
+                 "prev", "wsigs", "wfast", "wmask", "wprev", "gaps")
 
     def __init__(self, message):
         self.message = message
-        self.ring = Ring(maxlen=1)  # at least the last frame
-        self.gaps = 0  # window catch-ups that found frames gone from the ring
+        self.ring: list[tuple[float, bytes]] = []
+        self.base = 0
+        self.cap = 1  # at least the last frame
+        self.hold: int | None = None  # the oldest frame a capture has yet to take
+        self.longest = 0  # ms: the longest window over its signals
+        self.gaps = 0  # trims that dropped frames a window still covered
         self.reset()
 
     def reset(self) -> None:
@@ -539,17 +531,10 @@ class Tap:
         self.fast = None
         self.mask: int | None = None  # the condition inputs' bits (compiled messages)
         self.prev = None  # the last changed frame as a little-endian int (fastdecode)
-        self.aggs: list[tuple[Agg, Ref]] = []
-        self.wdecode = None
-        self.wspecs: list[SignalSpec | None] = []  # of the window signals (output names)
+        self.wsigs: list[WSig] = []
+        self.wfast = None
         self.wmask: int | None = None  # the window signals' bits (compiled messages)
-        self.wseen = self.ring[-1] if self.ring else None  # the last frame the windows took
-        self.wprev: Any = None  # ... its bits (or bytes), and the window values decoded
-        self.wvalues: list = []
-        self.wle: int | None = None  # the window bits of the last changed frame (tap fn)
-        self.wdirty = True  # a window bit may have moved since the last catch-up
-        self.wsteady = False  # every window holds one value, that of the newest frame
-        self.active: list[tuple[Running, Part]] = []  # campaigns capturing after a trigger
+        self.wprev = None
 
     @property
     def last(self) -> bytes | None:
@@ -560,87 +545,57 @@ class Tap:
         """ms of the last full frame, -1 if none arrived."""
         return int(self.ring[-1][0] * 1000) if self.ring else -1
 
-    def catch_up(self, force: bool = False) -> None:
-        """The frames that arrived since the last call, into the window aggregates (the
-        same result as adding each on arrival). A frame is decoded only where the window
-        signals' bits changed; the frames in between make a run of the same values, so
-        a repeated value costs a comparison, not a decode."""
+    def first(self, lo_ms: int) -> int:
+        """The index of the first frame at or after `lo_ms` (frames arrive in time order)."""
         ring = self.ring
-        if not ring or (self.wsteady and not self.wdirty and not force):
-            return  # (steady: the frames since only repeat the windows' one value)
-        seen = self.wseen
-        newest = self.wseen = ring[-1]
-        if newest is seen:
-            return
-        new = []
-        for item in reversed(ring):
-            if item is seen:
-                break
-            new.append(item)
-        else:
-            if seen is not None:  # more frames than the ring holds came since: the newest
-                if any(agg.cap > ring.maxlen for agg, _ref in self.aggs):
-                    self.gaps += 1  # (else the newest frames hold all a window keeps)
-                for agg, _ref in self.aggs:
-                    agg.clear()
-        new.reverse()
-        prev, values, mask, decode = self.wprev, self.wvalues, self.wmask, self.wdecode
-        length = self.message.length
-        from_bytes = int.from_bytes
-        times = []
-        cuts = [0]  # where the values change, and the values from there on
-        rows = [values]
-        i = -1
-        for t, d in new:
+        i = bisect_left(ring, lo_ms / 1000, key=_T)
+        n = len(ring)
+        while i < n and int(ring[i][0] * 1000) < lo_ms:
             i += 1
-            times.append(int(t * 1000))
-            if mask is None or len(d) != length:
-                key = d  # not compiled, or a frame of another length: the bytes decide
-            else:
-                key = from_bytes(d, "little")
-                if prev.__class__ is int and not (key ^ prev) & mask:
-                    prev = key
-                    continue
-            if key == prev:
-                continue
-            prev = key
-            values = [v if v is None or spec is None else _shape(spec, v)
-                      for spec, v in zip(self.wspecs, decode(d))]
-            if i:
-                cuts.append(i)
-                rows.append(values)
-            else:
-                rows[0] = values
-        self.wprev, self.wvalues = prev, values
-        cuts.append(i + 1)
-        steady = self.wmask is not None
-        for j, (agg, _ref) in enumerate(self.aggs):
-            agg.extend(times, [(cuts[k], cuts[k + 1], row[j]) for k, row in enumerate(rows)])
-            steady = steady and agg.cap <= ring.maxlen and agg.steady(values[j])
-            agg.sv = values[j]  # the value of the newest frame
-        self.wsteady, self.wdirty = steady, False
+        while i > 0 and int(ring[i - 1][0] * 1000) >= lo_ms:
+            i -= 1
+        return self.base + i
+
+    def trim(self) -> None:
+        """Keep the newest `cap` frames, and those from `hold` on."""
+        ring = self.ring
+        k = len(ring) - self.cap
+        if self.hold is not None:
+            k = min(k, self.hold - self.base)
+        if k <= 0:
+            return
+        if self.longest and int(ring[k - 1][0] * 1000) >= int(ring[-1][0] * 1000) - \
+                self.longest:
+            self.gaps += 1  # frames faster than sized for: a window loses its oldest
+        del ring[:k]
+        self.base += k
 
 
 class Part:
-    """The signals one campaign captures from one message."""
+    """The signals one campaign captures from one message; `pos` is the next frame the
+    capture after a trigger takes."""
 
-    __slots__ = ("tap", "cols", "decode", "refs")
+    __slots__ = ("tap", "cols", "decode", "refs", "pos")
 
     def __init__(self, tap: Tap, cols: list[int], decode, refs: list[Ref]):
         self.tap, self.cols, self.decode, self.refs = tap, cols, decode, refs
+        self.pos = 0
 
 
 class Group:
     """The running campaigns with one condition text: evaluated once for all of them."""
 
-    __slots__ = ("fn", "members", "windowed", "true", "aggs", "wvals")
+    __slots__ = ("fn", "members", "windowed", "true", "aggs", "wvals", "tree", "recheck",
+                 "wsigs")
 
-    def __init__(self, fn, windowed: bool):
-        self.fn, self.windowed = fn, windowed
+    def __init__(self, fn, windowed: bool, tree: E.Node):
+        self.fn, self.windowed, self.tree = fn, windowed, tree
         self.members: list[Running] = []
         self.true = False  # the last evaluation
         self.aggs: list[Agg] = []  # its windows
+        self.wsigs: list[WSig] = []  # ... and their signals
         self.wvals: list | None = None  # their values when a tick last evaluated it
+        self.recheck = True  # an input moved since `bounds` last ruled it out
 
 
 class Running:
@@ -665,8 +620,8 @@ class Running:
 
 class CampaignEngine:
     """Runs the active campaigns. Feed it through `taps()` (installed on the telemetry core),
-    call `tick(now_ms)` often (at least every CATCH_UP_MS of frames), and take
-    `take_batches()`."""
+    call `tick(now_ms)` often (every 100 ms: captures after a trigger are taken then) and
+    `trim()` after each feed (the core does, see set_taps), and take `take_batches()`."""
 
     def __init__(self, catalog: Catalog, limits: Limits = Limits(), stale_ms: int = 5000,
                  batch_age_ms: int = 1000, batch_bytes: int = 65536):
@@ -675,16 +630,19 @@ class CampaignEngine:
         self.applied: dict[str, Campaign] = {}
         self.running: dict[str, Running] = {}
         self.sigs: dict[str, Sig] = {}
+        self.wsigs: dict[str, WSig] = {}
         self.aggs: dict[tuple[str, str, int], Agg] = {}
         self.tapmap: dict[tuple[int, int], Tap] = {}
         self.closed: list[CampaignBatch] = []
         self.changed = True  # the set of tapped messages may differ: re-install taps
         self.evaluations = 0
+        self.bound_checks = 0  # windowed conditions ruled out (or not) by their bounds
         self.errors = 0  # taps that raised (bugs), counted
         self.last_error = ""
         self._now = 0
-        self._ticked: list[Group] = []  # windowed conditions, re-evaluated per tick
-        self._windowed: list[Tap] = []  # taps feeding window aggregates
+        # (dicts as ordered sets: evaluation order, and so batch order, is reproducible)
+        self._true: dict[Group, None] = {}  # re-evaluated each tick: an input may go stale
+        self._watch: dict[Group, None] = {}  # windowed, false, not ruled out by bounds
         self._next_change = -1  # ms of the next start or expiry among the applied
         self.groups: dict[str, Group] = {}  # condition text -> its running campaigns
         self._fns: dict[str, Any] = {}  # condition text -> generated code
@@ -694,8 +652,8 @@ class CampaignEngine:
 
     @property
     def window_gaps(self) -> int:
-        """Window catch-ups that found frames gone from the ring that a window longer than
-        the ring would have kept (ticks too rare, or frames far faster than sized for)."""
+        """Ring trims that dropped frames a window still covered (frames far faster than
+        the ring was sized for)."""
         return sum(tap.gaps for tap in self.tapmap.values())
 
     # -- applying -----------------------------------------------------------------------
@@ -724,8 +682,13 @@ class CampaignEngine:
 
     def apply(self, c: Campaign, now_ms: int) -> None:
         """Install (or replace) a checked campaign."""
-        self._stop(c.id)
-        self.applied[c.id] = c
+        self.apply_many([c], now_ms)
+
+    def apply_many(self, campaigns: Sequence[Campaign], now_ms: int) -> None:
+        """Install (or replace) checked campaigns, the run-time state built once."""
+        for c in campaigns:
+            self._stop(c.id)
+            self.applied[c.id] = c
         self._next_change = -1
         self._sync(now_ms)
         self._rebuild()
@@ -771,100 +734,115 @@ class CampaignEngine:
     def _stop(self, cid: str) -> None:
         r = self.running.pop(cid, None)
         if r is not None:
+            if self._capturing.pop(cid, None) is not None:
+                self._take(r)  # the frames since the last tick
             self._close(r)
-            self._capturing.pop(cid, None)
-            for part in r.parts:
-                self._set_active(part.tap, [x for x in part.tap.active if x[0] is not r])
 
     def _rebuild(self) -> None:
-        """Signals, taps, rings, window aggregates and the condition index for the running
-        set; what stays keeps its values, aggregates and ring contents."""
-        for tap in self._windowed:  # what the rings hold goes to the windows of the old set
-            tap.catch_up(force=True)
+        """Signals, taps, rings, window runs and the condition index for the running set;
+        what stays keeps its values, runs and ring contents."""
+        for r in self._capturing.values():  # their parts are made again: take what is due
+            self._take(r)
         old_taps = self.tapmap
         self.tapmap = {}
-        self._ticked = []
         self.groups = {}
+        self._true, self._watch = {}, {}
         self._timed = [r for r in self.running.values() if r.c.period_ms is not None]
         used: set[str] = set()
+        used_w: set[str] = set()
         used_aggs: set[tuple[str, str, int]] = set()
         for sg in self.sigs.values():
             sg.conditions = []
+
+        def tap_of(ref: Ref) -> Tap:
+            key = (ref.bus, ref.key)
+            tap = self.tapmap.get(key)
+            if tap is None:
+                tap = old_taps.get(key) or Tap(ref.message)  # its ring is kept
+                tap.reset()
+                tap.cap, tap.longest = 1, 0
+                self.tapmap[key] = tap
+            return tap
 
         def sig(name: str) -> Sig:
             used.add(name)
             s = self.sigs.get(name)
             if s is None:
                 s = self.sigs[name] = Sig(name, self.catalog.get(name))
-            key = (s.ref.bus, s.ref.key)
-            tap = self.tapmap.get(key)
-            if tap is None:
-                tap = old_taps.get(key) or Tap(s.ref.message)  # its ring is kept
-                tap.reset()
-                self.tapmap[key] = tap
-            s.tap = tap
+            s.tap = tap_of(s.ref)
             return s
 
-        ring_cap: dict[tuple[int, int], int] = {}
         for r in self.running.values():
             c = r.c
             by_msg: dict[tuple[int, int], list[int]] = {}
             for i, req in enumerate(c.signals):
-                s = sig(req.name)
-                by_msg.setdefault((s.ref.bus, s.ref.key), []).append(i)
+                ref = self.catalog.get(req.name)
+                tap_of(ref)
+                by_msg.setdefault((ref.bus, ref.key), []).append(i)
             r.parts = []
             for key, cols in by_msg.items():
                 tap = self.tapmap[key]
-                refs = [self.sigs[c.signals[i].name].ref for i in cols]
-                r.parts.append(Part(tap, cols, self._decoder(tap.message,
-                                                             [x.signal for x in refs]), refs))
+                refs = [self.catalog.get(c.signals[i].name) for i in cols]
+                part = Part(tap, cols, self._decoder(tap.message, [x.signal for x in refs]),
+                            refs)
+                part.pos = tap.base + len(tap.ring)
+                r.parts.append(part)
                 if c.condition is not None and c.pre_ms:
-                    cap = _capacity(c.pre_ms, refs[0], 0, self.limits)
-                    ring_cap[key] = max(ring_cap.get(key, 0), cap)
-            if c.tree is not None:
-                group = self.groups.get(c.condition)
-                if group is None:
-                    group = self.groups[c.condition] = Group(None, r.windowed)
-                    for name in E.value_signals(c.tree):
-                        sig(name).conditions.append(group)
-                    if r.windowed:
-                        self._ticked.append(group)
-                group.members.append(r)
-                group.true = group.true or r.prev
-                for fn, name, n in E.windows(c.tree):
-                    sg = sig(name)
-                    used_aggs.add((fn, name, n))
-                    if (fn, name, n) not in self.aggs:
-                        self.aggs[(fn, name, n)] = Agg(fn, name, n,
-                                                       _capacity(n, sg.ref, 0, self.limits))
-                    key = (sg.ref.bus, sg.ref.key)
-                    ring_cap[key] = max(ring_cap.get(key, 0),
-                                        _catch_up_capacity(n, sg.ref, self.limits))
+                    tap.cap = max(tap.cap, _capacity(c.pre_ms, refs[0], 0, self.limits))
+            if c.tree is None:
+                continue
+            group = self.groups.get(c.condition)
+            if group is None:
+                group = self.groups[c.condition] = Group(None, r.windowed, c.tree)
+                for name in E.value_signals(c.tree):
+                    sig(name).conditions.append(group)
+            group.members.append(r)
+            group.true = group.true or r.prev
+            for fn, name, n in E.windows(c.tree):
+                used_aggs.add((fn, name, n))
+                used_w.add(name)
+                w = self.wsigs.get(name)
+                if w is None:
+                    w = self.wsigs[name] = WSig(name, self.catalog.get(name))
+                if (fn, name, n) not in self.aggs:
+                    self.aggs[(fn, name, n)] = Agg(fn, name, n, w)
         gone = [n for n in self.sigs if n not in used]
         gone_aggs = [k for k in self.aggs if k not in used_aggs]
         for name in gone:
             del self.sigs[name]
         for key in gone_aggs:
             del self.aggs[key]
+        for name in [n for n in self.wsigs if n not in used_w]:
+            del self.wsigs[name]
         if gone or gone_aggs:
             self._fns = {}  # generated code holds those objects: build it again
+        for w in self.wsigs.values():
+            w.groups, w.longest = [], 0
+        for (fn, name, n), agg in self.aggs.items():
+            w = agg.w
+            w.longest = max(w.longest, n)
+            tap = w.tap = tap_of(w.ref)
+            if w not in tap.wsigs:
+                tap.wsigs.append(w)
+            tap.cap = max(tap.cap, _capacity(n, w.ref, 0, self.limits))
+            tap.longest = max(tap.longest, n)
         for text, group in self.groups.items():
-            tree = group.members[0].c.tree
-            group.aggs = [self.aggs[w] for w in dict.fromkeys(E.windows(tree))]
+            tree = group.tree
+            group.aggs = [self.aggs[k] for k in dict.fromkeys(E.windows(tree))]
+            group.wsigs = list(dict.fromkeys(a.w for a in group.aggs))
+            for w in group.wsigs:
+                w.groups.append(group)
             if text not in self._fns:
-                self._fns[text] = _codegen(group.members[0].c.tree, self.sigs, self.aggs,
-                                           self.stale_ms)
+                self._fns[text] = _codegen(tree, self.sigs, self.aggs, self.stale_ms)
             group.fn = self._fns[text]
+            if group.true:
+                self._true[group] = None
+            elif group.windowed:
+                self._watch[group] = None  # (recheck is set: the first tick looks at it)
         for s in self.sigs.values():
             if s.conditions:
                 s.tap.conds.append(s)
-        for (fn, name, n), agg in self.aggs.items():
-            agg.tap = self.sigs[name].tap
-            agg.tap.aggs.append((agg, self.sigs[name].ref))
-        for key, tap in self.tapmap.items():
-            cap = max(ring_cap.get(key, 0), 1)
-            if tap.ring.maxlen != cap:
-                tap.ring = Ring(tap.ring, maxlen=cap)  # (the core gets it with taps())
+        for tap in self.tapmap.values():
             if tap.conds:
                 names = [s.ref.signal for s in tap.conds]
                 tap.fast = self._compiled(tap.message, names)
@@ -872,23 +850,24 @@ class CampaignEngine:
                     tap.fast = _changes(self._decoder(tap.message, names))
                 else:
                     tap.mask = _bits(tap.message, names)
-            if tap.aggs:
-                names = [ref.signal for _a, ref in tap.aggs]
-                tap.wdecode = self._decoder(tap.message, names)
-                tap.wspecs = [ref.spec for _a, ref in tap.aggs]
-                if self._compiled(tap.message, names) is not None:
+            if tap.wsigs:
+                names = [w.ref.signal for w in tap.wsigs]
+                tap.wfast = self._compiled(tap.message, names)
+                if tap.wfast is None:
+                    tap.wfast = _changes(self._decoder(tap.message, names))
+                else:
                     tap.wmask = _bits(tap.message, names)
-        self._windowed = [tap for tap in self.tapmap.values() if tap.aggs]
-        active: dict[int, list] = {}
-        for r in self.running.values():  # captures in progress carry on
-            if r.capture_until >= 0:
-                for part in r.parts:
-                    active.setdefault(id(part.tap), []).append((r, part))
+                if tap.ring:  # a new window signal starts at the newest frame
+                    at = tap.base + len(tap.ring) - 1
+                    values = self._decoder(tap.message, names)(tap.ring[-1][1])
+                    for w, v in zip(tap.wsigs, values):
+                        if not w.starts:
+                            w.add(at, _shape(w.ref.spec, v) if w.ref.spec and v is not None
+                                  else v)
         for key, tap in old_taps.items():
             if key not in self.tapmap:
-                self._set_active(tap, [])  # not tapped any more: no capture hook left
-        for tap in self.tapmap.values():
-            self._set_active(tap, active.get(id(tap), []))
+                tap.ring.clear()  # not tapped any more (the core lets go of it)
+        self._hold()
         self.changed = True
 
     def _decoder(self, message, names: list[str]):
@@ -905,39 +884,73 @@ class CampaignEngine:
 
     # -- taps: what the telemetry core must hand over ------------------------------------
 
-    def taps(self) -> dict[tuple[int, int], tuple[Ring, Callable[[float, bytes], None] | None]]:
-        """(bus, can key) -> (ring, on_change) for every message a running campaign reads:
-        the core appends (t_seconds, data) of every full frame to `ring`, and calls
-        on_change(t_seconds, data) for a frame that differs from the one before (None: no
-        condition reads the message)."""
+    def taps(self) -> dict[tuple[int, int], tuple[list, Callable[[float, bytes], None] | None,
+                                                  int | None]]:
+        """(bus, can key) -> (ring, on_change, mask) for every message a running campaign
+        reads: the core appends (t_seconds, data) of every full frame to `ring`, and calls
+        on_change(t_seconds, data) for a frame whose bits under `mask` differ from the
+        frame before (None: any bit; on_change None: no condition or window reads the
+        message)."""
         self.changed = False
-        return {k: (tap.ring, self._tap_fn(tap) if tap.conds or tap.wmask is not None
-                    else None) for k, tap in self.tapmap.items()}
+        out = {}
+        for k, tap in self.tapmap.items():
+            fn = mask = None
+            if tap.conds or tap.wsigs:
+                fn = self._tap_fn(tap)
+                if (not tap.conds or tap.mask is not None) and \
+                        (not tap.wsigs or tap.wmask is not None):
+                    mask = (tap.mask or 0) | (tap.wmask or 0)
+            out[k] = (tap.ring, fn, mask)
+        return out
 
     def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
-        """The condition inputs of one message, for a frame that differs from the one
-        before: decoded where their bits changed, the conditions of those whose value
-        changed evaluated."""
+        """For a frame whose condition or window bits changed: the window signals' new runs
+        and the condition inputs decoded where their bits changed, the conditions of those
+        whose value changed evaluated."""
         length = tap.message.length
-        fast, mask, conds, wmask = tap.fast, tap.mask, tap.conds, tap.wmask
+        fast, mask, conds = tap.fast, tap.mask, tap.conds
+        wfast, wmask, wsigs = tap.wfast, tap.wmask, tap.wsigs
+        ring = tap.ring
         from_bytes = int.from_bytes
         named = NamedSignalValue
+        watch = self._watch
 
         def fn(t: float, data: bytes) -> None:
-            if len(data) != length:
-                tap.wdirty = True
-                return
             try:
+                if len(data) != length:  # longer than its DBC length: no values from it
+                    at = tap.base + len(ring) - 1
+                    for w in wsigs:
+                        w.add(at, None)
+                    tap.prev = tap.wprev = None
+                    return
                 le = from_bytes(data, "little")
-                if wmask is not None:  # have the window signals' bits moved? (see catch_up)
-                    if tap.wle is None or (le ^ tap.wle) & wmask:
-                        tap.wdirty = True
-                    tap.wle = le
+                if wsigs:
+                    wp = tap.wprev
+                    if wmask is None:
+                        tap.wprev, changed = wfast(data, wp)
+                    elif wp is None or (le ^ wp) & wmask:
+                        tap.wprev, changed = wfast(data, wp)
+                    else:
+                        changed = ()
+                        tap.wprev = le
+                    if changed:
+                        at = tap.base + len(ring) - 1
+                        for i, v in changed:
+                            w = wsigs[i]
+                            if type(v) is named:
+                                v = v.name
+                            if w.ref.spec is not None:
+                                v = _shape(w.ref.spec, v)
+                            if w.add(at, v):
+                                for g in w.groups:  # bounds widened: look again at the tick
+                                    g.recheck = True
+                                    if not g.true:
+                                        watch[g] = None
                     if not conds:
                         return
                 prev = tap.prev
                 if mask is not None and prev is not None and not (le ^ prev) & mask:
-                    tap.prev = le  # most changes: counters, other signals
+                    tap.prev = le  # window bits, or other signals' (the core's mask is both)
                     return
                 tap.prev, changed = fast(data, prev)
                 dirty = []
@@ -982,30 +995,25 @@ class CampaignEngine:
                 r.last_in[i] = (t_ms, v)
             r.builder.add(r.cols[i], t_ms, v)
 
-    def _set_active(self, tap: Tap, active: list) -> None:
-        """The campaigns capturing from this message after their trigger: while there are
-        any, every frame the core appends to the ring also goes to them."""
-        tap.active = active
-        ring = tap.ring
-        if not active:
-            ring.__dict__.pop("append", None)
-            return
-        if "append" in ring.__dict__:
-            return
-        push = deque.append
-        engine = self
-
-        def append(item) -> None:
-            push(ring, item)
-            t, data = item
-            t_ms = int(t * 1000)
-            try:
-                for r, part in tap.active:
-                    if r.capture_until >= t_ms:
-                        engine._capture(r, part, t_ms, part.decode(data))
-            except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
-                engine._failed(e)
-        ring.append = append
+    def _take(self, r: Running) -> None:
+        """The frames that arrived since the last take, up to the end of the capture, into
+        the campaign's batch (a capture after its trigger reads the ring at ticks)."""
+        until = r.capture_until
+        for part in r.parts:
+            tap = part.tap
+            ring = tap.ring
+            i = part.pos - tap.base
+            part.pos = tap.base + len(ring)
+            if i >= len(ring):
+                continue
+            data = values = None
+            for t, d in ring[max(i, 0):]:
+                t_ms = int(t * 1000)
+                if t_ms > until:
+                    break
+                if d != data:  # a repeated frame: the same values
+                    data, values = d, part.decode(d)
+                self._capture(r, part, t_ms, values)
 
     # -- conditions -----------------------------------------------------------------------
 
@@ -1017,7 +1025,8 @@ class CampaignEngine:
             raise E.Unknown(f"{name}: no sample in the last {n_ms} ms")
         return v
 
-    def _evaluate(self, groups, now_ms: int) -> None:
+    def _evaluate(self, groups, now_ms: int, changed: bool = True) -> None:
+        """`changed`: a value input of these conditions changed (not a tick)."""
         self._now = now_ms
         if len(groups) > 1:
             groups = dict.fromkeys(groups)  # each once, in order
@@ -1025,9 +1034,16 @@ class CampaignEngine:
             self.evaluations += 1
             g.wvals = None  # (a tick sets them again where it evaluates)
             ok = g.fn(now_ms)
+            if g.windowed and not ok and (changed or g.true):
+                g.recheck = True  # its inputs moved: its bounds may allow it now
+                self._watch[g] = None
             if not ok and not g.true:
                 continue  # false before too: no member's state changes
             g.true = ok
+            if ok:
+                self._true[g] = None
+            else:
+                self._true.pop(g, None)
             for r in g.members:
                 fire = ok and (not r.prev or not r.c.rising_edge)
                 r.prev = ok
@@ -1044,24 +1060,24 @@ class CampaignEngine:
         lo = now_ms - r.c.pre_ms
         r.last_in = [(-1, None)] * len(r.c.signals)
         for part in r.parts:
-            ring = part.tap.ring
+            tap = part.tap
+            ring = tap.ring
+            part.pos = tap.base + len(ring)  # after the trigger: taken at the ticks
+            tap.hold = part.pos if tap.hold is None else min(tap.hold, part.pos)
             if not ring or not r.c.pre_ms:
                 continue
-            if int(ring[0][0] * 1000) > lo and len(ring) == ring.maxlen:
+            if int(ring[0][0] * 1000) > lo and tap.base and len(ring) >= tap.cap:
                 r.overflow += 1  # frames came faster than the ring was sized for
             data = values = None
-            for t, d in ring:
+            for t, d in ring[tap.first(lo) - tap.base:]:
                 t_ms = int(t * 1000)
-                if lo <= t_ms <= now_ms:
+                if t_ms <= now_ms:
                     if d != data:  # a repeated frame: the same values
                         data, values = d, part.decode(d)
                     self._capture(r, part, t_ms, values)
         self._close(r)  # the pre-trigger part goes out at once
         r.capture_until = now_ms + r.c.post_ms
         self._capturing[r.c.id] = r
-        if r.c.post_ms:
-            for part in r.parts:
-                self._set_active(part.tap, part.tap.active + [(r, part)])
 
     def _close(self, r: Running) -> None:
         b = r.builder
@@ -1075,41 +1091,70 @@ class CampaignEngine:
     # -- time -------------------------------------------------------------------------------
 
     def tick(self, now_ms: int) -> list[str]:
-        """Start/expiry, time campaigns, capture ends, batch age, conditions that move with
-        time. Returns the ids of campaigns that expired (and were removed)."""
+        """Start/expiry, time campaigns, captures and their ends, batch age, ring trims,
+        conditions that move with time. Returns the ids of campaigns that expired (and
+        were removed)."""
         expired = self._sync(now_ms)
         self._now = now_ms
-        for tap in self._windowed:  # rings hold a bounded stretch: windows take it now
-            tap.catch_up()
-        todo = [g for g in self.groups.values() if g.true]  # an input may have gone stale
-        moved = []  # windows move with time: a false condition whose windows did not is not
-        for g in self._ticked:  # evaluated again (its value inputs did not change either)
-            if not g.true:
-                values = [agg.query(now_ms) for agg in g.aggs]
-                if values != g.wvals:
-                    moved.append((g, values))
+        todo = list(self._true)  # an input may have gone stale
+        moved = []  # windows move with time: a false condition is evaluated again only if
+        for g in list(self._watch):  # its bounds allow it to hold and its windows moved
+            if g.true:
+                del self._watch[g]
+                continue
+            if g.recheck:
+                g.recheck = False
+                self.bound_checks += 1
+                if not _bounds(g.tree, self, now_ms):
+                    del self._watch[g]  # not before an input or a bound moves
+                    continue
+            values = [agg.query(now_ms) for agg in g.aggs]
+            if values != g.wvals:
+                moved.append((g, values))
         if moved:
             todo += [g for g, _v in moved]
         if todo:
-            self._evaluate(todo, now_ms)
+            self._evaluate(todo, now_ms, changed=False)
             for g, values in moved:
                 g.wvals = values
+                if not g.true:  # still false: the bounds may be wider than the windows
+                    for w in g.wsigs:
+                        if now_ms - w.narrowed >= w.longest:
+                            w.narrow(now_ms)
+                            g.recheck = True
         for r in self._timed + list(self._capturing.values()):
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
                 r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
                 self._sample_latest(r, now_ms)
-            if r.capture_until >= 0 and now_ms > r.capture_until:
-                r.capture_until = -1
-                del self._capturing[c.id]
-                for part in r.parts:
-                    self._set_active(part.tap, [x for x in part.tap.active if x[0] is not r])
-                self._close(r)
-                r.trigger_ms = None
+            if r.capture_until >= 0:
+                self._take(r)
+                if now_ms > r.capture_until:
+                    r.capture_until = -1
+                    del self._capturing[c.id]
+                    self._close(r)
+                    r.trigger_ms = None
             deadline = r.builder.deadline_ms
             if deadline is not None and now_ms >= deadline:
                 self._close(r)
+        self._hold()
         return expired
+
+    def trim(self) -> None:
+        """Rings back to their capacity (keeping what captures have yet to take): the
+        telemetry core calls this after each feed."""
+        for tap in self.tapmap.values():
+            if len(tap.ring) > tap.cap:
+                tap.trim()
+
+    def _hold(self) -> None:
+        """Each ring keeps the frames from the oldest a capture has yet to take."""
+        for tap in self.tapmap.values():
+            tap.hold = None
+        for r in self._capturing.values():
+            for part in r.parts:
+                tap = part.tap
+                tap.hold = part.pos if tap.hold is None else min(tap.hold, part.pos)
 
     def _sample_latest(self, r: Running, now_ms: int) -> None:
         """A time campaign: the latest value of each signal (not stale) at `now_ms`."""
@@ -1123,6 +1168,8 @@ class CampaignEngine:
 
     def flush(self) -> None:
         for r in self.running.values():
+            if r.capture_until >= 0:
+                self._take(r)
             self._close(r)
 
     def take_batches(self) -> list[CampaignBatch]:
@@ -1132,15 +1179,20 @@ class CampaignEngine:
     # -- views ----------------------------------------------------------------------------
 
     def held_bytes(self, cid: str) -> int:
-        """Bytes in the rings and histories this campaign reads (rings are shared)."""
+        """Bytes in the rings and window runs this campaign reads (both are shared)."""
         r = self.running.get(cid)
         if r is None:
             return 0
-        n = 0
+        taps = {}
         if r.c.condition is not None and r.c.pre_ms:
-            n += sum(len(p.tap.ring) for p in r.parts)
+            taps = {id(p.tap): p.tap for p in r.parts}
+        n = 0
         if r.c.tree is not None:
-            n += sum(len(self.aggs[w]) for w in E.windows(r.c.tree) if w in self.aggs)
+            for w in dict.fromkeys(self.aggs[k].w for k in E.windows(r.c.tree)
+                                   if k in self.aggs):
+                taps[id(w.tap)] = w.tap
+                n += w.held()
+        n += sum(min(len(tap.ring), tap.cap) for tap in taps.values())
         return n * SAMPLE_BYTES
 
     def status(self, now_ms: int) -> list[dict]:
@@ -1154,6 +1206,7 @@ class CampaignEngine:
                         "ring_overflow": r.overflow if r else 0,
                         "capturing": bool(r and r.capture_until >= now_ms)})
         return out
+
 
 
 def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int):
@@ -1223,6 +1276,122 @@ def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int
                      "        return False"])
     exec(compile(src, "<condition>", "exec"), env)  # noqa: S102 - generated from our own tree
     return env["cond"]
+
+
+class _Never(Exception):
+    """The condition is false until one of its inputs changes value or a bound widens."""
+
+
+class _Maybe(Exception):
+    """The bounds cannot rule the condition out."""
+
+
+def _bounds(tree: E.Node, engine: CampaignEngine, now: int) -> bool:
+    """False if `tree` cannot hold whatever its windows hold within their signals' bounds
+    (WSig.lo/hi), its value inputs as they are: then it stays false until a value input
+    changes or a bound widens, and ticks need not evaluate it. True: it might."""
+    try:
+        kind, *v = _iv(tree, engine, now)
+    except _Never:
+        return False
+    except _Maybe:
+        return True
+    return kind == "b" and v[0] is not False
+
+
+def _iv(n: E.Node, engine: CampaignEngine, now: int) -> tuple:
+    """("n", lo, hi) a number within [lo, hi]; ("x", v) exactly v (not a number);
+    ("b", True/False/None) a truth value, None: either."""
+    op, a = n.op, n.args
+    if op == "num":
+        return ("n", a[0], a[0])
+    if op == "str":
+        return ("x", a[0])
+    if op == "bool":
+        return ("b", a[0])
+    if op == "sig":
+        s = engine.sigs[a[0]]
+        if s.value is None:
+            raise _Never  # never seen (or null): false whatever else holds
+        if now - s.tap.last_t > engine.stale_ms or not s.tap.ring:
+            raise _Maybe  # stale: it may be fresh again without a change
+        v = s.value
+        if v.__class__ in _NUM:
+            return ("n", v, v)
+        return ("b", v) if v is True or v is False else ("x", v)
+    if op in E.WINDOWS:
+        w = engine.aggs[(op, a[0], a[1])].w
+        if w.lo > w.hi:
+            raise _Never  # no number since the bounds were taken: only a new run changes it
+        return ("n", w.lo, w.hi)
+    if op in ("not", "and", "or"):
+        xs = [_iv(x, engine, now) for x in a]
+        if any(x[0] != "b" for x in xs):
+            raise _Maybe
+        t = [x[1] for x in xs]
+        if op == "not":
+            return ("b", None if t[0] is None else not t[0])
+        if op == "and":
+            return ("b", False if False in t else (True if t == [True, True] else None))
+        return ("b", True if True in t else (False if t == [False, False] else None))
+    xs = [_iv(x, engine, now) for x in a]
+    if op in E.CMP:
+        return _cmp(op, *xs)
+    if any(x[0] != "n" for x in xs):
+        raise _Never  # arithmetic on a name or a truth value: a type error, false
+    if op == "neg":
+        return ("n", -xs[0][2], -xs[0][1])
+    if op == "abs":
+        lo, hi = xs[0][1], xs[0][2]
+        if lo >= 0:
+            return ("n", lo, hi)
+        if hi <= 0:
+            return ("n", -hi, -lo)
+        return ("n", 0, max(-lo, hi))
+    (_, alo, ahi), (_, blo, bhi) = xs
+    if op == "+":
+        out = (alo + blo, ahi + bhi)
+    elif op == "-":
+        out = (alo - bhi, ahi - blo)
+    else:
+        if op == "/":
+            if blo <= 0 <= bhi:
+                raise _Maybe  # (a division by zero is false; near zero, anything)
+            blo, bhi = 1 / bhi, 1 / blo
+        ps = (alo * blo, alo * bhi, ahi * blo, ahi * bhi)
+        out = (min(ps), max(ps))
+    if out[0] != out[0] or out[1] != out[1]:
+        raise _Maybe  # inf - inf
+    return ("n", *out)
+
+
+def _cmp(op: str, x: tuple, y: tuple) -> tuple:
+    if x[0] == "n" and y[0] == "n" and (x[1] != x[2] or y[1] != y[2]):
+        (_, alo, ahi), (_, blo, bhi) = x, y
+        if op in (">", ">="):
+            (alo, ahi), (blo, bhi), op = (blo, bhi), (alo, ahi), "<" if op == ">" else "<="
+        if op == "<":
+            return ("b", True if ahi < blo else (False if alo >= bhi else None))
+        if op == "<=":
+            return ("b", True if ahi <= blo else (False if alo > bhi else None))
+        disjoint = ahi < blo or bhi < alo
+        if op == "==":
+            return ("b", False if disjoint else None)
+        return ("b", True if disjoint else None)
+    if "b" in (x[0], y[0]) and (None in (x[1],) + (y[1],) or "n" in (x[0], y[0])):
+        raise _Maybe  # a truth value that is either, or against a range of numbers
+    u = x[1]
+    w = y[1]
+    if x[0] == "n" and y[0] == "b" or y[0] == "n" and x[0] == "b":
+        raise _Maybe
+    try:  # exact values, or a number (any in its range: the same result) against a name
+        return ("b", bool(_OPS[op](u, w)))
+    except TypeError:
+        return ("b", False)
+
+
+_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
 
 
 def _changes(decode):

@@ -20,7 +20,7 @@ Two rules keep a sender on the bus from faking freshness:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from cantools.database.namedsignalvalue import NamedSignalValue
 
@@ -74,7 +74,7 @@ class SignalState(Column):
 
 class MessageState:
     __slots__ = ("message", "decode", "fast", "step", "prev", "length", "signals", "seen",
-                 "last", "timeout", "mux", "present", "carried", "ring", "tap")
+                 "last", "timeout", "mux", "present", "carried", "ring", "tap", "tapmask")
 
     def __init__(self, message, signals: list[SignalState], codes=None):
         self.message = message
@@ -92,13 +92,27 @@ class MessageState:
         self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
         self.carried: list[int] = []  # after a short frame: indices of the signals it carried
         self.ring = None  # campaigns: (t, data) of every full frame appended (see set_taps)
-        self.tap = None  # campaigns: fn(t, data) given every changed full frame
+        self.tap = None  # campaigns: fn(t, data) given a changed full frame ...
+        self.tapmask = -1  # ... whose bits under this mask changed (the sampler tests it)
         for s in signals:
             s.msg = self
 
 
 def _no_signals(data, prev):
-    return 0, ()
+    """A message tapped for campaigns only: no signals, but the frame as the next `prev`."""
+    return int.from_bytes(data, "little"), ()
+
+
+def _tap_step(entry: MessageState):
+    """The fast path of a message tapped for campaigns only: the tap for changed bits."""
+    tap, mask, from_bytes = entry.tap, entry.tapmask, int.from_bytes
+
+    def step(data, prev, t):
+        le = from_bytes(data, "little")
+        if (le ^ prev) & mask:
+            tap(t, data)
+        return le
+    return step
 
 
 def _no_samples(data, prev, t):
@@ -118,9 +132,14 @@ def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
         return None
     shaped = any(s.shaped for s in signals)
     motorola = any("be = _from" in line for sig in sigs for line in sig.raw)
+    tap = entry.tap
+    if tap is not None:  # campaigns: the tap for a frame whose bits under its mask changed
+        env["_tap"] = tap
     lines = ["def sample(data, prev, t):",
              "    le = _from(data, 'little')",
              "    dl = le ^ prev",
+             f"    if dl & {entry.tapmask}:" if tap is not None else "",
+             "        _tap(t, data)" if tap is not None else "",
              "    be = None" if motorola else "",
              "    t_ms = int(t * 1000.0)",  # the same value as * 1000, a cheaper multiply
              # No open batch (t0 < 0): the first sample opens its column, which sets t0 and
@@ -262,6 +281,7 @@ class TelemetryCore:
         self._next_heartbeat_ms = 0
         self.quiet = False  # the vehicle sleeps: no timeouts, no heartbeats (set_quiet)
         self._resumed_ms = -1  # timeouts and heartbeats count from here after a quiet spell
+        self._after_feed: Callable[[], None] | None = None  # set_taps
 
     def _first_step(self, entry: MessageState):
         """The message's sampler, generated when its second frame arrives (after start-up,
@@ -302,6 +322,8 @@ class TelemetryCore:
         while True:
             try:
                 self._feed(it)
+                if self._after_feed is not None:
+                    self._after_feed()
                 return
             except Exception as e:  # noqa: BLE001 - one bad frame must not lose the others
                 self.internal_errors += 1
@@ -346,13 +368,13 @@ class TelemetryCore:
                 c.unchanged += 1
                 continue
             entry.last = data
-            if entry.tap is not None:
-                entry.tap(t, data)
             prev = entry.prev
             if prev is not None:  # the fast path decoded the frame before: only what changed
-                entry.prev = entry.step(data, prev, t)
+                entry.prev = entry.step(data, prev, t)  # (it calls the tap, if any)
                 c.decoded += 1
                 continue
+            if entry.tap is not None:
+                entry.tap(t, data)
             fast = entry.fast
             if fast is not None and len(data) == entry.length:
                 entry.prev, changed = fast(data, None)
@@ -595,20 +617,27 @@ class TelemetryCore:
 
     # -- run-time selection (campaigns) ---------------------------------------------------
 
-    def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any]]) -> None:
-        """For these (bus index, can key) messages, taps[key] = (ring, on_change): append
-        (t, data) of every full frame to `ring` and call on_change(t, data) (if not None)
-        for each that differs from the frame before; also for messages [telemetry] does not
-        select (they are received from now on, not sent). Messages no longer listed go back
-        to what [telemetry] makes of them."""
+    def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any, int | None]],
+                 after_feed: Callable[[], None] | None = None) -> None:
+        """For these (bus index, can key) messages, taps[key] = (ring, on_change, mask):
+        append (t, data) of every full frame to `ring` and call on_change(t, data) (if not
+        None) for each that differs from the frame before in the bits of `mask` (None:
+        in any bit), or whose predecessor was not a full frame; also for messages
+        [telemetry] does not select (they are received from now on, not sent). Messages no
+        longer listed go back to what [telemetry] makes of them. `after_feed()` is called
+        after each feed_many() (the campaign engine trims its rings there)."""
+        self._after_feed = after_feed if taps else None
         for c_index, c in enumerate(self.counters):
             for key, entry in list(c.entries.items()):
                 if entry is None or entry.ring is None or (c_index, key) in taps:
                     continue
                 entry.ring = entry.tap = None
+                entry.tapmask = -1
                 if not entry.signals:  # selected for a campaign only
                     c.entries[key] = None
-        for (bus, key), (ring, tap) in taps.items():
+                elif entry.fast is not None:
+                    entry.step = self._first_step(entry)  # the sampler without the tap
+        for (bus, key), (ring, tap, mask) in taps.items():
             c = self.counters[bus]
             entry = c.entries.get(key, MISSING)
             if entry is MISSING:
@@ -616,9 +645,16 @@ class TelemetryCore:
             if entry is None:
                 entry = c.entries[key] = MessageState(self._messages[bus][key], [])
                 entry.fast = _no_signals  # the tap decodes what it needs
+            mask = -1 if mask is None else mask
             if tap is not None and tap is not entry.tap:
                 entry.last = None  # a new tap sees the next frame, even a repeat
-            entry.ring, entry.tap = ring, tap
+                entry.prev = None  # ... through the core, not a sampler built without it
+            if tap is not entry.tap or mask != entry.tapmask or ring is not entry.ring:
+                entry.ring, entry.tap, entry.tapmask = ring, tap, mask
+                if not entry.signals:
+                    entry.step = _tap_step(entry) if tap is not None else _no_samples
+                elif entry.fast is not None:  # the sampler with the tap in it, built now
+                    entry.step = _sampler(entry, self.batches, self._update)  # (not mid-run)
 
     def tapped(self, bus: int) -> list[int]:
         """Can keys of bus `bus` that must be received: selected or tapped."""
