@@ -8,7 +8,7 @@ import random
 
 import cantools
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from agent.core import campaigns as K
@@ -180,7 +180,7 @@ def test_windows_match_brute_force(db, steps, fn, n):
         t += dt
         can_id, data = frame(db, "Fast", A=value)
         core.feed(0, t / 1000, can_id, data)
-        seen.append((t, value))
+        seen.append((int(t / 1000 * 1000), value))  # the ms the engine reads off t seconds
         engine._now = t
         inside = [v for ts, v in seen if t - n <= ts <= t]
         want = {"avg": lambda x: sum(x) / len(x), "min": min, "max": max}[fn](inside)
@@ -251,7 +251,8 @@ def test_firing_rising_edge_min_interval_and_post_capture(db):
 
 def test_evaluation_only_on_change(db):
     core, catalog, engine = make(db)
-    start(core, engine, K.parse_campaign(doc(condition="Fast.A > 5"), catalog, engine.limits))
+    start(core, engine, K.parse_campaign(doc(condition="Fast.A + 1 > 6"), catalog,
+                                         engine.limits))
     can_id, data = frame(db, "Fast", A=1, B=0)
     for i in range(100):
         core.feed(0, 1 + i / 100, can_id, data)
@@ -261,6 +262,21 @@ def test_evaluation_only_on_change(db):
     assert engine.evaluations == 1
     core.feed(0, 3, *frame(db, "Fast", A=2))
     assert engine.evaluations == 2
+
+
+def test_a_signal_against_a_constant_is_evaluated_only_when_it_holds_or_held(db):
+    core, catalog, engine = make(db)
+    start(core, engine, K.parse_campaign(doc(condition="5 < Fast.A", rising_edge=False),
+                                         catalog, engine.limits))
+    for i, a in enumerate([1, 2, 3, 4, 5]):  # changes that cannot make it hold
+        core.feed(0, 1 + i / 100, *frame(db, "Fast", A=a))
+    assert engine.evaluations == 0
+    core.feed(0, 2, *frame(db, "Fast", A=6))  # holds: evaluated, fires
+    core.feed(0, 3, *frame(db, "Fast", A=7))  # holds again: evaluated (rising_edge false)
+    core.feed(0, 4, *frame(db, "Fast", A=0))  # held before: evaluated, turns false
+    core.feed(0, 5, *frame(db, "Fast", A=1))
+    assert engine.evaluations == 3 and engine.running["c1"].firings == 2
+    assert engine.groups["5 < Fast.A"].true is False
 
 
 def test_stale_and_never_seen_inputs_are_false(db):
@@ -430,6 +446,32 @@ def test_generated_conditions_agree_with_the_reference(db, tree, steps, slow_see
         assert engine.groups[text].fn(now) is want, (text, now)
 
 
+@settings(max_examples=150, deadline=None)
+@given(_cond(2), st.lists(st.tuples(st.integers(1, 120), st.integers(0, 300),
+                                    st.integers(0, 255), st.integers(0, 300),
+                                    st.booleans()), min_size=1, max_size=40))
+def test_ticks_that_skip_conditions_by_their_bounds_agree_with_the_reference(db, tree, steps):
+    """A false windowed condition is not evaluated at a tick while the bounds of its
+    windows' signals rule it out: after every tick each condition is what the reference
+    evaluator makes of it then."""
+    assume(E.value_signals(tree) or E.windows(tree))  # (constants are never evaluated)
+    core, catalog, engine = make(db, assumed_period_ms=1)
+    text = E.to_text(tree)
+    start(core, engine, K.parse_campaign(doc(signals=("Fast.A",), condition=text), catalog,
+                                         engine.limits))
+    group = engine.groups[text]
+    t = 1000
+    for dt, a, b, c, slow in steps:
+        t += dt
+        core.feed(0, t / 1000, *frame(db, "Fast", A=a, B=b))
+        if slow:
+            core.feed(0, t / 1000, *frame(db, "Slow", C=c))
+        for now in (t, t + 60):  # at the frame, and later: windows age
+            engine.tick(now)
+            want = E.holds(E.compile_condition(tree), _RefEnv(engine, now))
+            assert group.true is want, (text, now)
+
+
 # -- the lazy paths: rings filled by the core, windows read in runs, the capture hook -------
 
 @settings(max_examples=60, deadline=None)
@@ -450,7 +492,7 @@ def test_windows_read_lazily_match_brute_force(db, steps, fn, n):
     for dt, value, other, query, later in steps:
         t += dt
         core.feed(0, t / 1000, *frame(db, "Fast", A=value, B=other))
-        seen.append((t, value))
+        seen.append((int(t / 1000 * 1000), value))  # the ms the engine reads off t seconds
         if query:
             t += later  # (a look later than the last frame: samples may have aged out)
             engine._now = t

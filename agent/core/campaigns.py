@@ -361,12 +361,15 @@ def _bits(message, names: list[str]) -> int:
 class Sig:
     """One signal some running campaign's condition reads as a value."""
 
-    __slots__ = ("name", "ref", "value", "conditions", "tap")
+    __slots__ = ("name", "ref", "value", "conditions", "simple", "tap")
 
     def __init__(self, name: str, ref: Ref):
         self.name, self.ref = name, ref
         self.value: Any = None  # condition inputs: decoded when their bits change
         self.conditions: list[Group] = []  # evaluated when this signal changes
+        # `signal OP constant` conditions, (group, op, constant): evaluated only when they
+        # hold now or held before (most changes of a signal flip none of them)
+        self.simple: list[tuple[Group, Callable, Any]] = []
         self.tap: Tap | None = None
 
 
@@ -513,8 +516,8 @@ class Tap:
     condition inputs and the runs of its window signals. Frames are numbered from the
     tap's first: ring[i] is frame `base + i`."""
 
-    __slots__ = ("message", "ring", "base", "cap", "hold", "longest", "conds", "fast", "mask",
-                 "prev", "wsigs", "wfast", "wmask", "wprev", "gaps")
+    __slots__ = ("message", "ring", "base", "cap", "hold", "longest", "conds", "wsigs",
+                 "fast", "mask", "prev", "inputs", "gaps")
 
     def __init__(self, message):
         self.message = message
@@ -528,13 +531,12 @@ class Tap:
 
     def reset(self) -> None:
         self.conds: list[Sig] = []
-        self.fast = None
-        self.mask: int | None = None  # the condition inputs' bits (compiled messages)
-        self.prev = None  # the last changed frame as a little-endian int (fastdecode)
         self.wsigs: list[WSig] = []
-        self.wfast = None
-        self.wmask: int | None = None  # the window signals' bits (compiled messages)
-        self.wprev = None
+        # one decoder for both, over `inputs`: (spec, Sig or None, WSig or None) per signal
+        self.fast = None
+        self.inputs: list[tuple[SignalSpec | None, Sig | None, WSig | None]] = []
+        self.mask: int | None = None  # their bits (compiled messages; None: any change)
+        self.prev = None  # the last frame it decoded (an int, or values: see _changes)
 
     @property
     def last(self) -> bytes | None:
@@ -840,11 +842,24 @@ class CampaignEngine:
             elif group.windowed:
                 self._watch[group] = None  # (recheck is set: the first tick looks at it)
         for s in self.sigs.values():
+            s.simple = []
             if s.conditions:
                 s.tap.conds.append(s)
+        for g in self.groups.values():
+            simple = _simple(g.tree)
+            if simple is not None:
+                s = self.sigs[simple[0]]
+                s.conditions.remove(g)
+                s.simple.append((g, *simple[1:]))
         for tap in self.tapmap.values():
-            if tap.conds:
-                names = [s.ref.signal for s in tap.conds]
+            inputs: dict[str, list] = {}
+            for s in tap.conds:
+                inputs[s.name] = [s.ref, s, None]
+            for w in tap.wsigs:
+                inputs.setdefault(w.name, [w.ref, None, None])[2] = w
+            tap.inputs = [(ref.spec, s, w) for ref, s, w in inputs.values()]
+            if inputs:
+                names = [ref.signal for ref, _s, _w in inputs.values()]
                 tap.fast = self._compiled(tap.message, names)
                 if tap.fast is None:  # multiplexed / float: decode and compare
                     tap.fast = _changes(self._decoder(tap.message, names))
@@ -852,11 +867,6 @@ class CampaignEngine:
                     tap.mask = _bits(tap.message, names)
             if tap.wsigs:
                 names = [w.ref.signal for w in tap.wsigs]
-                tap.wfast = self._compiled(tap.message, names)
-                if tap.wfast is None:
-                    tap.wfast = _changes(self._decoder(tap.message, names))
-                else:
-                    tap.wmask = _bits(tap.message, names)
                 if tap.ring:  # a new window signal starts at the newest frame
                     at = tap.base + len(tap.ring) - 1
                     values = self._decoder(tap.message, names)(tap.ring[-1][1])
@@ -895,25 +905,23 @@ class CampaignEngine:
         out = {}
         for k, tap in self.tapmap.items():
             fn = mask = None
-            if tap.conds or tap.wsigs:
-                fn = self._tap_fn(tap)
-                if (not tap.conds or tap.mask is not None) and \
-                        (not tap.wsigs or tap.wmask is not None):
-                    mask = (tap.mask or 0) | (tap.wmask or 0)
+            if tap.inputs:
+                fn, mask = self._tap_fn(tap), tap.mask
             out[k] = (tap.ring, fn, mask)
         return out
 
     def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
-        """For a frame whose condition or window bits changed: the window signals' new runs
-        and the condition inputs decoded where their bits changed, the conditions of those
-        whose value changed evaluated."""
+        """For a frame whose condition or window bits changed (the core tests the mask):
+        the signals decoded where their bits changed; for a window signal whose value
+        changed, a new run (WSig.add, inlined); for a condition input, the conditions that
+        read it evaluated (a `signal OP constant` one only if it holds or held)."""
         length = tap.message.length
-        fast, mask, conds = tap.fast, tap.mask, tap.conds
-        wfast, wmask, wsigs = tap.wfast, tap.wmask, tap.wsigs
-        ring = tap.ring
-        from_bytes = int.from_bytes
+        fast, inputs, ring = tap.fast, tap.inputs, tap.ring
+        wsigs = tap.wsigs
         named = NamedSignalValue
         watch = self._watch
+        num = _NUM
+        evaluate = self._evaluate
 
         def fn(t: float, data: bytes) -> None:
             try:
@@ -921,50 +929,38 @@ class CampaignEngine:
                     at = tap.base + len(ring) - 1
                     for w in wsigs:
                         w.add(at, None)
-                    tap.prev = tap.wprev = None
+                    tap.prev = None
                     return
-                le = from_bytes(data, "little")
-                if wsigs:
-                    wp = tap.wprev
-                    if wmask is None:
-                        tap.wprev, changed = wfast(data, wp)
-                    elif wp is None or (le ^ wp) & wmask:
-                        tap.wprev, changed = wfast(data, wp)
-                    else:
-                        changed = ()
-                        tap.wprev = le
-                    if changed:
-                        at = tap.base + len(ring) - 1
-                        for i, v in changed:
-                            w = wsigs[i]
-                            if type(v) is named:
-                                v = v.name
-                            if w.ref.spec is not None:
-                                v = _shape(w.ref.spec, v)
-                            if w.add(at, v):
-                                for g in w.groups:  # bounds widened: look again at the tick
+                tap.prev, changed = fast(data, tap.prev)
+                dirty = None
+                for i, v in changed:
+                    spec, s, w = inputs[i]
+                    if type(v) is named:
+                        v = v.name
+                    if spec is not None:
+                        v = _shape(spec, v)
+                    if w is not None:
+                        last = w.values[-1] if w.values else _NEVER
+                        if v != last or v.__class__ is not last.__class__:
+                            if w.add(tap.base + len(ring) - 1, v):
+                                for g in w.groups:  # bounds widened: look at the next tick
                                     g.recheck = True
                                     if not g.true:
                                         watch[g] = None
-                    if not conds:
-                        return
-                prev = tap.prev
-                if mask is not None and prev is not None and not (le ^ prev) & mask:
-                    tap.prev = le  # window bits, or other signals' (the core's mask is both)
-                    return
-                tap.prev, changed = fast(data, prev)
-                dirty = []
-                for i, v in changed:
-                    s = conds[i]
-                    if type(v) is named:
-                        v = v.name
-                    if s.ref.spec is not None:
-                        v = _shape(s.ref.spec, v)
-                    if v != s.value or type(v) is not type(s.value):
-                        s.value = v
+                    if s is None or (v == s.value and type(v) is type(s.value)):
+                        continue
+                    s.value = v
+                    if dirty is None:
+                        dirty = []
+                    if s.conditions:
                         dirty.extend(s.conditions)
+                    if s.simple:
+                        isnum = v.__class__ in num
+                        for g, op, c, ordered in s.simple:
+                            if g.true or not isnum and ordered or op(v, c):
+                                dirty.append(g)
                 if dirty:
-                    self._evaluate(dirty, int(t * 1000))
+                    evaluate(dirty, int(t * 1000))
             except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
                 self._failed(e)
         return fn
@@ -1207,6 +1203,30 @@ class CampaignEngine:
                         "capturing": bool(r and r.capture_until >= now_ms)})
         return out
 
+
+
+_NEVER = object()  # no run yet
+_ORDERED = ("<", "<=", ">", ">=")
+_FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
+
+
+def _simple(tree: E.Node) -> tuple[str, Callable, Any, bool] | None:
+    """(signal, op(value, constant), constant, ordered) for `signal OP constant` (or
+    `constant OP signal`): what the generated code computes once the value is fresh and,
+    for an ordering, a number against a number; else None."""
+    if tree.op not in E.CMP:
+        return None
+    a, b = tree.args
+    op = tree.op
+    if a.op != "sig":
+        a, b, op = b, a, _FLIP[op]
+    if a.op != "sig" or b.op not in ("num", "str", "bool"):
+        return None
+    c = b.args[0]
+    ordered = op in _ORDERED
+    if ordered and c.__class__ not in _NUM:
+        return None
+    return a.args[0], E.CMP[op], c, ordered
 
 
 def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int):
