@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import re
 from bisect import bisect_left, bisect_right
-from operator import itemgetter, mul
+from operator import itemgetter, mul, sub
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -38,7 +38,7 @@ from cantools.database.namedsignalvalue import NamedSignalValue
 from ..errors import ParamError
 from . import expr as E
 from .batch import Batch, BatchBuilder, Column
-from .fastdecode import compile_message
+from .fastdecode import build, compile_message, plan, tests
 from .registry import Family, no_params, show
 from .selection import BusPlan, SignalSpec
 from .telemetry import map_key
@@ -257,11 +257,22 @@ def _capacity(ms: int, ref: Ref, min_interval_ms: int, limits: Limits) -> int:
     return math.ceil(ms / max(period, min_interval_ms, 1)) + 1
 
 
+def _slack(cap: int) -> int:
+    """Frames a ring may hold beyond its capacity before it is trimmed back (trimming each
+    ring after every feed would cost more than the frames' own decoding)."""
+    return cap // 4 + 4
+
+
+def _ring_frames(cap: int) -> int:
+    return cap + _slack(cap)
+
+
 def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
     """Memory the campaign's rings and window runs may hold: a ring of frames per message
-    it captures from (pre_ms at the rate of `_capacity`), and per window the ring of its
-    message over N ms and the runs of its signal (at most one per frame). Rings are
-    trimmed to this capacity after each feed, and shared: counted for each campaign."""
+    it captures from (pre_ms at the rate of `_capacity`, and its slack), and per window
+    the ring of its message over N ms and the runs of its signal (at most one per frame;
+    a run costs half a frame). Rings are trimmed after the feed that passes their slack,
+    and shared: counted for each campaign."""
     total = 0
     if c.condition is not None and c.pre_ms:
         messages = {}
@@ -269,11 +280,11 @@ def buffer_bytes(c: Campaign, catalog: Catalog, limits: Limits) -> int:
             ref = catalog.get(s.name)
             messages[(ref.bus, ref.key)] = ref
         for ref in messages.values():
-            total += _capacity(c.pre_ms, ref, 0, limits) * SAMPLE_BYTES
+            total += _ring_frames(_capacity(c.pre_ms, ref, 0, limits)) * SAMPLE_BYTES
     if c.tree is not None:
         for _fn, sig, n in E.windows(c.tree):
             ref = catalog.get(sig)
-            total += 2 * _capacity(n, ref, 0, limits) * SAMPLE_BYTES
+            total += 2 * _ring_frames(_capacity(n, ref, 0, limits)) * SAMPLE_BYTES
     return total
 
 
@@ -369,12 +380,12 @@ class Sig:
         self.conditions: list[Group] = []  # evaluated when this signal changes
         # `signal OP constant` conditions, (group, op, constant): evaluated only when they
         # hold now or held before (most changes of a signal flip none of them)
-        self.simple: list[tuple[Group, Callable, Any]] = []
+        self.simple: list[tuple[Group, Callable, Any, bool, str]] = []
         self.tap: Tap | None = None
 
 
 _NUM = (int, float)
-_T = itemgetter(0)
+_T = itemgetter(1)  # a ring's frames are the core's (bus, t, can id, data)
 
 
 class WSig:
@@ -385,15 +396,14 @@ class WSig:
     value a window of it can hold now or later (widened as runs arrive, narrowed from the
     runs inside the window at most once per window length), for `Group.bounds`."""
 
-    __slots__ = ("name", "ref", "tap", "starts", "values", "counts", "bad", "lo", "hi",
-                 "narrowed", "longest", "groups", "limit")
+    __slots__ = ("name", "ref", "tap", "starts", "values", "bad", "lo", "hi", "narrowed",
+                 "longest", "groups", "limit")
 
     def __init__(self, name: str, ref: Ref):
         self.name, self.ref = name, ref
         self.tap: Tap | None = None
         self.starts: list[int] = []
         self.values: list = []
-        self.counts: list[int] = []
         self.bad = 0  # runs held whose value is not a number (null, a name)
         self.lo, self.hi = math.inf, -math.inf
         self.narrowed = -1
@@ -402,12 +412,11 @@ class WSig:
         self.limit = 64  # runs kept before the ones older than the ring go
 
     def add(self, at: int, v) -> bool:
-        """A run of `v` from the frame at index `at`; True if the bounds widened."""
+        """A run of `v` from the frame at index `at`; True if the bounds widened. (The
+        generated tap, `CampaignEngine._tap_code`, inlines this: keep the two in step.)"""
         starts = self.starts
-        if starts:
-            if v == self.values[-1] and v.__class__ is self.values[-1].__class__:
-                return False
-            self.counts.append(at - starts[-1])
+        if starts and v == self.values[-1] and v.__class__ is self.values[-1].__class__:
+            return False
         starts.append(at)
         self.values.append(v)
         if len(starts) > self.limit:
@@ -416,10 +425,13 @@ class WSig:
             self.bad += 1
             return False
         if v < self.lo or v > self.hi or v != v:
-            self.lo = min(self.lo, v) if v == v else -math.inf
-            self.hi = max(self.hi, v) if v == v else math.inf
+            self.widen(v)
             return True
         return False
+
+    def widen(self, v) -> None:
+        self.lo = min(self.lo, v) if v == v else -math.inf
+        self.hi = max(self.hi, v) if v == v else math.inf
 
     def trim(self) -> None:
         """Drop the runs that ended before the ring's oldest frame."""
@@ -428,7 +440,7 @@ class WSig:
         if k > 0:
             if self.bad:
                 self.bad -= sum(v.__class__ not in _NUM for v in self.values[:k])
-            del self.starts[:k], self.values[:k], self.counts[:k]
+            del self.starts[:k], self.values[:k]
         self.limit = max(64, 2 * len(self.starts))
 
     def span(self, now: int, n: int) -> tuple[int, int, int]:
@@ -460,8 +472,9 @@ class WSig:
                 return min(values[k:])
             if fn == "max":
                 return max(values[k:])
-            total = (values[k] * (starts[k + 1] - first)
-                     + sum(map(mul, values[k + 1:last], self.counts[k + 1:last]))
+            total = (values[k] * (starts[k + 1] - first)  # (run lengths: start to start)
+                     + sum(map(mul, values[k + 1:last],
+                               map(sub, starts[k + 2:last + 1], starts[k + 1:last])))
                      + values[last] * (end - starts[last]))
             return total / (end - first)
         total = count = 0  # some runs are not numbers: step through them
@@ -511,12 +524,13 @@ class Agg:
 
 
 class Tap:
-    """One tapped message: its ring of frames (the telemetry core appends every full frame;
+    """One tapped message: its ring of frames (the telemetry core appends every full frame,
+    its own (bus, t seconds, can id, data) tuple;
     the engine drops the oldest at ticks beyond `cap`), the change detector of its
     condition inputs and the runs of its window signals. Frames are numbered from the
     tap's first: ring[i] is frame `base + i`."""
 
-    __slots__ = ("message", "ring", "base", "cap", "hold", "longest", "conds", "wsigs",
+    __slots__ = ("message", "ring", "base", "cap", "limit", "hold", "longest", "conds", "wsigs",
                  "fast", "mask", "prev", "inputs", "gaps")
 
     def __init__(self, message):
@@ -524,6 +538,7 @@ class Tap:
         self.ring: list[tuple[float, bytes]] = []
         self.base = 0
         self.cap = 1  # at least the last frame
+        self.limit = 1  # trimmed back to `cap` after a feed that leaves more than this
         self.hold: int | None = None  # the oldest frame a capture has yet to take
         self.longest = 0  # ms: the longest window over its signals
         self.gaps = 0  # trims that dropped frames a window still covered
@@ -540,21 +555,21 @@ class Tap:
 
     @property
     def last(self) -> bytes | None:
-        return self.ring[-1][1] if self.ring else None
+        return self.ring[-1][3] if self.ring else None
 
     @property
     def last_t(self) -> int:
         """ms of the last full frame, -1 if none arrived."""
-        return int(self.ring[-1][0] * 1000) if self.ring else -1
+        return int(self.ring[-1][1] * 1000) if self.ring else -1
 
     def first(self, lo_ms: int) -> int:
         """The index of the first frame at or after `lo_ms` (frames arrive in time order)."""
         ring = self.ring
         i = bisect_left(ring, lo_ms / 1000, key=_T)
         n = len(ring)
-        while i < n and int(ring[i][0] * 1000) < lo_ms:
+        while i < n and int(ring[i][1] * 1000) < lo_ms:
             i += 1
-        while i > 0 and int(ring[i - 1][0] * 1000) >= lo_ms:
+        while i > 0 and int(ring[i - 1][1] * 1000) >= lo_ms:
             i -= 1
         return self.base + i
 
@@ -566,7 +581,7 @@ class Tap:
             k = min(k, self.hold - self.base)
         if k <= 0:
             return
-        if self.longest and int(ring[k - 1][0] * 1000) >= int(ring[-1][0] * 1000) - \
+        if self.longest and int(ring[k - 1][1] * 1000) >= int(ring[-1][1] * 1000) - \
                 self.longest:
             self.gaps += 1  # frames faster than sized for: a window loses its oldest
         del ring[:k]
@@ -650,6 +665,8 @@ class CampaignEngine:
         self._fns: dict[str, Any] = {}  # condition text -> generated code
         self._timed: list[Running] = []  # time campaigns
         self._capturing: dict[str, Running] = {}  # condition campaigns after a trigger
+        self._held = False  # a ring may hold frames for a capture (Tap.hold)
+        self._rings: list[tuple[list, int, Tap]] = []  # (ring, limit, tap) to trim
         self._cache: dict = {}  # compiled decoders (the catalog's messages live as long)
 
     @property
@@ -852,6 +869,7 @@ class CampaignEngine:
                 s.conditions.remove(g)
                 s.simple.append((g, *simple[1:]))
         for tap in self.tapmap.values():
+            tap.limit = _ring_frames(tap.cap)
             inputs: dict[str, list] = {}
             for s in tap.conds:
                 inputs[s.name] = [s.ref, s, None]
@@ -869,7 +887,7 @@ class CampaignEngine:
                 names = [w.ref.signal for w in tap.wsigs]
                 if tap.ring:  # a new window signal starts at the newest frame
                     at = tap.base + len(tap.ring) - 1
-                    values = self._decoder(tap.message, names)(tap.ring[-1][1])
+                    values = self._decoder(tap.message, names)(tap.ring[-1][3])
                     for w, v in zip(tap.wsigs, values):
                         if not w.starts:
                             w.add(at, _shape(w.ref.spec, v) if w.ref.spec and v is not None
@@ -877,6 +895,8 @@ class CampaignEngine:
         for key, tap in old_taps.items():
             if key not in self.tapmap:
                 tap.ring.clear()  # not tapped any more (the core lets go of it)
+        self._rings = [(tap.ring, tap.limit, tap) for tap in self.tapmap.values()]
+        self._held = True  # (the parts are new: the holds are taken again)
         self._hold()
         self.changed = True
 
@@ -907,6 +927,8 @@ class CampaignEngine:
             fn = mask = None
             if tap.inputs:
                 fn, mask = self._tap_fn(tap), tap.mask
+                if mask is not None:
+                    fn = self._tap_code(tap, fn)
             out[k] = (tap.ring, fn, mask)
         return out
 
@@ -923,7 +945,7 @@ class CampaignEngine:
         num = _NUM
         evaluate = self._evaluate
 
-        def fn(t: float, data: bytes) -> None:
+        def fn(t: float, data: bytes, _le=None, _dl=None) -> None:
             try:
                 if len(data) != length:  # longer than its DBC length: no values from it
                     at = tap.base + len(ring) - 1
@@ -956,7 +978,7 @@ class CampaignEngine:
                         dirty.extend(s.conditions)
                     if s.simple:
                         isnum = v.__class__ in num
-                        for g, op, c, ordered in s.simple:
+                        for g, op, c, ordered, _sym in s.simple:
                             if g.true or not isnum and ordered or op(v, c):
                                 dirty.append(g)
                 if dirty:
@@ -964,6 +986,107 @@ class CampaignEngine:
             except Exception as e:  # noqa: BLE001 - a bug here must not cost the core the frame
                 self._failed(e)
         return fn
+
+    def _tap_code(self, tap: Tap, slow: Callable[[float, bytes], None]):
+        """`_tap_fn` as straight-line Python for a compiled message (`slow` takes frames of
+        another length): per input signal `if its bits changed:` its value, a new run for a
+        window signal, and for a condition input whose value changed its conditions, each
+        `signal OP constant` one tested inline. The same results as `_tap_fn`."""
+        env: dict[str, Any] = {"_from": int.from_bytes, "_T": tap, "_R": tap.ring, "_D": [],
+                               "_slow": slow, "_evaluate": self._evaluate,
+                               "_widened": self._widened, "_failed": self._failed,
+                               "_shape": _shape, "_NUM": _NUM}
+        sigs = plan(tap.message, [ref.signal for ref in self._input_refs(tap)], env)
+        if sigs is None:
+            return slow
+        k = 0
+
+        def emit(sig, pad: str) -> list[str]:
+            nonlocal k
+            spec, s, w = tap.inputs[sig.index]
+            i = sig.index
+            if sig.choices is None:
+                out = [f"{pad}v = {sig.value}"]
+            else:
+                out = [f"{pad}c = {sig.choices}.get(r)",
+                       f"{pad}v = c.name if c is not None else {sig.value}"]
+            if spec is not None:
+                env[f"_P{i}"] = spec
+                out.append(f"{pad}v = _shape(_P{i}, v)")
+            anything = sig.choices is not None or spec is not None  # (else always a number
+            if w is not None:  # of one type)
+                env[f"_W{i}"] = w  # WSig.add, inlined
+                new = "not x or v != x[-1]" + \
+                    (" or v.__class__ is not x[-1].__class__" if anything else "")
+                out += [f"{pad}w = _W{i}",
+                        f"{pad}x = w.values",
+                        f"{pad}if {new}:",
+                        f"{pad}    y = w.starts",
+                        f"{pad}    y.append(_T.base + len(_R) - 1)",
+                        f"{pad}    x.append(v)",
+                        f"{pad}    if len(y) > w.limit:",
+                        f"{pad}        w.trim()"]
+                test = "v < w.lo or v > w.hi or v != v"
+                if anything:
+                    out += [f"{pad}    if v.__class__ not in _NUM:",
+                            f"{pad}        w.bad += 1",
+                            f"{pad}    elif {test}:"]
+                else:
+                    out.append(f"{pad}    if {test}:")
+                out += [f"{pad}        w.widen(v)",
+                        f"{pad}        _widened(w)"]
+            if s is None:
+                return out
+            env[f"_S{i}"] = s
+            changed = "v != s.value" + \
+                (" or type(v) is not type(s.value)" if anything else "")
+            out += [f"{pad}s = _S{i}",
+                    f"{pad}if {changed}:",
+                    f"{pad}    s.value = v"]
+            if s.conditions:
+                env[f"_L{i}"] = s.conditions
+                out.append(f"{pad}    _D.extend(_L{i})")
+            for g, _op, c, ordered, sym in s.simple:
+                env[f"_G{k}"], env[f"_C{k}"] = g, c
+                test = f"v {sym} _C{k}"
+                if ordered and anything:
+                    test = f"v.__class__ not in _NUM or {test}"
+                out += [f"{pad}    if _G{k}.true or {test}:",
+                        f"{pad}        _D.append(_G{k})"]
+                k += 1
+            return out
+
+        # From the core's sampler: le and dl (the bits that differ from the frame before;
+        # those under the mask are the ones that differ from the last frame this tap saw,
+        # as the frames between were not handed over). Without them (the frame before
+        # unknown): every signal decoded.
+        lines = ["def tap(t, data, le=None, dl=-1):",
+                 "  try:",
+                 "    if le is None:",
+                 f"        if len(data) != {tap.message.length}:",
+                 "            _slow(t, data)",
+                 "            return",
+                 "        le = _from(data, 'little')",
+                 "    be = None"]
+        lines += tests(sigs, emit)  # (at the try's level)
+        lines += ["    if _D:  # the conditions to evaluate",
+                  "        dirty = _D[:]",
+                  "        _D.clear()",
+                  "        _evaluate(dirty, int(t * 1000))",
+                  "  except Exception as e:  # a bug here must not cost the core the frame",
+                  "    _failed(e)"]
+        return build(lines, "tap", f"<tap {tap.message.name}>", env)
+
+    def _input_refs(self, tap: Tap) -> list[Ref]:
+        return [(s or w).ref for _spec, s, w in tap.inputs]
+
+    def _widened(self, w: WSig) -> None:
+        """A window signal's bounds widened: its conditions are looked at again at the next
+        tick."""
+        for g in w.groups:
+            g.recheck = True
+            if not g.true:
+                self._watch[g] = None
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
@@ -1003,7 +1126,7 @@ class CampaignEngine:
             if i >= len(ring):
                 continue
             data = values = None
-            for t, d in ring[max(i, 0):]:
+            for _b, t, _i, d in ring[max(i, 0):]:
                 t_ms = int(t * 1000)
                 if t_ms > until:
                     break
@@ -1060,12 +1183,13 @@ class CampaignEngine:
             ring = tap.ring
             part.pos = tap.base + len(ring)  # after the trigger: taken at the ticks
             tap.hold = part.pos if tap.hold is None else min(tap.hold, part.pos)
+            self._held = True
             if not ring or not r.c.pre_ms:
                 continue
-            if int(ring[0][0] * 1000) > lo and tap.base and len(ring) >= tap.cap:
+            if int(ring[0][1] * 1000) > lo and tap.base and len(ring) >= tap.cap:
                 r.overflow += 1  # frames came faster than the ring was sized for
             data = values = None
-            for t, d in ring[tap.first(lo) - tap.base:]:
+            for _b, t, _i, d in ring[tap.first(lo) - tap.base:]:
                 t_ms = int(t * 1000)
                 if t_ms <= now_ms:
                     if d != data:  # a repeated frame: the same values
@@ -1092,7 +1216,7 @@ class CampaignEngine:
         were removed)."""
         expired = self._sync(now_ms)
         self._now = now_ms
-        todo = list(self._true)  # an input may have gone stale
+        todo = list(self._true) if self._true else []  # an input may have gone stale
         moved = []  # windows move with time: a false condition is evaluated again only if
         for g in list(self._watch):  # its bounds allow it to hold and its windows moved
             if g.true:
@@ -1118,7 +1242,8 @@ class CampaignEngine:
                         if now_ms - w.narrowed >= w.longest:
                             w.narrow(now_ms)
                             g.recheck = True
-        for r in self._timed + list(self._capturing.values()):
+        for r in self._timed + list(self._capturing.values()) if self._timed or \
+                self._capturing else ():
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
                 r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)
@@ -1139,18 +1264,21 @@ class CampaignEngine:
     def trim(self) -> None:
         """Rings back to their capacity (keeping what captures have yet to take): the
         telemetry core calls this after each feed."""
-        for tap in self.tapmap.values():
-            if len(tap.ring) > tap.cap:
+        for ring, limit, tap in self._rings:
+            if len(ring) > limit:
                 tap.trim()
 
     def _hold(self) -> None:
         """Each ring keeps the frames from the oldest a capture has yet to take."""
+        if not self._held and not self._capturing:
+            return
         for tap in self.tapmap.values():
             tap.hold = None
         for r in self._capturing.values():
             for part in r.parts:
                 tap = part.tap
                 tap.hold = part.pos if tap.hold is None else min(tap.hold, part.pos)
+        self._held = bool(self._capturing)
 
     def _sample_latest(self, r: Running, now_ms: int) -> None:
         """A time campaign: the latest value of each signal (not stale) at `now_ms`."""
@@ -1188,7 +1316,7 @@ class CampaignEngine:
                                    if k in self.aggs):
                 taps[id(w.tap)] = w.tap
                 n += w.held()
-        n += sum(min(len(tap.ring), tap.cap) for tap in taps.values())
+        n += sum(len(tap.ring) for tap in taps.values())
         return n * SAMPLE_BYTES
 
     def status(self, now_ms: int) -> list[dict]:
@@ -1210,8 +1338,8 @@ _ORDERED = ("<", "<=", ">", ">=")
 _FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 
 
-def _simple(tree: E.Node) -> tuple[str, Callable, Any, bool] | None:
-    """(signal, op(value, constant), constant, ordered) for `signal OP constant` (or
+def _simple(tree: E.Node) -> tuple[str, Callable, Any, bool, str] | None:
+    """(signal, op(value, constant), constant, ordered, op) for `signal OP constant` (or
     `constant OP signal`): what the generated code computes once the value is fresh and,
     for an ordering, a number against a number; else None."""
     if tree.op not in E.CMP:
@@ -1226,7 +1354,7 @@ def _simple(tree: E.Node) -> tuple[str, Callable, Any, bool] | None:
     ordered = op in _ORDERED
     if ordered and c.__class__ not in _NUM:
         return None
-    return a.args[0], E.CMP[op], c, ordered
+    return a.args[0], E.CMP[op], c, ordered, op
 
 
 def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int):
@@ -1246,7 +1374,7 @@ def _codegen(tree: E.Node, sigs: Mapping[str, Sig], aggs: Mapping, stale_ms: int
             var = names[name] = f"v{len(names)}"
             env[f"S{var}"] = sigs[name]
             pre.append(f"    r = S{var}.tap.ring")  # its last frame: when last seen
-            pre.append(f"    if not r or now - int(r[-1][0] * 1000) > {int(stale_ms)}: "
+            pre.append(f"    if not r or now - int(r[-1][1] * 1000) > {int(stale_ms)}: "
                        "return False")
             pre.append(f"    {var} = S{var}.value")
             pre.append(f"    if {var} is None: return False")

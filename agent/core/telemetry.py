@@ -91,8 +91,8 @@ class MessageState:
         self.mux = any(s.spec.multiplexed for s in signals)
         self.present: set = set()  # for multiplexed messages: signals in the last decoded frame
         self.carried: list[int] = []  # after a short frame: indices of the signals it carried
-        self.ring = None  # campaigns: (t, data) of every full frame appended (see set_taps)
-        self.tap = None  # campaigns: fn(t, data) given a changed full frame ...
+        self.ring = None  # campaigns: every full frame appended (see set_taps)
+        self.tap = None  # campaigns: fn(t, data[, le, dl]) given a changed full frame ...
         self.tapmask = -1  # ... whose bits under this mask changed (the sampler tests it)
         for s in signals:
             s.msg = self
@@ -109,8 +109,9 @@ def _tap_step(entry: MessageState):
 
     def step(data, prev, t):
         le = from_bytes(data, "little")
-        if (le ^ prev) & mask:
-            tap(t, data)
+        dl = le ^ prev
+        if dl & mask:
+            tap(t, data, le, dl)
         return le
     return step
 
@@ -139,7 +140,7 @@ def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
              "    le = _from(data, 'little')",
              "    dl = le ^ prev",
              f"    if dl & {entry.tapmask}:" if tap is not None else "",
-             "        _tap(t, data)" if tap is not None else "",
+             "        _tap(t, data, le, dl)" if tap is not None else "",
              "    be = None" if motorola else "",
              "    t_ms = int(t * 1000.0)",  # the same value as * 1000, a cheaper multiply
              # No open batch (t0 < 0): the first sample opens its column, which sets t0 and
@@ -337,7 +338,8 @@ class TelemetryCore:
         next_tick = float("inf") if live else self._next_tick
         latest = float("inf") if not live or self.clock is None else self.clock + self.frame_skew_s
         edge = min(next_tick, latest)  # one comparison per frame for both
-        for bus, t, can_id, data in frames:
+        for frame in frames:
+            bus, t, can_id, data = frame
             if t >= edge:
                 if not live:
                     self.tick(t)
@@ -345,6 +347,7 @@ class TelemetryCore:
                 elif t > latest:
                     self.future_frames += 1
                     t = latest
+                    frame = (bus, t, can_id, data)
             c = counters[bus]
             entry = c.entries.get(can_id)
             if entry is None:
@@ -363,7 +366,7 @@ class TelemetryCore:
                 entry.prev = None  # longer: cantools decodes it; the fast path resynchronises
             entry.seen = t
             if entry.ring is not None:
-                entry.ring.append((t, data))
+                entry.ring.append(frame)  # (the frame itself: no tuple to make)
             if data == entry.last:
                 c.unchanged += 1
                 continue
@@ -620,12 +623,15 @@ class TelemetryCore:
     def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any, int | None]],
                  after_feed: Callable[[], None] | None = None) -> None:
         """For these (bus index, can key) messages, taps[key] = (ring, on_change, mask):
-        append (t, data) of every full frame to `ring` and call on_change(t, data) (if not
-        None) for each that differs from the frame before in the bits of `mask` (None:
-        in any bit), or whose predecessor was not a full frame; also for messages
-        [telemetry] does not select (they are received from now on, not sent). Messages no
-        longer listed go back to what [telemetry] makes of them. `after_feed()` is called
-        after each feed_many() (the campaign engine trims its rings there)."""
+        append every full frame, (bus, t, can id, data) as fed, to `ring`; call on_change
+        (if not None) for each frame that differs from the one before in the bits of `mask`
+        (None: in any bit) -- as on_change(t, data, le, dl), le the frame as a
+        little-endian int and dl its bits that differ from the frame before, or as
+        on_change(t, data) when the frame before is not known (the first, or after one of
+        another length); also for messages [telemetry] does not select (they are received
+        from now on, not sent). Messages no longer listed go back to what [telemetry] makes
+        of them. `after_feed()` is called after each feed_many() (the campaign engine trims
+        its rings there)."""
         self._after_feed = after_feed if taps else None
         for c_index, c in enumerate(self.counters):
             for key, entry in list(c.entries.items()):
