@@ -285,7 +285,8 @@ def main(argv=None) -> int:
         r = ing[n]
         print(f"{n:>10} condition campaigns: {r['fps']:>8,} frames/s"
               + (f"  cost {r['cost'] * 100:.1f} %" if "cost" in r else "")
-              + f"  ({r['firings']} firings, {r['evaluations']} evaluations)")
+              + f"  ({r['firings']} firings, {r['evaluations']} evaluations)"
+              + (f"  {r['errors']} ERRORS" if r["errors"] else ""))
     print(f"goal: 256 cost <= {TARGET_COST * 100:.0f} %: {'met' if ing['meets_target'] else 'MISSED'}")
     t = result.get("trigger")
     if t and t["trigger_to_broker_ms"]:

@@ -603,7 +603,7 @@ class Group:
     """The running campaigns with one condition text: evaluated once for all of them."""
 
     __slots__ = ("fn", "members", "windowed", "true", "aggs", "wvals", "tree", "recheck",
-                 "wsigs")
+                 "wsigs", "quick")
 
     def __init__(self, fn, windowed: bool, tree: E.Node):
         self.fn, self.windowed, self.tree = fn, windowed, tree
@@ -613,6 +613,7 @@ class Group:
         self.wsigs: list[WSig] = []  # ... and their signals
         self.wvals: list | None = None  # their values when a tick last evaluated it
         self.recheck = True  # an input moved since `bounds` last ruled it out
+        self.quick: Callable[[], bool] | None = None  # _bounds of `window OP constant`
 
 
 class Running:
@@ -633,6 +634,85 @@ class Running:
         self.overflow = 0  # firings whose pre_ms reached further back than the ring held
         self.next_due = now_ms + (c.period_ms or 0)
         self.batches = 0
+
+
+class TapCode:
+    """What a tap does with a frame, as lines of Python for a generated decoder to inline:
+    the telemetry core's sampler of the message, which decodes the frame anyway, or the
+    tap's own function (`CampaignEngine._tap_code`). `signals[k]` is the DBC name of the
+    tap's input k; `emit(k, sig, pad, env)` the lines for it once its raw value `r` is
+    extracted (sig: the decoder's fastdecode.Signal for it, `t_ms` in scope); `tail` the
+    lines that end the function's work (the conditions to evaluate); `env` what they
+    read. The lines catch what they raise: a bug here must not cost the core the frame."""
+
+    def __init__(self, engine: CampaignEngine, tap: Tap):
+        self.tap = tap
+        self.signals = [(s or w).ref.signal for _spec, s, w in tap.inputs]
+        self.env: dict[str, Any] = {"_tT": tap, "_tR": tap.ring, "_tD": [], "_tNUM": _NUM,
+                                    "_tev": engine._evaluate, "_twid": engine._widened,
+                                    "_tfail": engine._failed, "_tshape": _shape}
+        self.tail = ["    if _tD:  # the conditions to evaluate",
+                     "        try:",
+                     "            tdirty = _tD[:]",
+                     "            _tD.clear()",
+                     "            _tev(tdirty, t_ms)",
+                     "        except Exception as e:",
+                     "            _tfail(e)"]
+        self._k = 0
+
+    def emit(self, k: int, sig, pad: str, env: dict[str, Any]) -> list[str]:
+        spec, s, w = self.tap.inputs[k]
+        q = f"{pad}    "
+        if sig.choices is None:
+            out = [f"{q}tv = {sig.value}"]
+        else:
+            out = [f"{q}tc = {sig.choices}.get(r)",
+                   f"{q}tv = tc.name if tc is not None else {sig.value}"]
+        if spec is not None:
+            env[f"_tP{k}"] = spec
+            out.append(f"{q}tv = _tshape(_tP{k}, tv)")
+        anything = sig.choices is not None or spec is not None  # (else a number, one type)
+        if w is not None:
+            env[f"_tW{k}"] = w  # WSig.add, inlined
+            new = "not tx or tv != tx[-1]" + \
+                (" or tv.__class__ is not tx[-1].__class__" if anything else "")
+            out += [f"{q}tw = _tW{k}",
+                    f"{q}tx = tw.values",
+                    f"{q}if {new}:",
+                    f"{q}    ty = tw.starts",
+                    f"{q}    ty.append(_tT.base + len(_tR) - 1)",
+                    f"{q}    tx.append(tv)",
+                    f"{q}    if len(ty) > tw.limit:",
+                    f"{q}        tw.trim()"]
+            test = "tv < tw.lo or tv > tw.hi or tv != tv"
+            if anything:
+                out += [f"{q}    if tv.__class__ not in _tNUM:",
+                        f"{q}        tw.bad += 1",
+                        f"{q}    elif {test}:"]
+            else:
+                out.append(f"{q}    if {test}:")
+            out += [f"{q}        tw.widen(tv)",
+                    f"{q}        _twid(tw)"]
+        if s is not None:
+            env[f"_tS{k}"] = s
+            changed = "tv != ts.value" + \
+                (" or type(tv) is not type(ts.value)" if anything else "")
+            out += [f"{q}ts = _tS{k}",
+                    f"{q}if {changed}:",
+                    f"{q}    ts.value = tv"]
+            if s.conditions:
+                env[f"_tL{k}"] = s.conditions
+                out.append(f"{q}    _tD.extend(_tL{k})")
+            for g, _op, c, ordered, sym in s.simple:
+                n = self._k
+                self._k += 1
+                env[f"_tG{n}"], env[f"_tC{n}"] = g, c
+                test = f"tv {sym} _tC{n}"
+                if ordered and anything:
+                    test = f"tv.__class__ not in _tNUM or {test}"
+                out += [f"{q}    if _tG{n}.true or {test}:",
+                        f"{q}        _tD.append(_tG{n})"]
+        return [f"{pad}try:", *out, f"{pad}except Exception as e:", f"{pad}    _tfail(e)"]
 
 
 class CampaignEngine:
@@ -849,6 +929,7 @@ class CampaignEngine:
             tree = group.tree
             group.aggs = [self.aggs[k] for k in dict.fromkeys(E.windows(tree))]
             group.wsigs = list(dict.fromkeys(a.w for a in group.aggs))
+            group.quick = _quick_bounds(tree, self.aggs)
             for w in group.wsigs:
                 w.groups.append(group)
             if text not in self._fns:
@@ -914,22 +995,22 @@ class CampaignEngine:
 
     # -- taps: what the telemetry core must hand over ------------------------------------
 
-    def taps(self) -> dict[tuple[int, int], tuple[list, Callable[[float, bytes], None] | None,
-                                                  int | None]]:
-        """(bus, can key) -> (ring, on_change, mask) for every message a running campaign
-        reads: the core appends (t_seconds, data) of every full frame to `ring`, and calls
-        on_change(t_seconds, data) for a frame whose bits under `mask` differ from the
-        frame before (None: any bit; on_change None: no condition or window reads the
-        message)."""
+    def taps(self) -> dict[tuple[int, int], tuple]:
+        """(bus, can key) -> (ring, on_change, mask, code) for every message a running
+        campaign reads, as TelemetryCore.set_taps takes them: the core appends every full
+        frame to `ring`, and has on_change or `code` (a TapCode, None when the message is
+        not compiled) see a frame whose bits under `mask` differ from the frame before
+        (mask None: any bit; on_change None: no condition or window reads the message)."""
         self.changed = False
         out = {}
         for k, tap in self.tapmap.items():
             fn = mask = None
+            code = None
             if tap.inputs:
                 fn, mask = self._tap_fn(tap), tap.mask
                 if mask is not None:
-                    fn = self._tap_code(tap, fn)
-            out[k] = (tap.ring, fn, mask)
+                    fn, code = self._tap_code(tap, fn)
+            out[k] = (tap.ring, fn, mask, code)
         return out
 
     def _tap_fn(self, tap: Tap) -> Callable[[float, bytes], None]:
@@ -991,91 +1072,29 @@ class CampaignEngine:
         """`_tap_fn` as straight-line Python for a compiled message (`slow` takes frames of
         another length): per input signal `if its bits changed:` its value, a new run for a
         window signal, and for a condition input whose value changed its conditions, each
-        `signal OP constant` one tested inline. The same results as `_tap_fn`."""
-        env: dict[str, Any] = {"_from": int.from_bytes, "_T": tap, "_R": tap.ring, "_D": [],
-                               "_slow": slow, "_evaluate": self._evaluate,
-                               "_widened": self._widened, "_failed": self._failed,
-                               "_shape": _shape, "_NUM": _NUM}
-        sigs = plan(tap.message, [ref.signal for ref in self._input_refs(tap)], env)
+        `signal OP constant` one tested inline. The same results as `_tap_fn`. Returns the
+        function and the `TapCode` the core's sampler inlines (or None)."""
+        code = TapCode(self, tap)
+        env = dict(code.env)
+        env["_slow"], env["_from"] = slow, int.from_bytes
+        sigs = plan(tap.message, code.signals, env)
         if sigs is None:
-            return slow
-        k = 0
-
-        def emit(sig, pad: str) -> list[str]:
-            nonlocal k
-            spec, s, w = tap.inputs[sig.index]
-            i = sig.index
-            if sig.choices is None:
-                out = [f"{pad}v = {sig.value}"]
-            else:
-                out = [f"{pad}c = {sig.choices}.get(r)",
-                       f"{pad}v = c.name if c is not None else {sig.value}"]
-            if spec is not None:
-                env[f"_P{i}"] = spec
-                out.append(f"{pad}v = _shape(_P{i}, v)")
-            anything = sig.choices is not None or spec is not None  # (else always a number
-            if w is not None:  # of one type)
-                env[f"_W{i}"] = w  # WSig.add, inlined
-                new = "not x or v != x[-1]" + \
-                    (" or v.__class__ is not x[-1].__class__" if anything else "")
-                out += [f"{pad}w = _W{i}",
-                        f"{pad}x = w.values",
-                        f"{pad}if {new}:",
-                        f"{pad}    y = w.starts",
-                        f"{pad}    y.append(_T.base + len(_R) - 1)",
-                        f"{pad}    x.append(v)",
-                        f"{pad}    if len(y) > w.limit:",
-                        f"{pad}        w.trim()"]
-                test = "v < w.lo or v > w.hi or v != v"
-                if anything:
-                    out += [f"{pad}    if v.__class__ not in _NUM:",
-                            f"{pad}        w.bad += 1",
-                            f"{pad}    elif {test}:"]
-                else:
-                    out.append(f"{pad}    if {test}:")
-                out += [f"{pad}        w.widen(v)",
-                        f"{pad}        _widened(w)"]
-            if s is None:
-                return out
-            env[f"_S{i}"] = s
-            changed = "v != s.value" + \
-                (" or type(v) is not type(s.value)" if anything else "")
-            out += [f"{pad}s = _S{i}",
-                    f"{pad}if {changed}:",
-                    f"{pad}    s.value = v"]
-            if s.conditions:
-                env[f"_L{i}"] = s.conditions
-                out.append(f"{pad}    _D.extend(_L{i})")
-            for g, _op, c, ordered, sym in s.simple:
-                env[f"_G{k}"], env[f"_C{k}"] = g, c
-                test = f"v {sym} _C{k}"
-                if ordered and anything:
-                    test = f"v.__class__ not in _NUM or {test}"
-                out += [f"{pad}    if _G{k}.true or {test}:",
-                        f"{pad}        _D.append(_G{k})"]
-                k += 1
-            return out
-
-        # From the core's sampler: le and dl (the bits that differ from the frame before;
-        # those under the mask are the ones that differ from the last frame this tap saw,
-        # as the frames between were not handed over). Without them (the frame before
-        # unknown): every signal decoded.
+            return slow, None
+        # From the core: le and dl (the bits that differ from the frame before; those under
+        # the mask are the ones that differ from the last frame this tap saw, as the frames
+        # between were not handed over). Without them (the frame before unknown): every
+        # signal decoded.
         lines = ["def tap(t, data, le=None, dl=-1):",
-                 "  try:",
                  "    if le is None:",
                  f"        if len(data) != {tap.message.length}:",
                  "            _slow(t, data)",
                  "            return",
                  "        le = _from(data, 'little')",
-                 "    be = None"]
-        lines += tests(sigs, emit)  # (at the try's level)
-        lines += ["    if _D:  # the conditions to evaluate",
-                  "        dirty = _D[:]",
-                  "        _D.clear()",
-                  "        _evaluate(dirty, int(t * 1000))",
-                  "  except Exception as e:  # a bug here must not cost the core the frame",
-                  "    _failed(e)"]
-        return build(lines, "tap", f"<tap {tap.message.name}>", env)
+                 "    be = None",
+                 "    t_ms = int(t * 1000.0)"]
+        lines += tests(sigs, lambda sig, pad: code.emit(sig.index, sig, pad, env))
+        lines += code.tail
+        return build(lines, "tap", f"<tap {tap.message.name}>", env), code
 
     def _input_refs(self, tap: Tap) -> list[Ref]:
         return [(s or w).ref for _spec, s, w in tap.inputs]
@@ -1084,9 +1103,10 @@ class CampaignEngine:
         """A window signal's bounds widened: its conditions are looked at again at the next
         tick."""
         for g in w.groups:
+            if g.true or g.quick is not None and not g.quick():
+                continue  # (true: evaluated at every tick anyway)
             g.recheck = True
-            if not g.true:
-                self._watch[g] = None
+            self._watch[g] = None
 
     def _failed(self, e: Exception) -> None:
         self.errors += 1
@@ -1225,7 +1245,7 @@ class CampaignEngine:
             if g.recheck:
                 g.recheck = False
                 self.bound_checks += 1
-                if not _bounds(g.tree, self, now_ms):
+                if not (g.quick() if g.quick is not None else _bounds(g.tree, self, now_ms)):
                     del self._watch[g]  # not before an input or a bound moves
                     continue
             values = [agg.query(now_ms) for agg in g.aggs]
@@ -1511,6 +1531,26 @@ def _iv(n: E.Node, engine: CampaignEngine, now: int) -> tuple:
     if out[0] != out[0] or out[1] != out[1]:
         raise _Maybe  # inf - inf
     return ("n", *out)
+
+
+def _quick_bounds(tree: E.Node, aggs: Mapping) -> Callable[[], bool] | None:
+    """`_bounds` of `window OP number` (or `number OP window`) as a closure: what most
+    windowed conditions are, looked at whenever a bound of theirs widens."""
+    if tree.op not in E.CMP:
+        return None
+    a, b = tree.args
+    op = tree.op
+    if a.op not in E.WINDOWS:
+        a, b, op = b, a, _FLIP[op]
+    if a.op not in E.WINDOWS or b.op != "num":
+        return None
+    w, c = aggs[(a.op, a.args[0], a.args[1])].w, b.args[0]
+    return {">": lambda: w.lo <= w.hi and w.hi > c,
+            ">=": lambda: w.lo <= w.hi and w.hi >= c,
+            "<": lambda: w.lo <= w.hi and w.lo < c,
+            "<=": lambda: w.lo <= w.hi and w.lo <= c,
+            "==": lambda: w.lo <= c <= w.hi,
+            "!=": lambda: w.lo <= w.hi and not w.lo == w.hi == c}[op]
 
 
 def _cmp(op: str, x: tuple, y: tuple) -> tuple:

@@ -74,7 +74,8 @@ class SignalState(Column):
 
 class MessageState:
     __slots__ = ("message", "decode", "fast", "step", "prev", "length", "signals", "seen",
-                 "last", "timeout", "mux", "present", "carried", "ring", "tap", "tapmask")
+                 "last", "timeout", "mux", "present", "carried", "ring", "tap", "tapmask",
+                 "tapcode")
 
     def __init__(self, message, signals: list[SignalState], codes=None):
         self.message = message
@@ -94,6 +95,7 @@ class MessageState:
         self.ring = None  # campaigns: every full frame appended (see set_taps)
         self.tap = None  # campaigns: fn(t, data[, le, dl]) given a changed full frame ...
         self.tapmask = -1  # ... whose bits under this mask changed (the sampler tests it)
+        self.tapcode = None  # ... or what the sampler inlines for it (a campaigns.TapCode)
         for s in signals:
             s.msg = self
 
@@ -128,14 +130,31 @@ def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
     signals = entry.signals
     env: dict[str, Any] = {"_from": int.from_bytes, "_b": b, "_open": b.open_column,
                            "_update": update, "_signals": signals}
-    sigs = plan(entry.message, [s.sig for s in signals], env)
+    names = [s.sig for s in signals]
+    # Campaigns: the tap's work inlined where its signals are decoded (entry.tapcode), its
+    # signals that [telemetry] does not select decoded for it too; else (no code) the tap
+    # called for a frame whose bits under its mask changed.
+    code = entry.tapcode
+    sigs = None
+    if code is not None:
+        names += [n for n in dict.fromkeys(code.signals) if n not in names]
+        sigs = plan(entry.message, names, env)
+        if sigs is None:  # (a signal of the tap's the sampler cannot take)
+            code, names = None, names[:len(signals)]
+    if sigs is None:
+        sigs = plan(entry.message, names, env)
     if sigs is None:
         return None
     shaped = any(s.shaped for s in signals)
     motorola = any("be = _from" in line for sig in sigs for line in sig.raw)
-    tap = entry.tap
-    if tap is not None:  # campaigns: the tap for a frame whose bits under its mask changed
+    tap = entry.tap if code is None else None
+    if tap is not None:
         env["_tap"] = tap
+    taps_of: dict[str, list[int]] = {}
+    if code is not None:
+        env.update(code.env)
+        for k, name in enumerate(code.signals):
+            taps_of.setdefault(name, []).append(k)
     lines = ["def sample(data, prev, t):",
              "    le = _from(data, 'little')",
              "    dl = le ^ prev",
@@ -152,6 +171,12 @@ def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
         lines.append("    out = []")
 
     def emit(sig: Signal, pad: str) -> list[str]:
+        lines = sample(sig, pad) if sig.index < len(signals) else []
+        for k in taps_of.pop(names[sig.index], ()):  # (once per signal)
+            lines += code.emit(k, sig, pad, env)
+        return lines
+
+    def sample(sig: Signal, pad: str) -> list[str]:
         s = signals[sig.index]
         if s.shaped:  # what _update() takes: (index, decoded value)
             if sig.choices is None:
@@ -196,6 +221,8 @@ def _sampler(entry: MessageState, b: BatchBuilder, update, codes=None):
     else:
         lines += ["        if _b.budget <= 0:",
                   "            _b.close()"]
+    if code is not None:
+        lines += code.tail
     lines.append("    return le")
     return build(lines, "sample", f"<sampler {entry.message.name}>", env, codes)
 
@@ -620,15 +647,17 @@ class TelemetryCore:
 
     # -- run-time selection (campaigns) ---------------------------------------------------
 
-    def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any, int | None]],
+    def set_taps(self, taps: Mapping[tuple[int, int], tuple[Any, Any, int | None, Any]],
                  after_feed: Callable[[], None] | None = None) -> None:
-        """For these (bus index, can key) messages, taps[key] = (ring, on_change, mask):
-        append every full frame, (bus, t, can id, data) as fed, to `ring`; call on_change
-        (if not None) for each frame that differs from the one before in the bits of `mask`
-        (None: in any bit) -- as on_change(t, data, le, dl), le the frame as a
+        """For these (bus index, can key) messages, taps[key] = (ring, on_change, mask,
+        code): append every full frame, (bus, t, can id, data) as fed, to `ring`; call
+        on_change (if not None) for each frame that differs from the one before in the bits
+        of `mask` (None: in any bit) -- as on_change(t, data, le, dl), le the frame as a
         little-endian int and dl its bits that differ from the frame before, or as
         on_change(t, data) when the frame before is not known (the first, or after one of
-        another length); also for messages [telemetry] does not select (they are received
+        another length). Where `code` (a campaigns.TapCode) is given, the message's sampler
+        inlines it instead of calling on_change (which still takes the frames after an
+        unknown one). Also for messages [telemetry] does not select (they are received
         from now on, not sent). Messages no longer listed go back to what [telemetry] makes
         of them. `after_feed()` is called after each feed_many() (the campaign engine trims
         its rings there)."""
@@ -637,13 +666,13 @@ class TelemetryCore:
             for key, entry in list(c.entries.items()):
                 if entry is None or entry.ring is None or (c_index, key) in taps:
                     continue
-                entry.ring = entry.tap = None
+                entry.ring = entry.tap = entry.tapcode = None
                 entry.tapmask = -1
                 if not entry.signals:  # selected for a campaign only
                     c.entries[key] = None
                 elif entry.fast is not None:
                     entry.step = self._first_step(entry)  # the sampler without the tap
-        for (bus, key), (ring, tap, mask) in taps.items():
+        for (bus, key), (ring, tap, mask, code) in taps.items():
             c = self.counters[bus]
             entry = c.entries.get(key, MISSING)
             if entry is MISSING:
@@ -655,8 +684,9 @@ class TelemetryCore:
             if tap is not None and tap is not entry.tap:
                 entry.last = None  # a new tap sees the next frame, even a repeat
                 entry.prev = None  # ... through the core, not a sampler built without it
-            if tap is not entry.tap or mask != entry.tapmask or ring is not entry.ring:
-                entry.ring, entry.tap, entry.tapmask = ring, tap, mask
+            if tap is not entry.tap or mask != entry.tapmask or ring is not entry.ring or \
+                    code is not entry.tapcode:
+                entry.ring, entry.tap, entry.tapmask, entry.tapcode = ring, tap, mask, code
                 if not entry.signals:
                     entry.step = _tap_step(entry) if tap is not None else _no_samples
                 elif entry.fast is not None:  # the sampler with the tap in it, built now
