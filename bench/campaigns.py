@@ -144,6 +144,7 @@ def bench_ingest(repeat: int) -> dict:
     try:
         for _ in range(repeat):
             for name, campaigns in cases.items():
+                gc.collect()  # ... and so would the garbage of the runs before
                 elapsed, info[name] = ingest(plans, frames, campaigns)
                 best[name] = min(best.get(name, elapsed), elapsed)
     finally:

@@ -3,23 +3,26 @@
 A campaign arrives as `campaign.apply`; `check_campaign` validates the whole document
 against this vehicle's signals and limits before anything changes. The engine runs the
 active ones on frames the telemetry core hands it through one tap per message (`taps()`):
-the core appends every full frame to the message's ring (no Python call) and calls the
-tap's function only for a frame that differs from the one before.
+the core appends every full frame to the message's ring (no Python call) and runs the
+tap's work only for a frame whose input bits changed -- inlined in the message's sampler
+where [telemetry] decodes the message anyway (`TapCode`), else in the tap's own generated
+function.
 
-- every signal a running campaign reads has one `Sig` (its latest value), and each time
-  window of a condition one `Agg` (avg/min/max kept as runs of one value);
+- every signal a running campaign's condition reads has one `Sig` (its latest value);
+  each signal a window reads one `WSig`: its values as runs (the frame where each begins),
+  recorded as its bits change; a window (`Agg`) reads the runs and the ring when queried,
+  so a repeated value costs no Python step;
 - conditions run as generated straight-line Python (`_codegen`, the semantics of
   expr.compile_condition);
-- a condition is evaluated only when one of its inputs changes value (the index
-  signal -> conditions; the tap masks a changed frame against its inputs' bits first), plus
-  on each tick for those currently true (an input may have gone stale) and for windowed ones
-  whose windows moved;
-- windows take the ring's new frames when queried or ticked (`Tap.catch_up`), decoding only
-  where the window signal's bits changed;
+- a condition is evaluated only when one of its inputs changes value, and a
+  `signal OP constant` one only if it holds now or held before; on each tick, those
+  currently true (an input may have gone stale) and the windowed ones whose windows
+  moved -- unless the bounds of their windows' values rule them out (`_bounds`: then not
+  until a bound widens or a value input changes);
 - a condition campaign's signals come from the ring (`pre_ms` at arrival rate, shared by the
-  campaigns reading it, decoded only on firing); on firing those samples and those of the
-  next `post_ms` (taken as they arrive through a hook on the ring) go out as batches tagged
-  campaign/trigger;
+  campaigns reading it, decoded only on firing); on firing those samples go out at once
+  and those of the next `post_ms` at the ticks, from the ring (which keeps them until
+  then), all as batches tagged campaign/trigger;
 - a time campaign takes the latest value of each signal every `period_ms`.
 """
 
@@ -1211,7 +1214,7 @@ class CampaignEngine:
             data = values = None
             for _b, t, _i, d in ring[tap.first(lo) - tap.base:]:
                 t_ms = int(t * 1000)
-                if t_ms <= now_ms:
+                if lo <= t_ms <= now_ms:  # (frames out of time order: only those inside)
                     if d != data:  # a repeated frame: the same values
                         data, values = d, part.decode(d)
                     self._capture(r, part, t_ms, values)
