@@ -563,6 +563,23 @@ def test_rings_take_repeated_frames_and_windows_see_the_gap(db):
     assert len(tap.ring) >= 201
     assert engine.window("max", "Fast.A", 2000) == max(a for _t, a in sent[-len(tap.ring):])
     assert engine.window_gaps > 0
+    w = engine.wsigs["Fast.A"]  # a new value every frame: a run each, bounded all the same
+    assert len(w.starts) == len(w.values) <= max(64, 2 * tap.limit) + 1
+
+
+@BOTH
+def test_a_frame_longer_than_its_dbc_length_is_no_sample_of_a_window(db, sel):
+    core, catalog, engine = make(db, telemetry=sel)
+    start(core, engine, K.parse_campaign(doc(condition="avg(Fast.A, 1000) > 500"), catalog,
+                                         engine.limits))
+    core.feed(0, 1.00, *frame(db, "Fast", A=10))
+    can_id, data = frame(db, "Fast", A=900)
+    core.feed(0, 1.01, can_id, data + b"\x00")  # 9 bytes: the core counts it, cantools decodes
+    core.feed(0, 1.02, *frame(db, "Fast", A=20))
+    core.feed(0, 1.03, *frame(db, "Fast", A=20))
+    engine._now = 1030
+    assert engine.window("avg", "Fast.A", 1000) == pytest.approx((10 + 20 + 20) / 3)
+    assert engine.errors == 0 and core.internal_errors == 0
 
 
 def test_post_trigger_frames_are_taken_from_the_ring_at_ticks(db):
