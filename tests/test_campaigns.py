@@ -160,6 +160,23 @@ def test_versions_and_the_buffer_budget(db):
         K.parse_campaign(huge, catalog, engine.limits)
 
 
+def test_a_start_loads_the_stored_campaigns_at_once_and_refuses_what_does_not_fit(db):
+    core, catalog, engine = make(db, max_buffer_bytes=10_000)
+    stored = []
+    for cid, pre in (("a", 500), ("b", 500), ("c", 0)):
+        d = doc(cid)
+        d["trigger"] = {"condition": "Fast.A > 1", "pre_ms": pre}
+        stored.append(K.parse_campaign(d, catalog, engine.limits))
+    refused = engine.load(stored, 0)
+    assert [(c.id, why) for c, why in refused] == [(
+        "b", "campaign b: its buffers need 8576 bytes, only 1424 of campaigns.max_buffer_bytes "
+        "(10000) are free; shorten pre_ms or windows, or remove a campaign")]
+    assert sorted(engine.applied) == sorted(engine.running) == ["a", "c"]
+    core.set_taps(engine.taps(), engine.trim)
+    core.feed(0, 1.0, *frame(db, "Fast", A=5))
+    assert engine.running["a"].firings == engine.running["c"].firings == 1
+
+
 def test_at_least_256_active_conditions(db):
     core, catalog, engine = make(db)
     for i in range(300):

@@ -61,18 +61,15 @@ class CampaignHandler:
 
     def _load(self, now_ms: int) -> None:
         docs = self.store.load()
+        valid = []
         for doc in docs:
             try:
-                c = K.parse_campaign(doc, self.catalog, self.limits)
+                valid.append(K.parse_campaign(doc, self.catalog, self.limits))
             except ParamError as e:
                 log.error("stored campaign %r is no longer valid here, dropped: %s",
                           doc.get("id"), e)
-                continue
-            why = self.engine.check_apply(c)
-            if why:
-                log.error("stored campaign dropped: %s", why)
-                continue
-            self.engine.apply(c, now_ms)
+        for _c, why in self.engine.load(valid, now_ms):
+            log.error("stored campaign dropped: %s", why)
         expired = self.engine.tick(now_ms)
         if len(self.engine.applied) != len(docs) or expired:
             self._save()

@@ -795,6 +795,23 @@ class CampaignEngine:
         self._sync(now_ms)
         self._rebuild()
 
+    def load(self, campaigns: Sequence[Campaign], now_ms: int) -> list[tuple[Campaign, str]]:
+        """Check each campaign against the applied ones and those taken before it, install
+        those that pass with one rebuild (a start with hundreds stored), and return the
+        others with the BAD_PARAMS detail of each."""
+        refused = []
+        for c in campaigns:
+            why = self.check_apply(c)
+            if why:
+                refused.append((c, why))
+                continue
+            self._stop(c.id)
+            self.applied[c.id] = c
+        self._next_change = -1
+        self._sync(now_ms)
+        self._rebuild()
+        return refused
+
     def remove(self, cid: str, now_ms: int) -> bool:
         if cid not in self.applied:
             return False
