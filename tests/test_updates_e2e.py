@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.adapters.control import ControlClient
 from agent.adapters.keys import generate_keypair, load_private_key
 from agent.adapters.slots import DirectorySlots
 from agent.adapters.updatestate import UpdateStateStore
@@ -28,6 +29,7 @@ from agent.cloud import repo
 from agent.config import load_config
 from agent.core.cose import Signer
 from agent.app.runtime import RESTART_EXIT_CODE, Agent
+from agent.errors import ControlError
 from conftest import ROOT
 from support.agentproc import wait_for
 from support.mosquitto import Mosquitto, _free_port
@@ -62,6 +64,7 @@ class UpdateRig:
         self.channel = f"upd-{uuid.uuid4().hex}"
         self.state_dir = tmp / "state"
         self.slots = DirectorySlots(self.state_dir / "slots")
+        self.control = f"/tmp/tcu-upd-{uuid.uuid4().hex[:12]}.sock"
         self.overrides = [
             f"bus.0.channel={self.channel!r}", f"storage.dir={str(self.state_dir)!r}",
             f"signing.key_file={str(keys / 'vehicle.key')!r}", f"mqtt.port={self.broker.port}",
@@ -73,7 +76,7 @@ class UpdateRig:
             f"updates.preconditions={json.dumps(ACTIVATE_WHEN)}",
             "updates.health_timeout_s=5",
             # never the default /run/tcu-agent socket another test's agent may hold
-            f"control.socket='/tmp/tcu-upd-{uuid.uuid4().hex[:12]}.sock'",
+            f"control.socket={self.control!r}",
         ]
         self.cloud = Cloud(self.broker, keys / "cloud.key", keys / "vehicle.pub")
         self.agent: Agent | None = None
@@ -380,8 +383,11 @@ def _run_agent(rig, kill_at: str | None = None, *extra: str) -> subprocess.Popen
 
 
 def _wait_connected(rig, proc, timeout=20.0):
-    """The agent process is up: its status file says connected (commands are subscribed)."""
+    """The agent process is up: its status file says connected (commands are subscribed),
+    and it has seen every signal the activation's preconditions read (a never-seen one makes
+    them false: an activation sent before the simulator's first frames would be REJECTED)."""
     status = rig.state_dir / "status.json"
+    inputs = {tuple(w.split()[0].split(".")) for w in ACTIVATE_WHEN}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, (rig.tmp / "agent.log").read_text()[-3000:]
@@ -389,11 +395,16 @@ def _wait_connected(rig, proc, timeout=20.0):
             s = json.loads(status.read_text())
             if s.get("running") and s.get("pid") == proc.pid and \
                     s["uplink"]["state"] == "connected" and s["uplink"].get("subscribed"):
-                return
-        except (OSError, ValueError, KeyError):
+                with ControlClient(rig.control) as c:
+                    seen = {(m["message"], m["signal"])
+                            for m in c.request("signals")["signals"].values()
+                            if m.get("value") is not None}
+                if inputs <= seen:
+                    return
+        except (OSError, ValueError, KeyError, ControlError):
             pass
         time.sleep(0.1)
-    raise AssertionError("agent process not connected: "
+    raise AssertionError("agent process not connected, or its preconditions' signals not seen: "
                          + (rig.tmp / "agent.log").read_text()[-3000:])
 
 
