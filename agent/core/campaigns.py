@@ -87,12 +87,12 @@ class Catalog:
 
     def __init__(self, plans: Sequence[BusPlan]):
         self.refs: dict[str, Ref] = {}
-        for b, plan in enumerate(plans):
-            for key, msg in plan.messages.items():
+        for b, bp in enumerate(plans):
+            for key, msg in bp.messages.items():
                 for sig in msg.signals:
                     self.refs.setdefault(f"{msg.name}.{sig.name}", Ref(b, key, msg, sig.name, None))
-        for b, plan in enumerate(plans):
-            for key, mp in plan.selected.items():
+        for b, bp in enumerate(plans):
+            for key, mp in bp.selected.items():
                 for spec in mp.signals:
                     if spec.emit and spec.out not in self.refs:
                         self.refs[spec.out] = Ref(b, key, mp.message, spec.signal, spec)
@@ -1115,9 +1115,6 @@ class CampaignEngine:
         lines += tests(sigs, lambda sig, pad: code.emit(sig.index, sig, pad, env))
         lines += code.tail
         return build(lines, "tap", f"<tap {tap.message.name}>", env), code
-
-    def _input_refs(self, tap: Tap) -> list[Ref]:
-        return [(s or w).ref for _spec, s, w in tap.inputs]
 
     def _widened(self, w: WSig) -> None:
         """A window signal's bounds widened: its conditions are looked at again at the next
