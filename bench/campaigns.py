@@ -43,6 +43,7 @@ from agent.adapters.canlog import read_frames  # noqa: E402
 from agent.app.assemble import plans_for_dbc, telemetry_core  # noqa: E402
 from agent.config import TelemetryConfig  # noqa: E402
 from agent.core import campaigns as K  # noqa: E402
+from agent.core.campaignengine import CampaignEngine  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 if not DATA.is_dir():
@@ -100,7 +101,7 @@ def campaigns_for(plans, frames, n: int, firing: bool = False,
 def ingest(plans, frames, campaigns) -> tuple[float, dict]:
     core = telemetry_core(plans, TelemetryConfig(messages=("*",)))
     core.prepare()  # the samplers built before timing, as in bench/ingest.py
-    engine = K.CampaignEngine(K.Catalog(plans), K.Limits(max_buffer_bytes=1 << 30))
+    engine = CampaignEngine(K.Catalog(plans), K.Limits(max_buffer_bytes=1 << 30))
     t_start = int(frames[0][1] * 1000)
     for c in campaigns:
         engine.apply(c, t_start)

@@ -1,6 +1,6 @@
-"""Campaigns in the core (core/campaigns.py) on a real telemetry core: validation, windows
-against a brute-force reference, ring-buffer bounds, firing, time campaigns, start/expiry,
-run-time selection."""
+"""Campaigns in the core (core/campaigns.py, campaignengine.py, campaigncode.py, windows.py)
+on a real telemetry core: validation, windows against a brute-force reference, ring-buffer
+bounds, firing, time campaigns, start/expiry, run-time selection."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from agent.core import campaigns as K
+from agent.core.campaignengine import CampaignEngine
 from agent.core.selection import Selection, SignalChoice, resolve
 from agent.core.telemetry import TelemetryCore
 from agent.errors import ParamError
@@ -51,7 +52,7 @@ def make(db, telemetry=ONLY_SLOW_D, **limits):
     plans = resolve(sel, [("can0", [db])])
     core = TelemetryCore(plans)
     catalog = K.Catalog(plans)
-    engine = K.CampaignEngine(catalog, K.Limits(**limits), stale_ms=5000, batch_age_ms=1000)
+    engine = CampaignEngine(catalog, K.Limits(**limits), stale_ms=5000, batch_age_ms=1000)
     return core, catalog, engine
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from ..adapters.campaignstore import CampaignStore
 from ..adapters.canbus import receive_filters
 from ..core import campaigns as K
+from ..core.campaignengine import CampaignEngine
 from ..core.commands import Command
 from ..core.executor import Status
 from ..core.protocol import BAD_PARAMS, FAILED, INTERNAL_ERROR, REJECTED, SUCCEEDED
@@ -50,7 +51,7 @@ class CampaignHandler:
         self.limits = limits(config)
         self.family = K.campaign_family(self.catalog, self.limits)
         tel = config.telemetry
-        self.engine = K.CampaignEngine(self.catalog, self.limits, config.campaigns.stale_ms,
+        self.engine = CampaignEngine(self.catalog, self.limits, config.campaigns.stale_ms,
                                        tel.max_batch_age_ms, tel.max_batch_bytes)
         self.core = core
         self.readers = readers

@@ -39,6 +39,7 @@ KEYWORDS = ("and", "or", "not", "true", "false")
 CMP = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
        ">": operator.gt, ">=": operator.ge}
 ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+FLIP = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}  # a OP b: b FLIP a
 
 
 class Unknown(Exception):
