@@ -18,9 +18,10 @@ NOT_BEFORE_READY = (
     "agent.cli.verify", "agent.cli.simulate", "agent.cli.modem", "agent.cli.update",
     "agent.cli.monitor", "agent.cli.status", "agent.sim", "agent.cloud", "agent.adapters.canlog",
     "agent.adapters.tuf", "agent.adapters.pkcs11", "agent.adapters.diag", "agent.core.campaigns",
-    "agent.core.campaignengine", "agent.core.windows",
+    "agent.core.campaignengine", "agent.core.campaigncode", "agent.core.windows",
     "agent.core.executor", "agent.app.commandservice", "agent.app.updateservice",
-    "agent.app.diagservice", "agent.core.updates", "paho", "tuf", "pkcs11")
+    "agent.app.diagservice", "agent.core.updates", "agent.core.updatemachine", "paho", "tuf",
+    "pkcs11")
 # The agent as `tcu-agent run` starts it, with a log handler that, on the "running:" line (the
 # one READY=1 goes with), writes to stdout the modules imported so far and the collector's state.
 WATCH = """

@@ -11,6 +11,7 @@ import pytest
 
 from agent.adapters.updatestate import UpdateStateStore
 from agent.core import updates as u
+from agent.core import updatemachine as um
 from agent.core.protocol import (
     BUSY,
     CANCELLED,
@@ -383,11 +384,11 @@ def policy(**kw):
                 preconditions=(parse_condition("VCU_Drive.Gear == 0", "p"),), stale_ms=2000,
                 health_timeout_s=5.0, max_boot_attempts=3, max_resume_age_ms=10**6)
     base.update(kw)
-    return u.Policy(**base)
+    return um.Policy(**base)
 
 
 def machine(record=None, **kw):
-    return u.Machine(record=record or u.UpdateState(), policy=policy(), **kw)
+    return um.Machine(record=record or u.UpdateState(), policy=policy(), **kw)
 
 
 def vehicle(gear, t=T0):
@@ -407,7 +408,7 @@ def staged_rec(**kw):
 
 
 def test_on_command_stage_from_idle():
-    m, actions = u.on_command(machine(), u.Stage(command_id="c1", target="fw",
+    m, actions = um.on_command(machine(), u.Stage(command_id="c1", target="fw",
                                                  repository="http://r/x"), T0,
                               lookup=PARKED, slots=NO_SLOTS)
     new = m.record
@@ -420,7 +421,7 @@ def test_on_command_stage_from_idle():
 
 def test_on_command_stage_supersedes_and_discards():
     downloading = machine(rec(u.DOWNLOADING), gen=4)
-    m, actions = u.on_command(downloading, u.Stage(command_id="c2", target="fw2",
+    m, actions = um.on_command(downloading, u.Stage(command_id="c2", target="fw2",
                                                    repository="http://r/"), T0,
                               lookup=PARKED, slots=NO_SLOTS)
     assert m.gen == 5 and m.record.command_id == "c2"
@@ -432,7 +433,7 @@ def test_on_command_stage_supersedes_and_discards():
                            u.StartDownload(gen=5, state=m.record, hardware_id="hw",
                                            floor="1.0")]
     # while STAGED: the staged artifact is discarded, its SUCCEEDED stage is not re-reported
-    m, actions = u.on_command(machine(staged_rec()), u.Stage(
+    m, actions = um.on_command(machine(staged_rec()), u.Stage(
         command_id="c2", target="fw", repository="http://r/"), T0, lookup=PARKED, slots=None)
     assert [type(a) for a in actions] == [u.Save, u.Abort, u.Discard, u.Report,
                                           u.StartDownload]
@@ -442,7 +443,7 @@ def test_on_command_stage_refusals_change_nothing():
     for m0, repo, reason in [(machine(), "http://evil/", "BAD_PARAMS"),
                              (machine(rec(u.ACTIVATING)), "http://r/", BUSY),
                              (machine(rec(u.CONFIRMING)), "http://r/", BUSY)]:
-        m, actions = u.on_command(m0, u.Stage(command_id="c9", target="fw", repository=repo),
+        m, actions = um.on_command(m0, u.Stage(command_id="c9", target="fw", repository=repo),
                                   T0, lookup=PARKED, slots=NO_SLOTS)
         assert m is m0
         assert [(a.command_id, a.status, a.reason) for a in actions] == [
@@ -451,30 +452,30 @@ def test_on_command_stage_refusals_change_nothing():
 
 def test_on_command_stage_floor_reads_the_active_slot():
     slots = {"active": "b", "pending": None, "slots": {"b": {"version": "2.5"}}}
-    _, actions = u.on_command(machine(), u.Stage(command_id="c1", target="fw",
+    _, actions = um.on_command(machine(), u.Stage(command_id="c1", target="fw",
                                                  repository="http://r/"), T0,
                               lookup=PARKED, slots=slots)
     assert actions[-1].floor == "2.5"
     # a pending (unconfirmed) slot's version is not the floor
-    _, actions = u.on_command(machine(), u.Stage(command_id="c1", target="fw",
+    _, actions = um.on_command(machine(), u.Stage(command_id="c1", target="fw",
                                                  repository="http://r/"), T0, lookup=PARKED,
                               slots={**slots, "pending": {"slot": "b"}})
     assert actions[-1].floor == "1.0"
 
 
 def test_floor():
-    assert u.floor(None, "1.0", None) == "1.0"
-    assert u.floor(u.UpdateState(installed="2.0"), "1.0", NO_SLOTS) == "2.0"
+    assert um.floor(None, "1.0", None) == "1.0"
+    assert um.floor(u.UpdateState(installed="2.0"), "1.0", NO_SLOTS) == "2.0"
     meta = {"active": "a", "pending": None, "slots": {"a": {"version": "3.1"}}}
-    assert u.floor(u.UpdateState(installed="2.0"), "1.0", meta) == "3.1"
+    assert um.floor(u.UpdateState(installed="2.0"), "1.0", meta) == "3.1"
     for broken in ({"active": "a", "slots": {"a": {"version": "x"}}}, {"slots": {}},
                    {"active": "a", "slots": {"a": "nope"}}):
-        assert u.floor(None, "1.0", broken) == "1.0"
+        assert um.floor(None, "1.0", broken) == "1.0"
 
 
 def test_on_command_activate():
     m0 = machine(staged_rec(), gen=2)
-    m, actions = u.on_command(m0, u.Activate(command_id="a1", target="fw"), T0,
+    m, actions = um.on_command(m0, u.Activate(command_id="a1", target="fw"), T0,
                               lookup=PARKED, slots=NO_SLOTS)
     new = m.record
     assert (new.state, new.command_id, new.started_ms, new.final_status, new.reported) == \
@@ -487,14 +488,14 @@ def test_on_command_activate():
     for m1, look, target in [(m0, DRIVING, "fw"), (m0, PARKED, "other"),
                              (machine(rec(u.DOWNLOADING)), PARKED, "fw"),
                              (m0, vehicle(0, T0 - 10_000), "fw")]:  # stale signal: not safe
-        m, actions = u.on_command(m1, u.Activate(command_id="a2", target=target), T0,
+        m, actions = um.on_command(m1, u.Activate(command_id="a2", target=target), T0,
                                   lookup=look, slots=NO_SLOTS)
         assert m is m1
         assert [(a.status, a.reason) for a in actions] == [("REJECTED", PRECONDITION_FAILED)]
 
 
 def test_on_command_cancel():
-    m, actions = u.on_command(machine(rec(u.DOWNLOADING), gen=1), u.Cancel(command_id="k1"),
+    m, actions = um.on_command(machine(rec(u.DOWNLOADING), gen=1), u.Cancel(command_id="k1"),
                               T0, lookup=PARKED, slots=NO_SLOTS)
     assert m.record.state == u.IDLE and m.gen == 2
     assert actions == [u.Save(state=m.record), u.Abort(), u.Discard(what="inactive"),
@@ -502,7 +503,7 @@ def test_on_command_cancel():
                        u.Report(command_id="c1", status=FAILED, reason=CANCELLED,
                                 detail="cancelled by command k1"),
                        u.Report(command_id="k1", status=SUCCEEDED)]
-    m2, actions = u.on_command(m, u.Cancel(command_id="k2"), T0, lookup=PARKED, slots=None)
+    m2, actions = um.on_command(m, u.Cancel(command_id="k2"), T0, lookup=PARKED, slots=None)
     assert m2 is m and [(a.status, a.reason) for a in actions] == [
         ("REJECTED", PRECONDITION_FAILED)]
 
@@ -519,26 +520,26 @@ def test_parse_command():
 def test_events_of_another_generation_are_ignored():
     m = machine(rec(u.DOWNLOADING), gen=3)
     for event in (u.DownloadProgress(pct=50), u.Failed(reason=DOWNLOAD_FAILED, detail="x")):
-        assert u.on_event(m, u.UpdateEvent(gen=2, event=event), T0) == (m, [])
+        assert um.on_event(m, u.UpdateEvent(gen=2, event=event), T0) == (m, [])
 
 
 def test_progress_is_reported_every_ten_percent():
     m = machine(rec(u.DOWNLOADING), gen=1)
     sent = []
     for pct in (0, 3, 9, 10, 15, 42, 99, 100):
-        m, actions = u.on_event(m, ev(m, u.DownloadProgress(pct=pct)), T0)
+        m, actions = um.on_event(m, ev(m, u.DownloadProgress(pct=pct)), T0)
         sent += [(a.progress, a.detail) for a in actions]
     assert sent == [(0, "downloading"), (10, "downloading"), (42, "downloading"),
                     (99, "downloading"), (100, "downloading")]
     # a late progress after the download is over changes nothing
     late = machine(rec(u.VERIFYING), gen=1)
-    assert u.on_event(late, ev(late, u.DownloadProgress(pct=50)), T0) == (late, [])
+    assert um.on_event(late, ev(late, u.DownloadProgress(pct=50)), T0) == (late, [])
 
 
 def test_downloaded_then_installed():
     m = machine(rec(u.DOWNLOADING, ), gen=1)
     done = u.Downloaded(path="/d/fw", name="fw", sha256="cd" * 32, version="2.0")
-    m, actions = u.on_event(m, ev(m, done), T0)
+    m, actions = um.on_event(m, ev(m, done), T0)
     assert (m.record.state, m.record.version, m.record.sha256) == (u.VERIFYING, "2.0", "cd" * 32)
     assert actions == [u.Save(state=m.record),
                        u.Report(command_id="c1", status=IN_PROGRESS,
@@ -546,7 +547,7 @@ def test_downloaded_then_installed():
                                 progress=100),
                        u.Install(gen=1, path="/d/fw", meta={"target": "fw", "version": "2.0",
                                                              "sha256": "cd" * 32})]
-    m, actions = u.on_event(m, ev(m, u.Installed(slot="b")), T0)
+    m, actions = um.on_event(m, ev(m, u.Installed(slot="b")), T0)
     assert (m.record.state, m.record.slot, m.record.final_status, m.record.reported) == \
         (u.STAGED, "b", SUCCEEDED, False)
     assert actions == [u.Save(state=m.record), u.Report(
@@ -554,25 +555,25 @@ def test_downloaded_then_installed():
         result={"target": "fw", "version": "2.0", "sha256": "cd" * 32})]
     # a stage resumed in VERIFYING: installs again without a second IN_PROGRESS
     resumed = machine(rec(u.VERIFYING), gen=1)
-    m, actions = u.on_event(resumed, ev(resumed, done), T0)
+    m, actions = um.on_event(resumed, ev(resumed, done), T0)
     assert m.record.state == u.VERIFYING and [type(a) for a in actions] == [u.Save, u.Install]
 
 
 def test_failures_of_a_stage():
     for state in (u.DOWNLOADING, u.VERIFYING, u.ACTIVATING):
         m0 = machine(rec(state), gen=1)
-        m, actions = u.on_event(m0, ev(m0, u.Failed(reason=DOWNLOAD_FAILED, detail="cut")), T0)
+        m, actions = um.on_event(m0, ev(m0, u.Failed(reason=DOWNLOAD_FAILED, detail="cut")), T0)
         assert (m.record.state, m.record.final_status) == (u.FAILED_STATE, FAILED)
         assert actions == [u.Save(state=m.record), u.Report(
             command_id="c1", status=FAILED, reason=DOWNLOAD_FAILED, detail="cut")]
     m0 = machine(rec(u.DOWNLOADING), gen=1)
-    m, actions = u.on_event(m0, ev(m0, u.Failed(reason=VERIFICATION_FAILED, detail="older",
+    m, actions = um.on_event(m0, ev(m0, u.Failed(reason=VERIFICATION_FAILED, detail="older",
                                                 refused=True)), T0)
     assert m.record.final_status == "REJECTED" and actions[-1].status == "REJECTED"
     # a job finishing after its command ended changes nothing
     for state in (u.STAGED, u.IDLE, u.CONFIRMING, u.COMMITTED):
         m0 = machine(rec(state), gen=1)
-        assert u.on_event(m0, ev(m0, u.Failed(reason=DOWNLOAD_FAILED, detail="x")), T0) == \
+        assert um.on_event(m0, ev(m0, u.Failed(reason=DOWNLOAD_FAILED, detail="x")), T0) == \
             (m0, [])
 
 
@@ -582,10 +583,10 @@ def activating(**kw):
 
 def test_hashed_checks_the_hash_then_the_preconditions_again():
     m0 = activating()
-    m, actions = u.on_event(m0, ev(m0, u.Hashed(sha256="ab")), T0, lookup=PARKED)
+    m, actions = um.on_event(m0, ev(m0, u.Hashed(sha256="ab")), T0, lookup=PARKED)
     assert m is m0 and actions == [u.Switch(gen=2, slot="b")]
     # shifted to D while the artifact was hashed: not activated, still staged
-    m, actions = u.on_event(m0, ev(m0, u.Hashed(sha256="ab")), T0, lookup=DRIVING)
+    m, actions = um.on_event(m0, ev(m0, u.Hashed(sha256="ab")), T0, lookup=DRIVING)
     assert (m.record.state, m.record.final_status, m.record.reason) == \
         (u.STAGED, FAILED, PRECONDITION_FAILED)
     assert actions == [u.Save(state=m.record), u.Report(
@@ -593,14 +594,14 @@ def test_hashed_checks_the_hash_then_the_preconditions_again():
     assert "stays staged" in m.record.detail
     assert not any(isinstance(a, (u.Switch, u.RequestRestart)) for a in actions)
     # changed on disk since it was verified
-    m, actions = u.on_event(m0, ev(m0, u.Hashed(sha256="ff")), T0, lookup=PARKED)
+    m, actions = um.on_event(m0, ev(m0, u.Hashed(sha256="ff")), T0, lookup=PARKED)
     assert (m.record.state, m.record.reason) == (u.FAILED_STATE, VERIFICATION_FAILED)
     assert actions[-1].status == FAILED and "sha256 mismatch" in actions[-1].detail
 
 
 def test_switched_saves_confirming_then_asks_for_the_restart():
     m0 = activating()
-    m, actions = u.on_event(m0, ev(m0, u.Switched()), T0)
+    m, actions = um.on_event(m0, ev(m0, u.Switched()), T0)
     assert m.record.state == u.CONFIRMING
     assert actions == [u.Save(state=m.record), u.RequestRestart(),
                        u.Report(command_id="a1", status=IN_PROGRESS,
@@ -611,27 +612,27 @@ def test_a_failed_save():
     m0 = activating()
     confirming = u.transition(m0.record, u.SWITCHED)
     # the switch happened but cannot be recorded: undo it, the command ends INTERNAL_ERROR
-    m, actions = u.on_event(m0, ev(m0, u.SaveFailed(state=confirming, detail="disk full")), T0)
+    m, actions = um.on_event(m0, ev(m0, u.SaveFailed(state=confirming, detail="disk full")), T0)
     assert m is m0 and actions == [
         u.UndoSwitch(slot="b"),
         u.Report(command_id="a1", status=FAILED, reason="INTERNAL_ERROR", detail="disk full")]
     # a command's first save: that command ends INTERNAL_ERROR, nothing else happens
     idle = machine()
     new = u.UpdateState(state=u.DOWNLOADING, command_id="c7")
-    m, actions = u.on_event(idle, ev(idle, u.SaveFailed(state=new, detail="x" * 300)), T0)
+    m, actions = um.on_event(idle, ev(idle, u.SaveFailed(state=new, detail="x" * 300)), T0)
     assert m is idle and actions == [u.Report(command_id="c7", status=FAILED,
                                               reason="INTERNAL_ERROR", detail="x" * 200)]
     # the `reported` mark: sent again after a restart at worst
     done = machine(rec(u.COMMITTED, final_status=SUCCEEDED))
-    m, actions = u.on_event(done, ev(done, u.SaveFailed(
+    m, actions = um.on_event(done, ev(done, u.SaveFailed(
         state=replace(done.record, reported=True), detail="x")), T0)
     assert (m, actions) == (done, [])
     # COMMITTED after mark_good: the new slot stays; retried at the next poll
     conf = machine(replace(rec(u.CONFIRMING), command_id="a1"), confirm_deadline_ms=T0 + 5000)
-    m, actions = u.on_event(conf, ev(conf, u.SaveFailed(state=u.commit(conf.record),
+    m, actions = um.on_event(conf, ev(conf, u.SaveFailed(state=u.commit(conf.record),
                                                         detail="x")), T0)
     assert m.marked_good and m.record.state == u.CONFIRMING and actions == []
-    m, actions = u.poll(m, T0 + 10**6, lambda: pytest.fail("no health check once marked good"))
+    m, actions = um.poll(m, T0 + 10**6, lambda: pytest.fail("no health check once marked good"))
     assert m.record.state == u.COMMITTED and not m.marked_good
     assert m.confirm_deadline_ms is None
     assert actions == [u.Save(state=m.record), u.Report(
@@ -645,10 +646,10 @@ def confirming():
 
 def test_poll_confirms_when_healthy():
     idle = machine()
-    assert u.poll(idle, T0, lambda: pytest.fail("asked while not confirming")) == (idle, [])
+    assert um.poll(idle, T0, lambda: pytest.fail("asked while not confirming")) == (idle, [])
     m0 = confirming()
-    assert u.poll(m0, T0, lambda: (True, "")) == (m0, [u.MarkGood()])
-    m, actions = u.on_event(m0, ev(m0, u.MarkedGood()), T0)
+    assert um.poll(m0, T0, lambda: (True, "")) == (m0, [u.MarkGood()])
+    m, actions = um.on_event(m0, ev(m0, u.MarkedGood()), T0)
     assert (m.record.state, m.record.installed, m.record.final_status) == \
         (u.COMMITTED, "1.5", SUCCEEDED)
     assert m.confirm_deadline_ms is None
@@ -658,8 +659,8 @@ def test_poll_confirms_when_healthy():
 
 def test_poll_rolls_back_when_unhealthy_past_the_timeout():
     m0 = confirming()
-    assert u.poll(m0, T0 + 4999, lambda: (False, "broker not reached")) == (m0, [])
-    m, actions = u.poll(m0, T0 + 5000, lambda: (False, "broker not reached"))
+    assert um.poll(m0, T0 + 4999, lambda: (False, "broker not reached")) == (m0, [])
+    m, actions = um.poll(m0, T0 + 5000, lambda: (False, "broker not reached"))
     detail = "health check failed after 5 s: broker not reached; rolled back"
     assert (m.record.state, m.record.reason, m.record.detail) == \
         (u.ROLLED_BACK, INSTALL_FAILED, detail)
@@ -669,7 +670,7 @@ def test_poll_rolls_back_when_unhealthy_past_the_timeout():
                        u.Report(command_id="a1", status=FAILED, reason=INSTALL_FAILED,
                                 detail=detail)]
     # the slot backend failing while confirming: undo the switch, roll back
-    m, actions = u.on_event(m0, ev(m0, u.SlotFailed(detail="marker unreadable")), T0)
+    m, actions = um.on_event(m0, ev(m0, u.SlotFailed(detail="marker unreadable")), T0)
     assert m.record.state == u.ROLLED_BACK
     assert m.record.detail == "confirming failed: marker unreadable"
     assert actions[:2] == [u.UndoSwitch(slot="b"), u.RequestRestart()]
@@ -679,31 +680,31 @@ def test_poll_rolls_back_when_unhealthy_past_the_timeout():
 
 def test_on_reported_marks_the_terminal_status_once():
     m0 = machine(rec(u.STAGED, final_status=SUCCEEDED))
-    assert u.on_reported(m0, [("c1", IN_PROGRESS), ("c2", SUCCEEDED)]) == (m0, [])
-    m, actions = u.on_reported(m0, [("c1", SUCCEEDED)])
+    assert um.on_reported(m0, [("c1", IN_PROGRESS), ("c2", SUCCEEDED)]) == (m0, [])
+    m, actions = um.on_reported(m0, [("c1", SUCCEEDED)])
     assert m.record.reported and actions == [u.Save(state=m.record)]
-    assert u.on_reported(m, [("c1", SUCCEEDED)]) == (m, [])
+    assert um.on_reported(m, [("c1", SUCCEEDED)]) == (m, [])
 
 
 def test_start_makes_on_restart_executable():
     # confirming: the health check starts with its deadline
-    m, actions = u.start(rec(u.CONFIRMING), PENDING_B, T0, policy())
+    m, actions = um.start(rec(u.CONFIRMING), PENDING_B, T0, policy())
     assert m.confirm_deadline_ms == T0 + 5000 and isinstance(actions[0], u.Confirm)
     # an interrupted download resumes as a new job with the floor
-    m, actions = u.start(rec(u.DOWNLOADING), NO_SLOTS, T0 + 1000, policy())
+    m, actions = um.start(rec(u.DOWNLOADING), NO_SLOTS, T0 + 1000, policy())
     assert m.gen == 1 and actions[0] == u.StartDownload(gen=1, state=rec(u.DOWNLOADING),
                                                         hardware_id="hw", floor="1.0")
     # saves keep going; the machine holds the saved record
-    m, actions = u.start(rec(u.CONFIRMING), {"active": "b", "pending": None}, T0, policy())
+    m, actions = um.start(rec(u.CONFIRMING), {"active": "b", "pending": None}, T0, policy())
     assert m.record.state == u.COMMITTED and actions[0] == u.Save(state=m.record,
                                                                    keep_going=True)
     # a roll-back that moves the active slot restarts into the previous slot
     for found in (rec(u.ROLLED_BACK), rec(u.CONFIRMING)):
         crashing = {"active": "b", "pending": {"slot": "b", "previous": "a", "boots": 9}}
-        _, actions = u.start(found, crashing, T0, policy())
+        _, actions = um.start(found, crashing, T0, policy())
         assert u.RollBackSlot(keep_going=True, restart=True) in actions
     half = {"active": "a", "pending": {"slot": "b", "previous": "a", "boots": 0}}
-    _, actions = u.start(rec(u.ACTIVATING), half, T0, policy())
+    _, actions = um.start(rec(u.ACTIVATING), half, T0, policy())
     assert u.RollBackSlot(keep_going=True, restart=False) in actions
 
 

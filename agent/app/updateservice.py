@@ -1,7 +1,7 @@
 """update.stage / update.activate / update.cancel on the runtime (PROTOCOL.md §6): the executor.
 
-Every decision is in core/updates.py: the state machine and its live transitions
-(`on_command`, `on_event`, `poll`), the restart rule (`on_restart`, `start`), the anti-rollback
+Every decision is in core/updates.py and core/updatemachine.py: the state machine and its
+live transitions (`on_command`, `on_event`, `poll`), the restart rule (`on_restart`, `start`), the anti-rollback
 floor (`floor`, also from the active slot's metadata), the target checks, the preconditions
 checked again after hashing, the health timeout and max boot attempts, when to restart, and
 what a failed save or slot operation means. This module runs the actions the core returns, in
@@ -35,6 +35,7 @@ from ..adapters.slots import DirectorySlots, SlotBackend
 from ..adapters.updatestate import UpdateStateStore
 from ..config import Config
 from ..core import updates as U
+from ..core import updatemachine as UM
 from ..core.updates import UpdateEvent
 from ..core.protocol import INSTALL_FAILED, INTERNAL_ERROR, REJECTED
 from ..core.conditions import Lookup, parse_condition
@@ -62,7 +63,7 @@ class UpdateService:
         self.downloads = base / "downloads"
         self.tuf_cache = base / "tuf"
         self.slots = slots or DirectorySlots(config.slots_dir)
-        self.policy = U.Policy(
+        self.policy = UM.Policy(
             hardware_id=cfg.hardware_id, installed_version=cfg.installed_version,
             allowed_repositories=tuple(cfg.allowed_repositories),
             preconditions=tuple(parse_condition(text, f"updates.preconditions.{i}")
@@ -70,7 +71,7 @@ class UpdateService:
             stale_ms=cfg.stale_ms, health_timeout_s=cfg.health_timeout_s,
             max_boot_attempts=cfg.max_boot_attempts,
             max_resume_age_ms=int(cfg.max_resume_age_s * 1000))
-        self.machine = U.Machine(record=self._load(), policy=self.policy)
+        self.machine = UM.Machine(record=self._load(), policy=self.policy)
         self.restart_requested = False
         self._cancel = threading.Event()
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -99,7 +100,7 @@ class UpdateService:
 
     @property
     def installed_version(self) -> str:
-        return U.floor(self.state, self.cfg.installed_version, self._slots_report())
+        return UM.floor(self.state, self.cfg.installed_version, self._slots_report())
 
     def running(self, command_id: str) -> bool:
         return self.machine.running(command_id)
@@ -116,18 +117,18 @@ class UpdateService:
         cmd = U.parse_command(name, command_id, params)
         if cmd is None:
             return [Status(command_id, REJECTED, "UNKNOWN_COMMAND", f"no update command {name}")]
-        return self._run(U.on_command(self.machine, cmd, now_ms, lookup=self.lookup,
+        return self._run(UM.on_command(self.machine, cmd, now_ms, lookup=self.lookup,
                                       slots=self._slots_report()), now_ms)
 
     def on_event(self, ev: UpdateEvent, now_ms: int) -> list[Status]:
-        return self._run(U.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms)
+        return self._run(UM.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms)
 
     def poll(self, now_ms: int, health: Callable[[], tuple[bool, str]]) -> list[Status]:
-        return self._run(U.poll(self.machine, now_ms, health), now_ms)
+        return self._run(UM.poll(self.machine, now_ms, health), now_ms)
 
     def mark_reported(self, statuses: list[Status]) -> None:
         """The statuses are in the outbox (core: on_reported)."""
-        self._run(U.on_reported(self.machine, [(x.id, x.status) for x in statuses]), 0)
+        self._run(UM.on_reported(self.machine, [(x.id, x.status) for x in statuses]), 0)
 
     def start(self, now_ms: int) -> list[Status]:
         """The record found on disk, carried out (core: start / on_restart). The boot of a
@@ -135,7 +136,7 @@ class UpdateService:
         try:
             if self.slots.report().get("pending"):
                 self.slots.note_boot()
-            step = U.start(self.state, self.slots.report(), now_ms, self.policy)
+            step = UM.start(self.state, self.slots.report(), now_ms, self.policy)
         except AgentError as e:
             log.error("update state at start: %s", e)
             return []
@@ -148,7 +149,7 @@ class UpdateService:
 
     # -- running actions ------------------------------------------------------------------
 
-    def _run(self, step: U.Step, now_ms: int, out: list[Status] | None = None) -> list[Status]:
+    def _run(self, step: UM.Step, now_ms: int, out: list[Status] | None = None) -> list[Status]:
         out = [] if out is None else out
         before, (machine, actions) = self.machine, step
         self.machine = machine
@@ -163,10 +164,10 @@ class UpdateService:
                 failed = (U.SaveFailed(state=action.state, detail=str(e))
                           if isinstance(action, U.Save) else U.SlotFailed(detail=str(e)))
                 ev = UpdateEvent(gen=before.gen, event=failed)
-                return self._run(U.on_event(before, ev, now_ms, lookup=self.lookup), now_ms, out)
+                return self._run(UM.on_event(before, ev, now_ms, lookup=self.lookup), now_ms, out)
             if feedback is not None:
                 ev = UpdateEvent(gen=self.machine.gen, event=feedback)
-                self._run(U.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms, out)
+                self._run(UM.on_event(self.machine, ev, now_ms, lookup=self.lookup), now_ms, out)
         return out
 
     def _do(self, a, out: list[Status]) -> U.Event | None:
