@@ -10,7 +10,7 @@ from typing import Any, Callable, Mapping
 from cantools.database.namedsignalvalue import NamedSignalValue
 
 from . import expr as E
-from .fastdecode import compile_message
+from .fastdecode import compile_message, plan
 from .selection import SignalSpec
 from .telemetry import map_key
 from .windows import NUM
@@ -43,18 +43,11 @@ def decoder(message, names: list[str]) -> Callable[[bytes], list]:
 
 
 def bits(message, names: list[str]) -> int:
-    """The bits of these signals, as a mask on the frame read as a little-endian integer."""
-    by_name = {s.name: s for s in message.signals}
+    """The bits of these signals, as a mask on the frame read as a little-endian integer
+    (fastdecode's per-signal masks: the message must be one it compiles)."""
     mask = 0
-    for name in names:
-        sig = by_name[name]
-        if sig.byte_order == "little_endian":
-            mask |= ((1 << sig.length) - 1) << sig.start
-            continue
-        pos = sig.start  # Motorola: from the MSB (bit 7 = a byte's MSB) down
-        for _ in range(sig.length):
-            mask |= 1 << pos
-            pos = pos + 15 if pos % 8 == 0 else pos - 1
+    for sig in plan(message, names, {}):
+        mask |= sig.mask
     return mask
 
 

@@ -49,29 +49,28 @@ class Sig:
         self.name, self.ref = name, ref
         self.value: Any = None  # condition inputs: decoded when their bits change
         self.conditions: list[Group] = []  # evaluated when this signal changes
-        # `signal OP constant` conditions, (group, op, constant): evaluated only when they
-        # hold now or held before (most changes of a signal flip none of them)
+        # `signal OP constant` conditions, (group, op, constant, ordered, op symbol): evaluated
+        # only when they hold now or held before (most changes of a signal flip none of them)
         self.simple: list[tuple[Group, Callable, Any, bool, str]] = []
         self.tap: Tap | None = None
 
 
 _T = itemgetter(1)  # a ring's frames are the core's (bus, t, can id, data)
-_NEVER = object()  # no run yet
 
 
 class Tap:
     """One tapped message: its ring of frames (the telemetry core appends every full frame,
-    its own (bus, t seconds, can id, data) tuple;
-    the engine drops the oldest at ticks beyond `cap`), the change detector of its
-    condition inputs and the runs of its window signals. Frames are numbered from the
-    tap's first: ring[i] is frame `base + i`."""
+    its own (bus, t seconds, can id, data) tuple; after a feed that leaves more than `limit`,
+    the engine drops the oldest beyond `cap`), the change detector of its condition inputs
+    and the runs of its window signals. Frames are numbered from the tap's first: ring[i] is
+    frame `base + i`."""
 
     __slots__ = ("message", "ring", "base", "cap", "limit", "hold", "longest", "conds", "wsigs",
                  "fast", "mask", "prev", "inputs", "gaps")
 
     def __init__(self, message):
         self.message = message
-        self.ring: list[tuple[float, bytes]] = []
+        self.ring: list[tuple[int, float, int, bytes]] = []
         self.base = 0
         self.cap = 1  # at least the last frame
         self.limit = 1  # trimmed back to `cap` after a feed that leaves more than this
@@ -243,11 +242,8 @@ class CampaignEngine:
     def apply_many(self, campaigns: Sequence[Campaign], now_ms: int) -> None:
         """Install (or replace) checked campaigns, the run-time state built once."""
         for c in campaigns:
-            self._stop(c.id)
-            self.applied[c.id] = c
-        self._next_change = -1
-        self._sync(now_ms)
-        self._rebuild()
+            self._admit(c)
+        self._settle(now_ms)
 
     def load(self, campaigns: Sequence[Campaign], now_ms: int) -> list[tuple[Campaign, str]]:
         """Check each campaign against the applied ones and those taken before it, install
@@ -258,13 +254,20 @@ class CampaignEngine:
             why = self.check_apply(c)
             if why:
                 refused.append((c, why))
-                continue
-            self._stop(c.id)
-            self.applied[c.id] = c
+            else:
+                self._admit(c)
+        self._settle(now_ms)
+        return refused
+
+    def _admit(self, c: Campaign) -> None:
+        self._stop(c.id)
+        self.applied[c.id] = c
+
+    def _settle(self, now_ms: int) -> None:
+        """After the applied set changed: start what is due, then the run-time state."""
         self._next_change = -1
         self._sync(now_ms)
         self._rebuild()
-        return refused
 
     def remove(self, cid: str, now_ms: int) -> bool:
         if cid not in self.applied:
@@ -496,9 +499,8 @@ class CampaignEngine:
         fast, inputs, ring = tap.fast, tap.inputs, tap.ring
         wsigs = tap.wsigs
         named = NamedSignalValue
-        watch = self._watch
         num = NUM
-        evaluate = self._evaluate
+        evaluate, widened = self._evaluate, self._widened
 
         def fn(t: float, data: bytes, _le=None, _dl=None) -> None:
             try:
@@ -516,14 +518,8 @@ class CampaignEngine:
                         v = v.name
                     if spec is not None:
                         v = shape(spec, v)
-                    if w is not None:
-                        last = w.values[-1] if w.values else _NEVER
-                        if v != last or v.__class__ is not last.__class__:
-                            if w.add(tap.base + len(ring) - 1, v):
-                                for g in w.groups:  # bounds widened: look at the next tick
-                                    g.recheck = True
-                                    if not g.true:
-                                        watch[g] = None
+                    if w is not None and w.add(tap.base + len(ring) - 1, v):
+                        widened(w)
                     if s is None or (v == s.value and type(v) is type(s.value)):
                         continue
                     s.value = v
@@ -707,7 +703,7 @@ class CampaignEngine:
         were removed)."""
         expired = self._sync(now_ms)
         self._now = now_ms
-        todo = list(self._true) if self._true else []  # an input may have gone stale
+        todo = list(self._true)  # an input may have gone stale
         moved = []  # windows move with time: a false condition is evaluated again only if
         for g in list(self._watch):  # its bounds allow it to hold and its windows moved
             if g.true:
@@ -733,8 +729,7 @@ class CampaignEngine:
                         if now_ms - w.narrowed >= w.longest:
                             w.narrow(now_ms)
                             g.recheck = True
-        for r in self._timed + list(self._capturing.values()) if self._timed or \
-                self._capturing else ():
+        for r in self._timed + list(self._capturing.values()):
             c = r.c
             if c.period_ms is not None and now_ms >= r.next_due:
                 r.next_due = max(r.next_due + c.period_ms, now_ms - c.period_ms + 1)

@@ -350,12 +350,18 @@ class TelemetryCore:
         while True:
             try:
                 self._feed(it)
-                if self._after_feed is not None:
-                    self._after_feed()
-                return
+                break
             except Exception as e:  # noqa: BLE001 - one bad frame must not lose the others
-                self.internal_errors += 1
-                self.last_internal_error = f"{type(e).__name__}: {e}"[:200]
+                self._internal_error(e)
+        if self._after_feed is not None:
+            try:
+                self._after_feed()
+            except Exception as e:  # noqa: BLE001 - once, not in the loop above
+                self._internal_error(e)
+
+    def _internal_error(self, e: Exception) -> None:
+        self.internal_errors += 1
+        self.last_internal_error = f"{type(e).__name__}: {e}"[:200]
 
     def _feed(self, frames) -> None:
         counters = self.counters

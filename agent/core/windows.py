@@ -28,7 +28,7 @@ NUM = (int, float)
 class WSig:
     """One signal some window reads, as runs of one value over the frames of its message:
     `starts` the absolute index (see Tap) of the frame where each run begins, `values` its
-    value, `counts` the length of each run but the last (frames, repeats included). A frame
+    value (a run's length, repeats included, is from its start to the next one's). A frame
     that repeats the value costs no Python step: the ring counts it. `lo`/`hi` bound every
     value a window of it can hold now or later (widened as runs arrive, narrowed from the
     runs inside the window at most once per window length), for `bounds`."""
@@ -282,15 +282,7 @@ def _cmp(op: str, x: tuple, y: tuple) -> tuple:
         return ("b", True if disjoint else None)
     if "b" in (x[0], y[0]) and (None in (x[1],) + (y[1],) or "n" in (x[0], y[0])):
         raise _Maybe  # a truth value that is either, or against a range of numbers
-    u = x[1]
-    w = y[1]
-    if x[0] == "n" and y[0] == "b" or y[0] == "n" and x[0] == "b":
-        raise _Maybe
     try:  # exact values, or a number (any in its range: the same result) against a name
-        return ("b", bool(_OPS[op](u, w)))
+        return ("b", bool(E.CMP[op](x[1], y[1])))
     except TypeError:
         return ("b", False)
-
-
-_OPS = {"<": lambda a, b: a < b, "<=": lambda a, b: a <= b, ">": lambda a, b: a > b,
-        ">=": lambda a, b: a >= b, "==": lambda a, b: a == b, "!=": lambda a, b: a != b}
