@@ -657,3 +657,19 @@ def test_a_new_campaign_reads_a_message_that_only_repeats(db):
     assert engine.running["c1"].firings == 1
     core.flush()
     assert [v for b in core.take_batches() for _, v in b.sig.get("Fast.A", [])] == [150]
+
+
+def test_an_after_feed_hook_that_raises_is_counted_once_and_the_feed_returns(db):
+    core, catalog, engine = make(db)
+    start(core, engine, K.parse_campaign(doc(), catalog, engine.limits))
+    calls = []
+
+    def broken() -> None:
+        calls.append(1)
+        raise RuntimeError("trim failed")
+
+    core.set_taps(engine.taps(), broken)
+    core.feed_many([(0, 1.0, *frame(db, "Fast", A=150)), (0, 1.01, *frame(db, "Fast", A=1))])
+    assert calls == [1] and core.internal_errors == 1
+    assert "trim failed" in core.last_internal_error
+    assert engine.running["c1"].firings == 1  # the frames were taken all the same
